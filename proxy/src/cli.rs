@@ -1,0 +1,205 @@
+//! The `remora-proxy` command line: flags and `REMORA_*` variables → [`Config`], logging, the
+//! runtime, and signals. `main.rs` only calls [`main`].
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::config::{Config, StaticDestination};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "remora-proxy", version, about = "remora's sidecar proxy")]
+pub struct Args {
+    /// Listener for traffic to the local app (peers, probes, everything from outside).
+    #[arg(long, env = "REMORA_INBOUND_ADDR", default_value = "0.0.0.0:4143")]
+    pub inbound_addr: SocketAddr,
+    /// Where the local app listens.
+    #[arg(long, env = "REMORA_APP_ADDR", default_value = "127.0.0.1:8080")]
+    pub app_addr: SocketAddr,
+    /// Listener for the app's outbound calls (explicit HTTP proxy).
+    #[arg(long, env = "REMORA_OUTBOUND_ADDR", default_value = "127.0.0.1:4140")]
+    pub outbound_addr: SocketAddr,
+    /// Admin server: /live, /ready, /metrics, POST /shutdown.
+    #[arg(long, env = "REMORA_ADMIN_ADDR", default_value = "0.0.0.0:4191")]
+    pub admin_addr: SocketAddr,
+    /// Static destination NAME:PORT=IP:PORT[,IP:PORT…]; repeatable. The variable takes several
+    /// separated by `;`.
+    #[arg(long = "destination", env = "REMORA_DESTINATIONS", value_delimiter = ';',
+          value_parser = parse_destination)]
+    pub destinations: Vec<StaticDestination>,
+    /// Ports whose traffic skips protocol detection (server-speaks-first protocols).
+    #[arg(long, env = "REMORA_OPAQUE_PORTS", value_delimiter = ',',
+          default_value = "25,587,3306,4444,5432,6379,9300,11211")]
+    pub opaque_ports: Vec<u16>,
+    /// How long to wait for a client's first bytes before treating the connection as opaque.
+    #[arg(long, env = "REMORA_DETECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub detect_timeout: Duration,
+    /// Headers (or `prefix*`) stripped from requests and responses in both directions.
+    #[arg(long, env = "REMORA_STRIP_HEADERS", value_delimiter = ',',
+          default_value = "x-envoy-*,x-remora-*")]
+    pub strip_headers: Vec<String>,
+    /// How long a shutdown waits for in-flight requests before cutting them.
+    #[arg(long, env = "REMORA_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Log filter: a level (info, debug…) or tracing directives (remora_proxy=debug,info).
+    #[arg(long, env = "REMORA_LOG", default_value = "info")]
+    pub log: String,
+    /// Log output format.
+    #[arg(long, env = "REMORA_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+    /// Runtime worker threads; 1 runs a single-threaded runtime (the light default).
+    #[arg(long, env = "REMORA_THREADS", default_value = "1")]
+    pub threads: usize,
+}
+
+fn parse_destination(s: &str) -> Result<StaticDestination, String> {
+    s.parse()
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 10s or 500ms"))
+}
+
+impl Args {
+    pub fn config(&self) -> Config {
+        Config {
+            inbound_addr: self.inbound_addr,
+            app_addr: self.app_addr,
+            outbound_addr: self.outbound_addr,
+            admin_addr: self.admin_addr,
+            destinations: self.destinations.clone(),
+            opaque_ports: self.opaque_ports.clone(),
+            detect_timeout: self.detect_timeout,
+            strip_headers: self.strip_headers.clone(),
+            drain_timeout: self.drain_timeout,
+            ..Config::default()
+        }
+    }
+}
+
+/// Installs the global tracing subscriber. `filter` is a level or tracing directives.
+pub fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| {
+        format!("REMORA_LOG `{filter}` is not a log filter ({e}); use a level such as info or debug")
+    })?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let res = match format {
+        LogFormat::Plain => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    res.map_err(|e| format!("cannot install the logger: {e}"))
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits the process at once.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            tracing::error!("cannot install signal handlers; stop the proxy with POST /shutdown");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal received; exiting without waiting for the drain");
+            std::process::exit(130);
+        });
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = init_logging(&args.log, args.log_format) {
+        eprintln!("remora-proxy: {e}");
+        return ExitCode::from(2);
+    }
+    if args.threads == 0 {
+        eprintln!("remora-proxy: REMORA_THREADS is 0; use 1 (the default) or more");
+        return ExitCode::from(2);
+    }
+    let runtime = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("remora-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cfg = args.config();
+    runtime.block_on(async move {
+        let proxy = match crate::Proxy::bind(cfg).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("remora-proxy: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let report = proxy.run(shutdown_signal()).await;
+        if report.cut > 0 {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_defaults_match_the_library_defaults() {
+        let args = Args::try_parse_from(["remora-proxy"]).unwrap();
+        let (cli, lib) = (args.config(), Config::default());
+        assert_eq!(cli.opaque_ports, crate::config::DEFAULT_OPAQUE_PORTS);
+        assert_eq!(cli.strip_headers, lib.strip_headers);
+        assert_eq!(cli.inbound_addr, lib.inbound_addr);
+        assert_eq!(cli.drain_timeout, lib.drain_timeout);
+    }
+
+    #[test]
+    fn destinations_from_flags() {
+        let args = Args::try_parse_from([
+            "remora-proxy",
+            "--destination",
+            "echo.test:80=127.0.0.1:9001,127.0.0.1:9002;other:81=127.0.0.1:9101",
+            "--destination",
+            "third:82=127.0.0.1:1",
+        ])
+        .unwrap();
+        assert_eq!(args.destinations.len(), 3);
+        let err = Args::try_parse_from(["remora-proxy", "--destination", "bad"]).unwrap_err();
+        assert!(err.to_string().contains("NAME:PORT=IP:PORT"), "{err}");
+    }
+}

@@ -1,0 +1,191 @@
+//! Knobs → a typed, validated [`Config`].
+//!
+//! Every knob is a flag and a `REMORA_*` environment variable with a safe default. Validation
+//! happens once at start; its errors name the knob and the fix.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Linkerd's default opaque ports: server-speaks-first protocols (SMTP, MySQL, PostgreSQL, Redis,
+/// Elasticsearch transport, memcached…) where waiting for the client to speak would hang.
+pub const DEFAULT_OPAQUE_PORTS: &[u16] = &[25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
+/// Headers stripped from every request and response that crosses the proxy. A trailing `*` is a
+/// prefix match. `x-envoy-*` keeps Envoy-style debug headers from leaking internals, `x-remora-*`
+/// keeps anyone from forging remora's own headers (the peer identity among them).
+pub const DEFAULT_STRIP_HEADERS: &[&str] = &["x-envoy-*", "x-remora-*"];
+
+/// The proxy's configuration, as the library takes it. [`Config::default`] is the embedded
+/// default a sidecar runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where peers (and everything outside the pod) connect: `REMORA_INBOUND_ADDR`.
+    pub inbound_addr: SocketAddr,
+    /// Where the local application listens: `REMORA_APP_ADDR`.
+    pub app_addr: SocketAddr,
+    /// Where the local application sends its outbound calls: `REMORA_OUTBOUND_ADDR`.
+    pub outbound_addr: SocketAddr,
+    /// The admin server (/live, /ready, /metrics, /shutdown): `REMORA_ADMIN_ADDR`.
+    pub admin_addr: SocketAddr,
+    /// Static destinations, used without a control plane: `REMORA_DESTINATIONS`.
+    pub destinations: Vec<StaticDestination>,
+    /// Ports whose traffic skips protocol detection: `REMORA_OPAQUE_PORTS`.
+    pub opaque_ports: Vec<u16>,
+    /// How long to wait for a client's first bytes: `REMORA_DETECT_TIMEOUT`.
+    pub detect_timeout: Duration,
+    /// Header names (or `prefix*`) stripped in both directions: `REMORA_STRIP_HEADERS`.
+    pub strip_headers: Vec<String>,
+    /// How long a shutdown waits for in-flight work: `REMORA_DRAIN_TIMEOUT`.
+    pub drain_timeout: Duration,
+    /// Timeout for connecting to an upstream endpoint.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            inbound_addr: SocketAddr::from(([0, 0, 0, 0], 4143)),
+            app_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            outbound_addr: SocketAddr::from(([127, 0, 0, 1], 4140)),
+            admin_addr: SocketAddr::from(([0, 0, 0, 0], 4191)),
+            destinations: Vec::new(),
+            opaque_ports: DEFAULT_OPAQUE_PORTS.to_vec(),
+            detect_timeout: Duration::from_secs(10),
+            strip_headers: DEFAULT_STRIP_HEADERS.iter().map(|s| s.to_string()).collect(),
+            drain_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// One static destination: an authority (`host:port`, as the app writes it in a URL) and the
+/// addresses that serve it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StaticDestination {
+    pub name: String,
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl std::str::FromStr for StaticDestination {
+    type Err = String;
+
+    /// Parses `NAME:PORT=ADDR[,ADDR…]`, e.g. `echo.test:80=127.0.0.1:9001,127.0.0.1:9002`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        const FIX: &str = "expected NAME:PORT=IP:PORT[,IP:PORT…], e.g. echo.test:80=127.0.0.1:9001";
+        let s = s.trim();
+        let (name, addrs) = s
+            .split_once('=')
+            .ok_or_else(|| format!("destination `{s}` has no `=`; {FIX}"))?;
+        let name = normalize_authority(name.trim())
+            .ok_or_else(|| format!("destination name `{name}` is not HOST:PORT; {FIX}"))?;
+        let mut parsed = Vec::new();
+        for a in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            let addr = a.parse::<SocketAddr>().map_err(|_| {
+                format!("destination `{name}`: address `{a}` is not IP:PORT; {FIX}")
+            })?;
+            parsed.push(addr);
+        }
+        if parsed.is_empty() {
+            return Err(format!("destination `{name}` lists no address; {FIX}"));
+        }
+        Ok(StaticDestination {
+            name,
+            addrs: parsed,
+        })
+    }
+}
+
+/// Lower-cases an authority and checks it is `host:port` with a numeric port. `None` when it is
+/// not. Used for both destination names and request authorities so they compare equal.
+pub fn normalize_authority(a: &str) -> Option<String> {
+    let (host, port) = a.rsplit_once(':')?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return None;
+    }
+    // Bracketed IPv6 hosts keep their brackets; anything with a stray ':' outside them is wrong.
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return None;
+    }
+    Some(a.to_ascii_lowercase())
+}
+
+impl Config {
+    /// Checks what clap's types cannot: listeners that collide, an app address that would loop.
+    pub fn validate(&self) -> Result<(), String> {
+        let listeners = [
+            ("REMORA_INBOUND_ADDR", self.inbound_addr),
+            ("REMORA_OUTBOUND_ADDR", self.outbound_addr),
+            ("REMORA_ADMIN_ADDR", self.admin_addr),
+        ];
+        for (i, (a_name, a)) in listeners.iter().enumerate() {
+            for (b_name, b) in &listeners[i + 1..] {
+                if a.port() != 0 && a.port() == b.port() && overlaps(a, b) {
+                    return Err(format!(
+                        "{a_name} and {b_name} are both {a}; give each listener its own port"
+                    ));
+                }
+            }
+        }
+        if self.app_addr.port() == 0 {
+            return Err("REMORA_APP_ADDR has port 0; set the port the application listens on (e.g. 127.0.0.1:8080)".into());
+        }
+        if self.app_addr.port() == self.inbound_addr.port() && overlaps(&self.app_addr, &self.inbound_addr) {
+            return Err(format!(
+                "REMORA_APP_ADDR {} is the inbound listener itself, so every request would loop; point it at the application's port",
+                self.app_addr
+            ));
+        }
+        if self.detect_timeout.is_zero() {
+            return Err("REMORA_DETECT_TIMEOUT is 0; use a positive duration such as 10s".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for d in &self.destinations {
+            if !seen.insert(d.name.as_str()) {
+                return Err(format!(
+                    "REMORA_DESTINATIONS names `{}` twice; list all its addresses in one entry",
+                    d.name
+                ));
+            }
+        }
+        for h in &self.strip_headers {
+            let name = h.strip_suffix('*').unwrap_or(h);
+            if name.is_empty() || http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(format!(
+                    "REMORA_STRIP_HEADERS entry `{h}` is not a header name (or `prefix*`)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn overlaps(a: &SocketAddr, b: &SocketAddr) -> bool {
+    a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_destinations() {
+        let d: StaticDestination = "Echo.Test:80=127.0.0.1:9001, 127.0.0.1:9002".parse().unwrap();
+        assert_eq!(d.name, "echo.test:80");
+        assert_eq!(d.addrs.len(), 2);
+        assert!("echo.test=127.0.0.1:1".parse::<StaticDestination>().is_err());
+        assert!("echo.test:80=".parse::<StaticDestination>().is_err());
+        assert!("echo.test:80=nope".parse::<StaticDestination>().is_err());
+        assert!("[::1]:80=[::1]:9000".parse::<StaticDestination>().is_ok());
+    }
+
+    #[test]
+    fn rejects_colliding_listeners() {
+        let c = Config {
+            outbound_addr: "127.0.0.1:4143".parse().unwrap(),
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("REMORA_INBOUND_ADDR") && err.contains("REMORA_OUTBOUND_ADDR"), "{err}");
+        assert!(Config::default().validate().is_ok());
+    }
+}

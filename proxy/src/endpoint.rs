@@ -1,0 +1,267 @@
+//! Connections to one upstream address: a multiplexed HTTP/2 connection, a keep-alive pool of
+//! HTTP/1.1 connections, and plain TCP for opaque traffic and tunnels.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+/// Idle HTTP/1.1 connections kept per endpoint; more can be open, extras close when done.
+const MAX_H1_POOL: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connect to {addr} timed out after {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("{proto} handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        proto: &'static str,
+        source: hyper::Error,
+    },
+    #[error("{addr} failed the request: {source}")]
+    Request {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl EndpointError {
+    /// True when the request certainly never reached the upstream application.
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            EndpointError::Connect { .. }
+                | EndpointError::ConnectTimeout { .. }
+                | EndpointError::Handshake { .. }
+        )
+    }
+}
+
+/// A failed send; `unsent` holds the request when it never left the proxy.
+#[derive(Debug)]
+pub struct SendError {
+    pub error: EndpointError,
+    pub unsent: Option<Request<Incoming>>,
+}
+
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    connect_timeout: Duration,
+    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    // Serialises HTTP/2 connects so a burst of requests shares one new connection.
+    h2_connect: tokio::sync::Mutex<()>,
+    h1: Mutex<Vec<http1::SendRequest<Incoming>>>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint").field("addr", &self.addr).finish()
+    }
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+        Endpoint {
+            addr,
+            connect_timeout,
+            h2: Mutex::new(None),
+            h2_connect: tokio::sync::Mutex::new(()),
+            h1: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub async fn connect_tcp(&self) -> Result<TcpStream, EndpointError> {
+        let addr = self.addr;
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Err(_) => Err(EndpointError::ConnectTimeout {
+                addr,
+                timeout: self.connect_timeout,
+            }),
+            Ok(Err(source)) => Err(EndpointError::Connect { addr, source }),
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                Ok(tcp)
+            }
+        }
+    }
+
+    /// Sends a request over HTTP/2 (for HTTP/2 requests) or HTTP/1.1 (otherwise). The request
+    /// must already have the URI form its protocol needs (absolute for h2, origin for h1).
+    /// When no connection could be made the request is handed back, unsent, for another endpoint.
+    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
+        if req.version() == http::Version::HTTP_2 {
+            self.send_h2(req).await
+        } else {
+            self.send_h1(req).await
+        }
+    }
+
+    async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
+        let mut sender = match self.h2_sender().await {
+            Ok(s) => s,
+            Err(error) => return Err(SendError { error, unsent: Some(req) }),
+        };
+        match sender.try_send_request(req).await {
+            Ok(rsp) => Ok(rsp),
+            Err(mut e) => match e.take_message() {
+                // The connection closed (GOAWAY, reset) before the request was written: it never
+                // left, so one more try on a fresh connection is safe.
+                Some(req) => {
+                    self.forget_h2(&sender);
+                    let mut sender = match self.h2_sender().await {
+                        Ok(s) => s,
+                        Err(error) => return Err(SendError { error, unsent: Some(req) }),
+                    };
+                    sender.send_request(req).await.map_err(|source| self.request_error(source))
+                }
+                None => Err(self.request_error(e.into_error())),
+            },
+        }
+    }
+
+    fn cached_h2(&self) -> Option<http2::SendRequest<Incoming>> {
+        let guard = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    fn forget_h2(&self, dead: &http2::SendRequest<Incoming>) {
+        let mut guard = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_some_and(|s| s.is_closed() || dead.is_closed()) {
+            *guard = None;
+        }
+    }
+
+    async fn h2_sender(&self) -> Result<http2::SendRequest<Incoming>, EndpointError> {
+        if let Some(s) = self.cached_h2() {
+            return Ok(s);
+        }
+        let _connecting = self.h2_connect.lock().await;
+        if let Some(s) = self.cached_h2() {
+            return Ok(s);
+        }
+        let tcp = self.connect_tcp().await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|source| EndpointError::Handshake {
+                addr: self.addr,
+                proto: "HTTP/2",
+                source,
+            })?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+        Ok(sender)
+    }
+
+    fn request_error(&self, source: hyper::Error) -> SendError {
+        SendError {
+            error: EndpointError::Request {
+                addr: self.addr,
+                source,
+            },
+            unsent: None,
+        }
+    }
+
+    async fn send_h1(&self, req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
+        let mut req = req;
+        // A pooled connection can close between our check and the write; a request that was
+        // never written is retried on the next one.
+        while let Some(mut sender) = self.idle_h1() {
+            let sent = sender.try_send_request(req);
+            self.return_h1(sender);
+            match sent.await {
+                Ok(rsp) => return Ok(rsp),
+                Err(mut e) => match e.take_message() {
+                    Some(back) => req = back,
+                    None => return Err(self.request_error(e.into_error())),
+                },
+            }
+        }
+        let mut sender = match self.new_h1(false).await {
+            Ok(s) => s,
+            Err(error) => return Err(SendError { error, unsent: Some(req) }),
+        };
+        let sent = sender.send_request(req);
+        self.return_h1(sender);
+        sent.await.map_err(|source| self.request_error(source))
+    }
+
+    /// Sends an HTTP/1.1 request on a connection of its own that may be upgraded (WebSocket).
+    pub async fn send_upgrade(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, EndpointError> {
+        let mut sender = self.new_h1(true).await?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|source| EndpointError::Request {
+                addr: self.addr,
+                source,
+            })
+    }
+
+    fn idle_h1(&self) -> Option<http1::SendRequest<Incoming>> {
+        let mut pool = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+        pool.retain(|s| !s.is_closed());
+        let i = pool.iter().position(|s| s.is_ready())?;
+        Some(pool.swap_remove(i))
+    }
+
+    /// Keeps a connection for reuse; it becomes ready again once its response has been read.
+    fn return_h1(&self, sender: http1::SendRequest<Incoming>) {
+        let mut pool = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < MAX_H1_POOL {
+            pool.push(sender);
+        }
+    }
+
+    async fn new_h1(&self, upgrades: bool) -> Result<http1::SendRequest<Incoming>, EndpointError> {
+        let tcp = self.connect_tcp().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|source| EndpointError::Handshake {
+                addr: self.addr,
+                proto: "HTTP/1.1",
+                source,
+            })?;
+        let addr = self.addr;
+        if upgrades {
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended");
+                }
+            });
+        } else {
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended");
+                }
+            });
+        }
+        Ok(sender)
+    }
+}

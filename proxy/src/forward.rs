@@ -1,0 +1,352 @@
+//! The innermost service of the request path: route the request, send it to an endpoint, and
+//! turn every failure into an honest response in the caller's protocol.
+//!
+//! Also the two ways a request becomes a byte stream: `Upgrade` (WebSocket) and `CONNECT`
+//! (the explicit-proxy tunnel for opaque TCP through the outbound listener).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, Uri};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::balance::Destination;
+use crate::config::normalize_authority;
+use crate::discover::{Destinations, ResolveError};
+use crate::drain::Drain;
+use crate::endpoint::{Endpoint, EndpointError, SendError};
+use crate::http::{Body, is_grpc, local_response};
+use crate::metrics::{Direction, ErrorKind, Metrics};
+
+/// Where a listener's requests go.
+pub enum Route {
+    /// Inbound: everything goes to the local application.
+    App(Arc<Endpoint>),
+    /// Outbound: the request's authority picks a destination.
+    Destinations(Arc<Destinations>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error(
+        "request names no destination; send an absolute URI, an HTTP/2 :authority or a Host header"
+    )]
+    NoAuthority,
+    #[error("{0}")]
+    Resolve(#[from] ResolveError),
+    #[error("{dst} has no endpoints")]
+    NoEndpoints { dst: String },
+    #[error("{dst}: {source}")]
+    Endpoint { dst: String, source: EndpointError },
+    #[error("{dst} resolves to this proxy's own listener {addr}; refusing to loop")]
+    Loop { dst: String, addr: SocketAddr },
+    #[error("CONNECT is served on the outbound listener only")]
+    ConnectInbound,
+    #[error("{dst}: tunnel to {addr} failed: {source}")]
+    Upgrade {
+        dst: String,
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl ForwardError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ForwardError::NoAuthority => StatusCode::BAD_REQUEST,
+            ForwardError::Resolve(_) | ForwardError::NoEndpoints { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ForwardError::ConnectInbound => StatusCode::METHOD_NOT_ALLOWED,
+            ForwardError::Endpoint { .. } | ForwardError::Loop { .. } | ForwardError::Upgrade { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ForwardError::NoAuthority | ForwardError::ConnectInbound => ErrorKind::BadRequest,
+            ForwardError::Resolve(_) | ForwardError::NoEndpoints { .. } => ErrorKind::NoEndpoints,
+            ForwardError::Endpoint { source, .. } if source.is_connect() => ErrorKind::ConnectFailed,
+            ForwardError::Endpoint { .. } | ForwardError::Upgrade { .. } => ErrorKind::UpstreamReset,
+            ForwardError::Loop { .. } => ErrorKind::Loop,
+        }
+    }
+}
+
+/// What a listener's forwarder shares across its connections.
+pub struct Shared {
+    pub direction: Direction,
+    pub route: Route,
+    pub metrics: Arc<Metrics>,
+    pub drain: Drain,
+    /// The proxy's own listeners that a destination must never point back to.
+    pub own_addrs: Vec<SocketAddr>,
+}
+
+#[derive(Clone)]
+pub struct Forward {
+    shared: Arc<Shared>,
+}
+
+impl Forward {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Forward { shared }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for Forward {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let grpc = is_grpc(&req);
+            match shared.forward(req).await {
+                Ok(rsp) => Ok(rsp),
+                Err(e) => {
+                    shared.metrics.error(shared.direction, e.kind());
+                    tracing::info!(direction = shared.direction.as_str(), error = %e, "request failed");
+                    Ok(local_response(e.status(), grpc, &e.to_string()))
+                }
+            }
+        })
+    }
+}
+
+/// The authority a request is addressed to, as normalised `host:port`.
+pub fn request_authority<B>(req: &Request<B>) -> Option<String> {
+    let from_host;
+    let auth: &Authority = match req.uri().authority() {
+        Some(a) => a,
+        None => {
+            from_host = req
+                .headers()
+                .get(header::HOST)?
+                .to_str()
+                .ok()?
+                .parse::<Authority>()
+                .ok()?;
+            &from_host
+        }
+    };
+    let port = auth.port_u16().unwrap_or_else(|| {
+        if req.uri().scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        }
+    });
+    normalize_authority(&format!("{}:{}", auth.host(), port))
+}
+
+impl Shared {
+    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Body>, ForwardError> {
+        let (dst, dest) = match &self.route {
+            Route::App(app) => {
+                if req.method() == Method::CONNECT {
+                    return Err(ForwardError::ConnectInbound);
+                }
+                return self.send(req, "app", app, None).await;
+            }
+            Route::Destinations(d) => {
+                let name = request_authority(&req).ok_or(ForwardError::NoAuthority)?;
+                let dest = d.resolve(&name).await?;
+                (name, dest)
+            }
+        };
+        let ep = dest
+            .pick()
+            .ok_or_else(|| ForwardError::NoEndpoints { dst: dst.clone() })?
+            .clone();
+        if let Some(addr) = self.own_addrs.iter().find(|a| same_listener(a, &ep.addr)) {
+            return Err(ForwardError::Loop { dst, addr: *addr });
+        }
+        if req.method() == Method::CONNECT {
+            return self.connect(req, &dst, &dest, &ep).await;
+        }
+        // Origin-form for HTTP/1 upstreams, with the authority kept in Host.
+        if req.version() < Version::HTTP_2 && req.uri().authority().is_some() {
+            if !req.headers().contains_key(header::HOST) {
+                if let Ok(v) = HeaderValue::from_str(&dst) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+            }
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            if let Ok(u) = pq.parse::<Uri>() {
+                *req.uri_mut() = u;
+            }
+        }
+        self.send(req, &dst, &ep, Some(&dest)).await
+    }
+
+    async fn send(
+        &self,
+        req: Request<Incoming>,
+        dst: &str,
+        ep: &Arc<Endpoint>,
+        dest: Option<&Destination>,
+    ) -> Result<Response<Body>, ForwardError> {
+        if req.headers().contains_key(header::UPGRADE) {
+            return self.upgrade(req, dst, ep).await;
+        }
+        let err = match ep.send(req).await {
+            Ok(rsp) => return Ok(rsp.map(Either::Left)),
+            Err(e) => e,
+        };
+        match (err, dest) {
+            // Never sent: another endpoint can take it safely.
+            (
+                SendError {
+                    error,
+                    unsent: Some(req),
+                },
+                Some(dest),
+            ) => match dest.other_than(ep) {
+                Some(other) => {
+                    tracing::debug!(dst, error = %error, retry = %other.addr, "endpoint unreachable; trying another");
+                    self.metrics.error(self.direction, ErrorKind::ConnectFailed);
+                    match other.send(req).await {
+                        Ok(rsp) => Ok(rsp.map(Either::Left)),
+                        Err(e) => Err(ForwardError::Endpoint {
+                            dst: dst.to_string(),
+                            source: e.error,
+                        }),
+                    }
+                }
+                None => Err(ForwardError::Endpoint {
+                    dst: dst.to_string(),
+                    source: error,
+                }),
+            },
+            (SendError { error, .. }, _) => Err(ForwardError::Endpoint {
+                dst: dst.to_string(),
+                source: error,
+            }),
+        }
+    }
+
+    /// `Upgrade` (WebSocket and friends): a dedicated upstream connection; after `101` both
+    /// sides become one byte stream.
+    async fn upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        dst: &str,
+        ep: &Arc<Endpoint>,
+    ) -> Result<Response<Body>, ForwardError> {
+        let downstream = hyper::upgrade::on(&mut req);
+        let mut rsp = ep
+            .send_upgrade(req)
+            .await
+            .map_err(|source| ForwardError::Endpoint {
+                dst: dst.to_string(),
+                source,
+            })?;
+        if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream = hyper::upgrade::on(&mut rsp);
+            let (dst, addr) = (dst.to_string(), ep.addr);
+            self.drain.spawn(async move {
+                match tokio::try_join!(downstream, upstream) {
+                    Ok((down, up)) => {
+                        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                            tracing::debug!(%dst, error = %e, "upgraded stream ended");
+                        }
+                    }
+                    Err(source) => {
+                        let e = ForwardError::Upgrade { dst, addr, source };
+                        tracing::info!(error = %e, "upgrade failed");
+                    }
+                }
+            });
+        }
+        Ok(rsp.map(Either::Left))
+    }
+
+    /// `CONNECT host:port`: a TCP tunnel to the destination (opaque traffic, server-speaks-first
+    /// protocols, TLS the app originates itself).
+    async fn connect(
+        &self,
+        mut req: Request<Incoming>,
+        dst: &str,
+        dest: &Destination,
+        ep: &Arc<Endpoint>,
+    ) -> Result<Response<Body>, ForwardError> {
+        let tcp = match ep.connect_tcp().await {
+            Ok(t) => t,
+            Err(error) => match dest.other_than(ep) {
+                Some(other) => {
+                    self.metrics.error(self.direction, ErrorKind::ConnectFailed);
+                    other
+                        .connect_tcp()
+                        .await
+                        .map_err(|source| ForwardError::Endpoint {
+                            dst: dst.to_string(),
+                            source,
+                        })?
+                }
+                None => {
+                    return Err(ForwardError::Endpoint {
+                        dst: dst.to_string(),
+                        source: error,
+                    });
+                }
+            },
+        };
+        let downstream = hyper::upgrade::on(&mut req);
+        let dst = dst.to_string();
+        self.drain.spawn(async move {
+            match downstream.await {
+                Ok(down) => {
+                    let mut down = TokioIo::new(down);
+                    let mut up = tcp;
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                        tracing::debug!(%dst, error = %e, "CONNECT tunnel ended");
+                    }
+                }
+                Err(e) => tracing::debug!(%dst, error = %e, "CONNECT upgrade failed"),
+            }
+        });
+        Ok(Response::new(Either::Right(Full::default())))
+    }
+}
+
+fn same_listener(listener: &SocketAddr, target: &SocketAddr) -> bool {
+    listener.port() == target.port()
+        && (listener.ip() == target.ip()
+            || (listener.ip().is_unspecified() && target.ip().is_loopback()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_from_uri_or_host() {
+        let r = Request::get("http://Echo.Test/x").body(()).unwrap();
+        assert_eq!(request_authority(&r).as_deref(), Some("echo.test:80"));
+        let r = Request::get("/x").header("host", "a.b:81").body(()).unwrap();
+        assert_eq!(request_authority(&r).as_deref(), Some("a.b:81"));
+        let r = Request::get("/x").body(()).unwrap();
+        assert_eq!(request_authority(&r), None);
+    }
+}

@@ -1,0 +1,33 @@
+//! The inbound side: everything that arrives for the local application.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::drain::Drain;
+use crate::endpoint::Endpoint;
+use crate::forward::{Route, Shared};
+use crate::listener::Listener;
+use crate::metrics::{Direction, Metrics};
+use crate::scrub::Rules;
+
+pub fn listener(cfg: &Config, metrics: Arc<Metrics>, drain: Drain, rules: Arc<Rules>) -> Listener {
+    let app = Arc::new(Endpoint::new(cfg.app_addr, cfg.connect_timeout));
+    let forward = Arc::new(Shared {
+        direction: Direction::Inbound,
+        route: Route::App(app.clone()),
+        metrics: metrics.clone(),
+        drain,
+        own_addrs: Vec::new(),
+    });
+    // The app's port decides: a server-speaks-first app must not wait for detection.
+    let skip = cfg.opaque_ports.contains(&cfg.app_addr.port());
+    Listener::new(
+        Direction::Inbound,
+        forward,
+        rules,
+        cfg.detect_timeout,
+        skip,
+        Some(app),
+        metrics,
+    )
+}

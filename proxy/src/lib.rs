@@ -1,0 +1,186 @@
+//! remora's data plane, as a library: bind a [`Proxy`] from a [`Config`] and run it.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), remora_proxy::Error> {
+//! let proxy = remora_proxy::Proxy::bind(remora_proxy::Config::default()).await?;
+//! println!("admin on {}", proxy.admin_addr());
+//! proxy.run(async { let _ = tokio::signal::ctrl_c().await; }).await;
+//! # Ok(()) }
+//! ```
+
+pub mod admin;
+pub mod balance;
+pub mod cli;
+pub mod config;
+pub mod detect;
+pub mod discover;
+pub mod drain;
+pub mod endpoint;
+pub mod forward;
+pub mod http;
+pub mod inbound;
+pub mod io;
+pub mod listener;
+pub mod metrics;
+pub mod outbound;
+pub mod scrub;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Config, StaticDestination};
+pub use metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("{knob} {addr}: cannot listen: {source}; choose a free port or stop what holds it")]
+    Bind {
+        knob: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Starts a shutdown from anywhere (another task, an embedding application).
+#[derive(Clone)]
+pub struct ShutdownHandle(CancellationToken);
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        self.0.cancel();
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug, Default)]
+pub struct RunReport {
+    /// Connections still open at the drain deadline, cut.
+    pub cut: usize,
+}
+
+/// A bound, not yet running proxy.
+pub struct Proxy {
+    cfg: Config,
+    inbound: TcpListener,
+    outbound: TcpListener,
+    admin: TcpListener,
+    addrs: [SocketAddr; 3],
+    admin_state: Arc<admin::AdminState>,
+}
+
+async fn bind(knob: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { knob, addr, source })?;
+    let local = l
+        .local_addr()
+        .map_err(|source| Error::Bind { knob, addr, source })?;
+    Ok((l, local))
+}
+
+impl Proxy {
+    /// Validates the configuration and binds every listener (port 0 picks a free port).
+    pub async fn bind(cfg: Config) -> Result<Proxy, Error> {
+        cfg.validate().map_err(Error::Config)?;
+        let (inbound, i) = bind("REMORA_INBOUND_ADDR", cfg.inbound_addr).await?;
+        let (outbound, o) = bind("REMORA_OUTBOUND_ADDR", cfg.outbound_addr).await?;
+        let (admin, a) = bind("REMORA_ADMIN_ADDR", cfg.admin_addr).await?;
+        let admin_state = Arc::new(admin::AdminState {
+            metrics: Arc::new(Metrics::new()),
+            ready: Default::default(),
+            draining: Default::default(),
+            shutdown: CancellationToken::new(),
+        });
+        Ok(Proxy {
+            cfg,
+            inbound,
+            outbound,
+            admin,
+            addrs: [i, o, a],
+            admin_state,
+        })
+    }
+
+    pub fn inbound_addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.addrs[1]
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.addrs[2]
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.admin_state.metrics.clone()
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.admin_state.shutdown.clone())
+    }
+
+    /// Serves until `signal` resolves or a shutdown is requested, then drains: inbound first
+    /// (the app's callers), while the app's own outbound calls keep working, then outbound.
+    /// Returns once nothing is in flight or the drain deadline has passed.
+    pub async fn run(self, signal: impl Future<Output = ()>) -> RunReport {
+        let state = self.admin_state.clone();
+        let metrics = state.metrics.clone();
+        let rules = Arc::new(scrub::Rules::new(&self.cfg.strip_headers));
+        let (in_drain, out_drain) = (drain::Drain::new(), drain::Drain::new());
+        let inbound = Arc::new(inbound::listener(
+            &self.cfg,
+            metrics.clone(),
+            in_drain.clone(),
+            rules.clone(),
+        ));
+        let outbound = Arc::new(outbound::listener(
+            &self.cfg,
+            metrics.clone(),
+            out_drain.clone(),
+            rules,
+            vec![self.addrs[1], self.addrs[2]],
+        ));
+        tokio::spawn(inbound.serve(self.inbound, in_drain.clone()));
+        tokio::spawn(outbound.serve(self.outbound, out_drain.clone()));
+        let stop_admin = CancellationToken::new();
+        tokio::spawn(admin::serve(self.admin, state.clone(), stop_admin.clone()));
+        state.ready.store(true, Ordering::Release);
+        metrics.ready.set(1);
+        tracing::info!(inbound = %self.addrs[0], outbound = %self.addrs[1], admin = %self.addrs[2],
+            app = %self.cfg.app_addr, "remora-proxy ready");
+
+        tokio::select! {
+            _ = signal => {}
+            _ = state.shutdown.cancelled() => {}
+        }
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.cfg.drain_timeout;
+        state.draining.store(true, Ordering::Release);
+        metrics.ready.set(0);
+        metrics.draining.set(1);
+        tracing::info!(
+            inbound_connections = in_drain.in_flight(),
+            outbound_connections = out_drain.in_flight(),
+            timeout = ?self.cfg.drain_timeout,
+            "draining"
+        );
+        let mut cut = in_drain.finish(deadline).await;
+        cut += out_drain.finish(deadline).await;
+        stop_admin.cancel();
+        if cut > 0 {
+            tracing::warn!(cut, "drain deadline reached; cut connections still in flight");
+        } else {
+            tracing::info!(elapsed = ?started.elapsed(), "drained");
+        }
+        RunReport { cut }
+    }
+}

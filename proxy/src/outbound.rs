@@ -1,0 +1,40 @@
+//! The outbound side: the application's calls, routed by authority (explicit proxy).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::discover::Destinations;
+use crate::drain::Drain;
+use crate::forward::{Route, Shared};
+use crate::listener::Listener;
+use crate::metrics::{Direction, Metrics};
+use crate::scrub::Rules;
+
+pub fn listener(
+    cfg: &Config,
+    metrics: Arc<Metrics>,
+    drain: Drain,
+    rules: Arc<Rules>,
+    own_addrs: Vec<SocketAddr>,
+) -> Listener {
+    let destinations = Arc::new(Destinations::new(&cfg.destinations, cfg.connect_timeout));
+    let forward = Arc::new(Shared {
+        direction: Direction::Outbound,
+        route: Route::Destinations(destinations),
+        metrics: metrics.clone(),
+        drain,
+        own_addrs,
+    });
+    // Outbound connections are always detected: a non-HTTP stream names no destination, so
+    // opaque traffic arrives as an HTTP CONNECT tunnel.
+    Listener::new(
+        Direction::Outbound,
+        forward,
+        rules,
+        cfg.detect_timeout,
+        false,
+        None,
+        metrics,
+    )
+}

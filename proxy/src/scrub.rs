@@ -1,0 +1,239 @@
+//! Header scrubbing, as a tower layer: hop-by-hop headers (RFC 9110 §7.6.1) in both directions,
+//! internal headers (`x-envoy-*`, `x-remora-*`, configurable) in both directions, and the peer
+//! identity header always removed from what arrives so no client can spoof it.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::http::Body;
+
+/// Remora's peer identity header (contract): set only from a verified client certificate.
+pub const CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("x-remora-client-id");
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// What to strip besides hop-by-hop headers.
+#[derive(Debug, Default)]
+pub struct Rules {
+    exact: Vec<HeaderName>,
+    prefixes: Vec<String>,
+}
+
+impl Rules {
+    /// `list` entries are header names, or prefixes ending in `*`. Invalid names are skipped
+    /// (config validation reports them first).
+    pub fn new(list: &[String]) -> Self {
+        let mut rules = Rules::default();
+        for item in list {
+            let lower = item.to_ascii_lowercase();
+            match lower.strip_suffix('*') {
+                Some(prefix) => rules.prefixes.push(prefix.to_string()),
+                None => {
+                    if let Ok(n) = HeaderName::from_bytes(lower.as_bytes()) {
+                        rules.exact.push(n);
+                    }
+                }
+            }
+        }
+        rules
+    }
+
+    /// Scrubs a request arriving at the proxy. Returns true when it asks for a protocol upgrade
+    /// (then `Connection: upgrade` and `Upgrade` are kept for the upstream).
+    pub fn request<B>(&self, req: &mut Request<B>) -> bool {
+        let upgrade = req.version() < http::Version::HTTP_2
+            && req.headers().contains_key(header::UPGRADE)
+            && connection_has(req.headers(), "upgrade");
+        hop_by_hop(req.headers_mut(), upgrade);
+        self.internal(req.headers_mut());
+        req.headers_mut().remove(&CLIENT_ID_HEADER);
+        upgrade
+    }
+
+    /// Scrubs a response on its way back to the client.
+    pub fn response<B>(&self, rsp: &mut Response<B>) {
+        let upgrade = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        hop_by_hop(rsp.headers_mut(), upgrade);
+        self.internal(rsp.headers_mut());
+    }
+
+    fn internal(&self, headers: &mut HeaderMap) {
+        for name in &self.exact {
+            headers.remove(name);
+        }
+        if self.prefixes.is_empty() {
+            return;
+        }
+        // Allocates only when something matches.
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| self.prefixes.iter().any(|p| k.as_str().starts_with(p.as_str())))
+            .cloned()
+            .collect();
+        for name in doomed {
+            headers.remove(name);
+        }
+    }
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !(upgrade && t.eq_ignore_ascii_case("upgrade")))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    headers.remove(header::PROXY_AUTHENTICATE);
+    // Each hop frames its own body; hyper sets Transfer-Encoding again where it is needed.
+    headers.remove(header::TRANSFER_ENCODING);
+    if let Some(te) = headers.get(header::TE) {
+        let trailers = te
+            .to_str()
+            .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
+            .unwrap_or(false);
+        headers.remove(header::TE);
+        // gRPC servers require `te: trailers`; it is the one TE value that may cross.
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// The scrubbing layer around the forwarder.
+#[derive(Clone)]
+pub struct Scrub<S> {
+    inner: S,
+    rules: Arc<Rules>,
+}
+
+impl<S> Scrub<S> {
+    pub fn new(inner: S, rules: Arc<Rules>) -> Self {
+        Scrub { inner, rules }
+    }
+}
+
+impl<S> tower::Service<Request<Incoming>> for Scrub<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<Body>>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = ScrubFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        self.rules.request(&mut req);
+        ScrubFuture {
+            inner: self.inner.call(req),
+            rules: self.rules.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct ScrubFuture<F> {
+        #[pin]
+        inner: F,
+        rules: Arc<Rules>,
+    }
+}
+
+impl<F, E> std::future::Future for ScrubFuture<F>
+where
+    F: std::future::Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut rsp = std::task::ready!(this.inner.poll(cx))?;
+        this.rules.response(&mut rsp);
+        Poll::Ready(Ok(rsp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_internal() {
+        let rules = Rules::new(&["x-envoy-*".into(), "x-remora-*".into(), "x-debug".into()]);
+        let mut req = Request::builder()
+            .header("connection", "keep-alive, x-foo")
+            .header("x-foo", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header("te", "gzip, trailers")
+            .header("upgrade", "h2c")
+            .header("x-envoy-upstream-service-time", "3")
+            .header("x-remora-client-id", "spiffe://evil")
+            .header("x-debug", "1")
+            .header("x-kept", "1")
+            .body(())
+            .unwrap();
+        assert!(!rules.request(&mut req));
+        let h = req.headers();
+        for gone in [
+            "connection",
+            "x-foo",
+            "keep-alive",
+            "proxy-connection",
+            "upgrade",
+            "x-envoy-upstream-service-time",
+            "x-remora-client-id",
+            "x-debug",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} survived");
+        }
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-kept"], "1");
+    }
+
+    #[test]
+    fn keeps_websocket_upgrade() {
+        let rules = Rules::new(&[]);
+        let mut req = Request::builder()
+            .header("connection", "Upgrade, keep-alive")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        assert!(rules.request(&mut req));
+        assert_eq!(req.headers()["upgrade"], "websocket");
+        assert_eq!(req.headers()["connection"], "upgrade");
+    }
+}
