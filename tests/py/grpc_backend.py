@@ -1,0 +1,62 @@
+"""A gRPC backend for remora's end-to-end tests, on the real grpcio server.
+
+Service remora.test.Echo, raw bytes (no protobuf needed):
+  Unary   echoes the request; initial metadata `backend: NAME`, trailing `backend-trailer: NAME`
+  Stream  request is an ASCII count N; streams N messages `NAME:i`
+  Fail    request is `CODE:DETAILS`; aborts with that status and trailing metadata `x-fail-detail`
+  Slow    request is an ASCII number of milliseconds to sleep before echoing
+Prints `PORT <n>` once serving.
+"""
+import argparse
+import sys
+import time
+from concurrent import futures
+
+import grpc
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--name", default="backend")
+    args = ap.parse_args()
+    name = args.name
+
+    def unary(req, ctx):
+        ctx.send_initial_metadata((("backend", name),))
+        ctx.set_trailing_metadata((("backend-trailer", name),))
+        return req
+
+    def stream(req, ctx):
+        for i in range(int(req.decode() or "0")):
+            yield f"{name}:{i}".encode()
+
+    def fail(req, ctx):
+        code, _, details = req.decode().partition(":")
+        status = next(s for s in grpc.StatusCode if s.value[0] == int(code))
+        ctx.set_trailing_metadata((("x-fail-detail", "because-" + name),))
+        ctx.abort(status, details)
+
+    def slow(req, ctx):
+        time.sleep(int(req.decode() or "0") / 1000.0)
+        ctx.send_initial_metadata((("backend", name),))
+        return req
+
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        "Slow": grpc.unary_unary_rpc_method_handler(slow),
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("remora.test.Echo", handlers),))
+    port = server.add_insecure_port(f"127.0.0.1:{args.port}")
+    server.start()
+    print(f"PORT {port}", flush=True)
+    # Exit when the parent closes stdin, so no backend outlives its test.
+    sys.stdin.read()
+    server.stop(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""A gRPC client for remora's end-to-end tests: one grpcio channel, raw-bytes methods.
+
+  grpc_client.py TARGET [--authority A] check      unary, server streaming, non-OK status with
+                                                   trailing metadata; prints a JSON report
+  grpc_client.py TARGET [--authority A] unary N    N unary calls; prints per-backend counts and
+                                                   status codes as JSON
+"""
+import argparse
+import collections
+import json
+
+import grpc
+
+
+def call_unary(ch, payload, timeout=10):
+    m = ch.unary_unary("/remora.test.Echo/Unary")
+    return m.with_call(payload, timeout=timeout)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("target")
+    ap.add_argument("--authority")
+    ap.add_argument("mode")
+    ap.add_argument("n", nargs="?", type=int, default=1)
+    args = ap.parse_args()
+    opts = [("grpc.enable_retries", 0)]
+    if args.authority:
+        opts.append(("grpc.default_authority", args.authority))
+    ch = grpc.insecure_channel(args.target, options=opts)
+    out = {}
+    if args.mode == "check":
+        body, call = call_unary(ch, b"hello remora")
+        out["unary_body"] = body.decode()
+        out["unary_backend"] = dict(call.initial_metadata()).get("backend")
+        out["unary_trailer"] = dict(call.trailing_metadata()).get("backend-trailer")
+        stream = ch.unary_stream("/remora.test.Echo/Stream")
+        out["stream"] = [m.decode() for m in stream(b"5", timeout=10)]
+        try:
+            ch.unary_unary("/remora.test.Echo/Fail")(b"5:no such thing", timeout=10)
+            out["fail_code"] = "OK"
+        except grpc.RpcError as e:
+            out["fail_code"] = e.code().name
+            out["fail_details"] = e.details()
+            out["fail_trailer"] = dict(e.trailing_metadata() or ()).get("x-fail-detail")
+    elif args.mode == "unary":
+        backends = collections.Counter()
+        codes = collections.Counter()
+        details = []
+        for i in range(args.n):
+            try:
+                _, call = call_unary(ch, b"x%d" % i)
+                backends[dict(call.initial_metadata()).get("backend")] += 1
+                codes["OK"] += 1
+            except grpc.RpcError as e:
+                codes[e.code().name] += 1
+                details.append(e.details())
+        out = {"backends": backends, "codes": codes, "details": details[:3]}
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
