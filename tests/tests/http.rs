@@ -158,7 +158,7 @@ async fn admin_endpoints_and_shutdown() {
     assert_eq!(http_get(proxy.admin, "/nope").await.unwrap().0, 404);
     assert_eq!(http_get(proxy.admin, "/shutdown").await.unwrap().0, 405, "shutdown needs POST");
     let m = proxy.metrics().await;
-    assert!(m.contains("# TYPE remora_requests counter"), "{m}");
+    assert!(m.contains("remora_ready 1"), "{m}");
     assert!(m.trim_end().ends_with("# EOF"), "OpenMetrics text ends with # EOF");
     let (status, _) = http_request(proxy.admin, "POST", "/shutdown").await.unwrap();
     assert_eq!(status, 202);
