@@ -1,0 +1,253 @@
+//! `remora demo`: a small mesh on loopback, in one process, on the embedded defaults.
+//!
+//! ```text
+//!  client ──► proxy (outbound) ──► proxy b1 (inbound) ──► gRPC echo b1
+//!                              ├─► proxy b2 (inbound) ──► gRPC echo b2
+//!                              └─► proxy b3 (inbound) ──► gRPC echo b3
+//! ```
+//!
+//! The backends and the client speak gRPC framing over HTTP/2 with hyper (unary calls with the
+//! status in trailers), so the demo needs nothing beyond the binary.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use remora_proxy::{Config, Proxy, ShutdownHandle, StaticDestination};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::cli::DemoArgs;
+
+const SERVICE: &str = "echo.demo:80";
+const METHOD: &str = "/remora.demo.Echo/Say";
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub ok: usize,
+    pub failed: usize,
+    pub per_backend: BTreeMap<String, usize>,
+}
+
+fn loopback0() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A gRPC echo backend: answers every call with its own message and the backend's name.
+async fn backend(name: String) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(loopback0()).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let name = name.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let name = name.clone();
+                    async move {
+                        let msg = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let mut trailers = HeaderMap::new();
+                        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                        let body = Full::new(msg).with_trailers(async move { Some(Ok(trailers)) });
+                        let mut rsp = Response::new(body);
+                        rsp.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
+                        if let Ok(v) = HeaderValue::from_str(&name) {
+                            rsp.headers_mut().insert("backend", v);
+                        }
+                        Ok::<_, Infallible>(rsp)
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+/// A gRPC message frame: uncompressed flag, big-endian length, payload.
+fn grpc_frame(payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + payload.len());
+    b.put_u8(0);
+    b.put_u32(payload.len() as u32);
+    b.put_slice(payload);
+    b.freeze()
+}
+
+struct Running {
+    role: String,
+    inbound: SocketAddr,
+    outbound: SocketAddr,
+    admin: SocketAddr,
+    shutdown: ShutdownHandle,
+    task: JoinHandle<remora_proxy::RunReport>,
+}
+
+async fn start_proxy(role: String, cfg: Config) -> Result<Running, String> {
+    let proxy = Proxy::bind(cfg).await.map_err(|e| format!("{role}: {e}"))?;
+    let running = Running {
+        role,
+        inbound: proxy.inbound_addr(),
+        outbound: proxy.outbound_addr(),
+        admin: proxy.admin_addr(),
+        shutdown: proxy.shutdown_handle(),
+        task: tokio::spawn(proxy.run(std::future::pending())),
+    };
+    Ok(running)
+}
+
+fn demo_config(app: SocketAddr) -> Config {
+    Config {
+        inbound_addr: loopback0(),
+        outbound_addr: loopback0(),
+        admin_addr: loopback0(),
+        app_addr: app,
+        drain_timeout: Duration::from_secs(5),
+        ..Config::default()
+    }
+}
+
+/// One gRPC client connection (like a gRPC channel) making `requests` calls, `concurrency` at a
+/// time, through the outbound proxy.
+async fn client(outbound: SocketAddr, requests: usize, concurrency: usize) -> Result<(Report, Vec<Duration>), String> {
+    let tcp = TcpStream::connect(outbound).await.map_err(|e| format!("connect to the client proxy {outbound}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake with the client proxy: {e}"))?;
+    tokio::spawn(conn);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let results = Arc::new(Mutex::new((Report::default(), Vec::with_capacity(requests))));
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (mut sender, next, results) = (sender.clone(), next.clone(), results.clone());
+        workers.push(tokio::spawn(async move {
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < requests {
+                let req = Request::post(format!("http://{SERVICE}{METHOD}"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(Full::new(grpc_frame(b"hello from the demo client")));
+                let Ok(req) = req else { continue };
+                let start = Instant::now();
+                let outcome = async {
+                    let rsp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                    let backend = rsp.headers().get("backend").and_then(|v| v.to_str().ok()).map(str::to_string);
+                    let header_status = rsp.headers().get("grpc-status").cloned();
+                    let body = rsp.into_body().collect().await.map_err(|e| e.to_string())?;
+                    let status = body.trailers().and_then(|t| t.get("grpc-status").cloned()).or(header_status);
+                    match (status.as_ref().map(|s| s.as_bytes()), backend) {
+                        (Some(b"0"), Some(b)) => Ok(b),
+                        (s, _) => Err(format!("grpc-status {s:?}")),
+                    }
+                }
+                .await;
+                let elapsed = start.elapsed();
+                let mut r = results.lock().unwrap_or_else(|p| p.into_inner());
+                match outcome {
+                    Ok(b) => {
+                        r.0.ok += 1;
+                        *r.0.per_backend.entry(b).or_default() += 1;
+                        r.1.push(elapsed);
+                    }
+                    Err(e) => {
+                        if r.0.failed == 0 {
+                            eprintln!("first failed call: {e}");
+                        }
+                        r.0.failed += 1;
+                    }
+                }
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    let mut r = results.lock().unwrap_or_else(|p| p.into_inner());
+    Ok((std::mem::take(&mut r.0), std::mem::take(&mut r.1)))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+pub async fn run(args: DemoArgs) -> Result<Report, String> {
+    let mut proxies = Vec::new();
+    let mut backends = Vec::new();
+    for i in 1..=3 {
+        let name = format!("b{i}");
+        let (addr, task) = backend(name.clone()).await.map_err(|e| format!("backend {name}: {e}"))?;
+        backends.push(task);
+        proxies.push(start_proxy(format!("backend {name}'s proxy (app {addr})"), demo_config(addr)).await?);
+    }
+    let inbound: Vec<SocketAddr> = proxies.iter().map(|p| p.inbound).collect();
+    // The client app only calls out; nothing listens behind its inbound side.
+    let mut cfg = demo_config(SocketAddr::from(([127, 0, 0, 1], 9)));
+    cfg.destinations = vec![StaticDestination { name: SERVICE.into(), addrs: inbound }];
+    let client_proxy = start_proxy("client's proxy".into(), cfg).await?;
+    let outbound = client_proxy.outbound;
+    proxies.push(client_proxy);
+
+    println!("remora demo: 3 gRPC backends, each behind its own remora-proxy; a client calling `{SERVICE}` through its proxy
+");
+    let started = Instant::now();
+    let run = tokio::select! {
+        r = tokio::time::timeout(args.timeout, client(outbound, args.requests, args.concurrency)) => r,
+        _ = tokio::signal::ctrl_c() => {
+            println!("interrupted");
+            Ok(Err("interrupted".to_string()))
+        }
+    };
+    let elapsed = started.elapsed();
+    let result = match run {
+        Err(_) => Err(format!("the run did not finish within {:?}", args.timeout)),
+        Ok(r) => r,
+    };
+    if let Ok((report, latencies)) = &result {
+        let mut sorted = latencies.clone();
+        sorted.sort();
+        println!("{} calls in {:.2?} over one HTTP/2 connection, {} at a time: {} ok, {} failed ({:.0} calls/s)",
+            args.requests, elapsed, args.concurrency, report.ok, report.failed,
+            report.ok as f64 / elapsed.as_secs_f64().max(1e-9));
+        println!("
+calls per backend (the proxy balances each request, not each connection):");
+        for (b, n) in &report.per_backend {
+            println!("  {b}: {n:>6}  {}", "#".repeat(n * 40 / args.requests.max(1)));
+        }
+        println!("
+latency through two proxies (client → outbound → inbound → backend):");
+        for (label, p) in [("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("max", 1.0)] {
+            println!("  {label}: {:>9.3} ms", percentile(&sorted, p).as_secs_f64() * 1000.0);
+        }
+    }
+    println!("
+proxies (admin: /live /ready /metrics):");
+    for p in &proxies {
+        println!("  {:<40} inbound {}  outbound {}  admin http://{}/metrics", p.role, p.inbound, p.outbound, p.admin);
+    }
+    if args.hold {
+        println!("
+holding the mesh up; Ctrl-C to stop");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    for p in &proxies {
+        p.shutdown.shutdown();
+    }
+    for p in proxies {
+        let _ = p.task.await;
+    }
+    for b in backends {
+        b.abort();
+    }
+    result.map(|(r, _)| r)
+}
