@@ -61,7 +61,7 @@ pub struct Args {
 }
 
 fn parse_destination(s: &str) -> Result<StaticDestination, String> {
-    s.parse()
+    s.parse().map_err(|e| format!("REMORA_DESTINATIONS: {e}"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
