@@ -28,7 +28,11 @@ fn valid_label(s: &str) -> bool {
 
 impl SpiffeId {
     /// The identity of a Kubernetes service account.
-    pub fn workload(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, ParseError> {
+    pub fn workload(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, ParseError> {
         format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
@@ -44,7 +48,13 @@ impl SpiffeId {
     /// `(namespace, service account)` when the path has the workload shape.
     pub fn namespace_and_account(&self) -> Option<(&str, &str)> {
         let mut parts = self.path.strip_prefix('/')?.split('/');
-        match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
             (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
             _ => None,
         }
@@ -60,21 +70,29 @@ impl FromStr for SpiffeId {
                 "`{s}` is not a SPIFFE ID: {why} (expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)"
             ))
         };
-        let rest = s.strip_prefix("spiffe://").ok_or_else(|| err("it must start with spiffe://"))?;
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| err("it must start with spiffe://"))?;
         let (td, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
         if !valid_label(td) {
-            return Err(err("the trust domain must be lower-case letters, digits, '-', '.', '_'"));
+            return Err(err(
+                "the trust domain must be lower-case letters, digits, '-', '.', '_'",
+            ));
         }
         if path.is_empty() || path == "/" {
             return Err(err("the path is empty"));
         }
         for seg in path[1..].split('/') {
-            let chars_ok = seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+            let chars_ok = seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
             if seg.is_empty() || seg == "." || seg == ".." || !chars_ok {
-                return Err(err(&format!("path segment `{seg}` is empty or holds characters SPIFFE forbids")));
+                return Err(err(&format!(
+                    "path segment `{seg}` is empty or holds characters SPIFFE forbids"
+                )));
             }
         }
         Ok(SpiffeId {
@@ -100,8 +118,14 @@ mod tests {
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace_and_account(), Some(("default", "web")));
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/web");
-        assert_eq!(id, SpiffeId::workload("cluster.local", "default", "web").unwrap());
-        assert_ne!(id, SpiffeId::workload("cluster.local", "default", "api").unwrap());
+        assert_eq!(
+            id,
+            SpiffeId::workload("cluster.local", "default", "web").unwrap()
+        );
+        assert_ne!(
+            id,
+            SpiffeId::workload("cluster.local", "default", "api").unwrap()
+        );
     }
 
     #[test]

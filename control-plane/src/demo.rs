@@ -51,12 +51,18 @@ async fn backend(name: String) -> std::io::Result<(SocketAddr, JoinHandle<()>)> 
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let name = name.clone();
                     async move {
-                        let msg = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let msg = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
                         let mut trailers = HeaderMap::new();
                         trailers.insert("grpc-status", HeaderValue::from_static("0"));
                         let body = Full::new(msg).with_trailers(async move { Some(Ok(trailers)) });
                         let mut rsp = Response::new(body);
-                        rsp.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
+                        rsp.headers_mut()
+                            .insert("content-type", HeaderValue::from_static("application/grpc"));
                         if let Ok(v) = HeaderValue::from_str(&name) {
                             rsp.headers_mut().insert("backend", v);
                         }
@@ -116,15 +122,25 @@ fn demo_config(app: SocketAddr) -> Config {
 
 /// One gRPC client connection (like a gRPC channel) making `requests` calls, `concurrency` at a
 /// time, through the outbound proxy.
-async fn client(outbound: SocketAddr, requests: usize, concurrency: usize) -> Result<(Report, Vec<Duration>), String> {
-    let tcp = TcpStream::connect(outbound).await.map_err(|e| format!("connect to the client proxy {outbound}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+async fn client(
+    outbound: SocketAddr,
+    requests: usize,
+    concurrency: usize,
+) -> Result<(Report, Vec<Duration>), String> {
+    let tcp = TcpStream::connect(outbound)
         .await
-        .map_err(|e| format!("HTTP/2 handshake with the client proxy: {e}"))?;
+        .map_err(|e| format!("connect to the client proxy {outbound}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake with the client proxy: {e}"))?;
     tokio::spawn(conn);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let results = Arc::new(Mutex::new((Report::default(), Vec::with_capacity(requests))));
+    let results = Arc::new(Mutex::new((
+        Report::default(),
+        Vec::with_capacity(requests),
+    )));
     let mut workers = Vec::new();
     for _ in 0..concurrency.max(1) {
         let (mut sender, next, results) = (sender.clone(), next.clone(), results.clone());
@@ -138,10 +154,17 @@ async fn client(outbound: SocketAddr, requests: usize, concurrency: usize) -> Re
                 let start = Instant::now();
                 let outcome = async {
                     let rsp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-                    let backend = rsp.headers().get("backend").and_then(|v| v.to_str().ok()).map(str::to_string);
+                    let backend = rsp
+                        .headers()
+                        .get("backend")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
                     let header_status = rsp.headers().get("grpc-status").cloned();
                     let body = rsp.into_body().collect().await.map_err(|e| e.to_string())?;
-                    let status = body.trailers().and_then(|t| t.get("grpc-status").cloned()).or(header_status);
+                    let status = body
+                        .trailers()
+                        .and_then(|t| t.get("grpc-status").cloned())
+                        .or(header_status);
                     match (status.as_ref().map(|s| s.as_bytes()), backend) {
                         (Some(b"0"), Some(b)) => Ok(b),
                         (s, _) => Err(format!("grpc-status {s:?}")),
@@ -186,14 +209,25 @@ pub async fn run(args: DemoArgs) -> Result<Report, String> {
     let mut backends = Vec::new();
     for i in 1..=3 {
         let name = format!("b{i}");
-        let (addr, task) = backend(name.clone()).await.map_err(|e| format!("backend {name}: {e}"))?;
+        let (addr, task) = backend(name.clone())
+            .await
+            .map_err(|e| format!("backend {name}: {e}"))?;
         backends.push(task);
-        proxies.push(start_proxy(format!("backend {name}'s proxy (app {addr})"), demo_config(addr)).await?);
+        proxies.push(
+            start_proxy(
+                format!("backend {name}'s proxy (app {addr})"),
+                demo_config(addr),
+            )
+            .await?,
+        );
     }
     let inbound: Vec<SocketAddr> = proxies.iter().map(|p| p.inbound).collect();
     // The client app only calls out; nothing listens behind its inbound side.
     let mut cfg = demo_config(SocketAddr::from(([127, 0, 0, 1], 9)));
-    cfg.destinations = vec![StaticDestination { name: SERVICE.into(), addrs: inbound }];
+    cfg.destinations = vec![StaticDestination {
+        name: SERVICE.into(),
+        addrs: inbound,
+    }];
     let client_proxy = start_proxy("client's proxy".into(), cfg).await?;
     let outbound = client_proxy.outbound;
     proxies.push(client_proxy);
@@ -216,28 +250,51 @@ pub async fn run(args: DemoArgs) -> Result<Report, String> {
     if let Ok((report, latencies)) = &result {
         let mut sorted = latencies.clone();
         sorted.sort();
-        println!("{} calls in {:.2?} over one HTTP/2 connection, {} at a time: {} ok, {} failed ({:.0} calls/s)",
-            args.requests, elapsed, args.concurrency, report.ok, report.failed,
-            report.ok as f64 / elapsed.as_secs_f64().max(1e-9));
-        println!("
-calls per backend (the proxy balances each request, not each connection):");
+        println!(
+            "{} calls in {:.2?} over one HTTP/2 connection, {} at a time: {} ok, {} failed ({:.0} calls/s)",
+            args.requests,
+            elapsed,
+            args.concurrency,
+            report.ok,
+            report.failed,
+            report.ok as f64 / elapsed.as_secs_f64().max(1e-9)
+        );
+        println!(
+            "
+calls per backend (the proxy balances each request, not each connection):"
+        );
         for (b, n) in &report.per_backend {
-            println!("  {b}: {n:>6}  {}", "#".repeat(n * 40 / args.requests.max(1)));
+            println!(
+                "  {b}: {n:>6}  {}",
+                "#".repeat(n * 40 / args.requests.max(1))
+            );
         }
-        println!("
-latency through two proxies (client → outbound → inbound → backend):");
+        println!(
+            "
+latency through two proxies (client → outbound → inbound → backend):"
+        );
         for (label, p) in [("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("max", 1.0)] {
-            println!("  {label}: {:>9.3} ms", percentile(&sorted, p).as_secs_f64() * 1000.0);
+            println!(
+                "  {label}: {:>9.3} ms",
+                percentile(&sorted, p).as_secs_f64() * 1000.0
+            );
         }
     }
-    println!("
-proxies (admin: /live /ready /metrics):");
+    println!(
+        "
+proxies (admin: /live /ready /metrics):"
+    );
     for p in &proxies {
-        println!("  {:<40} inbound {}  outbound {}  admin http://{}/metrics", p.role, p.inbound, p.outbound, p.admin);
+        println!(
+            "  {:<40} inbound {}  outbound {}  admin http://{}/metrics",
+            p.role, p.inbound, p.outbound, p.admin
+        );
     }
     if args.hold {
-        println!("
-holding the mesh up; Ctrl-C to stop");
+        println!(
+            "
+holding the mesh up; Ctrl-C to stop"
+        );
         let _ = tokio::signal::ctrl_c().await;
     }
     for p in &proxies {

@@ -29,6 +29,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await;
-    println!("stopped; {} connections cut at the drain deadline", report.cut);
+    println!(
+        "stopped; {} connections cut at the drain deadline",
+        report.cut
+    );
     Ok(())
 }

@@ -89,7 +89,9 @@ fn handle(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Respo
             let mut rsp = text(StatusCode::OK, state.metrics.encode());
             rsp.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             rsp
         }

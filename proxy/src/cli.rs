@@ -36,15 +36,23 @@ pub struct Args {
           value_parser = parse_destination)]
     pub destinations: Vec<StaticDestination>,
     /// Ports whose traffic skips protocol detection (server-speaks-first protocols).
-    #[arg(long, env = "REMORA_OPAQUE_PORTS", value_delimiter = ',',
-          default_value = "25,587,3306,4444,5432,6379,9300,11211")]
+    #[arg(
+        long,
+        env = "REMORA_OPAQUE_PORTS",
+        value_delimiter = ',',
+        default_value = "25,587,3306,4444,5432,6379,9300,11211"
+    )]
     pub opaque_ports: Vec<u16>,
     /// How long to wait for a client's first bytes before treating the connection as opaque.
     #[arg(long, env = "REMORA_DETECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub detect_timeout: Duration,
     /// Headers (or `prefix*`) stripped from requests and responses in both directions.
-    #[arg(long, env = "REMORA_STRIP_HEADERS", value_delimiter = ',',
-          default_value = "x-envoy-*,x-remora-*")]
+    #[arg(
+        long,
+        env = "REMORA_STRIP_HEADERS",
+        value_delimiter = ',',
+        default_value = "x-envoy-*,x-remora-*"
+    )]
     pub strip_headers: Vec<String>,
     /// How long a shutdown waits for in-flight requests before cutting them.
     #[arg(long, env = "REMORA_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -65,7 +73,8 @@ fn parse_destination(s: &str) -> Result<StaticDestination, String> {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 10s or 500ms"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 10s or 500ms"))
 }
 
 impl Args {
@@ -88,7 +97,9 @@ impl Args {
 /// Installs the global tracing subscriber. `filter` is a level or tracing directives.
 pub fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| {
-        format!("REMORA_LOG `{filter}` is not a log filter ({e}); use a level such as info or debug")
+        format!(
+            "REMORA_LOG `{filter}` is not a log filter ({e}); use a level such as info or debug"
+        )
     })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -105,9 +116,10 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) =
-            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers; stop the proxy with POST /shutdown");
             return std::future::pending().await;
         };
@@ -141,7 +153,9 @@ pub fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let runtime = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(args.threads)

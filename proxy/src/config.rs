@@ -51,7 +51,10 @@ impl Default for Config {
             destinations: Vec::new(),
             opaque_ports: DEFAULT_OPAQUE_PORTS.to_vec(),
             detect_timeout: Duration::from_secs(10),
-            strip_headers: DEFAULT_STRIP_HEADERS.iter().map(|s| s.to_string()).collect(),
+            strip_headers: DEFAULT_STRIP_HEADERS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             drain_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
         }
@@ -129,7 +132,9 @@ impl Config {
         if self.app_addr.port() == 0 {
             return Err("REMORA_APP_ADDR has port 0; set the port the application listens on (e.g. 127.0.0.1:8080)".into());
         }
-        if self.app_addr.port() == self.inbound_addr.port() && overlaps(&self.app_addr, &self.inbound_addr) {
+        if self.app_addr.port() == self.inbound_addr.port()
+            && overlaps(&self.app_addr, &self.inbound_addr)
+        {
             return Err(format!(
                 "REMORA_APP_ADDR {} is the inbound listener itself, so every request would loop; point it at the application's port",
                 self.app_addr
@@ -169,10 +174,16 @@ mod tests {
 
     #[test]
     fn parses_destinations() {
-        let d: StaticDestination = "Echo.Test:80=127.0.0.1:9001, 127.0.0.1:9002".parse().unwrap();
+        let d: StaticDestination = "Echo.Test:80=127.0.0.1:9001, 127.0.0.1:9002"
+            .parse()
+            .unwrap();
         assert_eq!(d.name, "echo.test:80");
         assert_eq!(d.addrs.len(), 2);
-        assert!("echo.test=127.0.0.1:1".parse::<StaticDestination>().is_err());
+        assert!(
+            "echo.test=127.0.0.1:1"
+                .parse::<StaticDestination>()
+                .is_err()
+        );
         assert!("echo.test:80=".parse::<StaticDestination>().is_err());
         assert!("echo.test:80=nope".parse::<StaticDestination>().is_err());
         assert!("[::1]:80=[::1]:9000".parse::<StaticDestination>().is_ok());
@@ -185,7 +196,10 @@ mod tests {
             ..Config::default()
         };
         let err = c.validate().unwrap_err();
-        assert!(err.contains("REMORA_INBOUND_ADDR") && err.contains("REMORA_OUTBOUND_ADDR"), "{err}");
+        assert!(
+            err.contains("REMORA_INBOUND_ADDR") && err.contains("REMORA_OUTBOUND_ADDR"),
+            "{err}"
+        );
         assert!(Config::default().validate().is_ok());
     }
 }

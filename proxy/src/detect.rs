@@ -124,9 +124,18 @@ mod tests {
     fn classifies() {
         assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
         assert_eq!(classify(&H2_PREFACE[..10]), None);
-        assert_eq!(classify(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Some(Protocol::Http1));
-        assert_eq!(classify(b"GET http://a:80/x HTTP/1.0\n"), Some(Protocol::Http1));
-        assert_eq!(classify(b"CONNECT a:80 HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(
+            classify(b"GET http://a:80/x HTTP/1.0\n"),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(
+            classify(b"CONNECT a:80 HTTP/1.1\r\n"),
+            Some(Protocol::Http1)
+        );
         assert_eq!(classify(b"GET /"), None);
         assert_eq!(classify(b"P"), None);
         assert_eq!(classify(b"PRI * HTTP/1.1\r\n"), Some(Protocol::Http1));

@@ -43,7 +43,10 @@ impl Destinations {
                     .iter()
                     .map(|a| Arc::new(Endpoint::new(*a, connect_timeout)))
                     .collect();
-                (d.name.clone(), Arc::new(Destination::new(d.name.clone(), eps)))
+                (
+                    d.name.clone(),
+                    Arc::new(Destination::new(d.name.clone(), eps)),
+                )
             })
             .collect();
         Destinations {

@@ -62,7 +62,10 @@ impl Drain {
     /// Waits for every task, up to `deadline`; then cuts the rest and returns how many were cut.
     pub async fn finish(&self, deadline: tokio::time::Instant) -> usize {
         self.start();
-        if tokio::time::timeout_at(deadline, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, self.tracker.wait())
+            .await
+            .is_err()
+        {
             self.hard.cancel();
             self.tracker.wait().await;
         }

@@ -66,7 +66,9 @@ pub struct Endpoint {
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Endpoint").field("addr", &self.addr).finish()
+        f.debug_struct("Endpoint")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -110,7 +112,12 @@ impl Endpoint {
     async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
         let mut sender = match self.h2_sender().await {
             Ok(s) => s,
-            Err(error) => return Err(SendError { error, unsent: Some(req) }),
+            Err(error) => {
+                return Err(SendError {
+                    error,
+                    unsent: Some(req),
+                });
+            }
         };
         match sender.try_send_request(req).await {
             Ok(rsp) => Ok(rsp),
@@ -121,9 +128,17 @@ impl Endpoint {
                     self.forget_h2(&sender);
                     let mut sender = match self.h2_sender().await {
                         Ok(s) => s,
-                        Err(error) => return Err(SendError { error, unsent: Some(req) }),
+                        Err(error) => {
+                            return Err(SendError {
+                                error,
+                                unsent: Some(req),
+                            });
+                        }
                     };
-                    sender.send_request(req).await.map_err(|source| self.request_error(source))
+                    sender
+                        .send_request(req)
+                        .await
+                        .map_err(|source| self.request_error(source))
                 }
                 None => Err(self.request_error(e.into_error())),
             },
@@ -137,7 +152,10 @@ impl Endpoint {
 
     fn forget_h2(&self, dead: &http2::SendRequest<Incoming>) {
         let mut guard = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.as_ref().is_some_and(|s| s.is_closed() || dead.is_closed()) {
+        if guard
+            .as_ref()
+            .is_some_and(|s| s.is_closed() || dead.is_closed())
+        {
             *guard = None;
         }
     }
@@ -201,7 +219,12 @@ impl Endpoint {
         }
         let mut sender = match self.new_h1(false).await {
             Ok(s) => s,
-            Err(error) => return Err(SendError { error, unsent: Some(req) }),
+            Err(error) => {
+                return Err(SendError {
+                    error,
+                    unsent: Some(req),
+                });
+            }
         };
         let sent = sender.send_request(req);
         self.return_h1(sender);

@@ -66,9 +66,9 @@ impl ForwardError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ForwardError::ConnectInbound => StatusCode::METHOD_NOT_ALLOWED,
-            ForwardError::Endpoint { .. } | ForwardError::Loop { .. } | ForwardError::Upgrade { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            ForwardError::Endpoint { .. }
+            | ForwardError::Loop { .. }
+            | ForwardError::Upgrade { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -76,8 +76,12 @@ impl ForwardError {
         match self {
             ForwardError::NoAuthority | ForwardError::ConnectInbound => ErrorKind::BadRequest,
             ForwardError::Resolve(_) | ForwardError::NoEndpoints { .. } => ErrorKind::NoEndpoints,
-            ForwardError::Endpoint { source, .. } if source.is_connect() => ErrorKind::ConnectFailed,
-            ForwardError::Endpoint { .. } | ForwardError::Upgrade { .. } => ErrorKind::UpstreamReset,
+            ForwardError::Endpoint { source, .. } if source.is_connect() => {
+                ErrorKind::ConnectFailed
+            }
+            ForwardError::Endpoint { .. } | ForwardError::Upgrade { .. } => {
+                ErrorKind::UpstreamReset
+            }
             ForwardError::Loop { .. } => ErrorKind::Loop,
         }
     }
@@ -182,10 +186,10 @@ impl Shared {
         }
         // Origin-form for HTTP/1 upstreams, with the authority kept in Host.
         if req.version() < Version::HTTP_2 && req.uri().authority().is_some() {
-            if !req.headers().contains_key(header::HOST) {
-                if let Ok(v) = HeaderValue::from_str(&dst) {
-                    req.headers_mut().insert(header::HOST, v);
-                }
+            if !req.headers().contains_key(header::HOST)
+                && let Ok(v) = HeaderValue::from_str(&dst)
+            {
+                req.headers_mut().insert(header::HOST, v);
             }
             let pq = req
                 .uri()
@@ -344,7 +348,10 @@ mod tests {
     fn authority_from_uri_or_host() {
         let r = Request::get("http://Echo.Test/x").body(()).unwrap();
         assert_eq!(request_authority(&r).as_deref(), Some("echo.test:80"));
-        let r = Request::get("/x").header("host", "a.b:81").body(()).unwrap();
+        let r = Request::get("/x")
+            .header("host", "a.b:81")
+            .body(())
+            .unwrap();
         assert_eq!(request_authority(&r).as_deref(), Some("a.b:81"));
         let r = Request::get("/x").body(()).unwrap();
         assert_eq!(request_authority(&r), None);

@@ -33,14 +33,17 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
 pub fn local_response(status: StatusCode, grpc: bool, message: &str) -> Response<Body> {
     if grpc {
         let code = match status {
-            StatusCode::BAD_REQUEST => "13",   // INTERNAL: the request could not be routed
-            StatusCode::NOT_FOUND => "12",     // UNIMPLEMENTED
+            StatusCode::BAD_REQUEST => "13", // INTERNAL: the request could not be routed
+            StatusCode::NOT_FOUND => "12",   // UNIMPLEMENTED
             StatusCode::GATEWAY_TIMEOUT => "4", // DEADLINE_EXCEEDED
-            _ => "14",                         // UNAVAILABLE
+            _ => "14",                       // UNAVAILABLE
         };
         let mut rsp = Response::new(Either::Right(Full::new(Bytes::new())));
         let h = rsp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
         h.insert("grpc-status", HeaderValue::from_static(code));
         if let Ok(v) = HeaderValue::from_str(&grpc_message(message)) {
             h.insert("grpc-message", v);

@@ -177,7 +177,10 @@ impl Proxy {
         cut += out_drain.finish(deadline).await;
         stop_admin.cancel();
         if cut > 0 {
-            tracing::warn!(cut, "drain deadline reached; cut connections still in flight");
+            tracing::warn!(
+                cut,
+                "drain deadline reached; cut connections still in flight"
+            );
         } else {
             tracing::info!(elapsed = ?started.elapsed(), "drained");
         }

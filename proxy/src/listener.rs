@@ -102,7 +102,8 @@ impl Listener {
         self.open.inc();
         let _open = GaugeGuard(&self.open);
         let (protocol, prefix) = if self.skip_detection {
-            self.metrics.detected(self.direction, DetectResult::OpaquePort);
+            self.metrics
+                .detected(self.direction, DetectResult::OpaquePort);
             (Protocol::Opaque, Bytes::new())
         } else {
             match detect::detect(&mut tcp, self.detect_timeout).await {

@@ -287,10 +287,14 @@ impl Metrics {
     /// Read/write byte counters for connections accepted in `direction`.
     pub fn byte_counters(&self, direction: Direction) -> (Counter, Counter) {
         (
-            self.bytes
-                .get_or_create_owned(&BytesLabels { direction, flow: Flow::Read }),
-            self.bytes
-                .get_or_create_owned(&BytesLabels { direction, flow: Flow::Write }),
+            self.bytes.get_or_create_owned(&BytesLabels {
+                direction,
+                flow: Flow::Read,
+            }),
+            self.bytes.get_or_create_owned(&BytesLabels {
+                direction,
+                flow: Flow::Write,
+            }),
         )
     }
 }
@@ -427,10 +431,10 @@ impl http_body::Body for ObservedBody {
         let frame = std::task::ready!(this.inner.poll_frame(cx));
         match &frame {
             Some(Ok(f)) => {
-                if let (Some(trailers), Some(rec)) = (f.trailers_ref(), this.recorder.as_mut()) {
-                    if let Some(code) = grpc_status(trailers) {
-                        rec.grpc_status = Some(code);
-                    }
+                if let (Some(trailers), Some(rec)) = (f.trailers_ref(), this.recorder.as_mut())
+                    && let Some(code) = grpc_status(trailers)
+                {
+                    rec.grpc_status = Some(code);
                 }
             }
             // End of stream, or an error: either way the request is over.

@@ -72,7 +72,11 @@ impl Rules {
         // Allocates only when something matches.
         let doomed: Vec<HeaderName> = headers
             .keys()
-            .filter(|k| self.prefixes.iter().any(|p| k.as_str().starts_with(p.as_str())))
+            .filter(|k| {
+                self.prefixes
+                    .iter()
+                    .any(|p| k.as_str().starts_with(p.as_str()))
+            })
             .cloned()
             .collect();
         for name in doomed {
@@ -115,7 +119,10 @@ fn hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if let Some(te) = headers.get(header::TE) {
         let trailers = te
             .to_str()
-            .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
+            .map(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
             .unwrap_or(false);
         headers.remove(header::TE);
         // gRPC servers require `te: trailers`; it is the one TE value that may cross.

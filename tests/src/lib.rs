@@ -60,8 +60,11 @@ pub struct TestProxy {
 impl TestProxy {
     pub async fn start(cfg: Config) -> TestProxy {
         let proxy = Proxy::bind(cfg).await.expect("proxy binds");
-        let (inbound, outbound, admin) =
-            (proxy.inbound_addr(), proxy.outbound_addr(), proxy.admin_addr());
+        let (inbound, outbound, admin) = (
+            proxy.inbound_addr(),
+            proxy.outbound_addr(),
+            proxy.admin_addr(),
+        );
         let shutdown = proxy.shutdown_handle();
         let task = tokio::spawn(proxy.run(std::future::pending()));
         wait_ready(admin).await;
@@ -104,13 +107,20 @@ pub async fn wait_ready(admin: SocketAddr) {
         if let Ok((200, _)) = http_get(admin, "/ready").await {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{admin} never became ready");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{admin} never became ready"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// A minimal HTTP/1.0 exchange for the admin server: returns status and body.
-pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
         .await?;
@@ -124,7 +134,10 @@ pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -138,7 +151,9 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
             l.split(['{', ' ']).next() == Some(name)
-                && labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -168,7 +183,9 @@ impl EchoApp {
         let conns = connections.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
                 let conn_id = conns.fetch_add(1, Ordering::Relaxed) + 1;
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| echo(req, conn_id));
@@ -190,7 +207,11 @@ async fn echo(req: Request<Incoming>, conn_id: u64) -> Result<Response<Full<Byte
     let (parts, body) = req.into_parts();
     let mut headers = String::new();
     for (k, v) in &parts.headers {
-        headers.push_str(&format!("{}: {}\n", k, String::from_utf8_lossy(v.as_bytes())));
+        headers.push_str(&format!(
+            "{}: {}\n",
+            k,
+            String::from_utf8_lossy(v.as_bytes())
+        ));
     }
     let body = match body.collect().await {
         Ok(b) => b.to_bytes(),
@@ -203,10 +224,19 @@ async fn echo(req: Request<Incoming>, conn_id: u64) -> Result<Response<Full<Byte
     };
     let mut rsp = Response::new(Full::new(out));
     let h = rsp.headers_mut();
-    h.insert("x-echo-method", parts.method.as_str().parse().expect("method"));
-    h.insert("x-echo-version", format!("{:?}", parts.version).parse().expect("version"));
+    h.insert(
+        "x-echo-method",
+        parts.method.as_str().parse().expect("method"),
+    );
+    h.insert(
+        "x-echo-version",
+        format!("{:?}", parts.version).parse().expect("version"),
+    );
     h.insert("x-echo-path", parts.uri.path().parse().expect("path"));
-    h.insert("x-echo-connection", conn_id.to_string().parse().expect("id"));
+    h.insert(
+        "x-echo-connection",
+        conn_id.to_string().parse().expect("id"),
+    );
     if parts.uri.path() == "/leaky" {
         h.insert("x-envoy-upstream-service-time", "7".parse().expect("v"));
         h.insert("x-remora-internal", "secret".parse().expect("v"));
@@ -226,12 +256,14 @@ pub async fn tcp_echo(banner: Option<&'static [u8]>) -> (SocketAddr, JoinHandle<
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut tcp, _)) = listener.accept().await else { continue };
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
-                if let Some(b) = banner {
-                    if tcp.write_all(b).await.is_err() {
-                        return;
-                    }
+                if let Some(b) = banner
+                    && tcp.write_all(b).await.is_err()
+                {
+                    return;
                 }
                 let (mut r, mut w) = tcp.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -256,7 +288,9 @@ pub async fn resetting_server() -> (SocketAddr, JoinHandle<()>) {
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
             // Linger 0 makes the close an RST: the rudest upstream there is.
             #[allow(deprecated)]
             let _ = tcp.set_linger(Some(Duration::ZERO));
@@ -267,7 +301,9 @@ pub async fn resetting_server() -> (SocketAddr, JoinHandle<()>) {
 }
 
 pub fn py(script: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py").join(script)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("py")
+        .join(script)
 }
 
 /// A child process that printed `PORT <n>`; killed on drop (stdin closing also ends it).
@@ -292,14 +328,20 @@ pub async fn python_server(script: &str, args: &[&str]) -> Served {
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
-        .unwrap_or_else(|e| panic!("python3 {script}: {e}; run .ci/setup to install what the tests need"));
+        .unwrap_or_else(|e| {
+            panic!("python3 {script}: {e}; run .ci/setup to install what the tests need")
+        });
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(WAIT, lines.next_line())
         .await
         .unwrap_or_else(|_| panic!("{script} did not start within {WAIT:?}"))
         .expect("read stdout")
-        .unwrap_or_else(|| panic!("{script} exited before serving (is its Python package installed? run .ci/setup)"));
+        .unwrap_or_else(|| {
+            panic!(
+                "{script} exited before serving (is its Python package installed? run .ci/setup)"
+            )
+        });
     let port: u16 = line
         .strip_prefix("PORT ")
         .and_then(|p| p.trim().parse().ok())
@@ -339,7 +381,11 @@ pub async fn run(program: &str, args: &[&str]) -> Output {
 }
 
 /// Runs the Python gRPC client and parses its JSON report.
-pub async fn grpc_client(target: SocketAddr, authority: Option<&str>, args: &[&str]) -> serde_json::Value {
+pub async fn grpc_client(
+    target: SocketAddr,
+    authority: Option<&str>,
+    args: &[&str],
+) -> serde_json::Value {
     let script = py("grpc_client.py");
     let target = target.to_string();
     let mut all: Vec<&str> = vec![script.to_str().expect("utf-8 path"), &target];
@@ -350,7 +396,8 @@ pub async fn grpc_client(target: SocketAddr, authority: Option<&str>, args: &[&s
     all.extend_from_slice(args);
     let out = run("python3", &all).await;
     assert_eq!(out.status, 0, "grpc client failed: {}", out.stderr);
-    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("grpc client output {:?}: {e}", out.stdout))
+    serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("grpc client output {:?}: {e}", out.stdout))
 }
 
 /// Opens a CONNECT tunnel through an outbound proxy; returns the stream after the 200.
@@ -363,12 +410,22 @@ pub async fn connect_tunnel(proxy: SocketAddr, authority: &str) -> TcpStream {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(WAIT, s.read(&mut b)).await.expect("CONNECT reply").expect("read");
-        assert!(n == 1, "proxy closed during CONNECT: {:?}", String::from_utf8_lossy(&head));
+        let n = tokio::time::timeout(WAIT, s.read(&mut b))
+            .await
+            .expect("CONNECT reply")
+            .expect("read");
+        assert!(
+            n == 1,
+            "proxy closed during CONNECT: {:?}",
+            String::from_utf8_lossy(&head)
+        );
         head.push(b[0]);
     }
     let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 200"), "CONNECT answered {head:?}");
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "CONNECT answered {head:?}"
+    );
     s
 }
 
@@ -451,7 +508,7 @@ pub fn header<'a>(dump: &'a str, name: &str) -> Option<&'a str> {
         .filter_map(|l| l.split_once(':'))
         .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
         .map(|(_, v)| v.trim())
-        .last()
+        .next_back()
 }
 
 /// The status code of the last response in a `curl -D -` dump.
@@ -459,7 +516,7 @@ pub fn status(dump: &str) -> u16 {
     dump.lines()
         .filter(|l| l.starts_with("HTTP/"))
         .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .last()
+        .next_back()
         .unwrap_or(0)
 }
 

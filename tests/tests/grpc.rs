@@ -9,10 +9,28 @@ async fn unary_streaming_status_and_trailers_on_every_path() {
     for route in paths.routes() {
         let r = grpc_client(route.addr, Some(route.authority), &["check"]).await;
         assert_eq!(r["unary_body"], "hello remora", "{}: {r}", route.name);
-        assert_eq!(r["unary_backend"], "b1", "{}: initial metadata lost: {r}", route.name);
-        assert_eq!(r["unary_trailer"], "b1", "{}: trailing metadata lost: {r}", route.name);
-        let stream: Vec<&str> = r["stream"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-        assert_eq!(stream, ["b1:0", "b1:1", "b1:2", "b1:3", "b1:4"], "{}", route.name);
+        assert_eq!(
+            r["unary_backend"], "b1",
+            "{}: initial metadata lost: {r}",
+            route.name
+        );
+        assert_eq!(
+            r["unary_trailer"], "b1",
+            "{}: trailing metadata lost: {r}",
+            route.name
+        );
+        let stream: Vec<&str> = r["stream"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            stream,
+            ["b1:0", "b1:1", "b1:2", "b1:3", "b1:4"],
+            "{}",
+            route.name
+        );
         assert_eq!(r["fail_code"], "NOT_FOUND", "{}: {r}", route.name);
         assert_eq!(r["fail_details"], "no such thing", "{}: {r}", route.name);
         assert_eq!(r["fail_trailer"], "because-b1", "{}: {r}", route.name);
@@ -47,10 +65,17 @@ async fn unavailable_upstreams_are_grpc_errors() {
     let mut cfg = config(dead);
     cfg.destinations = vec![dest("dead.test:80", &[dead])];
     let proxy = TestProxy::start(cfg).await;
-    for (addr, authority) in [(proxy.inbound, "app.test:80"), (proxy.outbound, "dead.test:80"), (proxy.outbound, "unknown.invalid:80")] {
+    for (addr, authority) in [
+        (proxy.inbound, "app.test:80"),
+        (proxy.outbound, "dead.test:80"),
+        (proxy.outbound, "unknown.invalid:80"),
+    ] {
         let r = grpc_client(addr, Some(authority), &["unary", "3"]).await;
         assert_eq!(r["codes"]["UNAVAILABLE"], 3, "{authority}: {r}");
         let detail = r["details"][0].as_str().unwrap_or_default();
-        assert!(detail.contains(authority.split(':').next().unwrap()) || detail.contains("app"), "{authority}: the error names the destination: {r}");
+        assert!(
+            detail.contains(authority.split(':').next().unwrap()) || detail.contains("app"),
+            "{authority}: the error names the destination: {r}"
+        );
     }
 }

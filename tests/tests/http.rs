@@ -14,26 +14,84 @@ async fn http1_keepalive_chunked_and_expect_continue() {
         // Two requests on one client connection: the client keeps it alive, and the proxy
         // reuses its pooled upstream connection (the app sees one connection for both).
         let url2 = route.url("/second");
-        let out = curl(&route, "/first", &["-v", "-D", "-", "-o", "/dev/null", &url2, "-o", "/dev/null"]).await;
+        let out = curl(
+            &route,
+            "/first",
+            &["-v", "-D", "-", "-o", "/dev/null", &url2, "-o", "/dev/null"],
+        )
+        .await;
         assert_eq!(out.status, 0, "{}: {}", route.name, out.stderr);
-        assert!(out.stderr.contains("Re-using existing connection"), "{}: client connection not kept alive: {}", route.name, out.stderr);
-        let conns: Vec<&str> = out.stdout.lines().filter(|l| l.to_ascii_lowercase().starts_with("x-echo-connection")).collect();
+        assert!(
+            out.stderr.contains("Re-using existing connection"),
+            "{}: client connection not kept alive: {}",
+            route.name,
+            out.stderr
+        );
+        let conns: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("x-echo-connection"))
+            .collect();
         assert_eq!(conns.len(), 2, "{}: {}", route.name, out.stdout);
-        assert_eq!(conns[0], conns[1], "{}: upstream connection not reused", route.name);
+        assert_eq!(
+            conns[0], conns[1],
+            "{}: upstream connection not reused",
+            route.name
+        );
 
         // Chunked request body, echoed back intact.
-        let out = curl(&route, "/upload", &["-D", "-", "-H", "Transfer-Encoding: chunked", "--data-binary", &file_arg, "-o", out_file.to_str().unwrap()]).await;
+        let out = curl(
+            &route,
+            "/upload",
+            &[
+                "-D",
+                "-",
+                "-H",
+                "Transfer-Encoding: chunked",
+                "--data-binary",
+                &file_arg,
+                "-o",
+                out_file.to_str().unwrap(),
+            ],
+        )
+        .await;
         assert_eq!(out.status, 0, "{}: {}", route.name, out.stderr);
         assert_eq!(status(&out.stdout), 200, "{}", route.name);
         assert_eq!(header(&out.stdout, "x-echo-method"), Some("POST"));
         assert_eq!(header(&out.stdout, "x-echo-version"), Some("HTTP/1.1"));
-        assert!(std::fs::read(&out_file).unwrap() == data, "{}: chunked body changed in transit", route.name);
+        assert!(
+            std::fs::read(&out_file).unwrap() == data,
+            "{}: chunked body changed in transit",
+            route.name
+        );
 
         // Expect: 100-continue: the client gets its 100 and then the full echo.
-        let out = curl(&route, "/expect", &["-v", "-H", "Expect: 100-continue", "--data-binary", &file_arg, "-o", out_file.to_str().unwrap()]).await;
+        let out = curl(
+            &route,
+            "/expect",
+            &[
+                "-v",
+                "-H",
+                "Expect: 100-continue",
+                "--data-binary",
+                &file_arg,
+                "-o",
+                out_file.to_str().unwrap(),
+            ],
+        )
+        .await;
         assert_eq!(out.status, 0, "{}: {}", route.name, out.stderr);
-        assert!(out.stderr.contains("HTTP/1.1 100 Continue"), "{}: no 100 Continue: {}", route.name, out.stderr);
-        assert!(std::fs::read(&out_file).unwrap() == data, "{}: body changed", route.name);
+        assert!(
+            out.stderr.contains("HTTP/1.1 100 Continue"),
+            "{}: no 100 Continue: {}",
+            route.name,
+            out.stderr
+        );
+        assert!(
+            std::fs::read(&out_file).unwrap() == data,
+            "{}: body changed",
+            route.name
+        );
     }
 }
 
@@ -46,11 +104,38 @@ async fn http2_prior_knowledge_large_bodies() {
     let file_arg = format!("@{}", file.display());
     let out_file = file.with_extension("out");
     for route in paths.routes() {
-        let out = curl(&route, "/big", &["--http2-prior-knowledge", "-D", "-", "--data-binary", &file_arg, "-o", out_file.to_str().unwrap()]).await;
+        let out = curl(
+            &route,
+            "/big",
+            &[
+                "--http2-prior-knowledge",
+                "-D",
+                "-",
+                "--data-binary",
+                &file_arg,
+                "-o",
+                out_file.to_str().unwrap(),
+            ],
+        )
+        .await;
         assert_eq!(out.status, 0, "{}: {}", route.name, out.stderr);
-        assert!(out.stdout.starts_with("HTTP/2 200"), "{}: {}", route.name, out.stdout);
-        assert_eq!(header(&out.stdout, "x-echo-version"), Some("HTTP/2.0"), "{}", route.name);
-        assert!(std::fs::read(&out_file).unwrap() == data, "{}: 8 MiB body changed in transit", route.name);
+        assert!(
+            out.stdout.starts_with("HTTP/2 200"),
+            "{}: {}",
+            route.name,
+            out.stdout
+        );
+        assert_eq!(
+            header(&out.stdout, "x-echo-version"),
+            Some("HTTP/2.0"),
+            "{}",
+            route.name
+        );
+        assert!(
+            std::fs::read(&out_file).unwrap() == data,
+            "{}: 8 MiB body changed in transit",
+            route.name
+        );
     }
 }
 
@@ -61,14 +146,35 @@ async fn h2load_many_concurrent_streams() {
     for route in paths.routes() {
         let authority = format!(":authority: {}", route.authority);
         let url = format!("http://{}/", route.addr);
-        let out = run("h2load", &["-n", "3000", "-c", "2", "-m", "100", "-H", &authority, &url]).await;
+        let out = run(
+            "h2load",
+            &["-n", "3000", "-c", "2", "-m", "100", "-H", &authority, &url],
+        )
+        .await;
         assert_eq!(out.status, 0, "{}: {}", route.name, out.stderr);
-        assert!(out.stdout.contains("3000 succeeded, 0 failed, 0 errored"), "{}: {}", route.name, out.stdout);
-        assert!(out.stdout.contains("status codes: 3000 2xx"), "{}: {}", route.name, out.stdout);
+        assert!(
+            out.stdout.contains("3000 succeeded, 0 failed, 0 errored"),
+            "{}: {}",
+            route.name,
+            out.stdout
+        );
+        assert!(
+            out.stdout.contains("status codes: 3000 2xx"),
+            "{}: {}",
+            route.name,
+            out.stdout
+        );
     }
     // The HTTP/2 client connections were multiplexed: 2 per route, not one per request.
     let m = paths.server.metrics().await;
-    assert!(metric(&m, "remora_connections_total", &[("direction", "inbound"), ("protocol", "http2")]) <= 4.0, "{m}");
+    assert!(
+        metric(
+            &m,
+            "remora_connections_total",
+            &[("direction", "inbound"), ("protocol", "http2")]
+        ) <= 4.0,
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,7 +197,16 @@ async fn scrubs_hop_by_hop_internal_and_identity_headers() {
             ];
             if proto == "--http2-prior-knowledge" {
                 // Connection-specific headers are illegal in HTTP/2; curl would refuse them.
-                args.extend(["-H", "x-envoy-force-trace: true", "-H", "x-remora-client-id: spiffe://evil", "-H", "x-secret: 1", "-H", "x-custom: kept"]);
+                args.extend([
+                    "-H",
+                    "x-envoy-force-trace: true",
+                    "-H",
+                    "x-remora-client-id: spiffe://evil",
+                    "-H",
+                    "x-secret: 1",
+                    "-H",
+                    "x-custom: kept",
+                ]);
             } else {
                 for h in &headers {
                     args.extend(["-H", h]);
@@ -100,18 +215,45 @@ async fn scrubs_hop_by_hop_internal_and_identity_headers() {
             let out = curl(&route, "/headers", &args).await;
             assert_eq!(out.status, 0, "{} {proto}: {}", route.name, out.stderr);
             let seen = out.stdout.to_ascii_lowercase();
-            for gone in ["x-hop", "keep-alive", "proxy-connection", "proxy-authorization", "x-envoy-", "x-remora-client-id", "x-secret", "connection:"] {
-                assert!(!seen.contains(gone), "{} {proto}: `{gone}` reached the app:\n{seen}", route.name);
+            for gone in [
+                "x-hop",
+                "keep-alive",
+                "proxy-connection",
+                "proxy-authorization",
+                "x-envoy-",
+                "x-remora-client-id",
+                "x-secret",
+                "connection:",
+            ] {
+                assert!(
+                    !seen.contains(gone),
+                    "{} {proto}: `{gone}` reached the app:\n{seen}",
+                    route.name
+                );
             }
-            assert!(seen.contains("x-custom: kept"), "{} {proto}: {seen}", route.name);
+            assert!(
+                seen.contains("x-custom: kept"),
+                "{} {proto}: {seen}",
+                route.name
+            );
 
             // The app's internal and hop-by-hop response headers do not reach the client, and
             // the proxy adds no banner of its own.
             let out = curl(&route, "/leaky", &[proto, "-D", "-", "-o", "/dev/null"]).await;
-            assert_eq!(status(&out.stdout), 200, "{} {proto}: {}", route.name, out.stdout);
+            assert_eq!(
+                status(&out.stdout),
+                200,
+                "{} {proto}: {}",
+                route.name,
+                out.stdout
+            );
             let seen = out.stdout.to_ascii_lowercase();
             for gone in ["x-envoy-", "x-remora-", "x-hop", "keep-alive", "server:"] {
-                assert!(!seen.contains(gone), "{} {proto}: `{gone}` leaked to the client:\n{seen}", route.name);
+                assert!(
+                    !seen.contains(gone),
+                    "{} {proto}: `{gone}` leaked to the client:\n{seen}",
+                    route.name
+                );
             }
         }
     }
@@ -130,23 +272,79 @@ async fn metrics_move_as_requests_pass() {
         assert_eq!(out.status, 0, "{}", out.stderr);
     }
     let url = format!("http://{}/", route.addr);
-    let out = run("h2load", &["-n", "20", "-c", "1", "-H", ":authority: app.test:80", &url]).await;
+    let out = run(
+        "h2load",
+        &["-n", "20", "-c", "1", "-H", ":authority: app.test:80", &url],
+    )
+    .await;
     assert!(out.stdout.contains("20 succeeded"), "{}", out.stdout);
 
     let after = paths.server.metrics().await;
-    assert_eq!(metric(&after, "remora_requests_total", &ok), 25.0, "{after}");
-    assert_eq!(metric(&after, "remora_request_duration_seconds_count", &[("direction", "inbound")]), 25.0);
-    assert_eq!(metric(&after, "remora_detect_total", &[("direction", "inbound"), ("result", "http1")]), 5.0);
-    assert_eq!(metric(&after, "remora_detect_total", &[("direction", "inbound"), ("result", "http2")]), 1.0);
-    assert!(metric(&after, "remora_transport_bytes_total", &[("direction", "inbound"), ("flow", "read")]) > 0.0);
-    assert!(metric(&after, "remora_transport_bytes_total", &[("direction", "inbound"), ("flow", "write")]) > 0.0);
+    assert_eq!(
+        metric(&after, "remora_requests_total", &ok),
+        25.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "remora_request_duration_seconds_count",
+            &[("direction", "inbound")]
+        ),
+        25.0
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "remora_detect_total",
+            &[("direction", "inbound"), ("result", "http1")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "remora_detect_total",
+            &[("direction", "inbound"), ("result", "http2")]
+        ),
+        1.0
+    );
+    assert!(
+        metric(
+            &after,
+            "remora_transport_bytes_total",
+            &[("direction", "inbound"), ("flow", "read")]
+        ) > 0.0
+    );
+    assert!(
+        metric(
+            &after,
+            "remora_transport_bytes_total",
+            &[("direction", "inbound"), ("flow", "write")]
+        ) > 0.0
+    );
     assert_eq!(metric(&after, "remora_ready", &[]), 1.0);
     // Outbound requests are counted on their own side.
     let out = curl(&paths.routes()[1], "/m", &["-o", "/dev/null"]).await;
     assert_eq!(out.status, 0);
     let client = paths.client.metrics().await;
-    assert_eq!(metric(&client, "remora_requests_total", &[("direction", "outbound"), ("status", "200")]), 1.0, "{client}");
-    assert_eq!(metric(&client, "remora_requests_total", &[("direction", "inbound")]), 0.0);
+    assert_eq!(
+        metric(
+            &client,
+            "remora_requests_total",
+            &[("direction", "outbound"), ("status", "200")]
+        ),
+        1.0,
+        "{client}"
+    );
+    assert_eq!(
+        metric(
+            &client,
+            "remora_requests_total",
+            &[("direction", "inbound")]
+        ),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,11 +354,20 @@ async fn admin_endpoints_and_shutdown() {
     assert_eq!(http_get(proxy.admin, "/live").await.unwrap().0, 200);
     assert_eq!(http_get(proxy.admin, "/ready").await.unwrap().0, 200);
     assert_eq!(http_get(proxy.admin, "/nope").await.unwrap().0, 404);
-    assert_eq!(http_get(proxy.admin, "/shutdown").await.unwrap().0, 405, "shutdown needs POST");
+    assert_eq!(
+        http_get(proxy.admin, "/shutdown").await.unwrap().0,
+        405,
+        "shutdown needs POST"
+    );
     let m = proxy.metrics().await;
     assert!(m.contains("remora_ready 1"), "{m}");
-    assert!(m.trim_end().ends_with("# EOF"), "OpenMetrics text ends with # EOF");
-    let (status, _) = http_request(proxy.admin, "POST", "/shutdown").await.unwrap();
+    assert!(
+        m.trim_end().ends_with("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
+    let (status, _) = http_request(proxy.admin, "POST", "/shutdown")
+        .await
+        .unwrap();
     assert_eq!(status, 202);
     let report = proxy.stop().await;
     assert_eq!(report.cut, 0);

@@ -11,7 +11,17 @@ async fn websocket_upgrade_echo() {
     let paths = Paths::start(ws.addr, |_| {}).await;
     for route in paths.routes() {
         let uri = format!("ws://{}/chat", route.authority);
-        let out = run("python3", &[py("ws.py").to_str().unwrap(), "client", &route.addr.to_string(), &uri, "20"]).await;
+        let out = run(
+            "python3",
+            &[
+                py("ws.py").to_str().unwrap(),
+                "client",
+                &route.addr.to_string(),
+                &uri,
+                "20",
+            ],
+        )
+        .await;
         assert_eq!(out.status, 0, "{}: {}", route.name, out.stderr);
         let r: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
         assert_eq!(r["echoed"], 20, "{}: {r}", route.name);
@@ -27,7 +37,12 @@ async fn round_trip(mut s: TcpStream, data: &[u8]) -> Vec<u8> {
         w.shutdown().await.expect("half-close");
     };
     let mut got = Vec::new();
-    let read = async { tokio::time::timeout(WAIT, r.read_to_end(&mut got)).await.expect("echo in time").expect("read") };
+    let read = async {
+        tokio::time::timeout(WAIT, r.read_to_end(&mut got))
+            .await
+            .expect("echo in time")
+            .expect("read")
+    };
     tokio::join!(write, read);
     got
 }
@@ -50,10 +65,23 @@ async fn opaque_tcp_echo_with_half_close() {
     for route in paths.routes() {
         let s = open(&paths, &route).await;
         let got = round_trip(s, &data).await;
-        assert!(got == data, "{}: {} bytes back of {}", route.name, got.len(), data.len());
+        assert!(
+            got == data,
+            "{}: {} bytes back of {}",
+            route.name,
+            got.len(),
+            data.len()
+        );
     }
     let m = paths.server.metrics().await;
-    assert!(metric(&m, "remora_detect_total", &[("direction", "inbound"), ("result", "opaque")]) >= 2.0, "{m}");
+    assert!(
+        metric(
+            &m,
+            "remora_detect_total",
+            &[("direction", "inbound"), ("result", "opaque")]
+        ) >= 2.0,
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,11 +97,21 @@ async fn server_speaks_first_on_an_opaque_port() {
     for route in paths.routes() {
         let mut s = open(&paths, &route).await;
         let mut banner = vec![0u8; BANNER.len()];
-        tokio::time::timeout(WAIT, s.read_exact(&mut banner)).await.unwrap_or_else(|_| panic!("{}: no banner", route.name)).expect("read banner");
+        tokio::time::timeout(WAIT, s.read_exact(&mut banner))
+            .await
+            .unwrap_or_else(|_| panic!("{}: no banner", route.name))
+            .expect("read banner");
         assert_eq!(banner, BANNER, "{}", route.name);
         let got = round_trip(s, b"EHLO client.test\r\nQUIT\r\n").await;
         assert_eq!(got, b"EHLO client.test\r\nQUIT\r\n", "{}", route.name);
     }
     let m = paths.server.metrics().await;
-    assert!(metric(&m, "remora_detect_total", &[("direction", "inbound"), ("result", "opaque_port")]) >= 2.0, "{m}");
+    assert!(
+        metric(
+            &m,
+            "remora_detect_total",
+            &[("direction", "inbound"), ("result", "opaque_port")]
+        ) >= 2.0,
+        "{m}"
+    );
 }
