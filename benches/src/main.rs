@@ -1,1 +1,233 @@
-fn main() {}
+//! remora's benchmark harness. Scenario so far: one hop, h2c, small responses from nghttpd,
+//! fixed concurrency — direct (the baseline row) against remora's inbound.
+//!
+//!   cargo run -p benches --release -- one-hop [--quick]
+//!
+//! Method: the proxy under test is pinned to CPU 0, the load generator and the backend to CPU 1
+//! (taskset), a warm-up run precedes the counted runs, CPU time is read from /proc/PID/stat of
+//! the proxy alone, and the median of the repetitions is reported. Envoy, nginx and haproxy rows
+//! and the other scenarios are the benchmark issue's work.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+fn wait_port(port: u16) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("nothing listens on port {port} after 30 s"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn spawn(
+    cpu: &str,
+    program: &str,
+    args: &[&str],
+    envs: &[(&str, String)],
+) -> Result<Guard, String> {
+    let mut c = Command::new("taskset");
+    c.arg("-c")
+        .arg(cpu)
+        .arg(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.spawn()
+        .map(Guard)
+        .map_err(|e| format!("{program}: {e} (is it installed? run .ci/setup)"))
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Run {
+    rps: f64,
+    errors: u64,
+}
+
+fn h2load(port: u16, requests: u32) -> Result<Run, String> {
+    let url = format!("http://127.0.0.1:{port}/small");
+    let n = requests.to_string();
+    let out = Command::new("taskset")
+        .args(["-c", "1", "h2load", "-n", &n, "-c", "16", "-m", "10", &url])
+        .output()
+        .map_err(|e| format!("h2load: {e} (run .ci/setup)"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("cannot read h2load's output:\n{text}"))?;
+    let errors = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .map(|l| {
+            ["failed", "errored", "timeout"]
+                .iter()
+                .filter_map(|k| {
+                    l.split(", ")
+                        .find(|p| p.ends_with(k))?
+                        .split_whitespace()
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .sum()
+        })
+        .unwrap_or(0);
+    Ok(Run { rps, errors })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn one_hop(quick: bool) -> Result<(), String> {
+    let root = workspace();
+    let status = Command::new("cargo")
+        .args(["build", "--release", "--bin", "remora-proxy"])
+        .current_dir(&root)
+        .status()
+        .map_err(|e| format!("cargo: {e}"))?;
+    if !status.success() {
+        return Err("building remora-proxy failed".into());
+    }
+    let proxy_bin = root.join("target/release/remora-proxy");
+    let docroot = std::env::temp_dir().join(format!("remora-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&docroot).map_err(|e| e.to_string())?;
+    std::fs::write(docroot.join("small"), vec![b'x'; 128]).map_err(|e| e.to_string())?;
+
+    let backend = free_port();
+    let _nghttpd = spawn(
+        "1",
+        "nghttpd",
+        &[
+            "--no-tls",
+            "-d",
+            docroot.to_str().unwrap_or("."),
+            &backend.to_string(),
+        ],
+        &[],
+    )?;
+    wait_port(backend)?;
+    let (inbound, outbound, admin) = (free_port(), free_port(), free_port());
+    let proxy = spawn(
+        "0",
+        proxy_bin.to_str().unwrap_or("remora-proxy"),
+        &[],
+        &[
+            ("REMORA_INBOUND_ADDR", format!("127.0.0.1:{inbound}")),
+            ("REMORA_OUTBOUND_ADDR", format!("127.0.0.1:{outbound}")),
+            ("REMORA_ADMIN_ADDR", format!("127.0.0.1:{admin}")),
+            ("REMORA_APP_ADDR", format!("127.0.0.1:{backend}")),
+            ("REMORA_LOG", "warn".into()),
+        ],
+    )?;
+    wait_port(inbound)?;
+    let pid = proxy.0.id();
+    let idle_rss = rss_kib(pid);
+
+    let (reps, n) = if quick { (3, 20_000) } else { (5, 200_000) };
+    println!(
+        "| row | rps (median of {reps}) | errors | proxy CPU µs/request | proxy RSS idle → peak |"
+    );
+    println!("|---|---|---|---|---|");
+    h2load(backend, n / 4)?; // warm-up
+    let direct: Vec<f64> = (0..reps)
+        .map(|_| h2load(backend, n).map(|r| r.rps))
+        .collect::<Result<_, _>>()?;
+    let direct = median(direct);
+    println!("| direct | {direct:.0} | 0 | – | – |");
+    h2load(inbound, n / 4)?;
+    let (mut rps, mut cpu, mut errors, mut peak) = (Vec::new(), Vec::new(), 0, 0);
+    for _ in 0..reps {
+        let before = cpu_seconds(pid);
+        let r = h2load(inbound, n)?;
+        cpu.push((cpu_seconds(pid) - before) * 1e6 / n as f64);
+        rps.push(r.rps);
+        errors += r.errors;
+        peak = peak.max(rss_kib(pid));
+    }
+    let rps = median(rps);
+    println!(
+        "| remora (1 thread) | {rps:.0} ({:.2}× direct) | {errors} | {:.1} | {:.1} MiB → {:.1} MiB |",
+        rps / direct.max(1.0),
+        median(cpu),
+        idle_rss as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+    println!(
+        "\nh2load -c 16 -m 10 against nghttpd serving 128 bytes; proxy on CPU 0, load and backend on CPU 1."
+    );
+    let _ = std::fs::remove_dir_all(&docroot);
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let result = match args.first().map(String::as_str) {
+        Some("one-hop") | Some("all") | None => one_hop(quick),
+        Some(other) => Err(format!(
+            "unknown scenario `{other}`; scenarios: one-hop, all"
+        )),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("benches: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -372,3 +372,64 @@ async fn admin_endpoints_and_shutdown() {
     let report = proxy.stop().await;
     assert_eq!(report.cut, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_falls_back_to_dns_and_refuses_loops() {
+    let app = EchoApp::start().await;
+    let proxy = TestProxy::start(config(app.addr)).await;
+    // No static destination: `localhost:PORT` is resolved by DNS and forwarded directly.
+    let route = Route {
+        name: "dns",
+        addr: proxy.outbound,
+        authority: "localhost:0",
+    };
+    let url = format!("http://localhost:{}/dns", app.addr.port());
+    let connect_to = format!(
+        "localhost:{}:{}:{}",
+        app.addr.port(),
+        proxy.outbound.ip(),
+        proxy.outbound.port()
+    );
+    for proto in ["--http1.1", "--http2-prior-knowledge"] {
+        let out = run(
+            "curl",
+            &[
+                "-sS",
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+                proto,
+                "--connect-to",
+                &connect_to,
+                &url,
+            ],
+        )
+        .await;
+        assert_eq!(
+            status(&out.stdout),
+            200,
+            "{} {proto}: {} {}",
+            route.name,
+            out.stdout,
+            out.stderr
+        );
+        assert_eq!(header(&out.stdout, "x-echo-path"), Some("/dns"));
+    }
+    // A request addressed to the proxy's own outbound listener would loop forever.
+    let own = format!("http://{}/loop", proxy.outbound);
+    let out = run(
+        "curl",
+        &[
+            "-sS",
+            "-D",
+            "-",
+            "-x",
+            &format!("http://{}", proxy.outbound),
+            &own,
+        ],
+    )
+    .await;
+    assert_eq!(status(&out.stdout), 502, "{}", out.stdout);
+    assert!(out.stdout.contains("refusing to loop"), "{}", out.stdout);
+}
