@@ -101,7 +101,11 @@ fn http1_request_line(buf: &[u8]) -> Line {
     for &b in buf {
         s = match s {
             S::Method(n) if b == b' ' && n > 0 => S::Target(0),
-            S::Method(n) if n < 24 && (b.is_ascii_uppercase() || b == b'-' || b == b'_') => {
+            // Any token (RFC 9110 tchar), not just upper-case: a lenient app server would accept
+            // `get / HTTP/1.1`, and an HTTP request must never bypass the HTTP stack (scrubbing).
+            S::Method(n)
+                if n < 24 && (b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) =>
+            {
                 S::Method(n + 1)
             }
             S::Target(n) if b == b' ' && n > 0 => S::Version(0),
@@ -140,6 +144,8 @@ mod tests {
         assert_eq!(classify(b"P"), None);
         assert_eq!(classify(b"PRI * HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"hello\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"get / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"hello world\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET / HTTP/2.0\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET  / HTTP/1.1\r\n"), Some(Protocol::Opaque));

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -61,6 +61,7 @@ pub struct Endpoint {
     h2: Mutex<Option<http2::SendRequest<Incoming>>>,
     // Serialises HTTP/2 connects so a burst of requests shares one new connection.
     h2_connect: tokio::sync::Mutex<()>,
+    h2_failed: Mutex<Option<(Instant, std::io::ErrorKind, String)>>,
     h1: Mutex<Vec<http1::SendRequest<Incoming>>>,
 }
 
@@ -79,6 +80,7 @@ impl Endpoint {
             connect_timeout,
             h2: Mutex::new(None),
             h2_connect: tokio::sync::Mutex::new(()),
+            h2_failed: Mutex::new(None),
             h1: Mutex::new(Vec::new()),
         }
     }
@@ -125,7 +127,7 @@ impl Endpoint {
                 // The connection closed (GOAWAY, reset) before the request was written: it never
                 // left, so one more try on a fresh connection is safe.
                 Some(req) => {
-                    self.forget_h2(&sender);
+                    self.forget_h2();
                     let mut sender = match self.h2_sender().await {
                         Ok(s) => s,
                         Err(error) => {
@@ -150,12 +152,11 @@ impl Endpoint {
         guard.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 
-    fn forget_h2(&self, dead: &http2::SendRequest<Incoming>) {
+    /// Drops the cached connection only if it is closed: another request may already have
+    /// replaced the one that failed with a healthy one.
+    fn forget_h2(&self) {
         let mut guard = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        if guard
-            .as_ref()
-            .is_some_and(|s| s.is_closed() || dead.is_closed())
-        {
+        if guard.as_ref().is_some_and(|s| s.is_closed()) {
             *guard = None;
         }
     }
@@ -164,11 +165,33 @@ impl Endpoint {
         if let Some(s) = self.cached_h2() {
             return Ok(s);
         }
+        let waiting_since = Instant::now();
         let _connecting = self.h2_connect.lock().await;
         if let Some(s) = self.cached_h2() {
             return Ok(s);
         }
-        let tcp = self.connect_tcp().await?;
+        // A connect that failed while we queued for the lock answers for us too: requests to a
+        // dead endpoint fail together instead of each waiting out its own connect timeout.
+        if let Some((at, kind, msg)) = &*self.h2_failed.lock().unwrap_or_else(|p| p.into_inner())
+            && *at >= waiting_since
+        {
+            return Err(EndpointError::Connect {
+                addr: self.addr,
+                source: std::io::Error::new(*kind, msg.clone()),
+            });
+        }
+        let tcp = match self.connect_tcp().await {
+            Ok(t) => t,
+            Err(e) => {
+                let (kind, msg) = match &e {
+                    EndpointError::Connect { source, .. } => (source.kind(), source.to_string()),
+                    other => (std::io::ErrorKind::TimedOut, other.to_string()),
+                };
+                *self.h2_failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((Instant::now(), kind, msg));
+                return Err(e);
+            }
+        };
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(1 << 20)

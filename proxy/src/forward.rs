@@ -160,7 +160,7 @@ pub fn request_authority<B>(req: &Request<B>) -> Option<String> {
 }
 
 impl Shared {
-    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Body>, ForwardError> {
+    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Body>, ForwardError> {
         let (dst, dest) = match &self.route {
             Route::App(app) => {
                 if req.method() == Method::CONNECT {
@@ -178,29 +178,21 @@ impl Shared {
             .pick()
             .ok_or_else(|| ForwardError::NoEndpoints { dst: dst.clone() })?
             .clone();
-        if let Some(addr) = self.own_addrs.iter().find(|a| same_listener(a, &ep.addr)) {
-            return Err(ForwardError::Loop { dst, addr: *addr });
-        }
+        self.check_loop(&dst, &ep)?;
         if req.method() == Method::CONNECT {
             return self.connect(req, &dst, &dest, &ep).await;
         }
-        // Origin-form for HTTP/1 upstreams, with the authority kept in Host.
-        if req.version() < Version::HTTP_2 && req.uri().authority().is_some() {
-            if !req.headers().contains_key(header::HOST)
-                && let Ok(v) = HeaderValue::from_str(&dst)
-            {
-                req.headers_mut().insert(header::HOST, v);
-            }
-            let pq = req
-                .uri()
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/");
-            if let Ok(u) = pq.parse::<Uri>() {
-                *req.uri_mut() = u;
-            }
-        }
         self.send(req, &dst, &ep, Some(&dest)).await
+    }
+
+    fn check_loop(&self, dst: &str, ep: &Endpoint) -> Result<(), ForwardError> {
+        match self.own_addrs.iter().find(|a| same_listener(a, &ep.addr)) {
+            Some(addr) => Err(ForwardError::Loop {
+                dst: dst.to_string(),
+                addr: *addr,
+            }),
+            None => Ok(()),
+        }
     }
 
     async fn send(
@@ -210,6 +202,8 @@ impl Shared {
         ep: &Arc<Endpoint>,
         dest: Option<&Destination>,
     ) -> Result<Response<Body>, ForwardError> {
+        let mut req = req;
+        upstream_uri(&mut req, ep.addr);
         if req.headers().contains_key(header::UPGRADE) {
             return self.upgrade(req, dst, ep).await;
         }
@@ -227,8 +221,8 @@ impl Shared {
                 Some(dest),
             ) => match dest.other_than(ep) {
                 Some(other) => {
+                    self.check_loop(dst, other)?;
                     tracing::debug!(dst, error = %error, retry = %other.addr, "endpoint unreachable; trying another");
-                    self.metrics.error(self.direction, ErrorKind::ConnectFailed);
                     match other.send(req).await {
                         Ok(rsp) => Ok(rsp.map(Either::Left)),
                         Err(e) => Err(ForwardError::Endpoint {
@@ -299,7 +293,7 @@ impl Shared {
             Ok(t) => t,
             Err(error) => match dest.other_than(ep) {
                 Some(other) => {
-                    self.metrics.error(self.direction, ErrorKind::ConnectFailed);
+                    self.check_loop(dst, other)?;
                     other
                         .connect_tcp()
                         .await
@@ -334,6 +328,43 @@ impl Shared {
     }
 }
 
+/// Gives the request the URI form its upstream protocol needs. HTTP/1: origin-form, with `Host`
+/// set from an absolute-form URI (RFC 9112 §3.2.2: the URI's authority wins). HTTP/2: absolute,
+/// built from `Host` when the client sent no `:authority` (RFC 9113 §8.3.1 allows that).
+fn upstream_uri<B>(req: &mut Request<B>, fallback: SocketAddr) {
+    if req.version() < Version::HTTP_2 {
+        let Some(auth) = req.uri().authority().map(|a| a.as_str().to_string()) else {
+            return;
+        };
+        if let Ok(v) = HeaderValue::from_str(&auth) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        if let Ok(u) = pq.parse::<Uri>() {
+            *req.uri_mut() = u;
+        }
+    } else if req.uri().authority().is_none() {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .unwrap_or_else(|| fallback.to_string());
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        if let Ok(u) = format!("http://{host}{pq}").parse::<Uri>() {
+            *req.uri_mut() = u;
+        }
+    }
+}
+
 fn same_listener(listener: &SocketAddr, target: &SocketAddr) -> bool {
     listener.port() == target.port()
         && (listener.ip() == target.ip()
@@ -343,6 +374,25 @@ fn same_listener(listener: &SocketAddr, target: &SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_uri_forms() {
+        let fallback: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let mut r = Request::get("http://svc-a:81/p?q=1")
+            .header("host", "svc-b")
+            .body(())
+            .unwrap();
+        upstream_uri(&mut r, fallback);
+        assert_eq!(r.uri(), "/p?q=1");
+        assert_eq!(r.headers()["host"], "svc-a:81");
+        let mut r = Request::get("/p")
+            .version(Version::HTTP_2)
+            .header("host", "a.b")
+            .body(())
+            .unwrap();
+        upstream_uri(&mut r, fallback);
+        assert_eq!(r.uri(), "http://a.b/p");
+    }
 
     #[test]
     fn authority_from_uri_or_host() {
