@@ -66,6 +66,22 @@ pub struct Args {
     /// Runtime worker threads; 1 runs a single-threaded runtime (the light default).
     #[arg(long, env = "REMORA_THREADS", default_value = "1")]
     pub threads: usize,
+    #[command(subcommand)]
+    pub command: Option<Sub>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Sub {
+    /// Wait for the local proxy to be ready, run CMD, then stop the proxy; exit with CMD's
+    /// status. For Jobs and CronJobs: `remora-proxy await -- ./my-job --flag`.
+    Await {
+        /// How long to wait for the proxy's /ready.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
 }
 
 fn parse_destination(s: &str) -> Result<StaticDestination, String> {
@@ -144,6 +160,9 @@ async fn shutdown_signal() {
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Sub::Await { timeout, cmd }) = &args.command {
+        return crate::job::run(args.admin_addr, *timeout, cmd);
+    }
     if let Err(e) = init_logging(&args.log, args.log_format) {
         eprintln!("remora-proxy: {e}");
         return ExitCode::from(2);

@@ -5,6 +5,7 @@
 //! still running is dropped. The tracker tells when nothing is left.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -33,18 +34,23 @@ impl Drain {
         self.graceful.is_cancelled()
     }
 
-    /// Runs a connection's task; it is dropped (and counted as cut) if still running at the
-    /// drain deadline.
-    pub fn spawn<F>(&self, task: F)
+    /// Runs a connection's task; it is dropped, logged and counted as cut if still running at
+    /// the drain deadline. `what` and `peer` only name it in that log line.
+    pub fn spawn<F>(&self, what: &'static str, peer: Option<SocketAddr>, task: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
         let hard = self.hard.clone();
         let cut = self.cut.clone();
         self.tracker.spawn(async move {
+            let started = tokio::time::Instant::now();
             tokio::select! {
                 _ = task => {}
-                _ = hard.cancelled() => { cut.fetch_add(1, Ordering::Relaxed); }
+                _ = hard.cancelled() => {
+                    cut.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(what, peer = ?peer, age = ?started.elapsed(),
+                        "drain deadline reached; cutting it");
+                }
             }
         });
     }

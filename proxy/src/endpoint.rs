@@ -29,11 +29,23 @@ pub enum EndpointError {
         proto: &'static str,
         source: hyper::Error,
     },
-    #[error("{addr} failed the request: {source}")]
+    #[error("{addr} failed the request: {}", chain(source))]
     Request {
         addr: SocketAddr,
         source: hyper::Error,
     },
+}
+
+/// hyper's errors say "http2 error"; the cause underneath says which one.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
 }
 
 impl EndpointError {

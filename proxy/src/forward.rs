@@ -262,20 +262,22 @@ impl Shared {
         if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream = hyper::upgrade::on(&mut rsp);
             let (dst, addr) = (dst.to_string(), ep.addr);
-            self.drain.spawn(async move {
-                match tokio::try_join!(downstream, upstream) {
-                    Ok((down, up)) => {
-                        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-                            tracing::debug!(%dst, error = %e, "upgraded stream ended");
+            self.drain
+                .spawn("upgraded stream (WebSocket)", None, async move {
+                    match tokio::try_join!(downstream, upstream) {
+                        Ok((down, up)) => {
+                            let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await
+                            {
+                                tracing::debug!(%dst, error = %e, "upgraded stream ended");
+                            }
+                        }
+                        Err(source) => {
+                            let e = ForwardError::Upgrade { dst, addr, source };
+                            tracing::info!(error = %e, "upgrade failed");
                         }
                     }
-                    Err(source) => {
-                        let e = ForwardError::Upgrade { dst, addr, source };
-                        tracing::info!(error = %e, "upgrade failed");
-                    }
-                }
-            });
+                });
         }
         Ok(rsp.map(Either::Left))
     }
@@ -312,7 +314,7 @@ impl Shared {
         };
         let downstream = hyper::upgrade::on(&mut req);
         let dst = dst.to_string();
-        self.drain.spawn(async move {
+        self.drain.spawn("CONNECT tunnel", None, async move {
             match downstream.await {
                 Ok(down) => {
                     let mut down = TokioIo::new(down);

@@ -20,6 +20,7 @@ pub mod forward;
 pub mod http;
 pub mod inbound;
 pub mod io;
+pub mod job;
 pub mod listener;
 pub mod metrics;
 pub mod outbound;
@@ -167,14 +168,29 @@ impl Proxy {
         state.draining.store(true, Ordering::Release);
         metrics.ready.set(0);
         metrics.draining.set(1);
+        let requests: i64 = [metrics::Direction::Inbound, metrics::Direction::Outbound]
+            .into_iter()
+            .map(|direction| {
+                metrics
+                    .requests_in_flight
+                    .get_or_create(&metrics::DirectionLabels { direction })
+                    .get()
+            })
+            .sum();
+        let connections = in_drain.in_flight() + out_drain.in_flight();
+        metrics.drain_connections.set(connections as i64);
+        metrics.drain_requests.set(requests);
         tracing::info!(
             inbound_connections = in_drain.in_flight(),
             outbound_connections = out_drain.in_flight(),
+            requests_in_flight = requests,
             timeout = ?self.cfg.drain_timeout,
             "draining"
         );
+        // Inbound first: the app keeps its outbound calls while its callers finish.
         let mut cut = in_drain.finish(deadline).await;
         cut += out_drain.finish(deadline).await;
+        metrics.drain_cut.set(cut as i64);
         stop_admin.cancel();
         if cut > 0 {
             tracing::warn!(

@@ -86,7 +86,13 @@ impl Listener {
                 Ok((tcp, peer)) => {
                     let this = self.clone();
                     let d = drain.clone();
-                    drain.spawn(async move { this.connection(tcp, peer, d).await });
+                    let what = match this.direction {
+                        Direction::Inbound => "inbound connection",
+                        Direction::Outbound => "outbound connection",
+                    };
+                    drain.spawn(what, Some(peer), async move {
+                        this.connection(tcp, peer, d).await
+                    });
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.

@@ -177,8 +177,12 @@ pub struct Metrics {
     pub detect: Family<DetectLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
+    pub requests_in_flight: Family<DirectionLabels, Gauge>,
     pub ready: Gauge,
     pub draining: Gauge,
+    pub drain_connections: Gauge,
+    pub drain_requests: Gauge,
+    pub drain_cut: Gauge,
     started: Instant,
     pub uptime: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
@@ -237,6 +241,30 @@ impl Metrics {
             "Requests answered or connections closed by the proxy because of an error, by kind",
             errors.clone(),
         );
+        let requests_in_flight = Family::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests received and not yet answered in full, by direction",
+            requests_in_flight.clone(),
+        );
+        let drain_connections = Gauge::default();
+        registry.register(
+            "drain_start_connections",
+            "Connections open when the drain started",
+            drain_connections.clone(),
+        );
+        let drain_requests = Gauge::default();
+        registry.register(
+            "drain_start_requests",
+            "Requests in flight when the drain started",
+            drain_requests.clone(),
+        );
+        let drain_cut = Gauge::default();
+        registry.register(
+            "drain_cut_connections",
+            "Connections and tunnels still running at the drain deadline, cut",
+            drain_cut.clone(),
+        );
         let ready = Gauge::default();
         registry.register("ready", "1 when the proxy reports ready", ready.clone());
         let draining = Gauge::default();
@@ -256,8 +284,12 @@ impl Metrics {
             detect,
             bytes,
             errors,
+            requests_in_flight,
             ready,
             draining,
+            drain_connections,
+            drain_requests,
+            drain_cut,
             started: Instant::now(),
             uptime,
         }
@@ -312,6 +344,7 @@ pub struct RequestHandles {
     direction: Direction,
     requests: Family<RequestLabels, Counter>,
     duration: Histogram,
+    in_flight: Gauge,
 }
 
 impl RequestHandles {
@@ -321,6 +354,9 @@ impl RequestHandles {
             requests: metrics.requests.clone(),
             duration: metrics
                 .request_duration
+                .get_or_create_owned(&DirectionLabels { direction }),
+            in_flight: metrics
+                .requests_in_flight
                 .get_or_create_owned(&DirectionLabels { direction }),
         }
     }
@@ -345,10 +381,11 @@ where
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        self.handles.in_flight.inc();
         ObserveFuture {
             inner: self.inner.call(req),
             start: Instant::now(),
-            handles: Some(self.handles.clone()),
+            in_flight: Some(InFlight(self.handles.clone())),
         }
     }
 }
@@ -358,7 +395,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         start: Instant,
-        handles: Option<Arc<RequestHandles>>,
+        in_flight: Option<InFlight>,
     }
 }
 
@@ -371,8 +408,8 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let rsp = std::task::ready!(this.inner.poll(cx))?;
-        let recorder = this.handles.take().map(|handles| Recorder {
-            handles,
+        let recorder = this.in_flight.take().map(|in_flight| Recorder {
+            in_flight,
             start: *this.start,
             status: rsp.status().as_u16(),
             grpc_status: grpc_status(rsp.headers()),
@@ -388,9 +425,19 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
         .and_then(|s| s.parse().ok())
 }
 
+/// Counts a request as in flight from the moment it arrives until its response ends or it is
+/// abandoned, whichever drop comes first.
+struct InFlight(Arc<RequestHandles>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
 /// Records the request when dropped: at the end of the body, or when the client goes away.
 struct Recorder {
-    handles: Arc<RequestHandles>,
+    in_flight: InFlight,
     start: Instant,
     status: u16,
     grpc_status: Option<u8>,
@@ -398,7 +445,7 @@ struct Recorder {
 
 impl Drop for Recorder {
     fn drop(&mut self) {
-        let h = &self.handles;
+        let h = &self.in_flight.0;
         h.requests
             .get_or_create(&RequestLabels {
                 direction: h.direction,

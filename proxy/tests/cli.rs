@@ -109,16 +109,104 @@ fn becomes_ready_and_exits_promptly_on_sigterm() {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
+        // The goal is 100 ms; the bound is generous so a loaded machine does not flake.
         assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "idle proxy did not exit after SIGTERM"
+            start.elapsed() < Duration::from_secs(2),
+            "idle proxy took {:?} to exit after SIGTERM",
+            start.elapsed()
         );
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(2));
     };
+    eprintln!("idle proxy exited {:?} after SIGTERM", start.elapsed());
     assert!(out.success(), "{out:?}");
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     // JSON logs, one object per line.
     assert!(stderr.lines().all(|l| l.starts_with('{')), "{stderr}");
     assert!(stderr.contains("SIGTERM"), "{stderr}");
+}
+
+/// Starts `python3 -m http.server` on a free port and waits until it accepts.
+fn http_server() -> (std::process::Child, SocketAddr) {
+    let port = free_port();
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 (run .ci/setup)");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "http.server never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, addr)
+}
+
+fn wait_exit(child: &mut std::process::Child, bound: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            start.elapsed() < bound,
+            "process did not exit within {bound:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn await_runs_the_job_then_stops_the_proxy_with_the_jobs_status() {
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let outbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (mut web, web_addr) = http_server();
+    // The job starts first: `await` must hold it until the proxy is ready, so that its first
+    // (and only) outbound call succeeds without any retry of its own.
+    let job = format!("curl -sf -o /dev/null -x http://{outbound} http://web.test/ && exit 3");
+    let mut waiter = proxy(&[("REMORA_ADMIN_ADDR", admin.to_string())])
+        .args(["await", "--timeout", "30s", "--", "sh", "-c", &job])
+        .spawn()
+        .unwrap();
+    let mut sidecar = proxy(&[
+        ("REMORA_ADMIN_ADDR", admin.to_string()),
+        ("REMORA_OUTBOUND_ADDR", outbound.to_string()),
+        ("REMORA_DESTINATIONS", format!("web.test:80={web_addr}")),
+    ])
+    .spawn()
+    .unwrap();
+    let status = wait_exit(&mut waiter, Duration::from_secs(60));
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "await exits with the job's status (3 only if curl succeeded)"
+    );
+    // …and the sidecar was told to stop, so the Job's pod can complete.
+    let status = wait_exit(&mut sidecar, Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    let _ = web.kill();
+    let _ = web.wait();
+}
+
+#[test]
+fn await_gives_up_clearly_when_no_proxy_comes() {
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let out = proxy(&[("REMORA_ADMIN_ADDR", admin.to_string())])
+        .args(["await", "--timeout", "300ms", "--", "true"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains("not ready within") && stderr.contains("REMORA_ADMIN_ADDR"),
+        "{stderr}"
+    );
 }

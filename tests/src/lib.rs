@@ -55,6 +55,8 @@ pub struct TestProxy {
     pub admin: SocketAddr,
     pub shutdown: ShutdownHandle,
     pub task: Option<JoinHandle<remora_proxy::RunReport>>,
+    /// The proxy's registry, readable even after its admin server has stopped.
+    pub registry: Arc<remora_proxy::Metrics>,
 }
 
 impl TestProxy {
@@ -66,6 +68,7 @@ impl TestProxy {
             proxy.admin_addr(),
         );
         let shutdown = proxy.shutdown_handle();
+        let registry = proxy.metrics();
         let task = tokio::spawn(proxy.run(std::future::pending()));
         wait_ready(admin).await;
         TestProxy {
@@ -74,6 +77,7 @@ impl TestProxy {
             admin,
             shutdown,
             task: Some(task),
+            registry,
         }
     }
 
