@@ -11,6 +11,8 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::replay::{UpstreamBody, never_processed};
+
 /// Idle HTTP/1.1 connections kept per endpoint; more can be open, extras close when done.
 const MAX_H1_POOL: usize = 64;
 
@@ -29,6 +31,8 @@ pub enum EndpointError {
         proto: &'static str,
         source: hyper::Error,
     },
+    #[error("{addr} closed the connection twice before the request could be written")]
+    Closed { addr: SocketAddr },
     #[error("{addr} failed the request: {}", chain(source))]
     Request {
         addr: SocketAddr,
@@ -60,6 +64,13 @@ impl EndpointError {
     }
 }
 
+// Lives on the stack for one call; boxing the request would cost an allocation per retry.
+#[allow(clippy::large_enum_variant)]
+enum Attempt {
+    Unsent(Request<UpstreamBody>),
+    Failed(hyper::Error),
+}
+
 /// A failed send; `unsent` holds the request when it never left the proxy.
 #[derive(Debug)]
 pub struct SendError {
@@ -70,11 +81,11 @@ pub struct SendError {
 pub struct Endpoint {
     pub addr: SocketAddr,
     connect_timeout: Duration,
-    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
     // Serialises HTTP/2 connects so a burst of requests shares one new connection.
     h2_connect: tokio::sync::Mutex<()>,
     h2_failed: Mutex<Option<(Instant, std::io::ErrorKind, String)>>,
-    h1: Mutex<Vec<http1::SendRequest<Incoming>>>,
+    h1: Mutex<Vec<http1::SendRequest<UpstreamBody>>>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -124,7 +135,7 @@ impl Endpoint {
     }
 
     async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
-        let mut sender = match self.h2_sender().await {
+        let sender = match self.h2_sender().await {
             Ok(s) => s,
             Err(error) => {
                 return Err(SendError {
@@ -133,33 +144,81 @@ impl Endpoint {
                 });
             }
         };
+        // Keep what a resend needs: the head, and a recording of the body.
+        let (parts, body) = req.into_parts();
+        let (body, replay) = UpstreamBody::recording(body);
+        let head = (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.version,
+            parts.headers.clone(),
+        );
+        let first = self
+            .h2_attempt(sender, Request::from_parts(parts, body))
+            .await;
+        let error = match first {
+            Ok(rsp) => return Ok(rsp),
+            Err(Attempt::Unsent(req)) => {
+                // Handed back before it was written: resend as is.
+                return self.h2_retry(req).await;
+            }
+            Err(Attempt::Failed(e)) => e,
+        };
+        // Refused, or cut by a graceful GOAWAY: the server never processed it (RFC 9113 §8.7).
+        if never_processed(&error)
+            && let Some(body) = replay.body()
+        {
+            tracing::debug!(addr = %self.addr, error = %error, "upstream refused the stream; resending");
+            let (method, uri, version, headers) = head;
+            let mut req = Request::new(body);
+            *req.method_mut() = method;
+            *req.uri_mut() = uri;
+            *req.version_mut() = version;
+            *req.headers_mut() = headers;
+            return self.h2_retry(req).await;
+        }
+        Err(self.request_error(error))
+    }
+
+    async fn h2_attempt(
+        &self,
+        mut sender: http2::SendRequest<UpstreamBody>,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, Attempt> {
         match sender.try_send_request(req).await {
             Ok(rsp) => Ok(rsp),
             Err(mut e) => match e.take_message() {
-                // The connection closed (GOAWAY, reset) before the request was written: it never
-                // left, so one more try on a fresh connection is safe.
-                Some(req) => {
-                    self.forget_h2();
-                    let mut sender = match self.h2_sender().await {
-                        Ok(s) => s,
-                        Err(error) => {
-                            return Err(SendError {
-                                error,
-                                unsent: Some(req),
-                            });
-                        }
-                    };
-                    sender
-                        .send_request(req)
-                        .await
-                        .map_err(|source| self.request_error(source))
-                }
-                None => Err(self.request_error(e.into_error())),
+                Some(req) => Err(Attempt::Unsent(req)),
+                None => Err(Attempt::Failed(e.into_error())),
             },
         }
     }
 
-    fn cached_h2(&self) -> Option<http2::SendRequest<Incoming>> {
+    /// One more try on a fresh connection (the cached one is closed or going away).
+    async fn h2_retry(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, SendError> {
+        self.forget_h2();
+        let sender = match self.h2_sender().await {
+            Ok(s) => s,
+            Err(error) => {
+                let (parts, body) = req.into_parts();
+                let unsent = body.into_incoming().map(|b| Request::from_parts(parts, b));
+                return Err(SendError { error, unsent });
+            }
+        };
+        match self.h2_attempt(sender, req).await {
+            Ok(rsp) => Ok(rsp),
+            Err(Attempt::Failed(e)) => Err(self.request_error(e)),
+            Err(Attempt::Unsent(req)) => {
+                let (parts, body) = req.into_parts();
+                Err(SendError {
+                    error: EndpointError::Closed { addr: self.addr },
+                    unsent: body.into_incoming().map(|b| Request::from_parts(parts, b)),
+                })
+            }
+        }
+    }
+
+    fn cached_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
         let guard = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         guard.as_ref().filter(|s| !s.is_closed()).cloned()
     }
@@ -173,7 +232,7 @@ impl Endpoint {
         }
     }
 
-    async fn h2_sender(&self) -> Result<http2::SendRequest<Incoming>, EndpointError> {
+    async fn h2_sender(&self) -> Result<http2::SendRequest<UpstreamBody>, EndpointError> {
         if let Some(s) = self.cached_h2() {
             return Ok(s);
         }
@@ -238,7 +297,7 @@ impl Endpoint {
     }
 
     async fn send_h1(&self, req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
-        let mut req = req;
+        let mut req = req.map(UpstreamBody::Plain);
         // A pooled connection can close between our check and the write; a request that was
         // never written is retried on the next one.
         while let Some(mut sender) = self.idle_h1() {
@@ -255,9 +314,10 @@ impl Endpoint {
         let mut sender = match self.new_h1(false).await {
             Ok(s) => s,
             Err(error) => {
+                let (parts, body) = req.into_parts();
                 return Err(SendError {
                     error,
-                    unsent: Some(req),
+                    unsent: body.into_incoming().map(|b| Request::from_parts(parts, b)),
                 });
             }
         };
@@ -273,7 +333,7 @@ impl Endpoint {
     ) -> Result<Response<Incoming>, EndpointError> {
         let mut sender = self.new_h1(true).await?;
         sender
-            .send_request(req)
+            .send_request(req.map(UpstreamBody::Plain))
             .await
             .map_err(|source| EndpointError::Request {
                 addr: self.addr,
@@ -281,7 +341,7 @@ impl Endpoint {
             })
     }
 
-    fn idle_h1(&self) -> Option<http1::SendRequest<Incoming>> {
+    fn idle_h1(&self) -> Option<http1::SendRequest<UpstreamBody>> {
         let mut pool = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         pool.retain(|s| !s.is_closed());
         let i = pool.iter().position(|s| s.is_ready())?;
@@ -289,14 +349,17 @@ impl Endpoint {
     }
 
     /// Keeps a connection for reuse; it becomes ready again once its response has been read.
-    fn return_h1(&self, sender: http1::SendRequest<Incoming>) {
+    fn return_h1(&self, sender: http1::SendRequest<UpstreamBody>) {
         let mut pool = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         if pool.len() < MAX_H1_POOL {
             pool.push(sender);
         }
     }
 
-    async fn new_h1(&self, upgrades: bool) -> Result<http1::SendRequest<Incoming>, EndpointError> {
+    async fn new_h1(
+        &self,
+        upgrades: bool,
+    ) -> Result<http1::SendRequest<UpstreamBody>, EndpointError> {
         let tcp = self.connect_tcp().await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(tcp))

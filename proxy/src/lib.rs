@@ -24,6 +24,7 @@ pub mod job;
 pub mod listener;
 pub mod metrics;
 pub mod outbound;
+pub mod replay;
 pub mod scrub;
 
 use std::future::Future;
