@@ -134,16 +134,7 @@ fn workspace() -> PathBuf {
 }
 
 fn one_hop(quick: bool) -> Result<(), String> {
-    let root = workspace();
-    let status = Command::new("cargo")
-        .args(["build", "--release", "--bin", "remora-proxy"])
-        .current_dir(&root)
-        .status()
-        .map_err(|e| format!("cargo: {e}"))?;
-    if !status.success() {
-        return Err("building remora-proxy failed".into());
-    }
-    let proxy_bin = root.join("target/release/remora-proxy");
+    let proxy_bin = build_proxy()?;
     let docroot = std::env::temp_dir().join(format!("remora-bench-{}", std::process::id()));
     std::fs::create_dir_all(&docroot).map_err(|e| e.to_string())?;
     std::fs::write(docroot.join("small"), vec![b'x'; 128]).map_err(|e| e.to_string())?;
@@ -211,6 +202,193 @@ fn one_hop(quick: bool) -> Result<(), String> {
         "\nh2load -c 16 -m 10 against nghttpd serving 128 bytes; proxy on CPU 0, load and backend on CPU 1."
     );
     let _ = std::fs::remove_dir_all(&docroot);
+    Ok(())
+}
+
+/// GET a path from an admin server; the body.
+fn admin_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = write!(s, "GET {path} HTTP/1.0\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn wait_ready(admin: u16) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !admin_get(admin, "/ready").starts_with("HTTP/1.1 200") {
+        if Instant::now() > deadline {
+            return Err(format!("proxy with admin port {admin} never became ready"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn proxy_env(inbound: u16, outbound: u16, admin: u16, app: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("REMORA_INBOUND_ADDR", format!("127.0.0.1:{inbound}")),
+        ("REMORA_OUTBOUND_ADDR", format!("127.0.0.1:{outbound}")),
+        ("REMORA_ADMIN_ADDR", format!("127.0.0.1:{admin}")),
+        ("REMORA_APP_ADDR", format!("127.0.0.1:{app}")),
+        ("REMORA_LOG", "warn".into()),
+        ("REMORA_DRAIN_TIMEOUT", "10s".into()),
+    ]
+}
+
+fn build_proxy() -> Result<PathBuf, String> {
+    let root = workspace();
+    let status = Command::new("cargo")
+        .args(["build", "--release", "--bin", "remora-proxy"])
+        .current_dir(&root)
+        .status()
+        .map_err(|e| format!("cargo: {e}"))?;
+    if !status.success() {
+        return Err("building remora-proxy failed".into());
+    }
+    Ok(root.join("target/release/remora-proxy"))
+}
+
+/// Issue 6's benchmark: 1k rps of gRPC through a client proxy balancing over three backends,
+/// each behind its own proxy; one backend proxy is restarted (SIGTERM, exit, start) mid-run.
+fn rolling_restart(quick: bool) -> Result<(), String> {
+    let proxy_bin = build_proxy()?;
+    let proxy_bin = proxy_bin.to_str().unwrap_or("remora-proxy").to_string();
+    let script = workspace().join("tests/py/grpc_backend.py");
+    let mut backends = Vec::new();
+    let mut backend_ports = Vec::new();
+    for i in 1..=3 {
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .args(["--name", &format!("b{i}")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("python3: {e} (run .ci/setup)"))?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.as_mut() {
+            use std::io::BufRead;
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+        }
+        let port: u16 = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .ok_or("grpc backend did not start")?;
+        backend_ports.push(port);
+        backends.push(Guard(child));
+    }
+    let ports: Vec<(u16, u16, u16)> = (0..3)
+        .map(|_| (free_port(), free_port(), free_port()))
+        .collect();
+    let start_backend_proxy = |i: usize| -> Result<Guard, String> {
+        let (inb, out, adm) = ports[i];
+        let g = spawn(
+            "0",
+            &proxy_bin,
+            &[],
+            &proxy_env(inb, out, adm, backend_ports[i]),
+        )?;
+        wait_ready(adm)?;
+        Ok(g)
+    };
+    let mut server_proxies: Vec<Option<Guard>> = (0..3)
+        .map(|i| start_backend_proxy(i).map(Some))
+        .collect::<Result<_, _>>()?;
+    let (c_in, c_out, c_admin) = (free_port(), free_port(), free_port());
+    let mut env = proxy_env(c_in, c_out, c_admin, 9);
+    env.push((
+        "REMORA_DESTINATIONS",
+        format!(
+            "echo.test:80={}",
+            ports
+                .iter()
+                .map(|p| format!("127.0.0.1:{}", p.0))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    ));
+    let _client = spawn("0", &proxy_bin, &[], &env)?;
+    wait_ready(c_admin)?;
+
+    // One gRPC unary request body: a 5-byte frame header and a 16-byte message.
+    let req = std::env::temp_dir().join(format!("remora-grpc-{}.bin", std::process::id()));
+    let mut frame = vec![0u8, 0, 0, 0, 16];
+    frame.extend_from_slice(b"rolling restart!");
+    std::fs::write(&req, frame).map_err(|e| e.to_string())?;
+    let secs = if quick { 6 } else { 20 };
+    let url = format!("http://127.0.0.1:{c_out}/remora.test.Echo/Unary");
+    let req_s = req.to_str().unwrap_or_default().to_string();
+    let duration = secs.to_string();
+    let load = std::thread::spawn(move || {
+        Command::new("taskset")
+            .args([
+                "-c", "1", "h2load", "-c", "1", "-m", "10", "--rps", "1000", "-D", &duration, "-d",
+                &req_s,
+            ])
+            .args([
+                "-H",
+                ":authority: echo.test:80",
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+                &url,
+            ])
+            .output()
+    });
+    std::thread::sleep(Duration::from_secs(secs / 3));
+    // The rolling restart of backend 1's proxy: SIGTERM, wait for its drain and exit, start again.
+    let restart = Instant::now();
+    if let Some(Some(g)) = server_proxies.get_mut(0) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &g.0.id().to_string()])
+            .status();
+        let _ = g.0.wait();
+    }
+    server_proxies[0] = None;
+    server_proxies[0] = Some(start_backend_proxy(0)?);
+    let restart_took = restart.elapsed();
+    let out = load
+        .join()
+        .map_err(|_| "load thread panicked")?
+        .map_err(|e| format!("h2load: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let requests = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .unwrap_or("")
+        .to_string();
+    let codes = text
+        .lines()
+        .find(|l| l.starts_with("status codes:"))
+        .unwrap_or("")
+        .to_string();
+    let metrics = admin_get(c_admin, "/metrics");
+    let grpc_failed: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("remora_requests_total{") && l.contains("direction=\"outbound\""))
+        .filter(|l| !l.contains("grpc_status=\"0\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let grpc_ok: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("remora_requests_total{") && l.contains("grpc_status=\"0\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    println!(
+        "rolling restart of one of three backend proxies under 1k rps gRPC ({secs} s, h2load -c 1 -m 10 --rps 1000):"
+    );
+    println!("  restart (SIGTERM → exit → ready again): {restart_took:.2?}");
+    println!("  h2load  {requests}");
+    println!("  h2load  {codes}");
+    println!("  client proxy: {grpc_ok} calls with grpc-status 0, {grpc_failed} calls failed");
+    let _ = std::fs::remove_file(&req);
+    drop(backends);
     Ok(())
 }
 

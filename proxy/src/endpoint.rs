@@ -166,7 +166,7 @@ impl Endpoint {
         };
         // Refused, or cut by a graceful GOAWAY: the server never processed it (RFC 9113 §8.7).
         if never_processed(&error)
-            && let Some(body) = replay.body()
+            && let Some(body) = replay.body().await
         {
             tracing::debug!(addr = %self.addr, error = %error, "upstream refused the stream; resending");
             let (method, uri, version, headers) = head;

@@ -26,6 +26,11 @@ struct Copy {
     len: usize,
     ended: bool,
     overflow: bool,
+    /// The client's body, given back when hyper drops the attempt before reading all of it
+    /// (a stream refused at open is never read at all).
+    rest: Option<Incoming>,
+    /// The attempt's body still exists (hyper holds it).
+    alive: bool,
 }
 
 /// The upstream request body: the client's, as is (HTTP/1), recorded (HTTP/2), or replayed.
@@ -36,28 +41,65 @@ pub enum UpstreamBody {
 }
 
 pub struct Recording {
-    inner: Incoming,
+    inner: Option<Incoming>,
     copy: Arc<Mutex<Copy>>,
+    dropped: Arc<tokio::sync::Notify>,
 }
 
+impl Drop for Recording {
+    fn drop(&mut self) {
+        let mut copy = self.copy.lock().unwrap_or_else(|p| p.into_inner());
+        copy.alive = false;
+        if !copy.ended {
+            copy.rest = self.inner.take();
+        }
+        drop(copy);
+        self.dropped.notify_one();
+    }
+}
+
+/// What was recorded, then whatever of the client's body was not read yet.
 pub struct Replayed {
     chunks: VecDeque<Bytes>,
     trailers: Option<HeaderMap>,
+    rest: Option<Incoming>,
 }
 
 /// A handle on a recording, kept by whoever may need to resend.
-pub struct Replay(Arc<Mutex<Copy>>);
+pub struct Replay {
+    copy: Arc<Mutex<Copy>>,
+    dropped: Arc<tokio::sync::Notify>,
+}
 
 impl Replay {
-    /// The body again, if it ended within [`MAX_REPLAY`].
-    pub fn body(&self) -> Option<UpstreamBody> {
-        let copy = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if !copy.ended || copy.overflow {
+    /// The body again: the recorded part, then the unread rest. `None` when more than
+    /// [`MAX_REPLAY`] was read, or the failed attempt never let go of the body.
+    pub async fn body(&self) -> Option<UpstreamBody> {
+        // hyper drops the failed attempt's body on its connection task, which may run a moment
+        // after we hear of the failure.
+        let wait = async {
+            loop {
+                let notified = self.dropped.notified();
+                if !self.copy.lock().unwrap_or_else(|p| p.into_inner()).alive {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(std::time::Duration::from_secs(1), wait)
+            .await
+            .is_err()
+        {
+            return None;
+        }
+        let mut copy = self.copy.lock().unwrap_or_else(|p| p.into_inner());
+        if copy.overflow || !(copy.ended || copy.rest.is_some()) {
             return None;
         }
         Some(UpstreamBody::Replayed(Replayed {
             chunks: copy.chunks.iter().cloned().collect(),
             trailers: copy.trailers.clone(),
+            rest: copy.rest.take(),
         }))
     }
 }
@@ -67,17 +109,27 @@ impl UpstreamBody {
     pub fn recording(inner: Incoming) -> (UpstreamBody, Replay) {
         let copy = Arc::new(Mutex::new(Copy {
             ended: inner.is_end_stream(),
+            alive: true,
             ..Copy::default()
         }));
-        let replay = Replay(copy.clone());
-        (UpstreamBody::Recording(Recording { inner, copy }), replay)
+        let dropped = Arc::new(tokio::sync::Notify::new());
+        let replay = Replay {
+            copy: copy.clone(),
+            dropped: dropped.clone(),
+        };
+        let body = Recording {
+            inner: Some(inner),
+            copy,
+            dropped,
+        };
+        (UpstreamBody::Recording(body), replay)
     }
 
     /// The client's body back, when it was never touched (`Plain`).
     pub fn into_incoming(self) -> Option<Incoming> {
         match self {
             UpstreamBody::Plain(i) => Some(i),
-            UpstreamBody::Recording(r) => Some(r.inner),
+            UpstreamBody::Recording(mut r) => r.inner.take(),
             UpstreamBody::Replayed(_) => None,
         }
     }
@@ -94,7 +146,11 @@ impl Body for UpstreamBody {
         match self.get_mut() {
             UpstreamBody::Plain(i) => Pin::new(i).poll_frame(cx),
             UpstreamBody::Recording(r) => {
-                let frame = std::task::ready!(Pin::new(&mut r.inner).poll_frame(cx));
+                let Some(inner) = r.inner.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                let frame = std::task::ready!(Pin::new(&mut *inner).poll_frame(cx));
+                let inner_ended = inner.is_end_stream();
                 let mut copy = r.copy.lock().unwrap_or_else(|p| p.into_inner());
                 match &frame {
                     Some(Ok(f)) => {
@@ -109,7 +165,7 @@ impl Body for UpstreamBody {
                         } else if let Some(t) = f.trailers_ref() {
                             copy.trailers = Some(t.clone());
                         }
-                        if r.inner.is_end_stream() {
+                        if inner_ended {
                             copy.ended = true;
                         }
                     }
@@ -122,6 +178,9 @@ impl Body for UpstreamBody {
                 if let Some(c) = r.chunks.pop_front() {
                     return Poll::Ready(Some(Ok(Frame::data(c))));
                 }
+                if let Some(rest) = r.rest.as_mut() {
+                    return Pin::new(rest).poll_frame(cx);
+                }
                 Poll::Ready(r.trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
         }
@@ -130,17 +189,35 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Plain(i) => i.is_end_stream(),
-            UpstreamBody::Recording(r) => r.inner.is_end_stream(),
-            UpstreamBody::Replayed(r) => r.chunks.is_empty() && r.trailers.is_none(),
+            UpstreamBody::Recording(r) => r.inner.as_ref().is_none_or(|i| i.is_end_stream()),
+            UpstreamBody::Replayed(r) => {
+                r.chunks.is_empty()
+                    && r.trailers.is_none()
+                    && r.rest.as_ref().is_none_or(|i| i.is_end_stream())
+            }
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Plain(i) => i.size_hint(),
-            UpstreamBody::Recording(r) => r.inner.size_hint(),
+            UpstreamBody::Recording(r) => {
+                r.inner.as_ref().map(|i| i.size_hint()).unwrap_or_default()
+            }
             UpstreamBody::Replayed(r) => {
-                SizeHint::with_exact(r.chunks.iter().map(|c| c.len() as u64).sum())
+                let recorded: u64 = r.chunks.iter().map(|c| c.len() as u64).sum();
+                match &r.rest {
+                    None => SizeHint::with_exact(recorded),
+                    Some(rest) => {
+                        let h = rest.size_hint();
+                        let mut hint = SizeHint::new();
+                        hint.set_lower(recorded + h.lower());
+                        if let Some(u) = h.upper() {
+                            hint.set_upper(recorded + u);
+                        }
+                        hint
+                    }
+                }
             }
         }
     }
