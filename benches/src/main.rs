@@ -1,7 +1,7 @@
 //! remora's benchmark harness. Scenario so far: one hop, h2c, small responses from nghttpd,
 //! fixed concurrency — direct (the baseline row) against remora's inbound.
 //!
-//!   cargo run -p benches --release -- one-hop [--quick]
+//!   cargo run -p benches --release -- [one-hop|rolling-restart|all] [--quick]
 //!
 //! Method: the proxy under test is pinned to CPU 0, the load generator and the backend to CPU 1
 //! (taskset), a warm-up run precedes the counted runs, CPU time is read from /proc/PID/stat of
@@ -219,7 +219,9 @@ fn admin_get(port: u16, path: &str) -> String {
 
 fn wait_ready(admin: u16) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !admin_get(admin, "/ready").starts_with("HTTP/1.1 200") {
+    while !admin_get(admin, "/ready").starts_with("HTTP/1.0 200")
+        && !admin_get(admin, "/ready").starts_with("HTTP/1.1 200")
+    {
         if Instant::now() > deadline {
             return Err(format!("proxy with admin port {admin} never became ready"));
         }
@@ -386,7 +388,10 @@ fn rolling_restart(quick: bool) -> Result<(), String> {
     println!("  restart (SIGTERM → exit → ready again): {restart_took:.2?}");
     println!("  h2load  {requests}");
     println!("  h2load  {codes}");
-    println!("  client proxy: {grpc_ok} calls with grpc-status 0, {grpc_failed} calls failed");
+    println!(
+        "  client proxy: {} calls with grpc-status 0, {} calls failed",
+        grpc_ok as u64, grpc_failed as u64
+    );
     let _ = std::fs::remove_file(&req);
     drop(backends);
     Ok(())
@@ -396,9 +401,11 @@ fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let result = match args.first().map(String::as_str) {
-        Some("one-hop") | Some("all") | None => one_hop(quick),
+        Some("one-hop") => one_hop(quick),
+        Some("rolling-restart") => rolling_restart(quick),
+        Some("all") | None => one_hop(quick).and_then(|()| rolling_restart(quick)),
         Some(other) => Err(format!(
-            "unknown scenario `{other}`; scenarios: one-hop, all"
+            "unknown scenario `{other}`; scenarios: one-hop, rolling-restart, all"
         )),
     };
     match result {
