@@ -224,10 +224,7 @@ pub async fn run(args: DemoArgs) -> Result<Report, String> {
     let inbound: Vec<SocketAddr> = proxies.iter().map(|p| p.inbound).collect();
     // The client app only calls out; nothing listens behind its inbound side.
     let mut cfg = demo_config(SocketAddr::from(([127, 0, 0, 1], 9)));
-    cfg.destinations = vec![StaticDestination {
-        name: SERVICE.into(),
-        addrs: inbound,
-    }];
+    cfg.destinations = vec![StaticDestination::new(SERVICE, &inbound)];
     let client_proxy = start_proxy("client's proxy".into(), cfg).await?;
     let outbound = client_proxy.outbound;
     proxies.push(client_proxy);

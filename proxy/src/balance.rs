@@ -1,43 +1,329 @@
-//! Picks an endpoint of a destination for each request.
+//! Per-request endpoint choice: power of two choices over the ready endpoints, scored by a
+//! peak-sensitive EWMA of latency times the requests in flight (linkerd2-proxy's and tower's
+//! algorithm: default RTT 30 ms, decay 10 s), divided by the endpoint's weight.
 //!
-//! Round robin for now; the load-balancing issue replaces it with P2C + PeakEWMA.
+//! Why not `tower::balance::p2c::Balance` itself: it is a `&mut self` service fed by a
+//! `Discover` stream, so sharing one destination across every connection of a listener would
+//! need a `Buffer` in front (a task and a channel hop per request). Here endpoints are shared
+//! `Arc`s whose load is a few atomics, so choosing costs two random numbers and two loads, and
+//! an endpoint set is swapped whole (`ArcSwap`) without disturbing requests in flight.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use crate::endpoint::Endpoint;
 
+/// Latency assumed for an endpoint before it has answered anything.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// How fast old latency observations fade.
+pub const DECAY: Duration = Duration::from_secs(10);
+/// How long a request may wait for an endpoint to come back before the proxy answers 503.
+pub const FAILFAST: Duration = Duration::from_secs(3);
+
+/// Peak-EWMA load of one endpoint.
+pub struct PeakEwma {
+    /// Nanoseconds; f64 bits in an atomic so readers never lock.
+    rtt_ns: AtomicU64,
+    /// When `rtt_ns` was last updated, as nanoseconds since `epoch`.
+    stamp: AtomicU64,
+    epoch: Instant,
+    pending: AtomicU64,
+    /// Has answered at least once; until then the destination lends it an estimate.
+    observed: AtomicBool,
+}
+
+impl Default for PeakEwma {
+    fn default() -> Self {
+        PeakEwma {
+            rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            stamp: AtomicU64::new(0),
+            epoch: Instant::now(),
+            pending: AtomicU64::new(0),
+            observed: AtomicBool::new(false),
+        }
+    }
+}
+
+impl PeakEwma {
+    /// The EWMA latency, decayed toward zero for the time since the last answer (as tower's
+    /// PeakEwma does), so an endpoint avoided for being slow is tried again after a while.
+    pub fn rtt(&self) -> Duration {
+        Duration::from_nanos(self.rtt_ns_now() as u64)
+    }
+
+    fn rtt_ns_now(&self) -> f64 {
+        let stored = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let idle = now.saturating_sub(self.stamp.load(Ordering::Relaxed)) as f64;
+        stored * (-idle / DECAY.as_nanos() as f64).exp()
+    }
+
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    pub fn observed(&self) -> bool {
+        self.observed.load(Ordering::Relaxed)
+    }
+
+    /// `rtt × (pending + 1)`: what P2C compares.
+    pub fn cost(&self) -> f64 {
+        self.cost_with(self.rtt_ns_now())
+    }
+
+    /// The cost with a given latency estimate (for endpoints not yet observed).
+    pub fn cost_with(&self, rtt_ns: f64) -> f64 {
+        rtt_ns * (self.pending() + 1) as f64
+    }
+
+    pub fn start(&self) {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ends a request that took `rtt`. A slower-than-average sample replaces the average at
+    /// once (the peak); faster ones pull it down with weight decaying over [`DECAY`].
+    pub fn finish(&self, rtt: Duration) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let then = self.stamp.swap(now, Ordering::Relaxed);
+        let sample = rtt.as_nanos() as f64;
+        let old = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let w = (-(now.saturating_sub(then) as f64) / DECAY.as_nanos() as f64).exp();
+        let next = if !self.observed.swap(true, Ordering::Relaxed) || sample > old * w {
+            sample
+        } else {
+            old * w + sample * (1.0 - w)
+        };
+        self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Ends a request that produced no latency sample (it failed before a response).
+    pub fn abandon(&self) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PickError {
+    #[error("{dst} has no endpoints")]
+    Empty { dst: String },
+    #[error(
+        "all {n} endpoints of {dst} are failing (next retry in {retry_in:?}); the last error: {last}"
+    )]
+    Unavailable {
+        dst: String,
+        n: usize,
+        retry_in: Duration,
+        last: String,
+    },
+}
+
+/// A destination's endpoints and how each request picks one.
 pub struct Destination {
     pub name: String,
-    endpoints: Vec<Arc<Endpoint>>,
-    next: AtomicUsize,
+    pub budget: RetryBudget,
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    rng: AtomicU64,
+    saw_h2: AtomicBool,
 }
 
 impl Destination {
     pub fn new(name: String, endpoints: Vec<Arc<Endpoint>>) -> Self {
+        let seed = Instant::now().elapsed().as_nanos() as u64 ^ (name.len() as u64) << 32;
         Destination {
             name,
-            endpoints,
-            next: AtomicUsize::new(0),
+            budget: RetryBudget::default(),
+            endpoints: ArcSwap::from_pointee(endpoints),
+            rng: AtomicU64::new(seed | 1),
+            saw_h2: AtomicBool::new(false),
         }
     }
 
-    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
-        &self.endpoints
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
     }
 
-    /// The next endpoint in turn, or `None` when the destination has none.
-    pub fn pick(&self) -> Option<&Arc<Endpoint>> {
-        if self.endpoints.is_empty() {
-            return None;
+    /// Replaces the endpoint set. The caller passes the current `Arc`s for endpoints that stay,
+    /// so they keep their connections and load; removed ones finish the requests they hold
+    /// (those keep their `Arc`) and then close. New ones get an HTTP/2 connection at once when
+    /// the destination speaks HTTP/2, so their first requests do not pay for the handshake.
+    pub fn update(&self, next: Vec<Arc<Endpoint>>) {
+        let current = self.endpoints.load();
+        if self.saw_h2.load(Ordering::Relaxed) {
+            for e in next
+                .iter()
+                .filter(|e| !current.iter().any(|c| Arc::ptr_eq(c, e)))
+            {
+                e.clone().prewarm_h2();
+            }
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        self.endpoints.get(i)
+        self.endpoints.store(Arc::new(next));
     }
 
-    /// The endpoint after `skip` in turn (a second choice after a connect failure).
-    pub fn other_than(&self, skip: &Endpoint) -> Option<&Arc<Endpoint>> {
-        let n = self.endpoints.len();
-        (0..n).find_map(|_| self.pick().filter(|e| e.addr != skip.addr))
+    /// Notes that the destination carries HTTP/2, warming a connection to every endpoint the
+    /// first time.
+    pub fn saw_h2(&self) {
+        if !self.saw_h2.swap(true, Ordering::Relaxed) {
+            for e in self.endpoints.load().iter() {
+                e.clone().prewarm_h2();
+            }
+        }
+    }
+
+    fn random(&self) -> u64 {
+        // xorshift64*: good enough to pick two endpoints, and lock-free.
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.store(x, Ordering::Relaxed);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Picks an endpoint for one request, skipping `exclude` (an endpoint that just failed).
+    /// When every endpoint is backing off, waits for the first to be retried if that is within
+    /// [`FAILFAST`], and fails at once otherwise.
+    pub async fn pick(&self, exclude: Option<&Endpoint>) -> Result<Arc<Endpoint>, PickError> {
+        let eps = self.endpoints.load_full();
+        let candidates = || {
+            eps.iter()
+                .filter(move |e| exclude.is_none_or(|x| x.addr != e.addr))
+        };
+        let now = Instant::now();
+        let mut ready = candidates().filter(|e| e.is_ready(now));
+        let (a, b) = (ready.next(), ready.next());
+        match (a, b) {
+            (Some(a), None) => return Ok(a.clone()),
+            (Some(_), Some(_)) => {
+                let ready: Vec<&Arc<Endpoint>> = candidates().filter(|e| e.is_ready(now)).collect();
+                let n = ready.len() as u64;
+                let i = (self.random() % n) as usize;
+                let mut j = (self.random() % (n - 1)) as usize;
+                if j >= i {
+                    j += 1;
+                }
+                let (x, y) = (ready[i], ready[j]);
+                // An endpoint that has not answered yet is scored with the mean of those that
+                // have: a newcomer competes evenly instead of being shunned for the default
+                // latency (or flooded for having none).
+                let seed = || {
+                    let seen: Vec<f64> = eps
+                        .iter()
+                        .filter(|e| e.load.observed())
+                        .map(|e| e.load.rtt().as_nanos() as f64)
+                        .collect();
+                    if seen.is_empty() {
+                        DEFAULT_RTT.as_nanos() as f64
+                    } else {
+                        seen.iter().sum::<f64>() / seen.len() as f64
+                    }
+                };
+                let cost = |e: &Endpoint| {
+                    let c = if e.load.observed() {
+                        e.load.cost()
+                    } else {
+                        e.load.cost_with(seed())
+                    };
+                    c / e.weight as f64
+                };
+                return Ok(if cost(x) <= cost(y) {
+                    x.clone()
+                } else {
+                    y.clone()
+                });
+            }
+            _ => {}
+        }
+        // Nothing ready: everyone is backing off after failures.
+        let Some(soonest) = candidates().min_by_key(|e| e.retry_at()) else {
+            return Err(PickError::Empty {
+                dst: self.name.clone(),
+            });
+        };
+        let retry_in = soonest.retry_at().saturating_duration_since(now);
+        if retry_in > FAILFAST {
+            return Err(PickError::Unavailable {
+                dst: self.name.clone(),
+                n: eps.len(),
+                retry_in,
+                last: soonest.last_error(),
+            });
+        }
+        tokio::time::sleep(retry_in).await;
+        Ok(soonest.clone())
+    }
+}
+
+/// Retries of requests that may have reached a backend are limited to a share of the traffic
+/// (20 %, plus 10 per second so light traffic can still retry), so retries cannot multiply the
+/// load on a struggling destination.
+pub struct RetryBudget {
+    state: std::sync::Mutex<(f64, Instant)>,
+}
+
+const RETRY_RATIO: f64 = 0.2;
+const RETRY_MIN_PER_SEC: f64 = 10.0;
+const RETRY_MAX_TOKENS: f64 = 100.0;
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            state: std::sync::Mutex::new((RETRY_MIN_PER_SEC, Instant::now())),
+        }
+    }
+}
+
+impl RetryBudget {
+    pub fn deposit(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 = (s.0 + RETRY_RATIO).min(RETRY_MAX_TOKENS);
+    }
+
+    pub fn withdraw(&self) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let refill = now.duration_since(s.1).as_secs_f64() * RETRY_MIN_PER_SEC;
+        s.0 = (s.0 + refill).min(RETRY_MAX_TOKENS);
+        s.1 = now;
+        if s.0 >= 1.0 {
+            s.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_ewma_takes_peaks_and_decays() {
+        let l = PeakEwma::default();
+        l.start();
+        l.finish(Duration::from_millis(100));
+        // Reads decay toward zero with idle time, so allow for the microseconds since.
+        assert!(
+            l.rtt() > Duration::from_millis(99),
+            "a peak replaces the average"
+        );
+        assert!(l.observed());
+        assert_eq!(l.pending(), 0);
+        l.start();
+        l.start();
+        assert!(
+            l.cost() > 99e6 * 3.0 && l.cost() <= 100e6 * 3.0,
+            "{}",
+            l.cost()
+        );
+        l.finish(Duration::from_millis(1));
+        // Right after the peak, a fast sample barely moves the average.
+        assert!(l.rtt() > Duration::from_millis(90), "{:?}", l.rtt());
+        l.abandon();
+        assert_eq!(l.pending(), 0);
     }
 }

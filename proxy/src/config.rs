@@ -62,19 +62,43 @@ impl Default for Config {
 }
 
 /// One static destination: an authority (`host:port`, as the app writes it in a URL) and the
-/// addresses that serve it.
+/// endpoints that serve it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StaticDestination {
     pub name: String,
-    pub addrs: Vec<SocketAddr>,
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+/// An endpoint's address and its weight (relative share of traffic, default 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+/// Largest accepted weight; keeps cost arithmetic well away from overflow.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+impl StaticDestination {
+    /// A destination whose endpoints all have weight 1.
+    pub fn new(name: &str, addrs: &[SocketAddr]) -> Self {
+        StaticDestination {
+            name: name.to_string(),
+            endpoints: addrs
+                .iter()
+                .map(|&addr| EndpointSpec { addr, weight: 1 })
+                .collect(),
+        }
+    }
 }
 
 impl std::str::FromStr for StaticDestination {
     type Err = String;
 
-    /// Parses `NAME:PORT=ADDR[,ADDR…]`, e.g. `echo.test:80=127.0.0.1:9001,127.0.0.1:9002`.
+    /// Parses `NAME:PORT=ADDR[*WEIGHT][,ADDR[*WEIGHT]…]`, e.g.
+    /// `echo.test:80=127.0.0.1:9001,127.0.0.1:9002*3`.
     fn from_str(s: &str) -> Result<Self, String> {
-        const FIX: &str = "expected NAME:PORT=IP:PORT[,IP:PORT…], e.g. echo.test:80=127.0.0.1:9001";
+        const FIX: &str = "expected NAME:PORT=IP:PORT[*WEIGHT][,IP:PORT…], e.g. echo.test:80=127.0.0.1:9001,127.0.0.1:9002*2";
         let s = s.trim();
         let (name, addrs) = s
             .split_once('=')
@@ -83,17 +107,28 @@ impl std::str::FromStr for StaticDestination {
             .ok_or_else(|| format!("destination name `{name}` is not HOST:PORT; {FIX}"))?;
         let mut parsed = Vec::new();
         for a in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            let (a, weight) = match a.split_once('*') {
+                None => (a, 1),
+                Some((a, w)) => match w.trim().parse::<u32>() {
+                    Ok(w) if (1..=MAX_WEIGHT).contains(&w) => (a.trim(), w),
+                    _ => {
+                        return Err(format!(
+                            "destination `{name}`: weight `{w}` is not a whole number from 1 to {MAX_WEIGHT}; {FIX}"
+                        ));
+                    }
+                },
+            };
             let addr = a.parse::<SocketAddr>().map_err(|_| {
                 format!("destination `{name}`: address `{a}` is not IP:PORT; {FIX}")
             })?;
-            parsed.push(addr);
+            parsed.push(EndpointSpec { addr, weight });
         }
         if parsed.is_empty() {
             return Err(format!("destination `{name}` lists no address; {FIX}"));
         }
         Ok(StaticDestination {
             name,
-            addrs: parsed,
+            endpoints: parsed,
         })
     }
 }
@@ -178,7 +213,12 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(d.name, "echo.test:80");
-        assert_eq!(d.addrs.len(), 2);
+        assert_eq!(d.endpoints.len(), 2);
+        let d: StaticDestination = "e:80=127.0.0.1:1*3,127.0.0.1:2".parse().unwrap();
+        assert_eq!(d.endpoints[0].weight, 3);
+        assert_eq!(d.endpoints[1].weight, 1);
+        assert!("e:80=127.0.0.1:1*0".parse::<StaticDestination>().is_err());
+        assert!("e:80=127.0.0.1:1*x".parse::<StaticDestination>().is_err());
         assert!(
             "echo.test=127.0.0.1:1"
                 .parse::<StaticDestination>()

@@ -1,15 +1,19 @@
-//! Where a destination's endpoints come from: static configuration, otherwise DNS.
+//! Where a destination's endpoints come from: static configuration (updatable at run time
+//! through [`Destinations::set`]), otherwise DNS.
 //!
-//! The control-plane issue adds a third source; all of them produce a [`Destination`].
+//! The control-plane issue adds a third source; all of them feed a [`Destination`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+
 use crate::balance::Destination;
-use crate::config::StaticDestination;
+use crate::config::{EndpointSpec, StaticDestination};
 use crate::endpoint::Endpoint;
+use crate::metrics::{EndpointMetrics, Metrics};
 
 /// How long a DNS answer is reused before resolving again.
 const DNS_TTL: Duration = Duration::from_secs(5);
@@ -28,37 +32,71 @@ pub enum ResolveError {
 }
 
 pub struct Destinations {
-    statics: HashMap<String, Arc<Destination>>,
+    statics: ArcSwap<HashMap<String, Arc<Destination>>>,
     dns: Mutex<HashMap<String, (Instant, Arc<Destination>)>>,
     connect_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Destinations {
-    pub fn new(statics: &[StaticDestination], connect_timeout: Duration) -> Self {
-        let statics = statics
-            .iter()
-            .map(|d| {
-                let eps = d
-                    .addrs
-                    .iter()
-                    .map(|a| Arc::new(Endpoint::new(*a, connect_timeout)))
-                    .collect();
-                (
-                    d.name.clone(),
-                    Arc::new(Destination::new(d.name.clone(), eps)),
-                )
-            })
-            .collect();
-        Destinations {
-            statics,
+    pub fn new(
+        statics: &[StaticDestination],
+        connect_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let d = Destinations {
+            statics: ArcSwap::from_pointee(HashMap::new()),
             dns: Mutex::new(HashMap::new()),
             connect_timeout,
+            metrics,
+        };
+        for s in statics {
+            d.set(&s.name, &s.endpoints);
         }
+        d
+    }
+
+    fn endpoint(&self, name: &str, s: &EndpointSpec) -> Arc<Endpoint> {
+        Arc::new(Endpoint::new(
+            s.addr,
+            s.weight,
+            self.connect_timeout,
+            Some(EndpointMetrics::new(&self.metrics, name, s.addr)),
+        ))
+    }
+
+    /// Creates a static destination, or replaces its endpoints. Requests in flight to removed
+    /// endpoints finish; endpoints that stay keep their connections. `name` is `host:port`.
+    pub fn set(&self, name: &str, specs: &[EndpointSpec]) {
+        let name = name.to_ascii_lowercase();
+        if let Some(d) = self.statics.load().get(&name) {
+            // Reuse endpoints that stay, so their metric handles are not re-created.
+            let current = d.endpoints();
+            let next = specs
+                .iter()
+                .map(|s| {
+                    current
+                        .iter()
+                        .find(|e| e.addr == s.addr && e.weight == s.weight)
+                        .cloned()
+                        .unwrap_or_else(|| self.endpoint(&name, s))
+                })
+                .collect();
+            d.update(next);
+            return;
+        }
+        let eps = specs.iter().map(|s| self.endpoint(&name, s)).collect();
+        let dest = Arc::new(Destination::new(name.clone(), eps));
+        self.statics.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.insert(name.clone(), dest.clone());
+            map
+        });
     }
 
     /// `authority` is normalised `host:port`.
     pub async fn resolve(&self, authority: &str) -> Result<Arc<Destination>, ResolveError> {
-        if let Some(d) = self.statics.get(authority) {
+        if let Some(d) = self.statics.load().get(authority) {
             return Ok(d.clone());
         }
         let previous = {
@@ -69,11 +107,11 @@ impl Destinations {
                 None => None,
             }
         };
-        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(authority).await {
-            Ok(a) => a.collect(),
+        let addrs: Vec<SocketAddr> = match (tokio::net::lookup_host(authority).await, previous) {
+            (Ok(a), _) => a.collect(),
             // Keep serving the last answer when DNS is briefly unavailable.
-            Err(_) if previous.is_some() => return Ok(previous.unwrap_or_else(|| unreachable!())),
-            Err(source) => {
+            (Err(_), Some(previous)) => return Ok(previous),
+            (Err(source), None) => {
                 return Err(ResolveError::Dns {
                     name: authority.to_string(),
                     source,
@@ -85,24 +123,43 @@ impl Destinations {
                 name: authority.to_string(),
             });
         }
-        // Endpoints whose address survives a refresh keep their pooled connections.
-        let endpoints = addrs
+        let specs: Vec<EndpointSpec> = addrs
             .iter()
-            .map(|a| {
-                previous
-                    .as_ref()
-                    .and_then(|p| p.endpoints().iter().find(|e| e.addr == *a).cloned())
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(*a, self.connect_timeout)))
-            })
+            .map(|&addr| EndpointSpec { addr, weight: 1 })
             .collect();
-        let dest = Arc::new(Destination::new(authority.to_string(), endpoints));
         let mut cache = self.dns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, d)) = cache.get_mut(authority) {
+            // A refresh: the same destination, its endpoint set updated in place.
+            let current = d.endpoints();
+            let next = specs
+                .iter()
+                .map(|s| {
+                    current
+                        .iter()
+                        .find(|e| e.addr == s.addr)
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            Arc::new(Endpoint::new(s.addr, 1, self.connect_timeout, None))
+                        })
+                })
+                .collect();
+            d.update(next);
+            *at = Instant::now();
+            return Ok(d.clone());
+        }
         if cache.len() >= DNS_CACHE_MAX {
             cache.retain(|_, (at, _)| at.elapsed() < DNS_TTL);
             if cache.len() >= DNS_CACHE_MAX {
                 cache.clear();
             }
         }
+        // DNS destinations get no per-endpoint metrics: their names come from clients, and a
+        // label per name would let a client grow the registry.
+        let eps = specs
+            .iter()
+            .map(|s| Arc::new(Endpoint::new(s.addr, 1, self.connect_timeout, None)))
+            .collect();
+        let dest = Arc::new(Destination::new(authority.to_string(), eps));
         cache.insert(authority.to_string(), (Instant::now(), dest.clone()));
         Ok(dest)
     }

@@ -2,7 +2,7 @@
 //! HTTP/1.1 connections, and plain TCP for opaque traffic and tunnels.
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -11,7 +11,52 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::balance::PeakEwma;
+use crate::metrics::EndpointMetrics;
 use crate::replay::{UpstreamBody, never_processed};
+
+/// When a request was handed to a connection (set again if it is resent).
+pub struct Stamp {
+    base: Instant,
+    offset_ns: std::sync::atomic::AtomicU64,
+}
+
+impl Stamp {
+    fn new() -> Self {
+        Stamp {
+            base: Instant::now(),
+            offset_ns: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn set(&self) {
+        let ns = self.base.elapsed().as_nanos() as u64;
+        self.offset_ns
+            .store(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn elapsed(&self) -> Duration {
+        let at = Duration::from_nanos(self.offset_ns.load(std::sync::atomic::Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(at)
+    }
+}
+
+/// Failure state: how many connects failed in a row, and when to try again.
+struct Health {
+    failures: u32,
+    retry_at: Instant,
+    last_error: String,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            failures: 0,
+            retry_at: Instant::now(),
+            last_error: String::new(),
+        }
+    }
+}
 
 /// Idle HTTP/1.1 connections kept per endpoint; more can be open, extras close when done.
 const MAX_H1_POOL: usize = 64;
@@ -72,14 +117,17 @@ enum Attempt {
 }
 
 /// A failed send; `unsent` holds the request when it never left the proxy.
-#[derive(Debug)]
 pub struct SendError {
     pub error: EndpointError,
-    pub unsent: Option<Request<Incoming>>,
+    pub unsent: Option<Request<UpstreamBody>>,
 }
 
 pub struct Endpoint {
     pub addr: SocketAddr,
+    pub weight: u32,
+    pub load: PeakEwma,
+    health: Mutex<Health>,
+    metrics: Option<EndpointMetrics>,
     connect_timeout: Duration,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
     // Serialises HTTP/2 connects so a burst of requests shares one new connection.
@@ -97,9 +145,18 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
-    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+    pub fn new(
+        addr: SocketAddr,
+        weight: u32,
+        connect_timeout: Duration,
+        metrics: Option<EndpointMetrics>,
+    ) -> Self {
         Endpoint {
             addr,
+            weight: weight.max(1),
+            load: PeakEwma::default(),
+            health: Mutex::new(Health::default()),
+            metrics,
             connect_timeout,
             h2: Mutex::new(None),
             h2_connect: tokio::sync::Mutex::new(()),
@@ -110,7 +167,7 @@ impl Endpoint {
 
     pub async fn connect_tcp(&self) -> Result<TcpStream, EndpointError> {
         let addr = self.addr;
-        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+        let res = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Err(_) => Err(EndpointError::ConnectTimeout {
                 addr,
                 timeout: self.connect_timeout,
@@ -120,21 +177,108 @@ impl Endpoint {
                 let _ = tcp.set_nodelay(true);
                 Ok(tcp)
             }
+        };
+        match &res {
+            Ok(_) => self.mark_up(),
+            Err(e) => self.mark_down(e),
         }
+        res
+    }
+
+    /// Not backing off after a failure.
+    pub fn is_ready(&self, now: Instant) -> bool {
+        self.retry_at() <= now
+    }
+
+    /// When the endpoint may be tried again (in the past when it is healthy).
+    pub fn retry_at(&self) -> Instant {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retry_at
+    }
+
+    pub fn last_error(&self) -> String {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_error
+            .clone()
+    }
+
+    fn mark_up(&self) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if h.failures > 0 {
+            tracing::info!(addr = %self.addr, "endpoint reachable again");
+            h.failures = 0;
+            if let Some(m) = &self.metrics {
+                m.ready.set(1);
+            }
+        }
+    }
+
+    /// Backs off exponentially from 100 ms to 10 s; P2C skips the endpoint meanwhile.
+    fn mark_down(&self, e: &EndpointError) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.failures = h.failures.saturating_add(1);
+        let base = Duration::from_millis(100) * 2u32.saturating_pow(h.failures.min(7) - 1);
+        // Up to 25 % jitter so endpoints that failed together do not return together.
+        let jitter = (Instant::now().elapsed().subsec_nanos() % 256) as f64 / 1024.0;
+        let delay = base.min(Duration::from_secs(10)).mul_f64(1.0 + jitter);
+        h.retry_at = Instant::now() + delay;
+        h.last_error = e.to_string();
+        if let Some(m) = &self.metrics {
+            m.ready.set(0);
+            m.failures.inc();
+        }
+        tracing::info!(addr = %self.addr, error = %e, retry_in = ?delay, "endpoint failing; backing off");
+    }
+
+    /// Opens the HTTP/2 connection before a request needs it.
+    pub fn prewarm_h2(self: Arc<Self>) {
+        tokio::spawn(async move {
+            if let Err(e) = self.h2_sender().await {
+                tracing::debug!(addr = %self.addr, error = %e, "could not pre-connect");
+            }
+        });
     }
 
     /// Sends a request over HTTP/2 (for HTTP/2 requests) or HTTP/1.1 (otherwise). The request
     /// must already have the URI form its protocol needs (absolute for h2, origin for h1).
     /// When no connection could be made the request is handed back, unsent, for another endpoint.
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
-        if req.version() == http::Version::HTTP_2 {
-            self.send_h2(req).await
-        } else {
-            self.send_h1(req).await
+    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, SendError> {
+        // The latency sample starts when the request is handed to a connection, so connecting
+        // (a cold endpoint's first request) does not count as the endpoint being slow.
+        let dispatched = Stamp::new();
+        self.load.start();
+        if let Some(m) = &self.metrics {
+            m.requests.inc();
+            m.in_flight.inc();
         }
+        let res = if req.version() == http::Version::HTTP_2 {
+            self.send_h2(req, &dispatched).await
+        } else {
+            self.send_h1(req, &dispatched).await
+        };
+        match &res {
+            Ok(_) => self.load.finish(dispatched.elapsed()),
+            Err(_) => self.load.abandon(),
+        }
+        if let Some(m) = &self.metrics {
+            m.in_flight.dec();
+            m.latency.set(self.load.rtt().as_secs_f64());
+            if matches!(&res, Err(e) if !e.error.is_connect()) {
+                m.failures.inc();
+            }
+        }
+        res
     }
 
-    async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
+    async fn send_h2(
+        &self,
+        req: Request<UpstreamBody>,
+        dispatched: &Stamp,
+    ) -> Result<Response<Incoming>, SendError> {
         let sender = match self.h2_sender().await {
             Ok(s) => s,
             Err(error) => {
@@ -146,7 +290,7 @@ impl Endpoint {
         };
         // Keep what a resend needs: the head, and a recording of the body.
         let (parts, body) = req.into_parts();
-        let (body, replay) = UpstreamBody::recording(body);
+        let (body, replay) = body.recording();
         let head = (
             parts.method.clone(),
             parts.uri.clone(),
@@ -154,13 +298,13 @@ impl Endpoint {
             parts.headers.clone(),
         );
         let first = self
-            .h2_attempt(sender, Request::from_parts(parts, body))
+            .h2_attempt(sender, Request::from_parts(parts, body), dispatched)
             .await;
         let error = match first {
             Ok(rsp) => return Ok(rsp),
             Err(Attempt::Unsent(req)) => {
                 // Handed back before it was written: resend as is.
-                return self.h2_retry(req).await;
+                return self.h2_retry(req, dispatched).await;
             }
             Err(Attempt::Failed(e)) => e,
         };
@@ -175,7 +319,7 @@ impl Endpoint {
             *req.uri_mut() = uri;
             *req.version_mut() = version;
             *req.headers_mut() = headers;
-            return self.h2_retry(req).await;
+            return self.h2_retry(req, dispatched).await;
         }
         Err(self.request_error(error))
     }
@@ -184,7 +328,9 @@ impl Endpoint {
         &self,
         mut sender: http2::SendRequest<UpstreamBody>,
         req: Request<UpstreamBody>,
+        dispatched: &Stamp,
     ) -> Result<Response<Incoming>, Attempt> {
+        dispatched.set();
         match sender.try_send_request(req).await {
             Ok(rsp) => Ok(rsp),
             Err(mut e) => match e.take_message() {
@@ -195,26 +341,28 @@ impl Endpoint {
     }
 
     /// One more try on a fresh connection (the cached one is closed or going away).
-    async fn h2_retry(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, SendError> {
+    async fn h2_retry(
+        &self,
+        req: Request<UpstreamBody>,
+        dispatched: &Stamp,
+    ) -> Result<Response<Incoming>, SendError> {
         self.forget_h2();
         let sender = match self.h2_sender().await {
             Ok(s) => s,
             Err(error) => {
-                let (parts, body) = req.into_parts();
-                let unsent = body.into_incoming().map(|b| Request::from_parts(parts, b));
-                return Err(SendError { error, unsent });
+                return Err(SendError {
+                    error,
+                    unsent: Some(req),
+                });
             }
         };
-        match self.h2_attempt(sender, req).await {
+        match self.h2_attempt(sender, req, dispatched).await {
             Ok(rsp) => Ok(rsp),
             Err(Attempt::Failed(e)) => Err(self.request_error(e)),
-            Err(Attempt::Unsent(req)) => {
-                let (parts, body) = req.into_parts();
-                Err(SendError {
-                    error: EndpointError::Closed { addr: self.addr },
-                    unsent: body.into_incoming().map(|b| Request::from_parts(parts, b)),
-                })
-            }
+            Err(Attempt::Unsent(req)) => Err(SendError {
+                error: EndpointError::Closed { addr: self.addr },
+                unsent: Some(req),
+            }),
         }
     }
 
@@ -296,11 +444,16 @@ impl Endpoint {
         }
     }
 
-    async fn send_h1(&self, req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
-        let mut req = req.map(UpstreamBody::Plain);
+    async fn send_h1(
+        &self,
+        req: Request<UpstreamBody>,
+        dispatched: &Stamp,
+    ) -> Result<Response<Incoming>, SendError> {
+        let mut req = req;
         // A pooled connection can close between our check and the write; a request that was
         // never written is retried on the next one.
         while let Some(mut sender) = self.idle_h1() {
+            dispatched.set();
             let sent = sender.try_send_request(req);
             self.return_h1(sender);
             match sent.await {
@@ -314,13 +467,13 @@ impl Endpoint {
         let mut sender = match self.new_h1(false).await {
             Ok(s) => s,
             Err(error) => {
-                let (parts, body) = req.into_parts();
                 return Err(SendError {
                     error,
-                    unsent: body.into_incoming().map(|b| Request::from_parts(parts, b)),
+                    unsent: Some(req),
                 });
             }
         };
+        dispatched.set();
         let sent = sender.send_request(req);
         self.return_h1(sender);
         sent.await.map_err(|source| self.request_error(source))

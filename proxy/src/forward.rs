@@ -14,17 +14,19 @@ use std::task::{Context, Poll};
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::balance::Destination;
+use crate::balance::{Destination, PickError};
 use crate::config::normalize_authority;
 use crate::discover::{Destinations, ResolveError};
 use crate::drain::Drain;
-use crate::endpoint::{Endpoint, EndpointError, SendError};
+use crate::endpoint::{Endpoint, EndpointError};
 use crate::http::{Body, is_grpc, local_response};
 use crate::metrics::{Direction, ErrorKind, Metrics};
+use crate::replay::UpstreamBody;
 
 /// Where a listener's requests go.
 pub enum Route {
@@ -42,8 +44,8 @@ pub enum ForwardError {
     NoAuthority,
     #[error("{0}")]
     Resolve(#[from] ResolveError),
-    #[error("{dst} has no endpoints")]
-    NoEndpoints { dst: String },
+    #[error("{0}")]
+    Pick(#[from] PickError),
     #[error("{dst}: {source}")]
     Endpoint { dst: String, source: EndpointError },
     #[error("{dst} resolves to this proxy's own listener {addr}; refusing to loop")]
@@ -62,9 +64,7 @@ impl ForwardError {
     pub fn status(&self) -> StatusCode {
         match self {
             ForwardError::NoAuthority => StatusCode::BAD_REQUEST,
-            ForwardError::Resolve(_) | ForwardError::NoEndpoints { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ForwardError::Resolve(_) | ForwardError::Pick(_) => StatusCode::SERVICE_UNAVAILABLE,
             ForwardError::ConnectInbound => StatusCode::METHOD_NOT_ALLOWED,
             ForwardError::Endpoint { .. }
             | ForwardError::Loop { .. }
@@ -75,7 +75,10 @@ impl ForwardError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ForwardError::NoAuthority | ForwardError::ConnectInbound => ErrorKind::BadRequest,
-            ForwardError::Resolve(_) | ForwardError::NoEndpoints { .. } => ErrorKind::NoEndpoints,
+            ForwardError::Resolve(_) | ForwardError::Pick(PickError::Empty { .. }) => {
+                ErrorKind::NoEndpoints
+            }
+            ForwardError::Pick(PickError::Unavailable { .. }) => ErrorKind::ConnectFailed,
             ForwardError::Endpoint { source, .. } if source.is_connect() => {
                 ErrorKind::ConnectFailed
             }
@@ -174,10 +177,7 @@ impl Shared {
                 (name, dest)
             }
         };
-        let ep = dest
-            .pick()
-            .ok_or_else(|| ForwardError::NoEndpoints { dst: dst.clone() })?
-            .clone();
+        let ep = dest.pick(None).await?;
         self.check_loop(&dst, &ep)?;
         if req.method() == Method::CONNECT {
             return self.connect(req, &dst, &dest, &ep).await;
@@ -207,39 +207,55 @@ impl Shared {
         if req.headers().contains_key(header::UPGRADE) {
             return self.upgrade(req, dst, ep).await;
         }
-        let err = match ep.send(req).await {
+        let Some(dest) = dest else {
+            // Inbound: the app is the only endpoint.
+            return match ep.send(req.map(UpstreamBody::Plain)).await {
+                Ok(rsp) => Ok(rsp.map(Either::Left)),
+                Err(e) => Err(ForwardError::Endpoint {
+                    dst: dst.to_string(),
+                    source: e.error,
+                }),
+            };
+        };
+        if req.version() == Version::HTTP_2 {
+            dest.saw_h2();
+        }
+        dest.budget.deposit();
+        // A bodiless GET/HEAD/OPTIONS may be retried even after it reached a backend.
+        let idempotent = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+            && req.body().is_end_stream();
+        let head = idempotent.then(|| {
+            let mut r = Request::new(());
+            *r.method_mut() = req.method().clone();
+            *r.uri_mut() = req.uri().clone();
+            *r.version_mut() = req.version();
+            *r.headers_mut() = req.headers().clone();
+            r
+        });
+        let err = match ep.send(req.map(UpstreamBody::Plain)).await {
             Ok(rsp) => return Ok(rsp.map(Either::Left)),
             Err(e) => e,
         };
-        match (err, dest) {
-            // Never sent: another endpoint can take it safely.
-            (
-                SendError {
-                    error,
-                    unsent: Some(req),
-                },
-                Some(dest),
-            ) => match dest.other_than(ep) {
-                Some(other) => {
-                    self.check_loop(dst, other)?;
-                    tracing::debug!(dst, error = %error, retry = %other.addr, "endpoint unreachable; trying another");
-                    match other.send(req).await {
-                        Ok(rsp) => Ok(rsp.map(Either::Left)),
-                        Err(e) => Err(ForwardError::Endpoint {
-                            dst: dst.to_string(),
-                            source: e.error,
-                        }),
-                    }
-                }
-                None => Err(ForwardError::Endpoint {
-                    dst: dst.to_string(),
-                    source: error,
-                }),
-            },
-            (SendError { error, .. }, _) => Err(ForwardError::Endpoint {
-                dst: dst.to_string(),
-                source: error,
-            }),
+        let endpoint_error = |source| ForwardError::Endpoint {
+            dst: dst.to_string(),
+            source,
+        };
+        let retry = match (err.unsent, head) {
+            // Never sent (no connection): another endpoint takes it, always safe.
+            (Some(req), _) => req,
+            // Sent, but safe to repeat, and the budget allows it.
+            (None, Some(head)) if dest.budget.withdraw() => head.map(|()| UpstreamBody::empty()),
+            _ => return Err(endpoint_error(err.error)),
+        };
+        let other = match dest.pick(Some(ep)).await {
+            Ok(o) => o,
+            Err(_) => return Err(endpoint_error(err.error)),
+        };
+        self.check_loop(dst, &other)?;
+        tracing::debug!(dst, error = %err.error, retry = %other.addr, "retrying on another endpoint");
+        match other.send(retry).await {
+            Ok(rsp) => Ok(rsp.map(Either::Left)),
+            Err(e) => Err(endpoint_error(e.error)),
         }
     }
 
@@ -293,9 +309,9 @@ impl Shared {
     ) -> Result<Response<Body>, ForwardError> {
         let tcp = match ep.connect_tcp().await {
             Ok(t) => t,
-            Err(error) => match dest.other_than(ep) {
-                Some(other) => {
-                    self.check_loop(dst, other)?;
+            Err(error) => match dest.pick(Some(ep)).await {
+                Ok(other) => {
+                    self.check_loop(dst, &other)?;
                     other
                         .connect_tcp()
                         .await
@@ -304,7 +320,7 @@ impl Shared {
                             source,
                         })?
                 }
-                None => {
+                Err(_) => {
                     return Err(ForwardError::Endpoint {
                         dst: dst.to_string(),
                         source: error,

@@ -11,7 +11,7 @@ use crate::metrics::{Direction, Metrics};
 use crate::scrub::Rules;
 
 pub fn listener(cfg: &Config, metrics: Arc<Metrics>, drain: Drain, rules: Arc<Rules>) -> Listener {
-    let app = Arc::new(Endpoint::new(cfg.app_addr, cfg.connect_timeout));
+    let app = Arc::new(Endpoint::new(cfg.app_addr, 1, cfg.connect_timeout, None));
     let forward = Arc::new(Shared {
         direction: Direction::Inbound,
         route: Route::App(app.clone()),

@@ -35,7 +35,7 @@ use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, StaticDestination};
+pub use config::{Config, EndpointSpec, StaticDestination};
 pub use metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +75,7 @@ pub struct Proxy {
     admin: TcpListener,
     addrs: [SocketAddr; 3],
     admin_state: Arc<admin::AdminState>,
+    destinations: Arc<discover::Destinations>,
 }
 
 async fn bind(knob: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
@@ -94,8 +95,14 @@ impl Proxy {
         let (inbound, i) = bind("REMORA_INBOUND_ADDR", cfg.inbound_addr).await?;
         let (outbound, o) = bind("REMORA_OUTBOUND_ADDR", cfg.outbound_addr).await?;
         let (admin, a) = bind("REMORA_ADMIN_ADDR", cfg.admin_addr).await?;
+        let metrics = Arc::new(Metrics::new());
+        let destinations = Arc::new(discover::Destinations::new(
+            &cfg.destinations,
+            cfg.connect_timeout,
+            metrics.clone(),
+        ));
         let admin_state = Arc::new(admin::AdminState {
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             ready: Default::default(),
             draining: Default::default(),
             shutdown: CancellationToken::new(),
@@ -107,6 +114,7 @@ impl Proxy {
             admin,
             addrs: [i, o, a],
             admin_state,
+            destinations,
         })
     }
 
@@ -124,6 +132,12 @@ impl Proxy {
 
     pub fn metrics(&self) -> Arc<Metrics> {
         self.admin_state.metrics.clone()
+    }
+
+    /// The outbound destinations, to change static endpoint sets while the proxy runs (requests
+    /// in flight are not disturbed).
+    pub fn destinations(&self) -> Arc<discover::Destinations> {
+        self.destinations.clone()
     }
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
@@ -146,6 +160,7 @@ impl Proxy {
         ));
         let outbound = Arc::new(outbound::listener(
             &self.cfg,
+            self.destinations.clone(),
             metrics.clone(),
             out_drain.clone(),
             rules,

@@ -168,8 +168,69 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
 }
 
+/// Per-endpoint families (destination + endpoint address labels).
+#[derive(Default)]
+pub struct EndpointFamilies {
+    requests: Family<EndpointLabels, Counter>,
+    failures: Family<EndpointLabels, Counter>,
+    in_flight: Family<EndpointLabels, Gauge>,
+    latency: Family<EndpointLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    ready: Family<EndpointLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub destination: String,
+    pub endpoint: String,
+}
+
+/// One endpoint's metric handles, resolved once; its label sets are removed when the endpoint
+/// goes away, so endpoint churn does not grow the registry.
+pub struct EndpointMetrics {
+    labels: EndpointLabels,
+    families: Arc<EndpointFamilies>,
+    pub requests: Counter,
+    pub failures: Counter,
+    pub in_flight: Gauge,
+    pub latency: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub ready: Gauge,
+}
+
+impl EndpointMetrics {
+    pub fn new(metrics: &Metrics, destination: &str, endpoint: std::net::SocketAddr) -> Self {
+        let labels = EndpointLabels {
+            destination: destination.to_string(),
+            endpoint: endpoint.to_string(),
+        };
+        let f = metrics.endpoints.clone();
+        let ready = f.ready.get_or_create_owned(&labels);
+        ready.set(1);
+        EndpointMetrics {
+            requests: f.requests.get_or_create_owned(&labels),
+            failures: f.failures.get_or_create_owned(&labels),
+            in_flight: f.in_flight.get_or_create_owned(&labels),
+            latency: f.latency.get_or_create_owned(&labels),
+            ready,
+            labels,
+            families: f,
+        }
+    }
+}
+
+impl Drop for EndpointMetrics {
+    fn drop(&mut self) {
+        let f = &self.families;
+        f.requests.remove(&self.labels);
+        f.failures.remove(&self.labels);
+        f.in_flight.remove(&self.labels);
+        f.latency.remove(&self.labels);
+        f.ready.remove(&self.labels);
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub endpoints: Arc<EndpointFamilies>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<DirectionLabels, Histogram, fn() -> Histogram>,
     pub connections: Family<ConnectionLabels, Counter>,
@@ -265,6 +326,32 @@ impl Metrics {
             "Connections and tunnels still running at the drain deadline, cut",
             drain_cut.clone(),
         );
+        let endpoints = Arc::new(EndpointFamilies::default());
+        registry.register(
+            "endpoint_requests",
+            "Requests sent to each endpoint of each destination",
+            endpoints.requests.clone(),
+        );
+        registry.register(
+            "endpoint_failures",
+            "Failed connects and requests, by endpoint",
+            endpoints.failures.clone(),
+        );
+        registry.register(
+            "endpoint_requests_in_flight",
+            "Requests waiting for a response head, by endpoint",
+            endpoints.in_flight.clone(),
+        );
+        registry.register(
+            "endpoint_latency_ewma_seconds",
+            "Peak-EWMA latency the balancer sees, by endpoint",
+            endpoints.latency.clone(),
+        );
+        registry.register(
+            "endpoint_ready",
+            "1 when the endpoint takes traffic, 0 while it backs off after failures",
+            endpoints.ready.clone(),
+        );
         let ready = Gauge::default();
         registry.register("ready", "1 when the proxy reports ready", ready.clone());
         let draining = Gauge::default();
@@ -285,6 +372,7 @@ impl Metrics {
             bytes,
             errors,
             requests_in_flight,
+            endpoints,
             ready,
             draining,
             drain_connections,

@@ -13,12 +13,12 @@ use crate::scrub::Rules;
 
 pub fn listener(
     cfg: &Config,
+    destinations: Arc<Destinations>,
     metrics: Arc<Metrics>,
     drain: Drain,
     rules: Arc<Rules>,
     own_addrs: Vec<SocketAddr>,
 ) -> Listener {
-    let destinations = Arc::new(Destinations::new(&cfg.destinations, cfg.connect_timeout));
     let forward = Arc::new(Shared {
         direction: Direction::Outbound,
         route: Route::Destinations(destinations),

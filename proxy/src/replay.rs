@@ -72,6 +72,16 @@ pub struct Replay {
 }
 
 impl Replay {
+    fn none() -> Self {
+        Replay {
+            copy: Arc::new(Mutex::new(Copy {
+                overflow: true,
+                ..Copy::default()
+            })),
+            dropped: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
     /// The body again: the recorded part, then the unread rest. `None` when more than
     /// [`MAX_REPLAY`] was read, or the failed attempt never let go of the body.
     pub async fn body(&self) -> Option<UpstreamBody> {
@@ -105,8 +115,17 @@ impl Replay {
 }
 
 impl UpstreamBody {
-    /// Wraps a body so it can be replayed; returns the body to send and the replay handle.
-    pub fn recording(inner: Incoming) -> (UpstreamBody, Replay) {
+    /// Prepares a body for a send that may need repeating: the client's body is recorded; a
+    /// replayed one is sent as it is (it will not be repeated twice).
+    pub fn recording(self) -> (UpstreamBody, Replay) {
+        let inner = match self {
+            UpstreamBody::Plain(i) => i,
+            UpstreamBody::Recording(mut r) => match r.inner.take() {
+                Some(i) => i,
+                None => return (UpstreamBody::Recording(r), Replay::none()),
+            },
+            replayed @ UpstreamBody::Replayed(_) => return (replayed, Replay::none()),
+        };
         let copy = Arc::new(Mutex::new(Copy {
             ended: inner.is_end_stream(),
             alive: true,
@@ -125,13 +144,13 @@ impl UpstreamBody {
         (UpstreamBody::Recording(body), replay)
     }
 
-    /// The client's body back, when it was never touched (`Plain`).
-    pub fn into_incoming(self) -> Option<Incoming> {
-        match self {
-            UpstreamBody::Plain(i) => Some(i),
-            UpstreamBody::Recording(mut r) => r.inner.take(),
-            UpstreamBody::Replayed(_) => None,
-        }
+    /// A body with nothing in it (for resending a bodiless request).
+    pub fn empty() -> Self {
+        UpstreamBody::Replayed(Replayed {
+            chunks: VecDeque::new(),
+            trailers: None,
+            rest: None,
+        })
     }
 }
 

@@ -2,7 +2,7 @@
 
 Service remora.test.Echo, raw bytes (no protobuf needed):
   Unary   echoes the request; initial metadata `backend: NAME`, trailing `backend-trailer: NAME`
-  Stream  request is an ASCII count N; streams N messages `NAME:i`
+  Stream  request is `N[:MS]`; streams N messages `NAME:i`, MS milliseconds apart
   Fail    request is `CODE:DETAILS`; aborts with that status and trailing metadata `x-fail-detail`
   Slow    request is an ASCII number of milliseconds to sleep before echoing
 Prints `PORT <n>` once serving.
@@ -19,16 +19,23 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--name", default="backend")
+    ap.add_argument("--delay-ms", type=int, default=0, help="added to every Unary call")
+    ap.add_argument("--max-age-ms", type=int, default=0, help="grpc.max_connection_age_ms (GOAWAY)")
     args = ap.parse_args()
     name = args.name
 
     def unary(req, ctx):
+        if args.delay_ms:
+            time.sleep(args.delay_ms / 1000.0)
         ctx.send_initial_metadata((("backend", name),))
         ctx.set_trailing_metadata((("backend-trailer", name),))
         return req
 
     def stream(req, ctx):
-        for i in range(int(req.decode() or "0")):
+        n, _, ms = req.decode().partition(":")
+        for i in range(int(n or "0")):
+            if ms and i:
+                time.sleep(int(ms) / 1000.0)
             yield f"{name}:{i}".encode()
 
     def fail(req, ctx):
@@ -48,7 +55,11 @@ def main():
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
         "Slow": grpc.unary_unary_rpc_method_handler(slow),
     }
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    options = []
+    if args.max_age_ms:
+        options += [("grpc.max_connection_age_ms", args.max_age_ms),
+                    ("grpc.max_connection_age_grace_ms", 30000)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("remora.test.Echo", handlers),))
     port = server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()

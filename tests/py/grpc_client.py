@@ -4,6 +4,11 @@
                                                    trailing metadata; prints a JSON report
   grpc_client.py TARGET [--authority A] unary N    N unary calls; prints per-backend counts and
                                                    status codes as JSON
+  grpc_client.py TARGET [--authority A] concurrent N C
+                                                   N unary calls, C in flight at a time on the
+                                                   one channel; same report plus latencies
+  grpc_client.py TARGET [--authority A] stream N MS
+                                                   one server stream of N messages MS apart
 """
 import argparse
 import collections
@@ -23,6 +28,9 @@ def main():
     ap.add_argument("--authority")
     ap.add_argument("mode")
     ap.add_argument("n", nargs="?", type=int, default=1)
+    ap.add_argument("c", nargs="?", type=int, default=1)
+    ap.add_argument("--method", default="Unary")
+    ap.add_argument("--payload", default="")
     args = ap.parse_args()
     opts = [("grpc.enable_retries", 0)]
     if args.authority:
@@ -56,6 +64,51 @@ def main():
                 codes[e.code().name] += 1
                 details.append(e.details())
         out = {"backends": backends, "codes": codes, "details": details[:3]}
+    elif args.mode == "stream":
+        # A long server stream: N messages, C milliseconds apart.
+        stream = ch.unary_stream("/remora.test.Echo/Stream")
+        got = [m.decode() for m in stream(f"{args.n}:{args.c}".encode(), timeout=60)]
+        out = {"messages": got}
+    elif args.mode == "concurrent":
+        import threading
+        import time
+
+        backends = collections.Counter()
+        codes = collections.Counter()
+        details = []
+        latencies = []
+        lock = threading.Lock()
+        method = ch.unary_unary("/remora.test.Echo/" + args.method)
+        remaining = [args.n]
+
+        def worker():
+            while True:
+                with lock:
+                    if remaining[0] == 0:
+                        return
+                    remaining[0] -= 1
+                start = time.monotonic()
+                try:
+                    _, call = method.with_call(args.payload.encode() or b"x", timeout=30)
+                    b = dict(call.initial_metadata()).get("backend")
+                    with lock:
+                        backends[b] += 1
+                        codes["OK"] += 1
+                        latencies.append(time.monotonic() - start)
+                except grpc.RpcError as e:
+                    with lock:
+                        codes[e.code().name] += 1
+                        details.append(e.details())
+
+        threads = [threading.Thread(target=worker) for _ in range(args.c)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        latencies.sort()
+        pct = lambda p: latencies[min(len(latencies) - 1, int(len(latencies) * p))] if latencies else 0
+        out = {"backends": backends, "codes": codes, "details": details[:3],
+               "p50_ms": pct(0.5) * 1000, "p99_ms": pct(0.99) * 1000}
     print(json.dumps(out), flush=True)
 
 

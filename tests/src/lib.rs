@@ -42,10 +42,7 @@ pub fn config(app: SocketAddr) -> Config {
 }
 
 pub fn dest(name: &str, addrs: &[SocketAddr]) -> StaticDestination {
-    StaticDestination {
-        name: name.to_string(),
-        addrs: addrs.to_vec(),
-    }
+    StaticDestination::new(name, addrs)
 }
 
 /// A proxy running in this test's runtime (the same library the binary runs).
@@ -57,6 +54,8 @@ pub struct TestProxy {
     pub task: Option<JoinHandle<remora_proxy::RunReport>>,
     /// The proxy's registry, readable even after its admin server has stopped.
     pub registry: Arc<remora_proxy::Metrics>,
+    /// The outbound destinations, to change endpoint sets while the proxy runs.
+    pub destinations: Arc<remora_proxy::discover::Destinations>,
 }
 
 impl TestProxy {
@@ -69,6 +68,7 @@ impl TestProxy {
         );
         let shutdown = proxy.shutdown_handle();
         let registry = proxy.metrics();
+        let destinations = proxy.destinations();
         let task = tokio::spawn(proxy.run(std::future::pending()));
         wait_ready(admin).await;
         TestProxy {
@@ -78,6 +78,7 @@ impl TestProxy {
             shutdown,
             task: Some(task),
             registry,
+            destinations,
         }
     }
 
@@ -547,3 +548,15 @@ pub fn random_file(len: usize) -> (PathBuf, Vec<u8>) {
 }
 
 static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
+
+/// Polls `cond` until it holds (bounded by [`WAIT`]).
+pub async fn wait_until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

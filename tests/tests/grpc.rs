@@ -51,11 +51,18 @@ async fn requests_on_one_channel_spread_over_endpoints() {
     let mut cfg = config(refused_addr().await);
     cfg.destinations = vec![dest("echo.test:80", &[b1.addr, b2.addr, b3.addr])];
     let proxy = TestProxy::start(cfg).await;
-    let r = grpc_client(proxy.outbound, Some("echo.test:80"), &["unary", "60"]).await;
-    assert_eq!(r["codes"]["OK"], 60, "{r}");
+    let r = grpc_client(
+        proxy.outbound,
+        Some("echo.test:80"),
+        &["concurrent", "600", "8"],
+    )
+    .await;
+    eprintln!("spread: {r}");
+    assert_eq!(r["codes"]["OK"], 600, "{r}");
     for b in ["b1", "b2", "b3"] {
-        // One client connection, yet every backend serves its share: per-request balancing.
-        assert_eq!(r["backends"][b], 20, "{b}: {r}");
+        // One client connection, yet every backend serves a share: per-request balancing.
+        let n = r["backends"][b].as_u64().unwrap_or(0);
+        assert!(n >= 90, "{b} got {n} of 600: {r}");
     }
 }
 
