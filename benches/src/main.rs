@@ -1,19 +1,21 @@
 //! remora's benchmark harness. Scenario so far: one hop, h2c, small responses from nghttpd,
 //! fixed concurrency — direct (the baseline row) against remora's inbound.
 //!
-//!   cargo run -p benches --release -- [one-hop|rolling-restart|all] [--quick]
+//!   cargo run -p benches --release -- [one-hop|rolling-restart|balance|all] [--quick]
 //!
 //! Method: the proxy under test is pinned to CPU 0, the load generator and the backend to CPU 1
 //! (taskset), a warm-up run precedes the counted runs, CPU time is read from /proc/PID/stat of
 //! the proxy alone, and the median of the repetitions is reported. Envoy, nginx and haproxy rows
 //! and the other scenarios are the benchmark issue's work.
 
+mod balance;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Guard(Child);
+pub(crate) struct Guard(pub(crate) Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -22,14 +24,14 @@ impl Drop for Guard {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or(0)
 }
 
-fn wait_port(port: u16) -> Result<(), String> {
+pub(crate) fn wait_port(port: u16) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
@@ -40,7 +42,7 @@ fn wait_port(port: u16) -> Result<(), String> {
     Ok(())
 }
 
-fn spawn(
+pub(crate) fn spawn(
     cpu: &str,
     program: &str,
     args: &[&str],
@@ -126,7 +128,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn workspace() -> PathBuf {
+pub(crate) fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
@@ -206,7 +208,7 @@ fn one_hop(quick: bool) -> Result<(), String> {
 }
 
 /// GET a path from an admin server; the body.
-fn admin_get(port: u16, path: &str) -> String {
+pub(crate) fn admin_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return String::new();
@@ -217,7 +219,7 @@ fn admin_get(port: u16, path: &str) -> String {
     out
 }
 
-fn wait_ready(admin: u16) -> Result<(), String> {
+pub(crate) fn wait_ready(admin: u16) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !admin_get(admin, "/ready").starts_with("HTTP/1.0 200")
         && !admin_get(admin, "/ready").starts_with("HTTP/1.1 200")
@@ -230,7 +232,12 @@ fn wait_ready(admin: u16) -> Result<(), String> {
     Ok(())
 }
 
-fn proxy_env(inbound: u16, outbound: u16, admin: u16, app: u16) -> Vec<(&'static str, String)> {
+pub(crate) fn proxy_env(
+    inbound: u16,
+    outbound: u16,
+    admin: u16,
+    app: u16,
+) -> Vec<(&'static str, String)> {
     vec![
         ("REMORA_INBOUND_ADDR", format!("127.0.0.1:{inbound}")),
         ("REMORA_OUTBOUND_ADDR", format!("127.0.0.1:{outbound}")),
@@ -241,7 +248,7 @@ fn proxy_env(inbound: u16, outbound: u16, admin: u16, app: u16) -> Vec<(&'static
     ]
 }
 
-fn build_proxy() -> Result<PathBuf, String> {
+pub(crate) fn build_proxy() -> Result<PathBuf, String> {
     let root = workspace();
     let status = Command::new("cargo")
         .args(["build", "--release", "--bin", "remora-proxy"])
@@ -403,9 +410,12 @@ fn main() -> std::process::ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("one-hop") => one_hop(quick),
         Some("rolling-restart") => rolling_restart(quick),
-        Some("all") | None => one_hop(quick).and_then(|()| rolling_restart(quick)),
+        Some("balance") => balance::run(quick),
+        Some("all") | None => one_hop(quick)
+            .and_then(|()| rolling_restart(quick))
+            .and_then(|()| balance::run(quick)),
         Some(other) => Err(format!(
-            "unknown scenario `{other}`; scenarios: one-hop, rolling-restart, all"
+            "unknown scenario `{other}`; scenarios: one-hop, rolling-restart, balance, all"
         )),
     };
     match result {
