@@ -1,6 +1,10 @@
 //! Per-request endpoint choice: power of two choices over the ready endpoints, scored by a
 //! peak-sensitive EWMA of latency times the requests in flight (linkerd2-proxy's and tower's
-//! algorithm: default RTT 30 ms, decay 10 s), divided by the endpoint's weight.
+//! algorithm: default RTT 30 ms), divided by the endpoint's weight. The decay is 1 s, not
+//! linkerd's 10 s: measured with `cargo run -p benches --release -- balance` on three equal
+//! grpcio backends at 1k rps on one connection, 10 s let one scheduling hiccup mark a backend
+//! slow for seconds (shares 28–38 %), 1 s kept every share within 3 % of even while a +50 ms
+//! backend still got 0.1 % of calls.
 //!
 //! Why not `tower::balance::p2c::Balance` itself: it is a `&mut self` service fed by a
 //! `Discover` stream, so sharing one destination across every connection of a listener would
@@ -18,8 +22,8 @@ use crate::endpoint::Endpoint;
 
 /// Latency assumed for an endpoint before it has answered anything.
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
-/// How fast old latency observations fade.
-pub const DECAY: Duration = Duration::from_secs(10);
+/// How fast old latency observations fade (see the module header for why 1 s).
+pub const DECAY: Duration = Duration::from_secs(1);
 /// How long a request may wait for an endpoint to come back before the proxy answers 503.
 pub const FAILFAST: Duration = Duration::from_secs(3);
 
