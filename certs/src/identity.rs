@@ -45,6 +45,28 @@ impl SpiffeId {
         &self.path
     }
 
+    /// A DNS name for this identity, used as the TLS server name (SNI) between proxies and as
+    /// a DNS SAN so that hostname-checking clients (grpcio, curl) can verify a proxy too:
+    /// `<sa>.<ns>.sa.<trust-domain>` for workloads, the path's segments reversed otherwise.
+    pub fn dns_name(&self) -> String {
+        let clean = |s: &str| {
+            s.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '-'
+                    }
+                })
+                .collect::<String>()
+        };
+        let labels: Vec<String> = match self.namespace_and_account() {
+            Some((ns, sa)) => vec![clean(sa), clean(ns), "sa".into()],
+            None => self.path[1..].split('/').rev().map(clean).collect(),
+        };
+        format!("{}.{}", labels.join("."), self.trust_domain)
+    }
+
     /// `(namespace, service account)` when the path has the workload shape.
     pub fn namespace_and_account(&self) -> Option<(&str, &str)> {
         let mut parts = self.path.strip_prefix('/')?.split('/');
