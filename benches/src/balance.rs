@@ -383,7 +383,11 @@ fn added(p1: u16, p2: u16, p_new: u16, secs: u64) -> Result<(), String> {
         });
         tokio::time::sleep(Duration::from_secs(secs / 3)).await;
         let new = loopback(p_new).to_string();
-        let eps = |p| remora_proxy::EndpointSpec { addr: loopback(p), weight: 1 };
+        let eps = |p| remora_proxy::EndpointSpec {
+            addr: loopback(p),
+            weight: 1,
+            identity: None,
+        };
         let added_at = Instant::now();
         dests.set("echo.test:80", &[eps(p1), eps(p2), eps(p_new)]);
         // Sample the new endpoint's share of each 100 ms window until it reaches 80 % of even.

@@ -18,6 +18,8 @@ use crate::metrics::Metrics;
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
+    /// When configured, the proxy is ready only once it holds a valid identity.
+    pub identity: Option<Arc<crate::identity::IdentityStore>>,
     pub ready: AtomicBool,
     pub draining: AtomicBool,
     /// Cancelled by `POST /shutdown`; the proxy's run loop watches it.
@@ -26,7 +28,9 @@ pub struct AdminState {
 
 impl AdminState {
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire)
+            && !self.draining.load(Ordering::Acquire)
+            && self.identity.as_ref().is_none_or(|i| i.current().is_some())
     }
 }
 
@@ -81,6 +85,15 @@ fn handle(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Respo
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else if state.is_ready() {
                 text(StatusCode::OK, "ready\n")
+            } else if state
+                .identity
+                .as_ref()
+                .is_some_and(|i| i.current().is_none())
+            {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: waiting for a valid identity (see the log)\n",
+                )
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }

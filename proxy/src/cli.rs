@@ -15,6 +15,13 @@ pub enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum MtlsArg {
+    Permissive,
+    Strict,
+    Disabled,
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "remora-proxy", version, about = "remora's sidecar proxy")]
 pub struct Args {
@@ -57,6 +64,12 @@ pub struct Args {
     /// How long a shutdown waits for in-flight requests before cutting them.
     #[arg(long, env = "REMORA_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Directory with tls.crt, tls.key, ca.crt (a Kubernetes TLS Secret); enables mTLS.
+    #[arg(long, env = "REMORA_IDENTITY_DIR")]
+    pub identity_dir: Option<std::path::PathBuf>,
+    /// Inbound mTLS: permissive (mTLS and plaintext on one port), strict, or disabled.
+    #[arg(long, env = "REMORA_MTLS", value_enum, default_value = "permissive")]
+    pub mtls: MtlsArg,
     /// Log filter: a level (info, debug…) or tracing directives (remora_proxy=debug,info).
     #[arg(long, env = "REMORA_LOG", default_value = "info")]
     pub log: String,
@@ -105,6 +118,12 @@ impl Args {
             detect_timeout: self.detect_timeout,
             strip_headers: self.strip_headers.clone(),
             drain_timeout: self.drain_timeout,
+            identity_dir: self.identity_dir.clone(),
+            mtls: match self.mtls {
+                MtlsArg::Permissive => crate::config::MtlsMode::Permissive,
+                MtlsArg::Strict => crate::config::MtlsMode::Strict,
+                MtlsArg::Disabled => crate::config::MtlsMode::Disabled,
+            },
             ..Config::default()
         }
     }

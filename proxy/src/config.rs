@@ -39,6 +39,23 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Timeout for connecting to an upstream endpoint.
     pub connect_timeout: Duration,
+    /// Where `tls.crt`, `tls.key` and `ca.crt` live: `REMORA_IDENTITY_DIR`. Without it the
+    /// proxy has no identity and speaks plaintext only.
+    pub identity_dir: Option<std::path::PathBuf>,
+    /// `REMORA_MTLS`: how inbound treats plaintext.
+    pub mtls: MtlsMode,
+}
+
+/// Inbound mTLS policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MtlsMode {
+    /// mTLS and plaintext on the same port (the default).
+    #[default]
+    Permissive,
+    /// mTLS only: plaintext connections are refused.
+    Strict,
+    /// Plaintext only: TLS is passed to the app untouched.
+    Disabled,
 }
 
 impl Default for Config {
@@ -57,6 +74,8 @@ impl Default for Config {
                 .collect(),
             drain_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
+            identity_dir: None,
+            mtls: MtlsMode::Permissive,
         }
     }
 }
@@ -69,11 +88,13 @@ pub struct StaticDestination {
     pub endpoints: Vec<EndpointSpec>,
 }
 
-/// An endpoint's address and its weight (relative share of traffic, default 1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// An endpoint: its address, its weight (relative share of traffic, default 1), and the
+/// identity it must prove when it is a peer proxy (then the proxy speaks mTLS to it).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointSpec {
     pub addr: SocketAddr,
     pub weight: u32,
+    pub identity: Option<remora_certs::SpiffeId>,
 }
 
 /// Largest accepted weight; keeps cost arithmetic well away from overflow.
@@ -86,7 +107,11 @@ impl StaticDestination {
             name: name.to_string(),
             endpoints: addrs
                 .iter()
-                .map(|&addr| EndpointSpec { addr, weight: 1 })
+                .map(|&addr| EndpointSpec {
+                    addr,
+                    weight: 1,
+                    identity: None,
+                })
                 .collect(),
         }
     }
@@ -98,7 +123,7 @@ impl std::str::FromStr for StaticDestination {
     /// Parses `NAME:PORT=ADDR[*WEIGHT][,ADDR[*WEIGHT]…]`, e.g.
     /// `echo.test:80=127.0.0.1:9001,127.0.0.1:9002*3`.
     fn from_str(s: &str) -> Result<Self, String> {
-        const FIX: &str = "expected NAME:PORT=IP:PORT[*WEIGHT][,IP:PORT…], e.g. echo.test:80=127.0.0.1:9001,127.0.0.1:9002*2";
+        const FIX: &str = "expected NAME:PORT=IP:PORT[#SPIFFE-ID][*WEIGHT][,…], e.g. echo.test:80=127.0.0.1:9001,10.0.0.2:4143#spiffe://cluster.local/ns/default/sa/echo*2";
         let s = s.trim();
         let (name, addrs) = s
             .split_once('=')
@@ -118,10 +143,21 @@ impl std::str::FromStr for StaticDestination {
                     }
                 },
             };
+            let (a, identity) = match a.split_once('#') {
+                None => (a, None),
+                Some((a, id)) => match id.trim().parse::<remora_certs::SpiffeId>() {
+                    Ok(id) => (a.trim(), Some(id)),
+                    Err(e) => return Err(format!("destination `{name}`: {e}")),
+                },
+            };
             let addr = a.parse::<SocketAddr>().map_err(|_| {
                 format!("destination `{name}`: address `{a}` is not IP:PORT; {FIX}")
             })?;
-            parsed.push(EndpointSpec { addr, weight });
+            parsed.push(EndpointSpec {
+                addr,
+                weight,
+                identity,
+            });
         }
         if parsed.is_empty() {
             return Err(format!("destination `{name}` lists no address; {FIX}"));
@@ -175,11 +211,20 @@ impl Config {
                 self.app_addr
             ));
         }
+        if self.mtls == MtlsMode::Strict && self.identity_dir.is_none() {
+            return Err("REMORA_MTLS=strict needs an identity: set REMORA_IDENTITY_DIR to a directory with tls.crt, tls.key and ca.crt".into());
+        }
         if self.detect_timeout.is_zero() {
             return Err("REMORA_DETECT_TIMEOUT is 0; use a positive duration such as 10s".into());
         }
         let mut seen = std::collections::HashSet::new();
         for d in &self.destinations {
+            if self.identity_dir.is_none() && d.endpoints.iter().any(|e| e.identity.is_some()) {
+                return Err(format!(
+                    "REMORA_DESTINATIONS gives `{}` an identity (#spiffe://…), which needs mTLS: set REMORA_IDENTITY_DIR",
+                    d.name
+                ));
+            }
             if !seen.insert(d.name.as_str()) {
                 return Err(format!(
                     "REMORA_DESTINATIONS names `{}` twice; list all its addresses in one entry",
@@ -218,6 +263,21 @@ mod tests {
         assert_eq!(d.endpoints[0].weight, 3);
         assert_eq!(d.endpoints[1].weight, 1);
         assert!("e:80=127.0.0.1:1*0".parse::<StaticDestination>().is_err());
+        let d: StaticDestination = "e:80=127.0.0.1:1#spiffe://td/ns/a/sa/b*2".parse().unwrap();
+        assert_eq!(d.endpoints[0].weight, 2);
+        assert_eq!(
+            d.endpoints[0]
+                .identity
+                .as_ref()
+                .map(|i| i.to_string())
+                .as_deref(),
+            Some("spiffe://td/ns/a/sa/b")
+        );
+        assert!(
+            "e:80=127.0.0.1:1#http://x"
+                .parse::<StaticDestination>()
+                .is_err()
+        );
         assert!("e:80=127.0.0.1:1*x".parse::<StaticDestination>().is_err());
         assert!(
             "echo.test=127.0.0.1:1"

@@ -6,8 +6,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::tls::{Hello, client_hello};
+
+/// A ClientHello is read whole (to learn its server name), up to one TLS record.
+pub const MAX_HELLO_BYTES: usize = 5 + 16 * 1024 + 256;
 
 /// Detection never buffers more than this; a request line longer than this that still looks
 /// like HTTP/1 is handed to the HTTP/1 server, which has its own limits.
@@ -34,23 +38,46 @@ pub enum Detected {
     Stalled,
     /// The client closed before sending anything.
     Closed,
+    /// A TLS ClientHello, with the server name it asks for.
+    Tls { sni: Option<String> },
+    /// A TLS handshake record that stalled, ended or was malformed before a whole ClientHello.
+    BadHello,
 }
 
-/// Reads from `tcp` until the protocol is known, the timeout passes, or the buffer is full.
-pub async fn detect(tcp: &mut TcpStream, timeout: Duration) -> std::io::Result<(Detected, Bytes)> {
+/// Reads from `io` until the protocol is known, the timeout passes, or the buffer is full.
+pub async fn detect<R: AsyncRead + Unpin>(
+    io: &mut R,
+    timeout: Duration,
+) -> std::io::Result<(Detected, Bytes)> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = vec![0u8; MAX_DETECT_BYTES];
     let mut n = 0;
     let detected = loop {
-        match tokio::time::timeout_at(deadline, tcp.read(&mut buf[n..])).await {
+        if n > 0 && buf[0] == 0x16 {
+            match client_hello(&buf[..n]) {
+                Hello::Complete { sni } => break Detected::Tls { sni },
+                Hello::Malformed => break Detected::BadHello,
+                Hello::Partial if n == buf.len() && buf.len() < MAX_HELLO_BYTES => {
+                    buf.resize(MAX_HELLO_BYTES, 0)
+                }
+                Hello::Partial if n == buf.len() => break Detected::BadHello,
+                Hello::Partial => {}
+            }
+        }
+        match tokio::time::timeout_at(deadline, io.read(&mut buf[n..])).await {
             Err(_elapsed) if n == 0 => break Detected::Idle,
+            Err(_elapsed) if buf[0] == 0x16 => break Detected::BadHello,
             Err(_elapsed) => break Detected::Stalled,
             Ok(Ok(0)) if n == 0 => break Detected::Closed,
+            Ok(Ok(0)) if buf[0] == 0x16 => break Detected::BadHello,
             // EOF after a partial prefix: whatever it is, it is not a complete HTTP request, so
             // hand the bytes (and the half-close) to the app as opaque data.
             Ok(Ok(0)) => break Detected::Protocol(Protocol::Opaque),
             Ok(Ok(read)) => {
                 n += read;
+                if buf[0] == 0x16 {
+                    continue;
+                }
                 match classify(&buf[..n]) {
                     Some(p) => break Detected::Protocol(p),
                     // Still a consistent HTTP/1 prefix at the cap: let the HTTP/1 server judge.

@@ -12,7 +12,8 @@ use arc_swap::ArcSwap;
 
 use crate::balance::Destination;
 use crate::config::{EndpointSpec, StaticDestination};
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, EndpointTls};
+use crate::identity::IdentityStore;
 use crate::metrics::{EndpointMetrics, Metrics};
 
 /// How long a DNS answer is reused before resolving again.
@@ -36,6 +37,7 @@ pub struct Destinations {
     dns: Mutex<HashMap<String, (Instant, Arc<Destination>)>>,
     connect_timeout: Duration,
     metrics: Arc<Metrics>,
+    identity: Option<Arc<IdentityStore>>,
 }
 
 impl Destinations {
@@ -43,12 +45,14 @@ impl Destinations {
         statics: &[StaticDestination],
         connect_timeout: Duration,
         metrics: Arc<Metrics>,
+        identity: Option<Arc<IdentityStore>>,
     ) -> Self {
         let d = Destinations {
             statics: ArcSwap::from_pointee(HashMap::new()),
             dns: Mutex::new(HashMap::new()),
             connect_timeout,
             metrics,
+            identity,
         };
         for s in statics {
             d.set(&s.name, &s.endpoints);
@@ -57,12 +61,29 @@ impl Destinations {
     }
 
     fn endpoint(&self, name: &str, s: &EndpointSpec) -> Arc<Endpoint> {
-        Arc::new(Endpoint::new(
-            s.addr,
-            s.weight,
-            self.connect_timeout,
-            Some(EndpointMetrics::new(&self.metrics, name, s.addr)),
-        ))
+        let tls = match (&s.identity, &self.identity) {
+            (Some(id), Some(store)) => Some(EndpointTls {
+                id: id.clone(),
+                store: store.clone(),
+                metrics: self.metrics.clone(),
+            }),
+            // Validation refuses identities without REMORA_IDENTITY_DIR; an embedding caller
+            // that skips it gets plaintext, and a warning.
+            (Some(id), None) => {
+                tracing::warn!(%id, addr = %s.addr, "endpoint has an identity but the proxy has none; using plaintext");
+                None
+            }
+            (None, _) => None,
+        };
+        Arc::new(
+            Endpoint::new(
+                s.addr,
+                s.weight,
+                self.connect_timeout,
+                Some(EndpointMetrics::new(&self.metrics, name, s.addr)),
+            )
+            .with_tls(tls),
+        )
     }
 
     /// Creates a static destination, or replaces its endpoints. Requests in flight to removed
@@ -77,7 +98,11 @@ impl Destinations {
                 .map(|s| {
                     current
                         .iter()
-                        .find(|e| e.addr == s.addr && e.weight == s.weight)
+                        .find(|e| {
+                            e.addr == s.addr
+                                && e.weight == s.weight
+                                && e.tls.as_ref().map(|t| &t.id) == s.identity.as_ref()
+                        })
                         .cloned()
                         .unwrap_or_else(|| self.endpoint(&name, s))
                 })
@@ -125,7 +150,11 @@ impl Destinations {
         }
         let specs: Vec<EndpointSpec> = addrs
             .iter()
-            .map(|&addr| EndpointSpec { addr, weight: 1 })
+            .map(|&addr| EndpointSpec {
+                addr,
+                weight: 1,
+                identity: None,
+            })
             .collect();
         let mut cache = self.dns.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((at, d)) = cache.get_mut(authority) {

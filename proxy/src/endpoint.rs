@@ -12,8 +12,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::balance::PeakEwma;
-use crate::metrics::EndpointMetrics;
+use crate::identity::IdentityStore;
+use crate::io::UpstreamIo;
+use crate::metrics::{Direction, EndpointMetrics, Metrics, TlsResult};
 use crate::replay::{UpstreamBody, never_processed};
+use remora_certs::SpiffeId;
 
 /// When a request was handed to a connection (set again if it is resent).
 pub struct Stamp {
@@ -76,6 +79,12 @@ pub enum EndpointError {
         proto: &'static str,
         source: hyper::Error,
     },
+    #[error("mTLS to {addr} (expecting {id}) failed: {reason}")]
+    Tls {
+        addr: SocketAddr,
+        id: String,
+        reason: String,
+    },
     #[error("{addr} closed the connection twice before the request could be written")]
     Closed { addr: SocketAddr },
     #[error("{addr} failed the request: {}", chain(source))]
@@ -105,6 +114,7 @@ impl EndpointError {
             EndpointError::Connect { .. }
                 | EndpointError::ConnectTimeout { .. }
                 | EndpointError::Handshake { .. }
+                | EndpointError::Tls { .. }
         )
     }
 }
@@ -122,8 +132,16 @@ pub struct SendError {
     pub unsent: Option<Request<UpstreamBody>>,
 }
 
+/// mTLS to an endpoint that is a peer proxy: the identity it must prove, and ours.
+pub struct EndpointTls {
+    pub id: SpiffeId,
+    pub store: Arc<IdentityStore>,
+    pub metrics: Arc<Metrics>,
+}
+
 pub struct Endpoint {
     pub addr: SocketAddr,
+    pub tls: Option<EndpointTls>,
     pub weight: u32,
     pub load: PeakEwma,
     health: Mutex<Health>,
@@ -153,6 +171,7 @@ impl Endpoint {
     ) -> Self {
         Endpoint {
             addr,
+            tls: None,
             weight: weight.max(1),
             load: PeakEwma::default(),
             health: Mutex::new(Health::default()),
@@ -165,7 +184,59 @@ impl Endpoint {
         }
     }
 
-    pub async fn connect_tcp(&self) -> Result<TcpStream, EndpointError> {
+    /// Opens a connection: TCP, then mTLS when the endpoint has an identity (a peer proxy).
+    /// `alpn` picks the protocol inside TLS; `None` for a byte tunnel.
+    pub async fn connect(&self, alpn: Option<&[u8]>) -> Result<UpstreamIo, EndpointError> {
+        let tcp = self.connect_tcp().await?;
+        let Some(tls) = &self.tls else {
+            return Ok(UpstreamIo::Plain(tcp));
+        };
+        let res = self.handshake(tls, tcp, alpn).await;
+        match &res {
+            Ok(_) => tls.metrics.tls(Direction::Outbound, TlsResult::Established),
+            Err(e) => {
+                tls.metrics.tls(Direction::Outbound, TlsResult::Failed);
+                self.mark_down(e);
+            }
+        }
+        res
+    }
+
+    async fn handshake(
+        &self,
+        tls: &EndpointTls,
+        tcp: TcpStream,
+        alpn: Option<&[u8]>,
+    ) -> Result<UpstreamIo, EndpointError> {
+        let fail = |reason: String| EndpointError::Tls {
+            addr: self.addr,
+            id: tls.id.to_string(),
+            reason,
+        };
+        let loaded = tls
+            .store
+            .current()
+            .ok_or_else(|| fail("this proxy has no identity yet (REMORA_IDENTITY_DIR)".into()))?;
+        let cfg = crate::tls::client_config(
+            &loaded.creds,
+            loaded.anchors.clone(),
+            tls.id.clone(),
+            alpn.unwrap_or(b""),
+        )
+        .map_err(|e| fail(e.to_string()))?;
+        let name = crate::tls::server_name(&tls.id).map_err(fail)?;
+        let connector = tokio_rustls::TlsConnector::from(cfg);
+        match tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp)).await {
+            Ok(Ok(s)) => Ok(UpstreamIo::Tls(Box::new(s))),
+            Ok(Err(e)) => Err(fail(e.to_string())),
+            Err(_) => Err(fail(format!(
+                "handshake timed out after {:?}",
+                self.connect_timeout
+            ))),
+        }
+    }
+
+    async fn connect_tcp(&self) -> Result<TcpStream, EndpointError> {
         let addr = self.addr;
         let res = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Err(_) => Err(EndpointError::ConnectTimeout {
@@ -183,6 +254,12 @@ impl Endpoint {
             Err(e) => self.mark_down(e),
         }
         res
+    }
+
+    /// Connects with mTLS, expecting the peer to prove `tls.id`.
+    pub fn with_tls(mut self, tls: Option<EndpointTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Not backing off after a failure.
@@ -399,7 +476,7 @@ impl Endpoint {
                 source: std::io::Error::new(*kind, msg.clone()),
             });
         }
-        let tcp = match self.connect_tcp().await {
+        let tcp = match self.connect(Some(crate::tls::ALPN_H2)).await {
             Ok(t) => t,
             Err(e) => {
                 let (kind, msg) = match &e {
@@ -513,7 +590,7 @@ impl Endpoint {
         &self,
         upgrades: bool,
     ) -> Result<http1::SendRequest<UpstreamBody>, EndpointError> {
-        let tcp = self.connect_tcp().await?;
+        let tcp = self.connect(Some(crate::tls::ALPN_HTTP1)).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(tcp))
             .await

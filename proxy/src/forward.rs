@@ -307,13 +307,13 @@ impl Shared {
         dest: &Destination,
         ep: &Arc<Endpoint>,
     ) -> Result<Response<Body>, ForwardError> {
-        let tcp = match ep.connect_tcp().await {
+        let tcp = match ep.connect(None).await {
             Ok(t) => t,
             Err(error) => match dest.pick(Some(ep)).await {
                 Ok(other) => {
                     self.check_loop(dst, &other)?;
                     other
-                        .connect_tcp()
+                        .connect(None)
                         .await
                         .map_err(|source| ForwardError::Endpoint {
                             dst: dst.to_string(),

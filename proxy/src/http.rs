@@ -12,7 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 
 use crate::drain::Drain;
-use crate::io::ProxyIo;
+use crate::io::ServerIo;
 use crate::listener::Stack;
 
 /// A response body: the upstream's, streamed through, or one the proxy wrote itself.
@@ -75,7 +75,7 @@ fn grpc_message(msg: &str) -> String {
 }
 
 /// Serves one HTTP/1.1 connection until it ends, or until the drain asks it to finish.
-pub async fn serve_h1(io: ProxyIo, svc: Stack, drain: &Drain, header_timeout: Duration) {
+pub async fn serve_h1(io: ServerIo, svc: Stack, drain: &Drain, header_timeout: Duration) {
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
@@ -96,7 +96,7 @@ pub async fn serve_h1(io: ProxyIo, svc: Stack, drain: &Drain, header_timeout: Du
 }
 
 /// Serves one HTTP/2 connection; on drain it sends a graceful GOAWAY and lets streams finish.
-pub async fn serve_h2(io: ProxyIo, svc: Stack, drain: &Drain) {
+pub async fn serve_h2(io: ServerIo, svc: Stack, drain: &Drain) {
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_concurrent_streams(1024)

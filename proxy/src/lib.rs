@@ -18,6 +18,7 @@ pub mod drain;
 pub mod endpoint;
 pub mod forward;
 pub mod http;
+pub mod identity;
 pub mod inbound;
 pub mod io;
 pub mod job;
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod replay;
 pub mod scrub;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,7 +37,7 @@ use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, EndpointSpec, StaticDestination};
+pub use config::{Config, EndpointSpec, MtlsMode, StaticDestination};
 pub use metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -96,13 +98,19 @@ impl Proxy {
         let (outbound, o) = bind("REMORA_OUTBOUND_ADDR", cfg.outbound_addr).await?;
         let (admin, a) = bind("REMORA_ADMIN_ADDR", cfg.admin_addr).await?;
         let metrics = Arc::new(Metrics::new());
+        let identity = cfg
+            .identity_dir
+            .as_deref()
+            .map(|dir| identity::IdentityStore::new(dir, metrics.clone()));
         let destinations = Arc::new(discover::Destinations::new(
             &cfg.destinations,
             cfg.connect_timeout,
             metrics.clone(),
+            identity.clone(),
         ));
         let admin_state = Arc::new(admin::AdminState {
             metrics,
+            identity,
             ready: Default::default(),
             draining: Default::default(),
             shutdown: CancellationToken::new(),
@@ -152,12 +160,16 @@ impl Proxy {
         let metrics = state.metrics.clone();
         let rules = Arc::new(scrub::Rules::new(&self.cfg.strip_headers));
         let (in_drain, out_drain) = (drain::Drain::new(), drain::Drain::new());
-        let inbound = Arc::new(inbound::listener(
-            &self.cfg,
-            metrics.clone(),
-            in_drain.clone(),
-            rules.clone(),
-        ));
+        let mut inbound =
+            inbound::listener(&self.cfg, metrics.clone(), in_drain.clone(), rules.clone());
+        if let Some(store) = &state.identity {
+            inbound.tls = Some(listener::InboundTls {
+                store: store.clone(),
+                mode: self.cfg.mtls,
+            });
+            tokio::spawn(store.clone().watch());
+        }
+        let inbound = Arc::new(inbound);
         let outbound = Arc::new(outbound::listener(
             &self.cfg,
             self.destinations.clone(),

@@ -59,9 +59,14 @@ snake_case_labels! {
     ProtocolLabel { Http1 => "http1", Http2 => "http2", Opaque => "opaque" }
     DetectResult {
         Http1 => "http1", Http2 => "http2", Opaque => "opaque", OpaquePort => "opaque_port",
-        Idle => "idle", Timeout => "timeout", Closed => "closed", Error => "error",
+        Idle => "idle", Timeout => "timeout", Closed => "closed", Tls => "tls", Error => "error",
     }
     Flow { Read => "read", Write => "write" }
+    TlsResult {
+        Mtls => "mtls", Plaintext => "plaintext", Passthrough => "passthrough",
+        RefusedPlaintext => "refused_plaintext", HandshakeFailed => "handshake_failed",
+        BadHello => "bad_hello", Established => "established", Failed => "failed",
+    }
     ErrorKind {
         NoEndpoints => "no_endpoints", ConnectFailed => "connect_failed",
         UpstreamReset => "upstream_reset", BadRequest => "bad_request", Loop => "loop",
@@ -99,7 +104,30 @@ pub enum DetectResult {
     Timeout,
     /// The client closed before sending a byte.
     Closed,
+    /// A TLS ClientHello (mTLS, the app's own TLS, or a bad hello).
+    Tls,
     Error,
+}
+
+/// How an inbound connection was secured, or why it was turned away.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum TlsResult {
+    /// mTLS terminated, client certificate verified.
+    Mtls,
+    /// Plaintext, accepted (permissive or disabled mode).
+    Plaintext,
+    /// TLS for another server name: the app's own TLS, passed through untouched.
+    Passthrough,
+    /// Plaintext refused in strict mode.
+    RefusedPlaintext,
+    /// The TLS handshake failed (no or untrusted client certificate, protocol error).
+    HandshakeFailed,
+    /// A ClientHello that never completed, or was malformed.
+    BadHello,
+    /// Outbound: mTLS established to a peer proxy with the expected identity.
+    Established,
+    /// Outbound: the peer failed verification or the handshake failed.
+    Failed,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -155,6 +183,12 @@ pub struct DetectLabels {
 pub struct BytesLabels {
     pub direction: Direction,
     pub flow: Flow,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    pub direction: Direction,
+    pub result: TlsResult,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -230,6 +264,10 @@ impl Drop for EndpointMetrics {
 
 pub struct Metrics {
     registry: Registry,
+    pub tls: Family<TlsLabels, Counter>,
+    pub identity_expiry: Gauge,
+    pub identity_reloads: Counter,
+    pub identity_reload_failures: Counter,
     pub endpoints: Arc<EndpointFamilies>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<DirectionLabels, Histogram, fn() -> Histogram>,
@@ -326,6 +364,30 @@ impl Metrics {
             "Connections and tunnels still running at the drain deadline, cut",
             drain_cut.clone(),
         );
+        let tls = Family::default();
+        registry.register(
+            "tls_connections",
+            "Connections by how TLS went: inbound mtls/plaintext/passthrough/refused_plaintext/handshake_failed/bad_hello, outbound established/failed",
+            tls.clone(),
+        );
+        let identity_expiry = Gauge::default();
+        registry.register(
+            "identity_expiry_timestamp_seconds",
+            "When the certificate in service expires (Unix time)",
+            identity_expiry.clone(),
+        );
+        let identity_reloads = Counter::default();
+        registry.register(
+            "identity_reloads",
+            "Certificate sets validated and put in service",
+            identity_reloads.clone(),
+        );
+        let identity_reload_failures = Counter::default();
+        registry.register(
+            "identity_reload_failures",
+            "Certificate sets refused by validation (the previous set kept serving)",
+            identity_reload_failures.clone(),
+        );
         let endpoints = Arc::new(EndpointFamilies::default());
         registry.register(
             "endpoint_requests",
@@ -364,6 +426,10 @@ impl Metrics {
         );
         Metrics {
             registry,
+            tls,
+            identity_expiry,
+            identity_reloads,
+            identity_reload_failures,
             requests,
             request_duration,
             connections,
@@ -395,6 +461,12 @@ impl Metrics {
     pub fn error(&self, direction: Direction, kind: ErrorKind) {
         self.errors
             .get_or_create(&ErrorLabels { direction, kind })
+            .inc();
+    }
+
+    pub fn tls(&self, direction: Direction, result: TlsResult) {
+        self.tls
+            .get_or_create(&TlsLabels { direction, result })
             .inc();
     }
 

@@ -142,11 +142,17 @@ fn hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 pub struct Scrub<S> {
     inner: S,
     rules: Arc<Rules>,
+    /// The connection's verified peer identity, set after the spoofable one is stripped.
+    client_id: Option<HeaderValue>,
 }
 
 impl<S> Scrub<S> {
-    pub fn new(inner: S, rules: Arc<Rules>) -> Self {
-        Scrub { inner, rules }
+    pub fn new(inner: S, rules: Arc<Rules>, client_id: Option<HeaderValue>) -> Self {
+        Scrub {
+            inner,
+            rules,
+            client_id,
+        }
     }
 }
 
@@ -164,6 +170,9 @@ where
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         self.rules.request(&mut req);
+        if let Some(id) = &self.client_id {
+            req.headers_mut().insert(CLIENT_ID_HEADER, id.clone());
+        }
         ScrubFuture {
             inner: self.inner.call(req),
             rules: self.rules.clone(),

@@ -128,6 +128,7 @@ async fn removing_an_endpoint_leaves_its_streams_running() {
         &[EndpointSpec {
             addr: bs[1].addr,
             weight: 1,
+            identity: None,
         }],
     );
     // New calls go to the new set at once…
