@@ -160,7 +160,14 @@ pub fn client_config(
         .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
             creds.certified.clone(),
         )));
-    cfg.alpn_protocols = vec![alpn.to_vec()];
+    if !alpn.is_empty() {
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+    }
+    // No SNI between proxies: a ClientHello without a server name is always terminated by the
+    // peer proxy, so it presents its certificate and the verifier above can say exactly which
+    // identity it found (with SNI, a peer with another identity would pass the bytes to its
+    // app and the failure would read as a protocol error).
+    cfg.enable_sni = false;
     Ok(Arc::new(cfg))
 }
 

@@ -31,11 +31,19 @@ def main():
     ap.add_argument("c", nargs="?", type=int, default=1)
     ap.add_argument("--method", default="Unary")
     ap.add_argument("--payload", default="")
+    ap.add_argument("--tls", help="CA,CERT,KEY: mTLS to the proxy")
+    ap.add_argument("--server-name", help="TLS server name to ask for and verify")
     args = ap.parse_args()
     opts = [("grpc.enable_retries", 0)]
     if args.authority:
         opts.append(("grpc.default_authority", args.authority))
-    ch = grpc.insecure_channel(args.target, options=opts)
+    if args.tls:
+        ca, cert, key = (open(p, "rb").read() for p in args.tls.split(","))
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        opts.append(("grpc.ssl_target_name_override", args.server_name))
+        ch = grpc.secure_channel(args.target, creds, options=opts)
+    else:
+        ch = grpc.insecure_channel(args.target, options=opts)
     out = {}
     if args.mode == "check":
         body, call = call_unary(ch, b"hello remora")

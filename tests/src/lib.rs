@@ -560,3 +560,86 @@ pub async fn wait_until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A throwaway PKI for mTLS tests: a CA (`remora ca init` layout) and workload identities in
+/// the Secret layout (`tls.crt`, `tls.key`, `ca.crt`).
+pub struct Pki {
+    pub dir: PathBuf,
+    pub issuer: remora_certs::ca::LoadedIssuer,
+    pub trust_domain: String,
+}
+
+impl Pki {
+    pub fn new(trust_domain: &str) -> Pki {
+        let (file, _) = random_file(1);
+        let dir = file.with_file_name("ca");
+        remora_certs::ca::init_dir(&dir, trust_domain).expect("CA");
+        let issuer = remora_certs::ca::LoadedIssuer::from_dir(&dir).expect("issuer");
+        Pki {
+            dir,
+            issuer,
+            trust_domain: trust_domain.to_string(),
+        }
+    }
+
+    pub fn id(&self, sa: &str) -> remora_certs::SpiffeId {
+        remora_certs::SpiffeId::workload(&self.trust_domain, "default", sa).expect("id")
+    }
+
+    pub fn leaf(&self, sa: &str) -> remora_certs::ca::Leaf {
+        remora_certs::ca::issue_with_new_key(&self.issuer, &self.id(sa), Duration::from_secs(3600))
+            .expect("leaf")
+    }
+
+    /// A fresh identity directory for service account `sa`.
+    pub fn identity_dir(&self, sa: &str) -> PathBuf {
+        let (file, _) = random_file(1);
+        let dir = file.with_file_name(format!("id-{sa}"));
+        self.leaf(sa).write(&dir).expect("write identity");
+        dir
+    }
+}
+
+/// Files of an identity dir, as curl and Python want them.
+pub struct IdFiles {
+    pub ca: String,
+    pub crt: String,
+    pub key: String,
+}
+
+pub fn id_files(dir: &std::path::Path) -> IdFiles {
+    let s = |f: &str| dir.join(f).to_str().expect("utf-8").to_string();
+    IdFiles {
+        ca: s("ca.crt"),
+        crt: s("tls.crt"),
+        key: s("tls.key"),
+    }
+}
+
+/// curl over mTLS to a proxy's inbound, asking for `sni` (`--resolve` maps it to `addr`).
+pub async fn curl_mtls(
+    addr: SocketAddr,
+    sni: &str,
+    path: &str,
+    id: Option<&IdFiles>,
+    ca: &str,
+    extra: &[&str],
+) -> Output {
+    let resolve = format!("{sni}:{}:{}", addr.port(), addr.ip());
+    let url = format!("https://{sni}:{}{path}", addr.port());
+    let mut args = vec![
+        "-sS",
+        "--max-time",
+        "30",
+        "--resolve",
+        &resolve,
+        "--cacert",
+        ca,
+    ];
+    if let Some(id) = id {
+        args.extend(["--cert", &id.crt, "--key", &id.key]);
+    }
+    args.extend_from_slice(extra);
+    args.push(&url);
+    run("curl", &args).await
+}
