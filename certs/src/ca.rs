@@ -139,13 +139,35 @@ impl LoadedIssuer {
         public_key: &impl PublicKeyData,
         lifetime: Duration,
     ) -> Result<String, CaError> {
+        let now = OffsetDateTime::now_utc();
+        // A little backdating absorbs clock skew between the issuer and the peers.
+        let from = now - time::Duration::minutes(1);
+        self.issue_window(Some(id), &id.dns_name(), public_key, from, now + lifetime)
+    }
+
+    /// Like [`LoadedIssuer::issue`] with every field chosen: an explicit validity window, and
+    /// optionally no SPIFFE ID at all (tests of what validation refuses use this).
+    pub fn issue_window(
+        &self,
+        id: Option<&SpiffeId>,
+        dns_name: &str,
+        public_key: &impl PublicKeyData,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<String, CaError> {
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(rc("leaf parameters"))?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, id.dns_name());
+        dn.push(DnType::CommonName, dns_name);
         p.distinguished_name = dn;
-        let uri = id.to_string().try_into().map_err(rc("SPIFFE URI"))?;
-        let dns = id.dns_name().try_into().map_err(rc("identity DNS name"))?;
-        p.subject_alt_names = vec![SanType::URI(uri), SanType::DnsName(dns)];
+        let dns = dns_name
+            .to_string()
+            .try_into()
+            .map_err(rc("identity DNS name"))?;
+        p.subject_alt_names = vec![SanType::DnsName(dns)];
+        if let Some(id) = id {
+            let uri = id.to_string().try_into().map_err(rc("SPIFFE URI"))?;
+            p.subject_alt_names.insert(0, SanType::URI(uri));
+        }
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -155,10 +177,8 @@ impl LoadedIssuer {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        let now = OffsetDateTime::now_utc();
-        // A little backdating absorbs clock skew between the issuer and the peers.
-        p.not_before = now - time::Duration::minutes(1);
-        p.not_after = now + lifetime;
+        p.not_before = not_before;
+        p.not_after = not_after;
         let leaf = p
             .signed_by(public_key, &self.issuer)
             .map_err(rc("leaf certificate"))?;
