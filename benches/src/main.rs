@@ -1,7 +1,7 @@
 //! remora's benchmark harness. Scenario so far: one hop, h2c, small responses from nghttpd,
 //! fixed concurrency — direct (the baseline row) against remora's inbound.
 //!
-//!   cargo run -p benches --release -- [one-hop|rolling-restart|balance|all] [--quick]
+//!   cargo run -p benches --release -- [one-hop|rolling-restart|balance|mtls|all] [--quick]
 //!
 //! Method: the proxy under test is pinned to CPU 0, the load generator and the backend to CPU 1
 //! (taskset), a warm-up run precedes the counted runs, CPU time is read from /proc/PID/stat of
@@ -9,6 +9,7 @@
 //! and the other scenarios are the benchmark issue's work.
 
 mod balance;
+mod mtls;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -64,7 +65,7 @@ pub(crate) fn spawn(
 }
 
 /// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
@@ -411,11 +412,13 @@ fn main() -> std::process::ExitCode {
         Some("one-hop") => one_hop(quick),
         Some("rolling-restart") => rolling_restart(quick),
         Some("balance") => balance::run(quick),
+        Some("mtls") => mtls::run(quick),
         Some("all") | None => one_hop(quick)
             .and_then(|()| rolling_restart(quick))
-            .and_then(|()| balance::run(quick)),
+            .and_then(|()| balance::run(quick))
+            .and_then(|()| mtls::run(quick)),
         Some(other) => Err(format!(
-            "unknown scenario `{other}`; scenarios: one-hop, rolling-restart, balance, all"
+            "unknown scenario `{other}`; scenarios: one-hop, rolling-restart, balance, mtls, all"
         )),
     };
     match result {

@@ -95,6 +95,9 @@ pub struct DemoArgs {
     /// After the run, keep the mesh up until Ctrl-C (to look at the admin URLs).
     #[arg(long)]
     pub hold: bool,
+    /// Run the mesh without mTLS (by default it makes a throwaway CA and identities).
+    #[arg(long)]
+    pub plaintext: bool,
     /// Upper bound on the whole run.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,

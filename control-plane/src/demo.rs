@@ -34,6 +34,8 @@ pub struct Report {
     pub ok: usize,
     pub failed: usize,
     pub per_backend: BTreeMap<String, usize>,
+    /// (backend, the caller identity its proxy verified)
+    pub peers: std::collections::BTreeSet<(String, String)>,
 }
 
 fn loopback0() -> SocketAddr {
@@ -51,6 +53,8 @@ async fn backend(name: String) -> std::io::Result<(SocketAddr, JoinHandle<()>)> 
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let name = name.clone();
                     async move {
+                        // The verified identity of the caller, as the backend's proxy saw it.
+                        let peer = req.headers().get("x-remora-client-id").cloned();
                         let msg = req
                             .into_body()
                             .collect()
@@ -65,6 +69,9 @@ async fn backend(name: String) -> std::io::Result<(SocketAddr, JoinHandle<()>)> 
                             .insert("content-type", HeaderValue::from_static("application/grpc"));
                         if let Ok(v) = HeaderValue::from_str(&name) {
                             rsp.headers_mut().insert("backend", v);
+                        }
+                        if let Some(p) = peer {
+                            rsp.headers_mut().insert("peer", p);
                         }
                         Ok::<_, Infallible>(rsp)
                     }
@@ -159,6 +166,12 @@ async fn client(
                         .get("backend")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_string);
+                    let peer = rsp
+                        .headers()
+                        .get("peer")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("none (plaintext)")
+                        .to_string();
                     let header_status = rsp.headers().get("grpc-status").cloned();
                     let body = rsp.into_body().collect().await.map_err(|e| e.to_string())?;
                     let status = body
@@ -166,7 +179,7 @@ async fn client(
                         .and_then(|t| t.get("grpc-status").cloned())
                         .or(header_status);
                     match (status.as_ref().map(|s| s.as_bytes()), backend) {
-                        (Some(b"0"), Some(b)) => Ok(b),
+                        (Some(b"0"), Some(b)) => Ok((b, peer)),
                         (s, _) => Err(format!("grpc-status {s:?}")),
                     }
                 }
@@ -174,8 +187,9 @@ async fn client(
                 let elapsed = start.elapsed();
                 let mut r = results.lock().unwrap_or_else(|p| p.into_inner());
                 match outcome {
-                    Ok(b) => {
+                    Ok((b, peer)) => {
                         r.0.ok += 1;
+                        r.0.peers.insert((b.clone(), peer));
                         *r.0.per_backend.entry(b).or_default() += 1;
                         r.1.push(elapsed);
                     }
@@ -204,28 +218,106 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
+/// A throwaway CA and one identity per workload, in a temporary directory.
+struct DemoPki {
+    dir: std::path::PathBuf,
+    issuer: remora_certs::ca::LoadedIssuer,
+}
+
+impl DemoPki {
+    fn new() -> Result<Self, String> {
+        let dir = std::env::temp_dir().join(format!("remora-demo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        remora_certs::ca::init_dir(&dir.join("ca"), TRUST_DOMAIN).map_err(|e| e.to_string())?;
+        let issuer =
+            remora_certs::ca::LoadedIssuer::from_dir(&dir.join("ca")).map_err(|e| e.to_string())?;
+        Ok(DemoPki { dir, issuer })
+    }
+
+    fn identity(&self, sa: &str) -> Result<(remora_certs::SpiffeId, std::path::PathBuf), String> {
+        let id = remora_certs::SpiffeId::workload(TRUST_DOMAIN, "demo", sa)
+            .map_err(|e| e.to_string())?;
+        let leaf =
+            remora_certs::ca::issue_with_new_key(&self.issuer, &id, Duration::from_secs(3600))
+                .map_err(|e| e.to_string())?;
+        let out = self.dir.join(sa);
+        leaf.write(&out).map_err(|e| e.to_string())?;
+        Ok((id, out))
+    }
+}
+
+impl Drop for DemoPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const TRUST_DOMAIN: &str = "demo.local";
+
+/// Polls a proxy's /ready (it waits for its identity when it has one).
+async fn wait_ready(admin: SocketAddr) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut s) = TcpStream::connect(admin).await {
+            let _ = s.write_all(b"GET /ready HTTP/1.0\r\n\r\n").await;
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out).await;
+            if out.starts_with(b"HTTP/1.0 200") || out.starts_with(b"HTTP/1.1 200") {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the proxy with admin {admin} was not ready within 30 s"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn run(args: DemoArgs) -> Result<Report, String> {
+    let pki = if args.plaintext {
+        None
+    } else {
+        Some(DemoPki::new()?)
+    };
     let mut proxies = Vec::new();
     let mut backends = Vec::new();
+    let mut endpoints = Vec::new();
     for i in 1..=3 {
         let name = format!("b{i}");
         let (addr, task) = backend(name.clone())
             .await
             .map_err(|e| format!("backend {name}: {e}"))?;
         backends.push(task);
-        proxies.push(
-            start_proxy(
-                format!("backend {name}'s proxy (app {addr})"),
-                demo_config(addr),
-            )
-            .await?,
-        );
+        let mut cfg = demo_config(addr);
+        let mut identity = None;
+        if let Some(pki) = &pki {
+            let (id, dir) = pki.identity(&format!("echo-{name}"))?;
+            cfg.identity_dir = Some(dir);
+            identity = Some(id);
+        }
+        let p = start_proxy(format!("backend {name}'s proxy (app {addr})"), cfg).await?;
+        wait_ready(p.admin).await?;
+        endpoints.push(remora_proxy::EndpointSpec {
+            addr: p.inbound,
+            weight: 1,
+            identity,
+        });
+        proxies.push(p);
     }
-    let inbound: Vec<SocketAddr> = proxies.iter().map(|p| p.inbound).collect();
     // The client app only calls out; nothing listens behind its inbound side.
     let mut cfg = demo_config(SocketAddr::from(([127, 0, 0, 1], 9)));
-    cfg.destinations = vec![StaticDestination::new(SERVICE, &inbound)];
+    if let Some(pki) = &pki {
+        cfg.identity_dir = Some(pki.identity("client")?.1);
+    }
+    cfg.destinations = vec![StaticDestination {
+        name: SERVICE.into(),
+        endpoints,
+    }];
     let client_proxy = start_proxy("client's proxy".into(), cfg).await?;
+    wait_ready(client_proxy.admin).await?;
     let outbound = client_proxy.outbound;
     proxies.push(client_proxy);
 
@@ -264,6 +356,19 @@ calls per backend (the proxy balances each request, not each connection):"
             println!(
                 "  {b}: {n:>6}  {}",
                 "#".repeat(n * 40 / args.requests.max(1))
+            );
+        }
+        println!(
+            "
+identities (each backend's proxy verified the caller's certificate; the client's proxy
+verified each backend's):"
+        );
+        for (b, peer) in &report.peers {
+            println!("  {b} was called by {peer}");
+        }
+        if pki.is_some() {
+            println!(
+                "  client's proxy expected echo-b1, echo-b2, echo-b3 under spiffe://{TRUST_DOMAIN}/ns/demo/sa/"
             );
         }
         println!(
