@@ -186,6 +186,35 @@ impl LoadedIssuer {
     }
 }
 
+impl LoadedIssuer {
+    /// Issues a leaf for `id` from a PEM CSR. Only the CSR's public key is used: the identity
+    /// is the one the caller proved, never what the CSR asks for, and the key never leaves the
+    /// workload. The CSR's signature is checked (proof it holds the key).
+    pub fn issue_from_csr(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<String, CaError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+            CaError::Invalid(format!(
+                "the CSR is not a valid PEM certificate request: {e}"
+            ))
+        })?;
+        self.issue(id, &csr.public_key, lifetime)
+    }
+}
+
+/// A key and a CSR for it, made where the key will live.
+pub fn new_key_and_csr(id: &SpiffeId) -> Result<(KeyPair, String), CaError> {
+    let key = KeyPair::generate().map_err(rc("workload key"))?;
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(rc("CSR parameters"))?;
+    p.distinguished_name.push(DnType::CommonName, id.dns_name());
+    let csr = p.serialize_request(&key).map_err(rc("CSR"))?;
+    let pem = csr.pem().map_err(rc("CSR PEM"))?;
+    Ok((key, pem))
+}
+
 /// A workload's key and certificate files, ready to write as `tls.crt`, `tls.key`, `ca.crt`.
 pub struct Leaf {
     pub chain_pem: String,

@@ -339,6 +339,30 @@ mod tests {
     }
 
     #[test]
+    fn leaf_from_a_csr_uses_the_proven_identity_and_the_workloads_key() {
+        let (d, issuer) = fresh();
+        let id = SpiffeId::workload("cluster.local", "default", "web").unwrap();
+        let (key, csr) = ca::new_key_and_csr(&id).unwrap();
+        let chain = issuer
+            .issue_from_csr(&csr, &id, Duration::from_secs(3600))
+            .unwrap();
+        let c = validate(
+            &d.0,
+            chain.as_bytes(),
+            key.serialize_pem().as_bytes(),
+            issuer.bundle_pem.as_bytes(),
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(c.id, id);
+        assert!(
+            issuer
+                .issue_from_csr("not a csr", &id, Duration::from_secs(60))
+                .is_err()
+        );
+    }
+
+    #[test]
     fn bad_sets_are_refused_with_the_file_and_reason() {
         let (d, issuer) = fresh();
         let id = SpiffeId::workload("cluster.local", "default", "web").unwrap();

@@ -358,11 +358,15 @@ calls per backend (the proxy balances each request, not each connection):"
                 "#".repeat(n * 40 / args.requests.max(1))
             );
         }
-        println!(
-            "
+        if pki.is_some() {
+            println!(
+                "
 identities (each backend's proxy verified the caller's certificate; the client's proxy
 verified each backend's):"
-        );
+            );
+        } else {
+            println!("\nidentities: none, the mesh runs in plaintext (--plaintext)");
+        }
         for (b, peer) in &report.peers {
             println!("  {b} was called by {peer}");
         }
