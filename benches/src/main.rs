@@ -1,7 +1,7 @@
 //! remora's benchmark harness. Scenario so far: one hop, h2c, small responses from nghttpd,
 //! fixed concurrency — direct (the baseline row) against remora's inbound.
 //!
-//!   cargo run -p benches --release -- [one-hop|rolling-restart|balance|mtls|all] [--quick]
+//!   cargo run -p benches --release -- [compare|one-hop|rolling-restart|balance|mtls|all] [--quick]
 //!
 //! Method: the proxy under test is pinned to CPU 0, the load generator and the backend to CPU 1
 //! (taskset), a warm-up run precedes the counted runs, CPU time is read from /proc/PID/stat of
@@ -9,7 +9,10 @@
 //! and the other scenarios are the benchmark issue's work.
 
 mod balance;
+mod compare;
+mod load;
 mod mtls;
+mod peers;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -75,7 +78,7 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -408,19 +411,42 @@ fn rolling_restart(quick: bool) -> Result<(), String> {
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
+    // Helper roles the harness runs as pinned child processes.
+    match args.first().map(String::as_str) {
+        Some("backend") => {
+            let port = args.get(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+            return report(load::backend(port));
+        }
+        Some("grpc-load") => {
+            let addr = args.get(1).and_then(|a| a.parse().ok());
+            let auth = args.get(2).cloned().unwrap_or_default();
+            let rps = args.get(3).and_then(|r| r.parse().ok()).unwrap_or(1000);
+            let secs = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(5);
+            return report(match addr {
+                Some(a) => load::grpc_load(a, &auth, rps, secs),
+                None => Err("grpc-load ADDR AUTHORITY RPS SECS".into()),
+            });
+        }
+        _ => {}
+    }
     let result = match args.first().map(String::as_str) {
         Some("one-hop") => one_hop(quick),
         Some("rolling-restart") => rolling_restart(quick),
         Some("balance") => balance::run(quick),
         Some("mtls") => mtls::run(quick),
-        Some("all") | None => one_hop(quick)
+        Some("compare") => compare::run(quick),
+        Some("all") | Some("--quick") | None => compare::run(quick)
             .and_then(|()| rolling_restart(quick))
             .and_then(|()| balance::run(quick))
             .and_then(|()| mtls::run(quick)),
         Some(other) => Err(format!(
-            "unknown scenario `{other}`; scenarios: one-hop, rolling-restart, balance, mtls, all"
+            "unknown scenario `{other}`; scenarios: compare, one-hop, rolling-restart, balance, mtls, all"
         )),
     };
+    report(result)
+}
+
+fn report(result: Result<(), String>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
