@@ -356,7 +356,12 @@ impl Endpoint {
         req: Request<UpstreamBody>,
         dispatched: &Stamp,
     ) -> Result<Response<Incoming>, SendError> {
-        let sender = match self.h2_sender().await {
+        // The cached connection synchronously; connecting (a large future) only when needed.
+        let sender = match self.cached_h2() {
+            Some(s) => Ok(s),
+            None => Box::pin(self.h2_sender()).await,
+        };
+        let sender = match sender {
             Ok(s) => s,
             Err(error) => {
                 return Err(SendError {
@@ -381,13 +386,13 @@ impl Endpoint {
             Ok(rsp) => return Ok(rsp),
             Err(Attempt::Unsent(req)) => {
                 // Handed back before it was written: resend as is.
-                return self.h2_retry(req, dispatched).await;
+                return Box::pin(self.h2_retry(req, dispatched)).await;
             }
             Err(Attempt::Failed(e)) => e,
         };
         // Refused, or cut by a graceful GOAWAY: the server never processed it (RFC 9113 §8.7).
         if never_processed(&error)
-            && let Some(body) = replay.body().await
+            && let Some(body) = Box::pin(replay.body()).await
         {
             tracing::debug!(addr = %self.addr, error = %error, "upstream refused the stream; resending");
             let (method, uri, version, headers) = head;
@@ -396,7 +401,7 @@ impl Endpoint {
             *req.uri_mut() = uri;
             *req.version_mut() = version;
             *req.headers_mut() = headers;
-            return self.h2_retry(req, dispatched).await;
+            return Box::pin(self.h2_retry(req, dispatched)).await;
         }
         Err(self.request_error(error))
     }
@@ -541,7 +546,7 @@ impl Endpoint {
                 },
             }
         }
-        let mut sender = match self.new_h1(false).await {
+        let mut sender = match Box::pin(self.new_h1(false)).await {
             Ok(s) => s,
             Err(error) => {
                 return Err(SendError {

@@ -503,14 +503,27 @@ pub struct Observe<S> {
 pub struct RequestHandles {
     direction: Direction,
     requests: Family<RequestLabels, Counter>,
+    /// The commonest outcomes, resolved once: 200 without and with grpc-status 0 (a family
+    /// lookup takes a lock and hashes the labels; profiling showed it on the hot path).
+    ok_http: Counter,
+    ok_grpc: Counter,
     duration: Histogram,
     in_flight: Gauge,
 }
 
 impl RequestHandles {
     pub fn new(metrics: &Metrics, direction: Direction) -> Self {
+        let ok = |grpc_status| {
+            metrics.requests.get_or_create_owned(&RequestLabels {
+                direction,
+                status: 200,
+                grpc_status,
+            })
+        };
         RequestHandles {
             direction,
+            ok_http: ok(None),
+            ok_grpc: ok(Some(0)),
             requests: metrics.requests.clone(),
             duration: metrics
                 .request_duration
@@ -606,13 +619,23 @@ struct Recorder {
 impl Drop for Recorder {
     fn drop(&mut self) {
         let h = &self.in_flight.0;
-        h.requests
-            .get_or_create(&RequestLabels {
-                direction: h.direction,
-                status: self.status,
-                grpc_status: self.grpc_status,
-            })
-            .inc();
+        match (self.status, self.grpc_status) {
+            (200, None) => {
+                h.ok_http.inc();
+            }
+            (200, Some(0)) => {
+                h.ok_grpc.inc();
+            }
+            (status, grpc_status) => {
+                h.requests
+                    .get_or_create(&RequestLabels {
+                        direction: h.direction,
+                        status,
+                        grpc_status,
+                    })
+                    .inc();
+            }
+        }
         h.duration.observe(self.start.elapsed().as_secs_f64());
     }
 }
