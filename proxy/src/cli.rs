@@ -70,6 +70,15 @@ pub struct Args {
     /// Inbound mTLS: permissive (mTLS and plaintext on one port), strict, or disabled.
     #[arg(long, env = "REMORA_MTLS", value_enum, default_value = "permissive")]
     pub mtls: MtlsArg,
+    /// Strict mode: plaintext HTTP/1.1 GET/HEAD to these paths (kubelet probes) is still served;
+    /// empty refuses all plaintext.
+    #[arg(
+        long,
+        env = "REMORA_PROBE_PATHS",
+        value_delimiter = ',',
+        default_value = "/healthz,/readyz,/livez,/health,/ready,/live"
+    )]
+    pub probe_paths: Vec<String>,
     /// Log filter: a level (info, debug…) or tracing directives (remora_proxy=debug,info).
     #[arg(long, env = "REMORA_LOG", default_value = "info")]
     pub log: String,
@@ -119,6 +128,12 @@ impl Args {
             strip_headers: self.strip_headers.clone(),
             drain_timeout: self.drain_timeout,
             identity_dir: self.identity_dir.clone(),
+            probe_paths: self
+                .probe_paths
+                .iter()
+                .filter(|p| !p.is_empty())
+                .cloned()
+                .collect(),
             mtls: match self.mtls {
                 MtlsArg::Permissive => crate::config::MtlsMode::Permissive,
                 MtlsArg::Strict => crate::config::MtlsMode::Strict,
@@ -238,6 +253,7 @@ mod tests {
         assert_eq!(cli.strip_headers, lib.strip_headers);
         assert_eq!(cli.inbound_addr, lib.inbound_addr);
         assert_eq!(cli.drain_timeout, lib.drain_timeout);
+        assert_eq!(cli.probe_paths, lib.probe_paths);
     }
 
     #[test]

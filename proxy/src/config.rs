@@ -44,7 +44,15 @@ pub struct Config {
     pub identity_dir: Option<std::path::PathBuf>,
     /// `REMORA_MTLS`: how inbound treats plaintext.
     pub mtls: MtlsMode,
+    /// `REMORA_PROBE_PATHS`: in strict mode, plaintext HTTP/1.1 GET/HEAD requests to these
+    /// paths (kubelet probes) still reach the app.
+    pub probe_paths: Vec<String>,
 }
+
+/// Common health-check paths; kubelet probes to them keep working under strict mTLS.
+pub const DEFAULT_PROBE_PATHS: &[&str] = &[
+    "/healthz", "/readyz", "/livez", "/health", "/ready", "/live",
+];
 
 /// Inbound mTLS policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -76,6 +84,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(3),
             identity_dir: None,
             mtls: MtlsMode::Permissive,
+            probe_paths: DEFAULT_PROBE_PATHS.iter().map(|p| p.to_string()).collect(),
         }
     }
 }

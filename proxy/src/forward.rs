@@ -103,12 +103,19 @@ pub struct Shared {
 #[derive(Clone)]
 pub struct Forward {
     shared: Arc<Shared>,
+    /// Strict mTLS, plaintext connection: only these probe paths (GET/HEAD) are served.
+    probe_only: Option<Arc<Vec<String>>>,
 }
 
 impl Forward {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Forward { shared }
+    pub fn new(shared: Arc<Shared>, probe_only: Option<Arc<Vec<String>>>) -> Self {
+        Forward { shared, probe_only }
     }
+}
+
+fn is_probe(req: &Request<Incoming>, paths: &[String]) -> bool {
+    matches!(*req.method(), Method::GET | Method::HEAD)
+        && paths.iter().any(|p| p == req.uri().path())
 }
 
 impl tower::Service<Request<Incoming>> for Forward {
@@ -122,6 +129,22 @@ impl tower::Service<Request<Incoming>> for Forward {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let shared = self.shared.clone();
+        if let Some(paths) = &self.probe_only
+            && !is_probe(&req, paths)
+        {
+            shared.metrics.tls(
+                shared.direction,
+                crate::metrics::TlsResult::RefusedPlaintext,
+            );
+            let mut rsp = local_response(
+                StatusCode::FORBIDDEN,
+                is_grpc(&req),
+                "REMORA_MTLS=strict: plaintext is accepted only for the probe paths in REMORA_PROBE_PATHS; use mTLS",
+            );
+            rsp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Box::pin(std::future::ready(Ok(rsp)));
+        }
         Box::pin(async move {
             let grpc = is_grpc(&req);
             match shared.forward(req).await {

@@ -166,6 +166,7 @@ impl Proxy {
             inbound.tls = Some(listener::InboundTls {
                 store: store.clone(),
                 mode: self.cfg.mtls,
+                probe_paths: Arc::new(self.cfg.probe_paths.clone()),
             });
             tokio::spawn(store.clone().watch());
         }

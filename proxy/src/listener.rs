@@ -49,6 +49,8 @@ pub struct Listener {
 pub struct InboundTls {
     pub store: Arc<IdentityStore>,
     pub mode: MtlsMode,
+    /// Strict mode: plaintext HTTP/1.1 GET/HEAD to these paths still reaches the app.
+    pub probe_paths: Arc<Vec<String>>,
 }
 
 impl Listener {
@@ -80,10 +82,10 @@ impl Listener {
     }
 
     /// The request stack for one connection; `client_id` is the verified peer identity.
-    fn stack(&self, client_id: Option<HeaderValue>) -> Stack {
+    fn stack(&self, client_id: Option<HeaderValue>, probe_only: Option<Arc<Vec<String>>>) -> Stack {
         Observe::new(
             Scrub::new(
-                Forward::new(self.forward.clone()),
+                Forward::new(self.forward.clone(), probe_only),
                 self.rules.clone(),
                 client_id,
             ),
@@ -145,17 +147,25 @@ impl Listener {
             }
             return;
         };
+        let mut probe_only = None;
         if let Some(tls) = &self.tls {
             if tls.mode == MtlsMode::Strict {
-                self.metrics
-                    .tls(self.direction, TlsResult::RefusedPlaintext);
-                tracing::info!(%peer, "plaintext connection refused: REMORA_MTLS=strict accepts mTLS only");
-                return;
+                // Kubelet probes speak plaintext HTTP/1.1: they are let through to their paths
+                // only; everything else plaintext is refused.
+                if protocol != Protocol::Http1 || tls.probe_paths.is_empty() {
+                    self.metrics
+                        .tls(self.direction, TlsResult::RefusedPlaintext);
+                    tracing::info!(%peer, "plaintext connection refused: REMORA_MTLS=strict accepts mTLS only (and HTTP/1.1 probes to REMORA_PROBE_PATHS)");
+                    return;
+                }
+                probe_only = Some(tls.probe_paths.clone());
+            } else {
+                self.metrics.tls(self.direction, TlsResult::Plaintext);
             }
-            self.metrics.tls(self.direction, TlsResult::Plaintext);
         }
         let io = ServerIo::Plain(ProxyIo::new(tcp, prefix, Some(self.bytes.clone())));
-        self.serve_conn(protocol, io, None, peer, &drain).await
+        self.serve_conn(protocol, io, None, probe_only, peer, &drain)
+            .await
     }
 
     /// The protocol of a plaintext connection, or `None` (TLS, or closed) after recording why.
@@ -203,15 +213,22 @@ impl Listener {
         protocol: Protocol,
         io: ServerIo,
         client_id: Option<HeaderValue>,
+        probe_only: Option<Arc<Vec<String>>>,
         peer: SocketAddr,
         drain: &Drain,
     ) {
         self.count_connection(protocol);
         match protocol {
             Protocol::Http1 => {
-                serve_h1(io, self.stack(client_id), drain, self.detect_timeout).await
+                serve_h1(
+                    io,
+                    self.stack(client_id, probe_only),
+                    drain,
+                    self.detect_timeout,
+                )
+                .await
             }
-            Protocol::Http2 => serve_h2(io, self.stack(client_id), drain).await,
+            Protocol::Http2 => serve_h2(io, self.stack(client_id, probe_only), drain).await,
             Protocol::Opaque => self.opaque(io, peer).await,
         }
     }
@@ -283,7 +300,8 @@ impl Listener {
             },
         };
         let io = ServerIo::Tls(ProxyIo::new(stream, prefix, None));
-        self.serve_conn(protocol, io, client_id, peer, &drain).await
+        self.serve_conn(protocol, io, client_id, None, peer, &drain)
+            .await
     }
 
     async fn opaque(&self, mut io: ServerIo, peer: SocketAddr) {

@@ -311,17 +311,26 @@ async fn strict_mode_refuses_plaintext() {
         addr: proxy.inbound,
         authority: "web.test:80",
     };
-    let out = curl(&route, "/", &[]).await;
+    // Plaintext HTTP/1.1 to an application path: refused with a reason.
+    let out = curl(&route, "/orders", &["-D", "-"]).await;
+    assert_eq!(status(&out.stdout), 403, "{}", out.stdout);
+    assert!(out.stdout.contains("REMORA_PROBE_PATHS"), "{}", out.stdout);
+    // A kubelet-style probe still reaches the app.
+    let out = curl(&route, "/healthz", &["-D", "-"]).await;
+    assert_eq!(status(&out.stdout), 200, "{}", out.stdout);
+    assert_eq!(header(&out.stdout, "x-echo-path"), Some("/healthz"));
+    // Plaintext HTTP/2 (no probe speaks it): the connection is refused.
+    let out = curl(&route, "/healthz", &["--http2-prior-knowledge"]).await;
     assert_ne!(
         out.status, 0,
-        "plaintext served in strict mode: {}",
+        "plaintext h2 served in strict mode: {}",
         out.stdout
     );
     let c = id_files(&pki.identity_dir("client"));
     let out = curl_mtls(
         proxy.inbound,
         WEB_SNI,
-        "/",
+        "/orders",
         Some(&c),
         &c.ca,
         &["-D", "-", "-o", "/dev/null"],
@@ -335,7 +344,7 @@ async fn strict_mode_refuses_plaintext() {
             "remora_tls_connections_total",
             &[("result", "refused_plaintext")]
         ),
-        1.0,
+        2.0,
         "{m}"
     );
 }
