@@ -10,7 +10,7 @@ use crate::{
     Guard, admin_get, build_proxy, free_port, proxy_env, spawn, wait_port, wait_ready, workspace,
 };
 
-fn grpc_backend(name: &str, extra: &[&str]) -> Result<(Guard, u16), String> {
+pub(crate) fn grpc_backend(name: &str, extra: &[&str]) -> Result<(Guard, u16), String> {
     let mut child = Command::new("python3")
         .arg(workspace().join("tests/py/grpc_backend.py"))
         .args(["--name", name])

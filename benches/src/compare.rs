@@ -69,7 +69,7 @@ impl RssSampler {
 }
 
 /// h2load: returns (rps, errors, requests done).
-fn h2load(args: &[&str]) -> Result<(f64, u64, u64), String> {
+pub(crate) fn h2load(args: &[&str]) -> Result<(f64, u64, u64), String> {
     let out = Command::new("taskset")
         .args(["-c", "1", "h2load"])
         .args(args)

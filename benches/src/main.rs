@@ -94,36 +94,8 @@ struct Run {
 
 fn h2load(port: u16, requests: u32) -> Result<Run, String> {
     let url = format!("http://127.0.0.1:{port}/small");
-    let n = requests.to_string();
-    let out = Command::new("taskset")
-        .args(["-c", "1", "h2load", "-n", &n, "-c", "16", "-m", "10", &url])
-        .output()
-        .map_err(|e| format!("h2load: {e} (run .ci/setup)"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let rps = text
-        .lines()
-        .find(|l| l.starts_with("finished in"))
-        .and_then(|l| l.split(", ").nth(1))
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("cannot read h2load's output:\n{text}"))?;
-    let errors = text
-        .lines()
-        .find(|l| l.starts_with("requests:"))
-        .map(|l| {
-            ["failed", "errored", "timeout"]
-                .iter()
-                .filter_map(|k| {
-                    l.split(", ")
-                        .find(|p| p.ends_with(k))?
-                        .split_whitespace()
-                        .next()?
-                        .parse::<u64>()
-                        .ok()
-                })
-                .sum()
-        })
-        .unwrap_or(0);
+    let (rps, errors, _) =
+        compare::h2load(&["-n", &requests.to_string(), "-c", "16", "-m", "10", &url])?;
     Ok(Run { rps, errors })
 }
 
@@ -270,30 +242,12 @@ pub(crate) fn build_proxy() -> Result<PathBuf, String> {
 fn rolling_restart(quick: bool) -> Result<(), String> {
     let proxy_bin = build_proxy()?;
     let proxy_bin = proxy_bin.to_str().unwrap_or("remora-proxy").to_string();
-    let script = workspace().join("tests/py/grpc_backend.py");
     let mut backends = Vec::new();
     let mut backend_ports = Vec::new();
     for i in 1..=3 {
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .args(["--name", &format!("b{i}")])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("python3: {e} (run .ci/setup)"))?;
-        let mut line = String::new();
-        if let Some(out) = child.stdout.as_mut() {
-            use std::io::BufRead;
-            let _ = std::io::BufReader::new(out).read_line(&mut line);
-        }
-        let port: u16 = line
-            .trim()
-            .strip_prefix("PORT ")
-            .and_then(|p| p.parse().ok())
-            .ok_or("grpc backend did not start")?;
+        let (guard, port) = balance::grpc_backend(&format!("b{i}"), &[])?;
         backend_ports.push(port);
-        backends.push(Guard(child));
+        backends.push(guard);
     }
     let ports: Vec<(u16, u16, u16)> = (0..3)
         .map(|_| (free_port(), free_port(), free_port()))
