@@ -17,6 +17,9 @@ pub enum Command {
     /// Run a local mesh on loopback: three gRPC backends behind their own proxies, a client
     /// calling them through its proxy; print what happened.
     Demo(DemoArgs),
+    /// Run the control plane: endpoint discovery (from a file or Kubernetes EndpointSlices)
+    /// and workload certificate issuance, over TLS.
+    Control(ControlArgs),
     /// Certificate authority: `remora ca init --trust-domain D --out DIR`.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -70,7 +73,7 @@ fn certs_command(cmd: Command) -> ExitCode {
             Ok(format!("issued {id} (valid {}) to {}: tls.crt, tls.key, ca.crt", humantime::format_duration(lifetime), out.display()))
         })(),
         Command::Cert(CertCommand::Inspect { file }) => remora_certs::validate::inspect(&file).map_err(|e| e.to_string()),
-        Command::Demo(_) => Err("not a certificate command".into()),
+        Command::Demo(_) | Command::Control(_) => Err("not a certificate command".into()),
     };
     match result {
         Ok(msg) => {
@@ -81,6 +84,86 @@ fn certs_command(cmd: Command) -> ExitCode {
             eprintln!("remora: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControlArgs {
+    /// Where proxies reach the gRPC APIs (TLS).
+    #[arg(long, env = "REMORA_CONTROL_LISTEN", default_value = "0.0.0.0:8086")]
+    pub addr: std::net::SocketAddr,
+    /// /live, /ready and /metrics (plaintext HTTP).
+    #[arg(long, env = "REMORA_CONTROL_ADMIN_ADDR", default_value = "0.0.0.0:9996")]
+    pub admin_addr: std::net::SocketAddr,
+    /// A directory made by `remora ca init`: issuer.crt, issuer.key, ca.crt (hot reloaded).
+    #[arg(long, env = "REMORA_ISSUER_DIR")]
+    pub issuer: std::path::PathBuf,
+    #[arg(long, env = "REMORA_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// The control plane's own SPIFFE ID [default: spiffe://<trust-domain>/ns/remora/sa/control].
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// Serve endpoints from this TOML file (hot reloaded) instead of Kubernetes.
+    #[arg(long, env = "REMORA_ENDPOINTS_FILE", conflicts_with = "kubernetes")]
+    pub endpoints_file: Option<std::path::PathBuf>,
+    /// Watch Kubernetes EndpointSlices (in-cluster configuration, or --kubeconfig).
+    #[arg(long)]
+    pub kubernetes: bool,
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Bootstrap tokens for machines without Kubernetes: `TOKEN SPIFFE-ID` per line.
+    #[arg(long, env = "REMORA_BOOTSTRAP_TOKENS")]
+    pub bootstrap_tokens: Option<std::path::PathBuf>,
+    /// Check ServiceAccount tokens with a Kubernetes TokenReview.
+    #[arg(long)]
+    pub token_review: bool,
+    /// The API server for TokenReviews, when not the one --kubeconfig names.
+    #[arg(long)]
+    pub token_review_kubeconfig: Option<std::path::PathBuf>,
+    /// Audiences a ServiceAccount token must carry (repeatable).
+    #[arg(long)]
+    pub token_audience: Vec<String>,
+    /// Lifetime of the workload certificates issued.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_lifetime: Duration,
+}
+
+impl ControlArgs {
+    pub fn options(self) -> Result<crate::server::Options, String> {
+        use crate::server::{Options, Source};
+        let source = match (self.endpoints_file, self.kubernetes) {
+            (Some(f), _) => Source::File(f),
+            (None, true) => Source::Kubernetes {
+                kubeconfig: self.kubeconfig.clone(),
+                cluster_domain: self.cluster_domain,
+            },
+            (None, false) => {
+                return Err("choose an endpoint source: --endpoints-file PATH or --kubernetes".into());
+            }
+        };
+        if self.bootstrap_tokens.is_none() && !self.token_review {
+            return Err("choose how tokens are checked: --bootstrap-tokens PATH and/or --token-review".into());
+        }
+        let mut o = Options::new(self.issuer, source);
+        o.addr = self.addr;
+        o.admin_addr = self.admin_addr;
+        o.trust_domain = self.trust_domain;
+        o.identity = match self.identity {
+            Some(id) => Some(id.parse().map_err(|e| format!("--identity {id}: {e}"))?),
+            None => None,
+        };
+        o.bootstrap_tokens = self.bootstrap_tokens;
+        o.token_review = self
+            .token_review
+            .then(|| self.token_review_kubeconfig.or(self.kubeconfig));
+        o.token_audiences = self.token_audience;
+        if self.cert_lifetime < Duration::from_secs(5) {
+            return Err("--cert-lifetime must be at least 5s".into());
+        }
+        o.cert_lifetime = self.cert_lifetime;
+        Ok(o)
     }
 }
 
@@ -105,7 +188,8 @@ pub struct DemoArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = std::env::var("REMORA_LOG").unwrap_or_else(|_| "warn".into());
+    let default_log = if matches!(cli.command, Command::Control(_)) { "info" } else { "warn" };
+    let filter = std::env::var("REMORA_LOG").unwrap_or_else(|_| default_log.into());
     if let Err(e) = remora_proxy::cli::init_logging(&filter, remora_proxy::cli::LogFormat::Plain) {
         eprintln!("remora: {e}");
         return ExitCode::from(2);
@@ -123,6 +207,22 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         cmd @ (Command::Ca(_) | Command::Cert(_)) => certs_command(cmd),
+        Command::Control(args) => runtime.block_on(async move {
+            let cp = match args.options() {
+                Ok(o) => crate::server::ControlPlane::bind(o).await,
+                Err(e) => Err(e),
+            };
+            match cp {
+                Ok(cp) => {
+                    cp.run(remora_proxy::cli::shutdown_signal()).await;
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("remora control: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
         Command::Demo(args) => runtime.block_on(async move {
             match crate::demo::run(args).await {
                 Ok(report) if report.failed == 0 => ExitCode::SUCCESS,

@@ -1,7 +1,19 @@
 //! remora's control plane and operator CLI (`remora`).
 //!
-//! For now: `remora demo`, a local mesh on the embedded defaults. The control-plane issue adds
-//! endpoint discovery, certificate issuance and `remora control`.
+//! `remora control` serves two gRPC APIs ([`remora_api`]) over TLS: `Discovery.Watch`, which
+//! streams the endpoints a [`source`] (a file, or Kubernetes EndpointSlices) puts in the
+//! [`registry`], and `Identity.Certify`, which signs workload CSRs ([`issuer`]) once a token
+//! proves the identity asked for. `remora demo` runs a local mesh on the embedded defaults.
 
 pub mod cli;
 pub mod demo;
+pub mod discovery;
+pub mod issuer;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod source;
+pub mod tokenreview;
+
+// Re-exported so tests and embedders build clients with the same version.
+pub use kube;

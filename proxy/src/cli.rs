@@ -79,6 +79,25 @@ pub struct Args {
         default_value = "/healthz,/readyz,/livez,/health,/ready,/live"
     )]
     pub probe_paths: Vec<String>,
+    /// The control plane, `host:port[#spiffe-id]`: endpoint discovery for destinations that
+    /// are not static, and certificates in REMORA_IDENTITY_MODE=control.
+    #[arg(long, env = "REMORA_CONTROL_ADDR")]
+    pub control_addr: Option<crate::config::ControlTarget>,
+    /// Where the certificate comes from: `files` (REMORA_IDENTITY_DIR, written by someone
+    /// else) or `control` (a CSR to the control plane, renewed automatically).
+    #[arg(long, env = "REMORA_IDENTITY_MODE", value_enum, default_value = "files")]
+    pub identity_mode: IdentityModeArg,
+    /// This proxy's SPIFFE ID, for REMORA_IDENTITY_MODE=control.
+    #[arg(long, env = "REMORA_IDENTITY")]
+    pub identity: Option<String>,
+    /// A file holding the token that proves REMORA_IDENTITY (a projected ServiceAccount token
+    /// or a bootstrap token); re-read at every renewal.
+    #[arg(
+        long,
+        env = "REMORA_IDENTITY_TOKEN",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub identity_token: std::path::PathBuf,
     /// Log filter: a level (info, debug…) or tracing directives (remora_proxy=debug,info).
     #[arg(long, env = "REMORA_LOG", default_value = "info")]
     pub log: String,
@@ -90,6 +109,12 @@ pub struct Args {
     pub threads: usize,
     #[command(subcommand)]
     pub command: Option<Sub>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum IdentityModeArg {
+    Files,
+    Control,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -116,8 +141,20 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl Args {
-    pub fn config(&self) -> Config {
-        Config {
+    pub fn config(&self) -> Result<Config, String> {
+        let identity_mode = match (self.identity_mode, &self.identity) {
+            (IdentityModeArg::Files, _) => crate::config::IdentityMode::Files,
+            (IdentityModeArg::Control, None) => {
+                return Err("REMORA_IDENTITY_MODE=control needs REMORA_IDENTITY (spiffe://<trust-domain>/ns/<ns>/sa/<sa>)".into());
+            }
+            (IdentityModeArg::Control, Some(id)) => crate::config::IdentityMode::Control {
+                id: id.parse().map_err(|e| format!("REMORA_IDENTITY `{id}`: {e}"))?,
+                token: self.identity_token.clone(),
+            },
+        };
+        Ok(Config {
+            control: self.control_addr.clone(),
+            identity_mode,
             inbound_addr: self.inbound_addr,
             app_addr: self.app_addr,
             outbound_addr: self.outbound_addr,
@@ -140,7 +177,7 @@ impl Args {
                 MtlsArg::Disabled => crate::config::MtlsMode::Disabled,
             },
             ..Config::default()
-        }
+        })
     }
 }
 
@@ -162,7 +199,7 @@ pub fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits the process at once.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -222,7 +259,13 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let cfg = args.config();
+    let cfg = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("remora-proxy: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
     runtime.block_on(async move {
         let proxy = match crate::Proxy::bind(cfg).await {
             Ok(p) => p,
@@ -248,7 +291,7 @@ mod tests {
     #[test]
     fn flag_defaults_match_the_library_defaults() {
         let args = Args::try_parse_from(["remora-proxy"]).unwrap();
-        let (cli, lib) = (args.config(), Config::default());
+        let (cli, lib) = (args.config().unwrap(), Config::default());
         assert_eq!(cli.opaque_ports, crate::config::DEFAULT_OPAQUE_PORTS);
         assert_eq!(cli.strip_headers, lib.strip_headers);
         assert_eq!(cli.inbound_addr, lib.inbound_addr);

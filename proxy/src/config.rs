@@ -47,6 +47,66 @@ pub struct Config {
     /// `REMORA_PROBE_PATHS`: in strict mode, plaintext HTTP/1.1 GET/HEAD requests to these
     /// paths (kubelet probes) still reach the app.
     pub probe_paths: Vec<String>,
+    /// `REMORA_CONTROL_ADDR`: the control plane (`host:port`, optionally `#spiffe://…` for
+    /// its identity). Outbound destinations that are not static are discovered from it.
+    pub control: Option<ControlTarget>,
+    /// `REMORA_IDENTITY_MODE`: where the proxy's certificate comes from.
+    pub identity_mode: IdentityMode,
+    /// How long a discovery subscription lives without requests before it is dropped.
+    pub discovery_idle_timeout: Duration,
+}
+
+/// Where the control plane is, and who it must prove to be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlTarget {
+    /// `host:port`
+    pub addr: String,
+    /// Default: `spiffe://<the proxy's trust domain>/ns/remora/sa/control`.
+    pub identity: Option<remora_certs::SpiffeId>,
+}
+
+impl std::str::FromStr for ControlTarget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, id) = match s.split_once('#') {
+            Some((a, id)) => (a, Some(id)),
+            None => (s, None),
+        };
+        if normalize_authority(addr).is_none() {
+            return Err(format!(
+                "REMORA_CONTROL_ADDR `{s}`: expected host:port[#spiffe://<trust-domain>/ns/<ns>/sa/<sa>]"
+            ));
+        }
+        let identity = match id {
+            Some(id) => Some(
+                id.parse()
+                    .map_err(|e| format!("REMORA_CONTROL_ADDR identity `{id}`: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(ControlTarget {
+            addr: addr.to_string(),
+            identity,
+        })
+    }
+}
+
+/// Where the proxy's certificate comes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum IdentityMode {
+    /// `tls.crt`/`tls.key`/`ca.crt` in `REMORA_IDENTITY_DIR`, written by someone else
+    /// (cert-manager, `remora cert issue`); hot reloaded.
+    #[default]
+    Files,
+    /// The proxy makes its key, sends a CSR to the control plane with a token proving `id`,
+    /// and renews at 70 % of the lifetime. Only `ca.crt` is read from `REMORA_IDENTITY_DIR`.
+    Control {
+        /// `REMORA_IDENTITY`
+        id: remora_certs::SpiffeId,
+        /// `REMORA_IDENTITY_TOKEN`: a file holding the token (a projected ServiceAccount
+        /// token, or a bootstrap token); re-read at every renewal.
+        token: std::path::PathBuf,
+    },
 }
 
 /// Common health-check paths; kubelet probes to them keep working under strict mTLS.
@@ -85,6 +145,9 @@ impl Default for Config {
             identity_dir: None,
             mtls: MtlsMode::Permissive,
             probe_paths: DEFAULT_PROBE_PATHS.iter().map(|p| p.to_string()).collect(),
+            control: None,
+            identity_mode: IdentityMode::Files,
+            discovery_idle_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -222,6 +285,17 @@ impl Config {
         }
         if self.mtls == MtlsMode::Strict && self.identity_dir.is_none() {
             return Err("REMORA_MTLS=strict needs an identity: set REMORA_IDENTITY_DIR to a directory with tls.crt, tls.key and ca.crt".into());
+        }
+        if self.control.is_some() && self.identity_dir.is_none() {
+            return Err("REMORA_CONTROL_ADDR needs a trust bundle to verify the control plane: set REMORA_IDENTITY_DIR to a directory with ca.crt".into());
+        }
+        if let IdentityMode::Control { .. } = self.identity_mode {
+            if self.control.is_none() {
+                return Err("REMORA_IDENTITY_MODE=control needs REMORA_CONTROL_ADDR (where to send the CSR)".into());
+            }
+            if self.identity_dir.is_none() {
+                return Err("REMORA_IDENTITY_MODE=control needs REMORA_IDENTITY_DIR with ca.crt (the trust bundle)".into());
+            }
         }
         if self.detect_timeout.is_zero() {
             return Err("REMORA_DETECT_TIMEOUT is 0; use a positive duration such as 10s".into());

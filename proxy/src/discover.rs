@@ -1,7 +1,13 @@
-//! Where a destination's endpoints come from: static configuration (updatable at run time
-//! through [`Destinations::set`]), otherwise DNS.
+//! Where a destination's endpoints come from, in order: static configuration (updatable at
+//! run time through [`Destinations::set`]), the control plane (`REMORA_CONTROL_ADDR`), DNS.
 //!
-//! The control-plane issue adds a third source; all of them feed a [`Destination`].
+//! Control-plane discovery is lazy: the first request for an authority opens a
+//! `Discovery.Watch` for it and waits (up to [`FIRST_ANSWER`]) for the first message. A set of
+//! endpoints (even an empty one) makes the control plane the source for that name; "no such
+//! service" sends the name to DNS, as does a control plane that cannot answer in time. The
+//! watch then applies deltas as they come; when the stream breaks it reconnects with backoff
+//! while requests keep using the last endpoints it knew. A watch nobody has used for
+//! `discovery_idle_timeout` is dropped.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 
 use crate::balance::Destination;
 use crate::config::{EndpointSpec, StaticDestination};
@@ -20,6 +27,10 @@ use crate::metrics::{EndpointMetrics, Metrics};
 const DNS_TTL: Duration = Duration::from_secs(5);
 /// Bound on cached DNS destinations, so a client cycling through names cannot grow memory.
 const DNS_CACHE_MAX: usize = 1024;
+/// How long the first request for a name waits for the control plane's first answer.
+pub const FIRST_ANSWER: Duration = Duration::from_secs(3);
+/// Bound on control-plane watches, so a client cycling through names cannot grow them.
+const WATCH_MAX: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -36,8 +47,47 @@ pub struct Destinations {
     statics: ArcSwap<HashMap<String, Arc<Destination>>>,
     dns: Mutex<HashMap<String, (Instant, Arc<Destination>)>>,
     connect_timeout: Duration,
-    metrics: Arc<Metrics>,
-    identity: Option<Arc<IdentityStore>>,
+    factory: Arc<Factory>,
+    control: Option<Control>,
+}
+
+type Watches = Arc<Mutex<HashMap<String, Arc<Watch>>>>;
+
+struct Control {
+    client: crate::control::ControlClient,
+    watches: Watches,
+    idle: Duration,
+}
+
+/// What a watch knows about its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Known {
+    /// No answer yet.
+    Waiting,
+    /// The control plane serves this name (its endpoints are in `dest`).
+    Service,
+    /// The control plane does not know this name: use DNS.
+    NoSuchService,
+}
+
+struct Watch {
+    dest: Arc<Destination>,
+    known: watch::Sender<Known>,
+    /// Milliseconds since `epoch` of the last request, for dropping idle watches.
+    last_used: std::sync::atomic::AtomicU64,
+    epoch: Instant,
+}
+
+impl Watch {
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_used.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = self.last_used.load(std::sync::atomic::Ordering::Relaxed);
+        self.epoch.elapsed().saturating_sub(Duration::from_millis(last))
+    }
 }
 
 impl Destinations {
@@ -51,13 +101,56 @@ impl Destinations {
             statics: ArcSwap::from_pointee(HashMap::new()),
             dns: Mutex::new(HashMap::new()),
             connect_timeout,
-            metrics,
-            identity,
+            factory: Arc::new(Factory {
+                connect_timeout,
+                metrics,
+                identity,
+            }),
+            control: None,
         };
         for s in statics {
             d.set(&s.name, &s.endpoints);
         }
         d
+    }
+
+    /// Sends names that are not static to the control plane first.
+    pub fn with_control(mut self, client: crate::control::ControlClient, idle: Duration) -> Self {
+        self.control = Some(Control {
+            client,
+            watches: Default::default(),
+            idle,
+        });
+        self
+    }
+
+}
+
+/// Makes endpoints for discovered destinations (static and control plane alike).
+struct Factory {
+    connect_timeout: Duration,
+    metrics: Arc<Metrics>,
+    identity: Option<Arc<IdentityStore>>,
+}
+
+impl Factory {
+    /// The endpoint set `specs` for destination `name`, reusing endpoints in `current` that
+    /// stay (same address, weight and identity) so they keep their connections and metrics.
+    fn build(&self, name: &str, current: &[Arc<Endpoint>], specs: &[EndpointSpec]) -> Vec<Arc<Endpoint>> {
+        specs
+            .iter()
+            .map(|s| {
+                current
+                    .iter()
+                    .find(|e| {
+                        e.addr == s.addr
+                            && e.weight == s.weight
+                            && e.tls.as_ref().map(|t| &t.id) == s.identity.as_ref()
+                    })
+                    .cloned()
+                    .unwrap_or_else(|| self.endpoint(name, s))
+            })
+            .collect()
     }
 
     fn endpoint(&self, name: &str, s: &EndpointSpec) -> Arc<Endpoint> {
@@ -86,31 +179,18 @@ impl Destinations {
         )
     }
 
+}
+
+impl Destinations {
     /// Creates a static destination, or replaces its endpoints. Requests in flight to removed
     /// endpoints finish; endpoints that stay keep their connections. `name` is `host:port`.
     pub fn set(&self, name: &str, specs: &[EndpointSpec]) {
         let name = name.to_ascii_lowercase();
         if let Some(d) = self.statics.load().get(&name) {
-            // Reuse endpoints that stay, so their metric handles are not re-created.
-            let current = d.endpoints();
-            let next = specs
-                .iter()
-                .map(|s| {
-                    current
-                        .iter()
-                        .find(|e| {
-                            e.addr == s.addr
-                                && e.weight == s.weight
-                                && e.tls.as_ref().map(|t| &t.id) == s.identity.as_ref()
-                        })
-                        .cloned()
-                        .unwrap_or_else(|| self.endpoint(&name, s))
-                })
-                .collect();
-            d.update(next);
+            d.update(self.factory.build(&name, &d.endpoints(), specs));
             return;
         }
-        let eps = specs.iter().map(|s| self.endpoint(&name, s)).collect();
+        let eps = specs.iter().map(|s| self.factory.endpoint(&name, s)).collect();
         let dest = Arc::new(Destination::new(name.clone(), eps));
         self.statics.rcu(|map| {
             let mut map = HashMap::clone(map);
@@ -123,6 +203,9 @@ impl Destinations {
     pub async fn resolve(&self, authority: &str) -> Result<Arc<Destination>, ResolveError> {
         if let Some(d) = self.statics.load().get(authority) {
             return Ok(d.clone());
+        }
+        if let Some(d) = self.discover(authority).await {
+            return Ok(d);
         }
         let previous = {
             let cache = self.dns.lock().unwrap_or_else(|p| p.into_inner());
@@ -192,4 +275,162 @@ impl Destinations {
         cache.insert(authority.to_string(), (Instant::now(), dest.clone()));
         Ok(dest)
     }
+}
+
+impl Destinations {
+    /// The control plane's destination for `authority`, or `None` to fall back to DNS.
+    async fn discover(&self, authority: &str) -> Option<Arc<Destination>> {
+        let control = self.control.as_ref()?;
+        let w = {
+            let mut watches = control.watches.lock().unwrap_or_else(|p| p.into_inner());
+            match watches.get(authority) {
+                Some(w) => w.clone(),
+                None if watches.len() >= WATCH_MAX => return None,
+                None => {
+                    let w = Arc::new(Watch {
+                        dest: Arc::new(Destination::new(authority.to_string(), Vec::new())),
+                        known: watch::channel(Known::Waiting).0,
+                        last_used: Default::default(),
+                        epoch: Instant::now(),
+                    });
+                    watches.insert(authority.to_string(), w.clone());
+                    tokio::spawn(follow(
+                        self.factory.clone(),
+                        control.watches.clone(),
+                        control.client.clone(),
+                        authority.to_string(),
+                        w.clone(),
+                        control.idle,
+                    ));
+                    w
+                }
+            }
+        };
+        w.touch();
+        let mut rx = w.known.subscribe();
+        let known = match tokio::time::timeout(FIRST_ANSWER, rx.wait_for(|k| *k != Known::Waiting)).await {
+            Ok(Ok(k)) => *k,
+            _ => Known::Waiting,
+        };
+        match known {
+            Known::Service => Some(w.dest.clone()),
+            Known::NoSuchService => None,
+            Known::Waiting => {
+                tracing::debug!(%authority, "no answer from the control plane yet; trying DNS");
+                None
+            }
+        }
+    }
+}
+
+fn spec(e: &remora_api::Endpoint) -> Option<EndpointSpec> {
+    let addr = match e.addr.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            tracing::warn!(addr = %e.addr, "control plane sent an endpoint that is not ip:port; ignoring it");
+            return None;
+        }
+    };
+    let identity = if e.identity.is_empty() {
+        None
+    } else {
+        match e.identity.parse() {
+            Ok(id) => Some(id),
+            Err(err) => {
+                tracing::warn!(%addr, identity = %e.identity, "control plane sent a bad identity ({err}); ignoring the endpoint");
+                return None;
+            }
+        }
+    };
+    Some(EndpointSpec {
+        addr,
+        weight: e.weight.clamp(1, crate::config::MAX_WEIGHT),
+        identity,
+    })
+}
+
+/// Follows one name on the control plane until it has been idle for `idle`.
+async fn follow(
+    factory: Arc<Factory>,
+    watches: Watches,
+    client: crate::control::ControlClient,
+    name: String,
+    w: Arc<Watch>,
+    idle: Duration,
+) {
+    use remora_api::update::Kind;
+    let mut specs: std::collections::BTreeMap<SocketAddr, EndpointSpec> = Default::default();
+    let mut backoff = crate::control::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let apply = |specs: &std::collections::BTreeMap<SocketAddr, EndpointSpec>| {
+        let list: Vec<EndpointSpec> = specs.values().cloned().collect();
+        w.dest.update(factory.build(&name, &w.dest.endpoints(), &list));
+    };
+    let idle_check = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    'outer: loop {
+        let request = remora_api::WatchRequest {
+            service: name.clone(),
+            client: String::new(),
+        };
+        let mut stream = match client.discovery().watch(request).await {
+            Ok(s) => Some(s.into_inner()),
+            Err(status) => {
+                tracing::warn!(service = %name, "control plane {}: watch failed: {}: {}; keeping {} known endpoints", client.addr, status.code(), status.message(), specs.len());
+                None
+            }
+        };
+        while let Some(s) = stream.as_mut() {
+            let msg = tokio::select! {
+                m = s.message() => m,
+                _ = tokio::time::sleep(idle_check) => {
+                    if w.idle_for() >= idle { break 'outer; }
+                    continue;
+                }
+            };
+            match msg {
+                Ok(Some(update)) => {
+                    backoff.reset();
+                    match update.kind {
+                        Some(Kind::Snapshot(snap)) => {
+                            specs = snap.endpoints.iter().filter_map(spec).map(|e| (e.addr, e)).collect();
+                            apply(&specs);
+                            w.known.send_replace(Known::Service);
+                            tracing::debug!(service = %name, endpoints = specs.len(), "snapshot from the control plane");
+                        }
+                        Some(Kind::Delta(d)) => {
+                            for r in &d.remove {
+                                if let Ok(a) = r.parse::<SocketAddr>() {
+                                    specs.remove(&a);
+                                }
+                            }
+                            for e in d.add.iter().filter_map(spec) {
+                                specs.insert(e.addr, e);
+                            }
+                            apply(&specs);
+                            tracing::debug!(service = %name, endpoints = specs.len(), "update from the control plane");
+                        }
+                        Some(Kind::NoSuchService(_)) => {
+                            specs.clear();
+                            apply(&specs);
+                            w.known.send_replace(Known::NoSuchService);
+                        }
+                        None => {}
+                    }
+                }
+                Ok(None) => {
+                    tracing::warn!(service = %name, "control plane {} ended the watch; keeping {} known endpoints and reconnecting", client.addr, specs.len());
+                    break;
+                }
+                Err(status) => {
+                    tracing::warn!(service = %name, "control plane {}: watch broke: {}: {}; keeping {} known endpoints and reconnecting", client.addr, status.code(), status.message(), specs.len());
+                    break;
+                }
+            }
+        }
+        if w.idle_for() >= idle {
+            break;
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+    tracing::debug!(service = %name, "watch idle; dropped");
+    watches.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
 }

@@ -8,10 +8,16 @@
 //! `..data` symlink swap, `mv` over the file, and editors that write in place. A set that fails
 //! validation is logged once, counted, and ignored; the last good set keeps serving. New
 //! handshakes use a new set at once; established connections keep the one they started with.
+//!
+//! In `REMORA_IDENTITY_MODE=control` ([`Certifier`]) only `ca.crt` comes from the directory:
+//! the proxy makes a key in memory (it never leaves the process), sends a CSR with its token to
+//! the control plane, validates what comes back exactly as it would validate files, and renews
+//! at 70 % of the remaining lifetime, with backoff on failure. A failed renewal keeps the
+//! current certificate while it is valid.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use remora_certs::{Credentials, SpiffeId};
@@ -41,6 +47,22 @@ pub struct IdentityStore {
     dir: PathBuf,
     current: ArcSwapOption<Loaded>,
     metrics: Arc<Metrics>,
+    certifier: Option<Certifier>,
+}
+
+/// Certificates from the control plane instead of files.
+pub struct Certifier {
+    pub id: SpiffeId,
+    /// The token file, re-read at every request (projected tokens rotate).
+    pub token: PathBuf,
+    pub client: std::sync::OnceLock<crate::control::ControlClient>,
+}
+
+/// When to renew a certificate received at `received`: at 70 % of what was left of its
+/// life, and at least a second before it expires.
+pub fn renew_at(received: SystemTime, not_after: SystemTime) -> SystemTime {
+    let left = not_after.duration_since(received).unwrap_or_default();
+    (received + left.mul_f64(0.7)).min(not_after - Duration::from_secs(1).min(left))
 }
 
 impl IdentityStore {
@@ -51,7 +73,34 @@ impl IdentityStore {
             dir: dir.to_path_buf(),
             current: ArcSwapOption::empty(),
             metrics,
+            certifier: None,
         })
+    }
+
+    /// A store fed by the control plane; set `certifier.client` before [`IdentityStore::watch`].
+    pub fn with_certifier(dir: &Path, metrics: Arc<Metrics>, certifier: Certifier) -> Arc<Self> {
+        Arc::new(IdentityStore {
+            dir: dir.to_path_buf(),
+            current: ArcSwapOption::empty(),
+            metrics,
+            certifier: Some(certifier),
+        })
+    }
+
+    pub fn certifier(&self) -> Option<&Certifier> {
+        self.certifier.as_ref()
+    }
+
+    /// The trust domain of this proxy's identity, once known.
+    pub fn trust_domain(&self) -> Option<String> {
+        match &self.certifier {
+            Some(c) => Some(c.id.trust_domain().to_string()),
+            None => self.current().map(|l| l.id().trust_domain().to_string()),
+        }
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.crt")
     }
 
     pub fn current(&self) -> Option<Arc<Loaded>> {
@@ -87,37 +136,105 @@ impl IdentityStore {
         Ok(loaded)
     }
 
-    /// Polls the directory forever.
+    fn loaded(&self, l: &Loaded, from: &str) {
+        let expiry = l
+            .creds
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.metrics.identity_expiry.set(expiry.as_secs() as i64);
+        self.metrics.identity_reloads.inc();
+        tracing::info!(
+            identity = %l.id(),
+            expires = %remora_certs::validate::human_time(l.creds.not_after),
+            roots = l.creds.roots.len(),
+            "identity loaded from {from}"
+        );
+    }
+
+    fn keeping(&self) -> String {
+        match self.current.load().as_ref() {
+            Some(l) => format!(
+                "keeping the previous certificate (expires {})",
+                remora_certs::validate::human_time(l.creds.not_after)
+            ),
+            None => "no identity yet: mTLS is unavailable and the proxy is not ready until a valid set arrives".into(),
+        }
+    }
+
+    /// One Certify round trip: a new key, a CSR, the token; the answer validated against the
+    /// local trust bundle (not the one the control plane sends).
+    async fn certify(&self, c: &Certifier) -> Result<Arc<Loaded>, String> {
+        let client = c
+            .client
+            .get()
+            .ok_or("no control plane configured (REMORA_CONTROL_ADDR)")?;
+        let token = std::fs::read_to_string(&c.token)
+            .map_err(|e| format!("token {}: cannot read: {e}; set REMORA_IDENTITY_TOKEN", c.token.display()))?;
+        let bundle = std::fs::read(self.ca_path()).unwrap_or_default();
+        let (key, csr) = remora_certs::ca::new_key_and_csr(&c.id).map_err(|e| e.to_string())?;
+        let request = remora_api::CertifyRequest {
+            identity: c.id.to_string(),
+            token: token.trim().to_string(),
+            csr,
+        };
+        let rsp = tokio::time::timeout(Duration::from_secs(10), client.identity().certify(request))
+            .await
+            .map_err(|_| format!("control plane {}: no answer within 10s", client.addr))?
+            .map_err(|s| format!("control plane {}: {}: {}", client.addr, s.code(), s.message()))?
+            .into_inner();
+        self.consider(&[rsp.chain.into_bytes(), key.serialize_pem().into_bytes(), bundle])
+    }
+
+    /// Keeps a control-plane certificate current: fetch at start, renew at 70 %, retry with
+    /// backoff, and fetch again at once when the trust bundle changes.
+    async fn certify_loop(&self, c: &Certifier) {
+        let mut backoff = crate::control::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut next_attempt = SystemTime::now();
+        let mut renew = SystemTime::now();
+        let mut bundle = std::fs::read(self.ca_path()).unwrap_or_default();
+        loop {
+            let now = SystemTime::now();
+            let b = std::fs::read(self.ca_path()).unwrap_or_default();
+            let bundle_changed = b != bundle;
+            if (now >= renew || bundle_changed) && now >= next_attempt {
+                bundle = b;
+                match self.certify(c).await {
+                    Ok(l) => {
+                        self.loaded(&l, "the control plane");
+                        renew = renew_at(SystemTime::now(), l.creds.not_after);
+                        backoff.reset();
+                    }
+                    Err(e) => {
+                        self.metrics.identity_reload_failures.inc();
+                        let delay = backoff.next_delay();
+                        next_attempt = SystemTime::now() + delay;
+                        tracing::warn!(
+                            "identity {}: cannot get a certificate: {e}; retrying in {delay:.1?}; {}",
+                            c.id,
+                            self.keeping()
+                        );
+                    }
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Keeps the identity current: polls the directory, or talks to the control plane.
     pub async fn watch(self: Arc<Self>) {
+        if let Some(c) = &self.certifier {
+            return self.certify_loop(c).await;
+        }
         let mut last: Option<[Vec<u8>; 3]> = None;
         loop {
             let files = self.read();
             if last.as_ref() != Some(&files) {
                 match self.consider(&files) {
-                    Ok(l) => {
-                        let expiry = l
-                            .creds
-                            .not_after
-                            .duration_since(UNIX_EPOCH)
-                            .unwrap_or_default();
-                        self.metrics.identity_expiry.set(expiry.as_secs() as i64);
-                        self.metrics.identity_reloads.inc();
-                        tracing::info!(
-                            identity = %l.id(),
-                            expires = %remora_certs::validate::human_time(l.creds.not_after),
-                            roots = l.creds.roots.len(),
-                            "identity loaded from {}",
-                            self.dir.display()
-                        );
-                    }
+                    Ok(l) => self.loaded(&l, &self.dir.display().to_string()),
                     Err(e) => {
                         self.metrics.identity_reload_failures.inc();
-                        let keeping = if self.current.load().is_some() {
-                            "keeping the previous certificate"
-                        } else {
-                            "no identity yet: mTLS is unavailable until a valid set arrives"
-                        };
-                        tracing::warn!("identity {e}; {keeping}");
+                        tracing::warn!("identity {e}; {}", self.keeping());
                     }
                 }
                 last = Some(files);

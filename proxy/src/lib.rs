@@ -12,6 +12,7 @@ pub mod admin;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod detect;
 pub mod discover;
 pub mod drain;
@@ -98,16 +99,37 @@ impl Proxy {
         let (outbound, o) = bind("REMORA_OUTBOUND_ADDR", cfg.outbound_addr).await?;
         let (admin, a) = bind("REMORA_ADMIN_ADDR", cfg.admin_addr).await?;
         let metrics = Arc::new(Metrics::new());
-        let identity = cfg
-            .identity_dir
-            .as_deref()
-            .map(|dir| identity::IdentityStore::new(dir, metrics.clone()));
-        let destinations = Arc::new(discover::Destinations::new(
+        let identity = cfg.identity_dir.as_deref().map(|dir| match &cfg.identity_mode {
+            config::IdentityMode::Files => identity::IdentityStore::new(dir, metrics.clone()),
+            config::IdentityMode::Control { id, token } => identity::IdentityStore::with_certifier(
+                dir,
+                metrics.clone(),
+                identity::Certifier {
+                    id: id.clone(),
+                    token: token.clone(),
+                    client: Default::default(),
+                },
+            ),
+        });
+        let mut destinations = discover::Destinations::new(
             &cfg.destinations,
             cfg.connect_timeout,
             metrics.clone(),
             identity.clone(),
-        ));
+        );
+        if let (Some(target), Some(store)) = (&cfg.control, &identity) {
+            let td = {
+                let store = Arc::downgrade(store);
+                Arc::new(move || store.upgrade().and_then(|s| s.trust_domain()))
+            };
+            let client = control::ControlClient::new(target, store.ca_path(), td)
+                .map_err(Error::Config)?;
+            if let Some(c) = store.certifier() {
+                let _ = c.client.set(client.clone());
+            }
+            destinations = destinations.with_control(client, cfg.discovery_idle_timeout);
+        }
+        let destinations = Arc::new(destinations);
         let admin_state = Arc::new(admin::AdminState {
             metrics,
             identity,

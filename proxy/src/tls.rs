@@ -171,6 +171,28 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+/// The client configuration for the control plane's APIs: no client certificate (a proxy may
+/// not have one yet: it is asking for it), a server that must prove `expected`, ALPN h2.
+pub fn control_client_config(
+    anchors: Arc<Vec<TrustAnchor<'static>>>,
+    expected: SpiffeId,
+) -> Result<Arc<ClientConfig>, rustls::Error> {
+    let provider = provider();
+    let verifier = SpiffeServerVerifier {
+        anchors,
+        expected,
+        provider: provider.clone(),
+    };
+    let mut cfg = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.enable_sni = false;
+    Ok(Arc::new(cfg))
+}
+
 /// The server name to ask for when connecting to `id`.
 pub fn server_name(id: &SpiffeId) -> Result<ServerName<'static>, String> {
     ServerName::try_from(id.dns_name()).map_err(|e| format!("{id}: no usable TLS server name: {e}"))

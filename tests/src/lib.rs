@@ -643,3 +643,4 @@ pub async fn curl_mtls(
     args.push(&url);
     run("curl", &args).await
 }
+pub mod kube;

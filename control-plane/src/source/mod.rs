@@ -1,0 +1,4 @@
+//! Where endpoints come from. Each source writes the [`crate::registry::Registry`].
+
+pub mod file;
+pub mod kubernetes;

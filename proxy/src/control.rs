@@ -1,0 +1,131 @@
+//! The proxy's connection to the control plane (`REMORA_CONTROL_ADDR`): one lazily connected
+//! gRPC channel over TLS, shared by discovery ([`crate::discover`]) and certificate requests
+//! ([`crate::identity`]).
+//!
+//! The channel verifies the control plane against the trust bundle in `REMORA_IDENTITY_DIR`
+//! (`ca.crt`, re-read at every connect so a rotated bundle applies) and requires its SPIFFE
+//! ID: by default `spiffe://<trust-domain>/ns/remora/sa/control`. The proxy sends no client
+//! certificate: it may not have one yet, and Certify is authorised by its token instead.
+//! tonic's channel reconnects on its own after a failure; callers add their own backoff.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use remora_certs::SpiffeId;
+use rustls::pki_types::TrustAnchor;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::config::ControlTarget;
+
+#[derive(Clone)]
+pub struct ControlClient {
+    pub channel: Channel,
+    pub addr: String,
+}
+
+/// Reads and parses the trust bundle.
+pub fn read_anchors(ca: &std::path::Path) -> Result<Arc<Vec<TrustAnchor<'static>>>, String> {
+    let pem = std::fs::read(ca).map_err(|e| format!("{}: cannot read: {e}", ca.display()))?;
+    let roots = remora_certs::validate::parse_certs(ca, &pem).map_err(|e| e.to_string())?;
+    let anchors = remora_certs::validate::anchors(&roots).map_err(|e| format!("{}: {e}", ca.display()))?;
+    Ok(Arc::new(anchors))
+}
+
+/// The control plane's identity when REMORA_CONTROL_ADDR does not name one.
+pub fn default_identity(trust_domain: &str) -> Result<SpiffeId, String> {
+    format!("spiffe://{trust_domain}/ns/remora/sa/control")
+        .parse()
+        .map_err(|e| format!("trust domain {trust_domain:?}: {e}"))
+}
+
+impl ControlClient {
+    /// Builds the channel; nothing connects until the first call. `trust_domain` gives the
+    /// default control-plane identity; it is asked for at connect time, since a proxy with
+    /// file credentials learns it only once they load.
+    pub fn new(
+        target: &ControlTarget,
+        ca: PathBuf,
+        trust_domain: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+    ) -> Result<Self, String> {
+        let endpoint = Endpoint::from_shared(format!("http://{}", target.addr))
+            .map_err(|e| format!("REMORA_CONTROL_ADDR {}: {e}", target.addr))?
+            .connect_timeout(Duration::from_secs(3))
+            // Notices a control plane that vanished without closing, so watches reconnect.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        let addr = target.addr.clone();
+        let expected = target.identity.clone();
+        let connector = tower::service_fn(move |_: Uri| {
+            let (addr, ca, expected, trust_domain) =
+                (addr.clone(), ca.clone(), expected.clone(), trust_domain.clone());
+            async move {
+                let err = |e: String| std::io::Error::other(format!("control plane {addr}: {e}"));
+                let expected = match expected {
+                    Some(id) => id,
+                    None => {
+                        let td = trust_domain().ok_or_else(|| {
+                            err("no trust domain yet to name the control plane's identity; add #spiffe://… to REMORA_CONTROL_ADDR".into())
+                        })?;
+                        default_identity(&td).map_err(err)?
+                    }
+                };
+                let anchors = read_anchors(&ca).map_err(err)?;
+                let cfg = crate::tls::control_client_config(anchors, expected.clone())
+                    .map_err(|e| err(e.to_string()))?;
+                let name = crate::tls::server_name(&expected).map_err(err)?;
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                let _ = tcp.set_nodelay(true);
+                let tls = tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| err(format!("TLS: {e}")))?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        });
+        Ok(ControlClient {
+            channel: endpoint.connect_with_connector_lazy(connector),
+            addr: target.addr.clone(),
+        })
+    }
+
+    pub fn discovery(&self) -> remora_api::discovery_client::DiscoveryClient<Channel> {
+        remora_api::discovery_client::DiscoveryClient::new(self.channel.clone())
+    }
+
+    pub fn identity(&self) -> remora_api::identity_client::IdentityClient<Channel> {
+        remora_api::identity_client::IdentityClient::new(self.channel.clone())
+    }
+}
+
+/// Exponential backoff with jitter, for reconnecting watches and retrying Certify.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff { next: min, min, max }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    /// The next delay: doubling up to `max`, with ±25 % jitter so proxies that lost the
+    /// control plane together do not come back together.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|t| t.subsec_nanos())
+            .unwrap_or(0);
+        let jitter = 0.75 + (nanos % 1000) as f64 / 2000.0;
+        d.mul_f64(jitter)
+    }
+}
