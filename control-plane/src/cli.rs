@@ -93,7 +93,11 @@ pub struct ControlArgs {
     #[arg(long, env = "REMORA_CONTROL_LISTEN", default_value = "0.0.0.0:8086")]
     pub addr: std::net::SocketAddr,
     /// /live, /ready and /metrics (plaintext HTTP).
-    #[arg(long, env = "REMORA_CONTROL_ADMIN_ADDR", default_value = "0.0.0.0:9996")]
+    #[arg(
+        long,
+        env = "REMORA_CONTROL_ADMIN_ADDR",
+        default_value = "0.0.0.0:9996"
+    )]
     pub admin_addr: std::net::SocketAddr,
     /// A directory made by `remora ca init`: issuer.crt, issuer.key, ca.crt (hot reloaded).
     #[arg(long, env = "REMORA_ISSUER_DIR")]
@@ -140,11 +144,16 @@ impl ControlArgs {
                 cluster_domain: self.cluster_domain,
             },
             (None, false) => {
-                return Err("choose an endpoint source: --endpoints-file PATH or --kubernetes".into());
+                return Err(
+                    "choose an endpoint source: --endpoints-file PATH or --kubernetes".into(),
+                );
             }
         };
         if self.bootstrap_tokens.is_none() && !self.token_review {
-            return Err("choose how tokens are checked: --bootstrap-tokens PATH and/or --token-review".into());
+            return Err(
+                "choose how tokens are checked: --bootstrap-tokens PATH and/or --token-review"
+                    .into(),
+            );
         }
         let mut o = Options::new(self.issuer, source);
         o.addr = self.addr;
@@ -188,7 +197,11 @@ pub struct DemoArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_log = if matches!(cli.command, Command::Control(_)) { "info" } else { "warn" };
+    let default_log = if matches!(cli.command, Command::Control(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     let filter = std::env::var("REMORA_LOG").unwrap_or_else(|_| default_log.into());
     if let Err(e) = remora_proxy::cli::init_logging(&filter, remora_proxy::cli::LogFormat::Plain) {
         eprintln!("remora: {e}");

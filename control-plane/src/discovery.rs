@@ -25,7 +25,11 @@ pub struct DiscoveryService {
 fn endpoint(e: &EndpointSpec) -> Endpoint {
     Endpoint {
         addr: e.addr.to_string(),
-        identity: e.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+        identity: e
+            .identity
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_default(),
         weight: e.weight,
     }
 }
@@ -74,10 +78,7 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<Update, Status>> + Send>>;
 impl remora_api::discovery_server::Discovery for DiscoveryService {
     type WatchStream = WatchStream;
 
-    async fn watch(
-        &self,
-        request: Request<WatchRequest>,
-    ) -> Result<Response<WatchStream>, Status> {
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let req = request.into_inner();
         let name = remora_proxy::config::normalize_authority(&req.service).ok_or_else(|| {
             Status::invalid_argument(format!("service {:?} is not host:port", req.service))
@@ -143,7 +144,10 @@ mod tests {
 
     #[test]
     fn first_message_is_a_snapshot_or_no_such_service() {
-        assert!(matches!(kind(diff(None, &None)), Some(update::Kind::NoSuchService(_))));
+        assert!(matches!(
+            kind(diff(None, &None)),
+            Some(update::Kind::NoSuchService(_))
+        ));
         assert!(matches!(
             kind(diff(None, &set(&[]))),
             Some(update::Kind::Snapshot(s)) if s.endpoints.is_empty()
@@ -161,7 +165,13 @@ mod tests {
         assert_eq!(added, [("10.0.0.2:80", 3), ("10.0.0.3:80", 1)]);
         assert_eq!(d.remove, ["10.0.0.1:80"]);
         assert!(diff(Some(&b), &b).is_none());
-        assert!(matches!(kind(diff(Some(&b), &None)), Some(update::Kind::NoSuchService(_))));
-        assert!(matches!(kind(diff(Some(&None), &b)), Some(update::Kind::Snapshot(_))));
+        assert!(matches!(
+            kind(diff(Some(&b), &None)),
+            Some(update::Kind::NoSuchService(_))
+        ));
+        assert!(matches!(
+            kind(diff(Some(&None), &b)),
+            Some(update::Kind::Snapshot(_))
+        ));
     }
 }

@@ -49,7 +49,8 @@ fn read_dir(dir: &Path) -> [Vec<u8>; 3] {
 /// Loads the issuer in `dir` and proves it works: it signs our serving certificate, which must
 /// validate against the bundle like any workload's.
 fn load(dir: &Path, identity: &SpiffeId) -> Result<Signing, String> {
-    let issuer = LoadedIssuer::from_dir(dir).map_err(|e| format!("issuer {}: {e}", dir.display()))?;
+    let issuer =
+        LoadedIssuer::from_dir(dir).map_err(|e| format!("issuer {}: {e}", dir.display()))?;
     let leaf = ca::issue_with_new_key(&issuer, identity, SERVING_LIFETIME)
         .map_err(|e| format!("issuer {}: cannot sign: {e}", dir.display()))?;
     let serving = remora_certs::validate::validate(
@@ -134,11 +135,16 @@ pub fn parse_tokens(path: &Path, text: &str) -> Result<HashMap<String, SpiffeId>
         let at = format!("{}: line {}", path.display(), n + 1);
         let mut parts = line.split_whitespace();
         let (Some(token), Some(id), None) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(format!("{at}: expected `TOKEN spiffe://<trust-domain>/ns/<ns>/sa/<sa>`"));
+            return Err(format!(
+                "{at}: expected `TOKEN spiffe://<trust-domain>/ns/<ns>/sa/<sa>`"
+            ));
         };
         let id: SpiffeId = id.parse().map_err(|e| format!("{at}: {e}"))?;
         if token.len() < 16 {
-            return Err(format!("{at}: token is {} characters; use at least 16 random ones", token.len()));
+            return Err(format!(
+                "{at}: token is {} characters; use at least 16 random ones",
+                token.len()
+            ));
         }
         if map.insert(token.to_string(), id).is_some() {
             return Err(format!("{at}: this token is listed twice"));
@@ -184,7 +190,11 @@ impl BootstrapTokens {
             }
             match parse_tokens(&self.path, &String::from_utf8_lossy(&bytes)) {
                 Ok(t) => {
-                    tracing::info!(tokens = t.len(), "bootstrap tokens reloaded from {}", self.path.display());
+                    tracing::info!(
+                        tokens = t.len(),
+                        "bootstrap tokens reloaded from {}",
+                        self.path.display()
+                    );
                     self.tokens.store(Some(Arc::new(t)));
                 }
                 Err(e) => tracing::warn!("bootstrap tokens {e}; keeping the previous tokens"),
@@ -194,7 +204,10 @@ impl BootstrapTokens {
     }
 
     fn get(&self, token: &str) -> Option<SpiffeId> {
-        self.tokens.load().as_ref().and_then(|t| t.get(token).cloned())
+        self.tokens
+            .load()
+            .as_ref()
+            .and_then(|t| t.get(token).cloned())
     }
 }
 
@@ -213,7 +226,10 @@ impl Authenticator {
         }
         let Some((client, audiences)) = &self.token_review else {
             return Err(match &self.bootstrap {
-                Some(b) => format!("the token is not in the bootstrap tokens ({})", b.path.display()),
+                Some(b) => format!(
+                    "the token is not in the bootstrap tokens ({})",
+                    b.path.display()
+                ),
                 None => "no way to check tokens is configured on the control plane".into(),
             });
         };
@@ -221,7 +237,9 @@ impl Authenticator {
             .await
             .map_err(|e| format!("TokenReview: {e}"))?;
         let proven = crate::tokenreview::service_account_identity(&user, &self.trust_domain)
-            .ok_or_else(|| format!("the token belongs to {user}, which is not a service account"))?;
+            .ok_or_else(|| {
+                format!("the token belongs to {user}, which is not a service account")
+            })?;
         if &proven == id {
             Ok(())
         } else {
@@ -239,7 +257,10 @@ pub struct IdentityService {
 
 impl IdentityService {
     fn refuse(&self, result: &'static str, status: Status) -> Status {
-        self.metrics.certify.get_or_create(&ResultLabels { result }).inc();
+        self.metrics
+            .certify
+            .get_or_create(&ResultLabels { result })
+            .inc();
         status
     }
 }
@@ -250,10 +271,16 @@ impl remora_api::identity_server::Identity for IdentityService {
         &self,
         request: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {
-        let peer = request.extensions().get::<crate::server::PeerAddr>().map(|p| p.0);
+        let peer = request
+            .extensions()
+            .get::<crate::server::PeerAddr>()
+            .map(|p| p.0);
         let r = request.into_inner();
         let id: SpiffeId = r.identity.parse().map_err(|e| {
-            self.refuse("invalid", Status::invalid_argument(format!("identity {:?}: {e}", r.identity)))
+            self.refuse(
+                "invalid",
+                Status::invalid_argument(format!("identity {:?}: {e}", r.identity)),
+            )
         })?;
         if id.trust_domain() != self.issuer.trust_domain {
             return Err(self.refuse(
@@ -280,7 +307,10 @@ impl remora_api::identity_server::Identity for IdentityService {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs() as i64;
-        self.metrics.certify.get_or_create(&ResultLabels { result: "issued" }).inc();
+        self.metrics
+            .certify
+            .get_or_create(&ResultLabels { result: "issued" })
+            .inc();
         tracing::info!(identity = %id, ?peer, lifetime = ?self.lifetime, "certified");
         Ok(Response::new(CertifyResponse {
             chain,
@@ -297,10 +327,17 @@ mod tests {
     #[test]
     fn token_file_errors_name_the_line() {
         let p = Path::new("tokens");
-        let ok = parse_tokens(p, "# comment\n0123456789abcdef spiffe://cluster.local/ns/a/sa/b\n").unwrap();
+        let ok = parse_tokens(
+            p,
+            "# comment\n0123456789abcdef spiffe://cluster.local/ns/a/sa/b\n",
+        )
+        .unwrap();
         assert_eq!(ok.len(), 1);
         for (text, want) in [
-            ("\nshort spiffe://cluster.local/ns/a/sa/b\n", "line 2: token is 5"),
+            (
+                "\nshort spiffe://cluster.local/ns/a/sa/b\n",
+                "line 2: token is 5",
+            ),
             ("0123456789abcdef\n", "line 1: expected"),
             ("0123456789abcdef http://x\n", "line 1:"),
         ] {

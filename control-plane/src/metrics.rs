@@ -41,7 +41,11 @@ impl Metrics {
             issuer_reload_failures: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("services", "Services known to the source", m.services.clone());
+        registry.register(
+            "services",
+            "Services known to the source",
+            m.services.clone(),
+        );
         registry.register("watches", "Discovery watches open", m.watches.clone());
         registry.register(
             "updates_sent",
@@ -58,11 +62,7 @@ impl Metrics {
             "Endpoint files refused (the previous table kept serving)",
             m.source_reload_failures.clone(),
         );
-        registry.register(
-            "certify",
-            "Certify requests by result",
-            m.certify.clone(),
-        );
+        registry.register("certify", "Certify requests by result", m.certify.clone());
         registry.register(
             "issuer_reload_failures",
             "Issuer directory changes refused (the previous issuer kept signing)",

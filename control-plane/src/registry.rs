@@ -32,7 +32,9 @@ impl Registry {
         Arc::new(Registry::default())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<Option<EndpointSet>>>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<Option<EndpointSet>>>> {
         self.services.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -97,7 +99,10 @@ impl Registry {
 
     /// Known services (those with a set, possibly empty).
     pub fn services(&self) -> usize {
-        self.lock().values().filter(|tx| tx.borrow().is_some()).count()
+        self.lock()
+            .values()
+            .filter(|tx| tx.borrow().is_some())
+            .count()
     }
 
     /// Forgets unknown names whose last subscriber has gone.

@@ -147,7 +147,12 @@ impl ControlPlane {
                 opts.trust_domain
             ));
         }
-        let issuer = Issuer::load(&opts.issuer_dir, &opts.trust_domain, identity, metrics.clone())?;
+        let issuer = Issuer::load(
+            &opts.issuer_dir,
+            &opts.trust_domain,
+            identity,
+            metrics.clone(),
+        )?;
         let registry = Registry::new();
         let file = match &opts.source {
             Source::File(path) => {
@@ -162,7 +167,10 @@ impl ControlPlane {
             None => None,
         };
         let token_review = match &opts.token_review {
-            Some(kc) => Some((kube_client(kc.as_ref()).await?, opts.token_audiences.clone())),
+            Some(kc) => Some((
+                kube_client(kc.as_ref()).await?,
+                opts.token_audiences.clone(),
+            )),
             None => None,
         };
         let auth = Arc::new(Authenticator {
@@ -210,9 +218,11 @@ impl ControlPlane {
         self.issuer.identity.clone()
     }
 
-    /// Serves until `signal` resolves. Open watches end with the process; proxies keep their
-    /// last endpoints and re-subscribe to another replica or to this one when it is back.
+    /// Serves until `signal` resolves, then closes every connection at once (watches are
+    /// endless, so there is nothing to drain): proxies keep their last endpoints and
+    /// re-subscribe to another replica, or to this one when it is back.
     pub async fn run(mut self, signal: impl Future<Output = ()>) {
+        let stop = tokio_util::sync::CancellationToken::new();
         let (synced_tx, synced) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         match (self.file.take(), self.source.take()) {
@@ -220,10 +230,13 @@ impl ControlPlane {
                 let _ = synced_tx.send(true);
                 tasks.spawn(f.run(self.registry.clone(), self.metrics.clone()));
             }
-            (None, Some(Source::Kubernetes {
-                kubeconfig,
-                cluster_domain,
-            })) => match kube_client(kubeconfig.as_ref()).await {
+            (
+                None,
+                Some(Source::Kubernetes {
+                    kubeconfig,
+                    cluster_domain,
+                }),
+            ) => match kube_client(kubeconfig.as_ref()).await {
                 Ok(client) => {
                     let src = KubeSource {
                         client,
@@ -252,10 +265,16 @@ impl ControlPlane {
         ));
         {
             let tls = tls.clone();
-            tasks.spawn(self.issuer.clone().watch(move |creds| match server_config(creds) {
-                Ok(c) => tls.store(c),
-                Err(e) => tracing::warn!("control plane TLS configuration: {e}; keeping the previous one"),
-            }));
+            tasks.spawn(
+                self.issuer
+                    .clone()
+                    .watch(move |creds| match server_config(creds) {
+                        Ok(c) => tls.store(c),
+                        Err(e) => tracing::warn!(
+                            "control plane TLS configuration: {e}; keeping the previous one"
+                        ),
+                    }),
+            );
         }
         let discovery = remora_api::discovery_server::DiscoveryServer::new(DiscoveryService {
             registry: self.registry.clone(),
@@ -267,8 +286,19 @@ impl ControlPlane {
             lifetime: self.cert_lifetime,
             metrics: self.metrics.clone(),
         });
-        tasks.spawn(serve_grpc(self.listener, tls, discovery, identity));
-        tasks.spawn(serve_admin(self.admin, self.metrics.clone(), self.registry.clone(), synced));
+        tasks.spawn(serve_grpc(
+            self.listener,
+            tls,
+            discovery,
+            identity,
+            stop.clone(),
+        ));
+        tasks.spawn(serve_admin(
+            self.admin,
+            self.metrics.clone(),
+            self.registry.clone(),
+            synced,
+        ));
         tracing::info!(
             addr = %self.addrs[0],
             admin = %self.addrs[1],
@@ -277,6 +307,7 @@ impl ControlPlane {
             "remora control plane ready"
         );
         signal.await;
+        stop.cancel();
         tasks.abort_all();
     }
 }
@@ -289,6 +320,7 @@ async fn serve_grpc(
     tls: Arc<ArcSwap<rustls::ServerConfig>>,
     discovery: Discovery,
     identity: IdentitySvc,
+    stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -302,18 +334,20 @@ async fn serve_grpc(
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
         let (discovery, identity) = (discovery.clone(), identity.clone());
+        let stop = stop.clone();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "control plane TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "control plane TLS handshake timed out");
-                    return;
-                }
-            };
+            let stream =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "control plane TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "control plane TLS handshake timed out");
+                        return;
+                    }
+                };
             let svc = service_fn(move |mut req: Request<Incoming>| {
                 req.extensions_mut().insert(PeerAddr(peer));
                 let (mut discovery, mut identity) = (discovery.clone(), identity.clone());
@@ -324,7 +358,10 @@ async fn serve_grpc(
                     } else if path.starts_with("/remora.v1.Identity/") {
                         identity.call(req).await
                     } else {
-                        Ok(tonic::Status::unimplemented(format!("no service at {path}")).into_http())
+                        Ok(
+                            tonic::Status::unimplemented(format!("no service at {path}"))
+                                .into_http(),
+                        )
                     };
                     Ok::<_, Infallible>(rsp.unwrap_or_else(|never| match never {}))
                 }
@@ -337,12 +374,13 @@ async fn serve_grpc(
                 .keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(10))
                 .max_concurrent_streams(10_000);
-            if let Err(e) = builder
-                .http2_only()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "control plane connection ended");
+            let builder = builder.http2_only();
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "control plane connection ended");
+                },
+                _ = stop.cancelled() => {}
             }
         });
     }
@@ -362,7 +400,8 @@ async fn serve_admin(
         let (metrics, registry, synced) = (metrics.clone(), registry.clone(), synced.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let (metrics, registry, synced) = (metrics.clone(), registry.clone(), synced.clone());
+                let (metrics, registry, synced) =
+                    (metrics.clone(), registry.clone(), synced.clone());
                 async move {
                     let (status, body) = match req.uri().path() {
                         "/live" => (StatusCode::OK, "live\n".to_string()),
@@ -375,7 +414,10 @@ async fn serve_admin(
                             metrics.services.set(registry.services() as i64);
                             (StatusCode::OK, metrics.encode())
                         }
-                        p => (StatusCode::NOT_FOUND, format!("no {p}; try /live, /ready, /metrics\n")),
+                        p => (
+                            StatusCode::NOT_FOUND,
+                            format!("no {p}; try /live, /ready, /metrics\n"),
+                        ),
                     };
                     let mut rsp = Response::new(Full::new(Bytes::from(body)).boxed());
                     *rsp.status_mut() = status;

@@ -85,7 +85,12 @@ pub struct Args {
     pub control_addr: Option<crate::config::ControlTarget>,
     /// Where the certificate comes from: `files` (REMORA_IDENTITY_DIR, written by someone
     /// else) or `control` (a CSR to the control plane, renewed automatically).
-    #[arg(long, env = "REMORA_IDENTITY_MODE", value_enum, default_value = "files")]
+    #[arg(
+        long,
+        env = "REMORA_IDENTITY_MODE",
+        value_enum,
+        default_value = "files"
+    )]
     pub identity_mode: IdentityModeArg,
     /// This proxy's SPIFFE ID, for REMORA_IDENTITY_MODE=control.
     #[arg(long, env = "REMORA_IDENTITY")]
@@ -148,7 +153,9 @@ impl Args {
                 return Err("REMORA_IDENTITY_MODE=control needs REMORA_IDENTITY (spiffe://<trust-domain>/ns/<ns>/sa/<sa>)".into());
             }
             (IdentityModeArg::Control, Some(id)) => crate::config::IdentityMode::Control {
-                id: id.parse().map_err(|e| format!("REMORA_IDENTITY `{id}`: {e}"))?,
+                id: id
+                    .parse()
+                    .map_err(|e| format!("REMORA_IDENTITY `{id}`: {e}"))?,
                 token: self.identity_token.clone(),
             },
         };

@@ -28,7 +28,8 @@ pub struct ControlClient {
 pub fn read_anchors(ca: &std::path::Path) -> Result<Arc<Vec<TrustAnchor<'static>>>, String> {
     let pem = std::fs::read(ca).map_err(|e| format!("{}: cannot read: {e}", ca.display()))?;
     let roots = remora_certs::validate::parse_certs(ca, &pem).map_err(|e| e.to_string())?;
-    let anchors = remora_certs::validate::anchors(&roots).map_err(|e| format!("{}: {e}", ca.display()))?;
+    let anchors =
+        remora_certs::validate::anchors(&roots).map_err(|e| format!("{}: {e}", ca.display()))?;
     Ok(Arc::new(anchors))
 }
 
@@ -58,8 +59,12 @@ impl ControlClient {
         let addr = target.addr.clone();
         let expected = target.identity.clone();
         let connector = tower::service_fn(move |_: Uri| {
-            let (addr, ca, expected, trust_domain) =
-                (addr.clone(), ca.clone(), expected.clone(), trust_domain.clone());
+            let (addr, ca, expected, trust_domain) = (
+                addr.clone(),
+                ca.clone(),
+                expected.clone(),
+                trust_domain.clone(),
+            );
             async move {
                 let err = |e: String| std::io::Error::other(format!("control plane {addr}: {e}"));
                 let expected = match expected {
@@ -109,7 +114,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff { next: min, min, max }
+        Backoff {
+            next: min,
+            min,
+            max,
+        }
     }
 
     pub fn reset(&mut self) {

@@ -81,12 +81,15 @@ struct Watch {
 impl Watch {
     fn touch(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_used.store(ms, std::sync::atomic::Ordering::Relaxed);
+        self.last_used
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn idle_for(&self) -> Duration {
         let last = self.last_used.load(std::sync::atomic::Ordering::Relaxed);
-        self.epoch.elapsed().saturating_sub(Duration::from_millis(last))
+        self.epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
     }
 }
 
@@ -123,7 +126,6 @@ impl Destinations {
         });
         self
     }
-
 }
 
 /// Makes endpoints for discovered destinations (static and control plane alike).
@@ -136,7 +138,12 @@ struct Factory {
 impl Factory {
     /// The endpoint set `specs` for destination `name`, reusing endpoints in `current` that
     /// stay (same address, weight and identity) so they keep their connections and metrics.
-    fn build(&self, name: &str, current: &[Arc<Endpoint>], specs: &[EndpointSpec]) -> Vec<Arc<Endpoint>> {
+    fn build(
+        &self,
+        name: &str,
+        current: &[Arc<Endpoint>],
+        specs: &[EndpointSpec],
+    ) -> Vec<Arc<Endpoint>> {
         specs
             .iter()
             .map(|s| {
@@ -178,7 +185,6 @@ impl Factory {
             .with_tls(tls),
         )
     }
-
 }
 
 impl Destinations {
@@ -190,7 +196,10 @@ impl Destinations {
             d.update(self.factory.build(&name, &d.endpoints(), specs));
             return;
         }
-        let eps = specs.iter().map(|s| self.factory.endpoint(&name, s)).collect();
+        let eps = specs
+            .iter()
+            .map(|s| self.factory.endpoint(&name, s))
+            .collect();
         let dest = Arc::new(Destination::new(name.clone(), eps));
         self.statics.rcu(|map| {
             let mut map = HashMap::clone(map);
@@ -308,10 +317,11 @@ impl Destinations {
         };
         w.touch();
         let mut rx = w.known.subscribe();
-        let known = match tokio::time::timeout(FIRST_ANSWER, rx.wait_for(|k| *k != Known::Waiting)).await {
-            Ok(Ok(k)) => *k,
-            _ => Known::Waiting,
-        };
+        let known =
+            match tokio::time::timeout(FIRST_ANSWER, rx.wait_for(|k| *k != Known::Waiting)).await {
+                Ok(Ok(k)) => *k,
+                _ => Known::Waiting,
+            };
         match known {
             Known::Service => Some(w.dest.clone()),
             Known::NoSuchService => None,
@@ -360,10 +370,12 @@ async fn follow(
 ) {
     use remora_api::update::Kind;
     let mut specs: std::collections::BTreeMap<SocketAddr, EndpointSpec> = Default::default();
-    let mut backoff = crate::control::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut backoff =
+        crate::control::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let apply = |specs: &std::collections::BTreeMap<SocketAddr, EndpointSpec>| {
         let list: Vec<EndpointSpec> = specs.values().cloned().collect();
-        w.dest.update(factory.build(&name, &w.dest.endpoints(), &list));
+        w.dest
+            .update(factory.build(&name, &w.dest.endpoints(), &list));
     };
     let idle_check = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
     'outer: loop {
@@ -391,7 +403,12 @@ async fn follow(
                     backoff.reset();
                     match update.kind {
                         Some(Kind::Snapshot(snap)) => {
-                            specs = snap.endpoints.iter().filter_map(spec).map(|e| (e.addr, e)).collect();
+                            specs = snap
+                                .endpoints
+                                .iter()
+                                .filter_map(spec)
+                                .map(|e| (e.addr, e))
+                                .collect();
                             apply(&specs);
                             w.known.send_replace(Known::Service);
                             tracing::debug!(service = %name, endpoints = specs.len(), "snapshot from the control plane");
@@ -432,5 +449,8 @@ async fn follow(
         tokio::time::sleep(backoff.next_delay()).await;
     }
     tracing::debug!(service = %name, "watch idle; dropped");
-    watches.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+    watches
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&name);
 }

@@ -169,8 +169,12 @@ impl IdentityStore {
             .client
             .get()
             .ok_or("no control plane configured (REMORA_CONTROL_ADDR)")?;
-        let token = std::fs::read_to_string(&c.token)
-            .map_err(|e| format!("token {}: cannot read: {e}; set REMORA_IDENTITY_TOKEN", c.token.display()))?;
+        let token = std::fs::read_to_string(&c.token).map_err(|e| {
+            format!(
+                "token {}: cannot read: {e}; set REMORA_IDENTITY_TOKEN",
+                c.token.display()
+            )
+        })?;
         let bundle = std::fs::read(self.ca_path()).unwrap_or_default();
         let (key, csr) = remora_certs::ca::new_key_and_csr(&c.id).map_err(|e| e.to_string())?;
         let request = remora_api::CertifyRequest {
@@ -181,15 +185,27 @@ impl IdentityStore {
         let rsp = tokio::time::timeout(Duration::from_secs(10), client.identity().certify(request))
             .await
             .map_err(|_| format!("control plane {}: no answer within 10s", client.addr))?
-            .map_err(|s| format!("control plane {}: {}: {}", client.addr, s.code(), s.message()))?
+            .map_err(|s| {
+                format!(
+                    "control plane {}: {}: {}",
+                    client.addr,
+                    s.code(),
+                    s.message()
+                )
+            })?
             .into_inner();
-        self.consider(&[rsp.chain.into_bytes(), key.serialize_pem().into_bytes(), bundle])
+        self.consider(&[
+            rsp.chain.into_bytes(),
+            key.serialize_pem().into_bytes(),
+            bundle,
+        ])
     }
 
     /// Keeps a control-plane certificate current: fetch at start, renew at 70 %, retry with
     /// backoff, and fetch again at once when the trust bundle changes.
     async fn certify_loop(&self, c: &Certifier) {
-        let mut backoff = crate::control::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut backoff =
+            crate::control::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut next_attempt = SystemTime::now();
         let mut renew = SystemTime::now();
         let mut bundle = std::fs::read(self.ca_path()).unwrap_or_default();

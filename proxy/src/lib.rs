@@ -99,18 +99,23 @@ impl Proxy {
         let (outbound, o) = bind("REMORA_OUTBOUND_ADDR", cfg.outbound_addr).await?;
         let (admin, a) = bind("REMORA_ADMIN_ADDR", cfg.admin_addr).await?;
         let metrics = Arc::new(Metrics::new());
-        let identity = cfg.identity_dir.as_deref().map(|dir| match &cfg.identity_mode {
-            config::IdentityMode::Files => identity::IdentityStore::new(dir, metrics.clone()),
-            config::IdentityMode::Control { id, token } => identity::IdentityStore::with_certifier(
-                dir,
-                metrics.clone(),
-                identity::Certifier {
-                    id: id.clone(),
-                    token: token.clone(),
-                    client: Default::default(),
-                },
-            ),
-        });
+        let identity = cfg
+            .identity_dir
+            .as_deref()
+            .map(|dir| match &cfg.identity_mode {
+                config::IdentityMode::Files => identity::IdentityStore::new(dir, metrics.clone()),
+                config::IdentityMode::Control { id, token } => {
+                    identity::IdentityStore::with_certifier(
+                        dir,
+                        metrics.clone(),
+                        identity::Certifier {
+                            id: id.clone(),
+                            token: token.clone(),
+                            client: Default::default(),
+                        },
+                    )
+                }
+            });
         let mut destinations = discover::Destinations::new(
             &cfg.destinations,
             cfg.connect_timeout,
@@ -122,8 +127,8 @@ impl Proxy {
                 let store = Arc::downgrade(store);
                 Arc::new(move || store.upgrade().and_then(|s| s.trust_domain()))
             };
-            let client = control::ControlClient::new(target, store.ca_path(), td)
-                .map_err(Error::Config)?;
+            let client =
+                control::ControlClient::new(target, store.ca_path(), td).map_err(Error::Config)?;
             if let Some(c) = store.certifier() {
                 let _ = c.client.set(client.clone());
             }

@@ -643,4 +643,5 @@ pub async fn curl_mtls(
     args.push(&url);
     run("curl", &args).await
 }
+pub mod control;
 pub mod kube;

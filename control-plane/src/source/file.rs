@@ -55,7 +55,8 @@ struct Endpoint {
 /// Parses and validates a whole endpoints file. Errors name the file and line.
 pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
     let line = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
-    let at = |offset: usize, msg: String| format!("{}: line {}: {msg}", path.display(), line(offset));
+    let at =
+        |offset: usize, msg: String| format!("{}: line {}: {msg}", path.display(), line(offset));
     let file: File = toml::from_str(text).map_err(|e| match e.span() {
         Some(span) => at(span.start, e.message().to_string()),
         None => format!("{}: {}", path.display(), e.message()),
@@ -63,7 +64,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
     let mut table = HashMap::new();
     for s in file.service {
         let name = remora_proxy::config::normalize_authority(s.name.get_ref())
-            .filter(|n| n.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()))
+            .filter(|n| {
+                n.rsplit_once(':')
+                    .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            })
             .ok_or_else(|| {
                 at(
                     s.name.span().start,
@@ -90,7 +94,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
             let identity = match &e.identity {
                 None => None,
                 Some(id) => Some(id.get_ref().parse::<SpiffeId>().map_err(|err| {
-                    at(id.span().start, format!("identity {:?}: {err}", id.get_ref()))
+                    at(
+                        id.span().start,
+                        format!("identity {:?}: {err}", id.get_ref()),
+                    )
                 })?),
             };
             let weight = match &e.weight {
@@ -212,17 +219,40 @@ name = "empty:80"
     #[test]
     fn errors_name_the_line() {
         let cases = [
-            ("[[service]]\nname = \"a:1\"\nendpoints = [{ addr = \"nope\" }]\n", "line 3", "not ip:port"),
+            (
+                "[[service]]\nname = \"a:1\"\nendpoints = [{ addr = \"nope\" }]\n",
+                "line 3",
+                "not ip:port",
+            ),
             ("[[service]]\nname = \"a\"\n", "line 2", "not host:port"),
-            ("[[service]]\nname = \"a:1\"\nendpoints = [\n {addr=\"1.2.3.4:5\", identity=\"spiffe://x/bad\"}]\n", "line 4", "identity"),
-            ("[[service]]\nname = \"a:1\"\nendpoints = [{ addr = \"1.2.3.4:5\", weight = 0 }]\n", "line 3", "weight 0"),
-            ("[[service]]\nname = \"a:1\"\n[[service]]\nname = \"a:1\"\n", "line 4", "defined twice"),
-            ("[[service]]\nname = \"a:1\"\nendpoint = []\n", "line 3", "endpoint"),
+            (
+                "[[service]]\nname = \"a:1\"\nendpoints = [\n {addr=\"1.2.3.4:5\", identity=\"spiffe://x/bad\"}]\n",
+                "line 4",
+                "identity",
+            ),
+            (
+                "[[service]]\nname = \"a:1\"\nendpoints = [{ addr = \"1.2.3.4:5\", weight = 0 }]\n",
+                "line 3",
+                "weight 0",
+            ),
+            (
+                "[[service]]\nname = \"a:1\"\n[[service]]\nname = \"a:1\"\n",
+                "line 4",
+                "defined twice",
+            ),
+            (
+                "[[service]]\nname = \"a:1\"\nendpoint = []\n",
+                "line 3",
+                "endpoint",
+            ),
             ("[[service]\n", "line 1", ""),
         ];
         for (text, line, what) in cases {
             let e = p(text).unwrap_err();
-            assert!(e.starts_with("eps.toml: ") && e.contains(line) && e.contains(what), "{text:?} gave {e}");
+            assert!(
+                e.starts_with("eps.toml: ") && e.contains(line) && e.contains(what),
+                "{text:?} gave {e}"
+            );
         }
     }
 }

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use remora_control_plane::kube;
+use remora_control_plane::kube::config::{KubeConfigOptions, Kubeconfig};
 use remora_control_plane::registry::Registry;
 use remora_control_plane::source::kubernetes::KubeSource;
 use remora_tests::kube::ApiServer;
@@ -58,19 +59,30 @@ fn addrs(r: &Registry, name: &str) -> Option<Vec<String>> {
         .map(|set| set.keys().map(|a| a.to_string()).collect())
 }
 
-/// Polls every 20 ms until `name` holds `want` (`None`: no such service), failing after `limit`.
-async fn expect(r: &Registry, name: &str, want: Option<&[&str]>, limit: Duration, step: &str) {
+/// Polls every 20 ms until `name` holds `want` (`None`: no such service), failing when `limit`
+/// has passed since `since` (taken before the write, so the API round trip counts too).
+async fn expect(
+    r: &Registry,
+    name: &str,
+    want: Option<&[&str]>,
+    since: Instant,
+    limit: Duration,
+    step: &str,
+) {
     let want: Option<Vec<String>> = want.map(|w| w.iter().map(|a| a.to_string()).collect());
-    let start = Instant::now();
     loop {
         let got = addrs(r, name);
         if got == want {
+            eprintln!(
+                "{step}: {name} as expected {:?} after the write",
+                since.elapsed()
+            );
             return;
         }
         assert!(
-            start.elapsed() < limit,
-            "{step}: {name} is {got:?} after {:?}, want {want:?}",
-            start.elapsed()
+            since.elapsed() < limit,
+            "{step}: {name} is {got:?} {:?} after the write, want {want:?}",
+            since.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -85,19 +97,22 @@ async fn endpoint_slice_changes_reach_the_registry_within_a_second() {
     let server = ApiServer::start();
     // Any namespace name works: the API server has no Namespace objects to check against.
     server.apply_slice("other", "api-abc", "api", 9000, &eps(&["10.1.0.1"]));
+    const API: &str = "api.other.svc.cluster.local:9000";
 
     let src = start_source(&server).await;
     let r = &src.registry;
     expect(
         r,
-        "api.other.svc.cluster.local:9000",
+        API,
         Some(&["10.1.0.1:9000"]),
+        Instant::now(),
         CHANGE,
         "initial list",
     )
     .await;
     assert_eq!(addrs(r, WEB), None, "no slices for web yet");
 
+    let t = Instant::now();
     server.apply_slice(
         "shop",
         "web-1",
@@ -109,11 +124,13 @@ async fn endpoint_slice_changes_reach_the_registry_within_a_second() {
         r,
         WEB,
         Some(&["10.0.0.1:8080", "10.0.0.2:8080"]),
+        t,
         CHANGE,
         "create",
     )
     .await;
 
+    let t = Instant::now();
     server.apply_slice(
         "shop",
         "web-1",
@@ -121,15 +138,10 @@ async fn endpoint_slice_changes_reach_the_registry_within_a_second() {
         8080,
         &eps(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
     );
-    expect(
-        r,
-        WEB,
-        Some(&["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"]),
-        CHANGE,
-        "scale to 3",
-    )
-    .await;
+    let three: &[&str] = &["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"];
+    expect(r, WEB, Some(three), t, CHANGE, "scale to 3").await;
 
+    let t = Instant::now();
     let not_ready = [
         ("10.0.0.1", true, false),
         ("10.0.0.2", false, false),
@@ -140,20 +152,31 @@ async fn endpoint_slice_changes_reach_the_registry_within_a_second() {
         r,
         WEB,
         Some(&["10.0.0.1:8080", "10.0.0.3:8080"]),
+        t,
         CHANGE,
         "one not ready",
     )
     .await;
 
     // Ready but terminating (as with publishNotReadyAddresses): no new requests.
+    let t = Instant::now();
     let terminating = [
         ("10.0.0.1", true, false),
         ("10.0.0.2", false, false),
         ("10.0.0.3", true, true),
     ];
     server.apply_slice("shop", "web-1", "web", 8080, &terminating);
-    expect(r, WEB, Some(&["10.0.0.1:8080"]), CHANGE, "one terminating").await;
+    expect(
+        r,
+        WEB,
+        Some(&["10.0.0.1:8080"]),
+        t,
+        CHANGE,
+        "one terminating",
+    )
+    .await;
 
+    let t = Instant::now();
     server.apply_slice(
         "shop",
         "web-2",
@@ -162,15 +185,17 @@ async fn endpoint_slice_changes_reach_the_registry_within_a_second() {
         &eps(&["10.0.0.4", "10.0.0.5"]),
     );
     let union: &[&str] = &["10.0.0.1:8080", "10.0.0.4:8080", "10.0.0.5:8080"];
-    expect(r, WEB, Some(union), CHANGE, "second slice").await;
+    expect(r, WEB, Some(union), t, CHANGE, "second slice").await;
 
     // A watch started now (a restarted control plane) lists the current state.
     let fresh = start_source(&server).await;
-    expect(&fresh.registry, WEB, Some(union), CHANGE, "fresh watch").await;
+    let t = Instant::now();
+    expect(&fresh.registry, WEB, Some(union), t, CHANGE, "fresh watch").await;
     expect(
         &fresh.registry,
-        "api.other.svc.cluster.local:9000",
+        API,
         Some(&["10.1.0.1:9000"]),
+        t,
         CHANGE,
         "fresh watch",
     )
@@ -178,24 +203,19 @@ async fn endpoint_slice_changes_reach_the_registry_within_a_second() {
     assert_eq!(fresh.registry.services(), 2);
 
     // No usable endpoint: the service still exists, with nothing to reach.
+    let t = Instant::now();
     server.delete_slice("shop", "web-2");
     server.apply_slice("shop", "web-1", "web", 8080, &[("10.0.0.1", false, false)]);
     for reg in [r, &fresh.registry] {
-        expect(reg, WEB, Some(&[]), CHANGE, "no ready endpoint").await;
+        expect(reg, WEB, Some(&[]), t, CHANGE, "no ready endpoint").await;
     }
 
+    let t = Instant::now();
     server.delete_slice("shop", "web-1");
     server.delete_slice("other", "api-abc");
     for reg in [r, &fresh.registry] {
-        expect(reg, WEB, None, CHANGE, "all slices deleted").await;
-        expect(
-            reg,
-            "api.other.svc.cluster.local:9000",
-            None,
-            CHANGE,
-            "all slices deleted",
-        )
-        .await;
+        expect(reg, WEB, None, t, CHANGE, "all slices deleted").await;
+        expect(reg, API, None, t, CHANGE, "all slices deleted").await;
         assert_eq!(reg.services(), 0);
     }
 }

@@ -1,0 +1,275 @@
+//! Helpers for control-plane tests: a control plane running in the test's runtime (the same
+//! library `remora control` runs), proxies configured against it, apps that say who they are,
+//! and log capture.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use remora_control_plane::server::{ControlPlane, Options, Source};
+use remora_proxy::Config;
+use remora_proxy::config::{ControlTarget, IdentityMode};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::{Pki, config, http_get, loopback0, random_file};
+
+pub struct TestControl {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub identity: remora_certs::SpiffeId,
+    pub endpoints: PathBuf,
+    pub registry: Arc<remora_control_plane::registry::Registry>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// A scratch file path.
+pub fn scratch(name: &str) -> PathBuf {
+    let (file, _) = random_file(1);
+    file.with_file_name(name)
+}
+
+/// Writes `text` to `path` atomically (write then rename), as a config tool would.
+pub fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// The file-source TOML for `services`: (name, [(addr, identity)]).
+pub fn endpoints_toml(services: &[(&str, Vec<(SocketAddr, Option<String>)>)]) -> String {
+    let mut out = String::new();
+    for (name, eps) in services {
+        out.push_str(&format!("[[service]]\nname = \"{name}\"\nendpoints = [\n"));
+        for (addr, id) in eps {
+            match id {
+                Some(id) => out.push_str(&format!(
+                    "  {{ addr = \"{addr}\", identity = \"{id}\" }},\n"
+                )),
+                None => out.push_str(&format!("  {{ addr = \"{addr}\" }},\n")),
+            }
+        }
+        out.push_str("]\n");
+    }
+    out
+}
+
+impl TestControl {
+    /// Starts a control plane on `addr` (port 0 for any) with the file source `endpoints`
+    /// (TOML), issuer `pki`, the given bootstrap tokens and certificate lifetime.
+    pub async fn start(
+        addr: SocketAddr,
+        pki: &Pki,
+        endpoints: &str,
+        tokens: &[(&str, &remora_certs::SpiffeId)],
+        lifetime: Duration,
+    ) -> TestControl {
+        let eps = scratch("endpoints.toml");
+        write_atomic(&eps, endpoints);
+        let tok = scratch("tokens");
+        let lines: String = tokens.iter().map(|(t, id)| format!("{t} {id}\n")).collect();
+        std::fs::write(&tok, lines).expect("tokens");
+        Self::start_with(addr, pki, eps, Some(tok), lifetime).await
+    }
+
+    /// Starts with an existing endpoints file (a restart after [`TestControl::kill`]).
+    pub async fn start_with(
+        addr: SocketAddr,
+        pki: &Pki,
+        endpoints: PathBuf,
+        tokens: Option<PathBuf>,
+        lifetime: Duration,
+    ) -> TestControl {
+        let mut o = Options::new(pki.dir.clone(), Source::File(endpoints.clone()));
+        o.addr = addr;
+        o.admin_addr = loopback0();
+        o.trust_domain = pki.trust_domain.clone();
+        o.bootstrap_tokens = tokens;
+        o.cert_lifetime = lifetime;
+        let cp = ControlPlane::bind(o).await.expect("control plane binds");
+        let (addr, admin, identity, registry) =
+            (cp.addr(), cp.admin_addr(), cp.identity(), cp.registry());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(cp.run(async move {
+            let _ = rx.await;
+        }));
+        crate::wait_ready(admin).await;
+        TestControl {
+            addr,
+            admin,
+            identity,
+            endpoints,
+            registry,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn set_endpoints(&self, toml: &str) {
+        write_atomic(&self.endpoints, toml);
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics")
+            .await
+            .expect("control metrics")
+            .1
+    }
+
+    /// Stops it abruptly: every connection closes at once, like a killed process.
+    pub async fn kill(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(crate::WAIT, t).await;
+        }
+    }
+
+    pub fn target(&self) -> ControlTarget {
+        ControlTarget {
+            addr: self.addr.to_string(),
+            identity: Some(self.identity.clone()),
+        }
+    }
+}
+
+impl Drop for TestControl {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A proxy config for identity `sa` that gets its certificate and its endpoints from the
+/// control plane at `control`, proving itself with `token`.
+pub fn proxy_config(
+    app: SocketAddr,
+    pki: &Pki,
+    control: &ControlTarget,
+    sa: &str,
+    token: &str,
+) -> Config {
+    let dir = scratch(&format!("ca-only-{sa}"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::copy(pki.dir.join("ca.crt"), dir.join("ca.crt")).expect("copy ca.crt");
+    let tok = dir.join("token");
+    std::fs::write(&tok, token).expect("token");
+    let mut cfg = config(app);
+    cfg.identity_dir = Some(dir);
+    cfg.control = Some(control.clone());
+    cfg.identity_mode = IdentityMode::Control {
+        id: pki.id(sa),
+        token: tok,
+    };
+    cfg
+}
+
+/// An HTTP/1.1 + HTTP/2 app that answers every request with its `name`.
+pub struct NamedApp {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for NamedApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl NamedApp {
+    pub async fn start(name: &'static str) -> NamedApp {
+        let listener = TcpListener::bind(loopback0()).await.expect("bind app");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| async move {
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                            name.as_bytes(),
+                        ))))
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        NamedApp { addr, task }
+    }
+}
+
+/// GET `http://{authority}/` through an outbound proxy; returns (status, body).
+pub async fn get_via(proxy: SocketAddr, authority: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await?;
+    s.write_all(
+        format!("GET / HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(crate::WAIT, s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("response timed out"))??;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Everything this test binary logs through `tracing`, for tests that check what a user reads.
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&log_buffer().lock().unwrap_or_else(|p| p.into_inner())).to_string()
+}
+
+fn log_buffer() -> &'static Arc<Mutex<Vec<u8>>> {
+    static BUF: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    BUF.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = LogWriter(buf.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("info")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .try_init();
+        buf
+    })
+}
+
+/// Installs the capturing logger (call at the start of a test).
+pub fn capture_logs() {
+    let _ = log_buffer();
+}
+
+#[derive(Clone)]
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
