@@ -8,6 +8,11 @@
 //!
 //! The backends and the client speak gRPC framing over HTTP/2 with hyper (unary calls with the
 //! status in trailers), so the demo needs nothing beyond the binary.
+//!
+//! By default a control plane runs too (in the same process, on the file source): it issues
+//! every proxy's certificate from a CSR and a bootstrap token, and the client's proxy discovers
+//! the three backends from it. `--plaintext` runs the mesh without certificates or control
+//! plane, on static destinations.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -234,15 +239,132 @@ impl DemoPki {
         Ok(DemoPki { dir, issuer })
     }
 
+    /// A directory for workload `sa` holding only the trust bundle and a bootstrap token;
+    /// its certificate will come from the control plane.
     fn identity(&self, sa: &str) -> Result<(remora_certs::SpiffeId, std::path::PathBuf), String> {
         let id = remora_certs::SpiffeId::workload(TRUST_DOMAIN, "demo", sa)
             .map_err(|e| e.to_string())?;
-        let leaf =
-            remora_certs::ca::issue_with_new_key(&self.issuer, &id, Duration::from_secs(3600))
-                .map_err(|e| e.to_string())?;
         let out = self.dir.join(sa);
-        leaf.write(&out).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+        remora_certs::ca::write(&out, "ca.crt", &self.issuer.bundle_pem)
+            .map_err(|e| e.to_string())?;
+        let token = random_token()?;
+        remora_certs::ca::write(&out, "token", &token).map_err(|e| e.to_string())?;
+        let line = format!("{token} {id}\n");
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tokens"))
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .map_err(|e| format!("bootstrap tokens: {e}"))?;
         Ok((id, out))
+    }
+}
+
+fn random_token() -> Result<String, String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| format!("/dev/urandom: {e}"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Points `cfg` at the control plane for its certificate (identity `id`) and its endpoints.
+fn use_control(
+    cfg: &mut Config,
+    control: &remora_proxy::config::ControlTarget,
+    id: remora_certs::SpiffeId,
+    dir: std::path::PathBuf,
+) {
+    cfg.identity_mode = remora_proxy::config::IdentityMode::Control {
+        id,
+        token: dir.join("token"),
+    };
+    cfg.identity_dir = Some(dir);
+    cfg.control = Some(control.clone());
+}
+
+/// The demo's control plane: file source (written once the backends' proxies are up),
+/// bootstrap tokens, the throwaway CA as issuer.
+struct DemoControl {
+    target: remora_proxy::config::ControlTarget,
+    registry: Arc<crate::registry::Registry>,
+    endpoints: std::path::PathBuf,
+    admin: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl DemoControl {
+    async fn start(pki: &DemoPki) -> Result<Self, String> {
+        let endpoints = pki.dir.join("endpoints.toml");
+        std::fs::write(&endpoints, "# written once the backends are up\n")
+            .map_err(|e| e.to_string())?;
+        let mut o = crate::server::Options::new(
+            pki.dir.join("ca"),
+            crate::server::Source::File(endpoints.clone()),
+        );
+        o.addr = loopback0();
+        o.admin_addr = loopback0();
+        o.trust_domain = TRUST_DOMAIN.into();
+        o.bootstrap_tokens = Some(pki.dir.join("tokens"));
+        o.cert_lifetime = Duration::from_secs(3600);
+        let cp = crate::server::ControlPlane::bind(o).await?;
+        let target = remora_proxy::config::ControlTarget {
+            addr: cp.addr().to_string(),
+            identity: Some(cp.identity()),
+        };
+        let (registry, admin) = (cp.registry(), cp.admin_addr());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(cp.run(async move {
+            let _ = rx.await;
+        }));
+        Ok(DemoControl {
+            target,
+            registry,
+            endpoints,
+            admin,
+            stop: Some(tx),
+        })
+    }
+
+    /// Publishes the backends and waits until the control plane serves them.
+    async fn publish(&self, endpoints: &[remora_proxy::EndpointSpec]) -> Result<(), String> {
+        let mut toml = format!("[[service]]\nname = \"{SERVICE}\"\nendpoints = [\n");
+        for e in endpoints {
+            let id = e
+                .identity
+                .as_ref()
+                .map(|i| format!(", identity = \"{i}\""))
+                .unwrap_or_default();
+            toml.push_str(&format!("  {{ addr = \"{}\"{id} }},\n", e.addr));
+        }
+        toml.push_str("]\n");
+        std::fs::write(&self.endpoints, toml)
+            .map_err(|e| format!("{}: {e}", self.endpoints.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self
+            .registry
+            .get(SERVICE)
+            .is_none_or(|s| s.len() < endpoints.len())
+        {
+            if Instant::now() > deadline {
+                return Err(
+                    "the control plane did not pick up the endpoints file within 30 s".into(),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DemoControl {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
     }
 }
 
@@ -282,6 +404,18 @@ pub async fn run(args: DemoArgs) -> Result<Report, String> {
     } else {
         Some(DemoPki::new()?)
     };
+    // Identities (trust bundle + bootstrap token each) first: the control plane reads the
+    // tokens file at start.
+    let mut ids = Vec::new();
+    if let Some(pki) = &pki {
+        for sa in ["echo-b1", "echo-b2", "echo-b3", "client"] {
+            ids.push(pki.identity(sa)?);
+        }
+    }
+    let control = match &pki {
+        Some(pki) => Some(DemoControl::start(pki).await?),
+        None => None,
+    };
     let mut proxies = Vec::new();
     let mut backends = Vec::new();
     let mut endpoints = Vec::new();
@@ -293,9 +427,9 @@ pub async fn run(args: DemoArgs) -> Result<Report, String> {
         backends.push(task);
         let mut cfg = demo_config(addr);
         let mut identity = None;
-        if let Some(pki) = &pki {
-            let (id, dir) = pki.identity(&format!("echo-{name}"))?;
-            cfg.identity_dir = Some(dir);
+        if let (Some((id, dir)), Some(control)) = (ids.get(i - 1), &control) {
+            let (id, dir) = (id.clone(), dir.clone());
+            use_control(&mut cfg, &control.target, id.clone(), dir);
             identity = Some(id);
         }
         let p = start_proxy(format!("backend {name}'s proxy (app {addr})"), cfg).await?;
@@ -309,20 +443,39 @@ pub async fn run(args: DemoArgs) -> Result<Report, String> {
     }
     // The client app only calls out; nothing listens behind its inbound side.
     let mut cfg = demo_config(SocketAddr::from(([127, 0, 0, 1], 9)));
-    if let Some(pki) = &pki {
-        cfg.identity_dir = Some(pki.identity("client")?.1);
+    match (ids.get(3), &control) {
+        (Some((id, dir)), Some(control)) => {
+            use_control(&mut cfg, &control.target, id.clone(), dir.clone());
+            control.publish(&endpoints).await?;
+        }
+        _ => {
+            cfg.destinations = vec![StaticDestination {
+                name: SERVICE.into(),
+                endpoints,
+            }]
+        }
     }
-    cfg.destinations = vec![StaticDestination {
-        name: SERVICE.into(),
-        endpoints,
-    }];
     let client_proxy = start_proxy("client's proxy".into(), cfg).await?;
     wait_ready(client_proxy.admin).await?;
     let outbound = client_proxy.outbound;
     proxies.push(client_proxy);
 
-    println!("remora demo: 3 gRPC backends, each behind its own remora-proxy; a client calling `{SERVICE}` through its proxy
-");
+    println!(
+        "remora demo: 3 gRPC backends, each behind its own remora-proxy; a client calling `{SERVICE}` through its proxy"
+    );
+    match &control {
+        Some(c) => println!(
+            "control plane at {} ({}): issued all 4 proxy certificates from CSRs + bootstrap tokens; the client's proxy discovered `{SERVICE}` from it (file source {})\n",
+            c.target.addr,
+            c.target
+                .identity
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
+            c.endpoints.display()
+        ),
+        None => println!("no control plane (--plaintext): static destinations\n"),
+    }
     let started = Instant::now();
     let run = tokio::select! {
         r = tokio::time::timeout(args.timeout, client(outbound, args.requests, args.concurrency)) => r,
@@ -396,6 +549,12 @@ proxies (admin: /live /ready /metrics):"
             p.role, p.inbound, p.outbound, p.admin
         );
     }
+    if let Some(c) = &control {
+        println!(
+            "  {:<40} gRPC (TLS) {}  admin http://{}/metrics",
+            "control plane", c.target.addr, c.admin
+        );
+    }
     if args.hold {
         println!(
             "
@@ -412,5 +571,6 @@ holding the mesh up; Ctrl-C to stop"
     for b in backends {
         b.abort();
     }
+    drop(control);
     result.map(|(r, _)| r)
 }

@@ -57,6 +57,8 @@ struct Control {
     client: crate::control::ControlClient,
     watches: Watches,
     idle: Duration,
+    /// Ends every watch when the proxy has stopped.
+    stop: tokio_util::sync::CancellationToken,
 }
 
 /// What a watch knows about its name.
@@ -117,12 +119,20 @@ impl Destinations {
         d
     }
 
+    /// Ends control-plane watches (the proxy has stopped).
+    pub fn stop(&self) {
+        if let Some(c) = &self.control {
+            c.stop.cancel();
+        }
+    }
+
     /// Sends names that are not static to the control plane first.
     pub fn with_control(mut self, client: crate::control::ControlClient, idle: Duration) -> Self {
         self.control = Some(Control {
             client,
             watches: Default::default(),
             idle,
+            stop: Default::default(),
         });
         self
     }
@@ -303,14 +313,21 @@ impl Destinations {
                         epoch: Instant::now(),
                     });
                     watches.insert(authority.to_string(), w.clone());
-                    tokio::spawn(follow(
+                    let stop = control.stop.clone();
+                    let task = follow(
                         self.factory.clone(),
                         control.watches.clone(),
                         control.client.clone(),
                         authority.to_string(),
                         w.clone(),
                         control.idle,
-                    ));
+                    );
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = task => {}
+                            _ = stop.cancelled() => {}
+                        }
+                    });
                     w
                 }
             }

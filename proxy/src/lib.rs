@@ -187,6 +187,7 @@ impl Proxy {
         let metrics = state.metrics.clone();
         let rules = Arc::new(scrub::Rules::new(&self.cfg.strip_headers));
         let (in_drain, out_drain) = (drain::Drain::new(), drain::Drain::new());
+        let mut identity_task = None;
         let mut inbound =
             inbound::listener(&self.cfg, metrics.clone(), in_drain.clone(), rules.clone());
         if let Some(store) = &state.identity {
@@ -195,7 +196,7 @@ impl Proxy {
                 mode: self.cfg.mtls,
                 probe_paths: Arc::new(self.cfg.probe_paths.clone()),
             });
-            tokio::spawn(store.clone().watch());
+            identity_task = Some(tokio::spawn(store.clone().watch()));
         }
         let inbound = Arc::new(inbound);
         let outbound = Arc::new(outbound::listener(
@@ -248,6 +249,11 @@ impl Proxy {
         cut += out_drain.finish(deadline).await;
         metrics.drain_cut.set(cut as i64);
         stop_admin.cancel();
+        // Nothing of this proxy outlives its run (embedders may keep the runtime going).
+        self.destinations.stop();
+        if let Some(t) = identity_task {
+            t.abort();
+        }
         if cut > 0 {
             tracing::warn!(
                 cut,

@@ -24,9 +24,9 @@
 //!   with mTLS and refuse any other identity. Pods are followed with a reflector store (stripped
 //!   to their service account, to keep memory small), and the table is first published only once
 //!   the Pod list is in, so a restart never publishes meshed endpoints without their identity. A
-//!   Pod endpoint whose Pod is not (yet) known is withheld rather than published without an
-//!   identity (that would be a silent downgrade to plaintext); the services referring to a Pod
-//!   are recomputed when it appears. Endpoints without a Pod `targetRef` (external addresses)
+//!   Pod endpoint whose Pod is not (yet) known, or is in another namespace, is withheld rather
+//!   than published without an identity (that would be a silent downgrade to plaintext); the
+//!   services referring to a Pod are recomputed when it appears. Endpoints without a Pod `targetRef` (external addresses)
 //!   have no identity. When Pods cannot be read (RBAC, or an API server that does not serve
 //!   them), one warning says so and endpoints get no identity. The test API server serves no
 //!   Pods, so the Pod path is covered by unit tests here only.
@@ -260,9 +260,12 @@ impl Identities {
         if target.kind.as_deref() != Some("Pod") {
             return Expect::Plain;
         }
-        let (Some(name), ns) = (
+        // A slice names Pods of its own namespace; one pointing elsewhere must not borrow another
+        // namespace's identity for an address its author controls.
+        let ns = slice_ns;
+        let (Some(name), true) = (
             &target.name,
-            target.namespace.as_deref().unwrap_or(slice_ns),
+            target.namespace.as_deref().is_none_or(|n| n == ns),
         ) else {
             return Expect::Withhold;
         };
@@ -337,7 +340,9 @@ impl State {
                 }
             }
             Event::InitDone => {
-                self.slices = self.relist.take().unwrap_or_default();
+                if let Some(listed) = self.relist.take() {
+                    self.slices = listed;
+                }
                 if !self.slices_listed {
                     tracing::info!(slices = self.slices.len(), "EndpointSlices listed");
                 }
@@ -970,7 +975,13 @@ mod tests {
                 ep("10.0.0.3", None, None),
             ],
         );
-        listed(&mut state, &r, &tx, vec![s]);
+        // Points at a Pod of another namespace: never published with (or without) its identity.
+        let mut elsewhere = pod_ep("10.0.0.4", "web-a");
+        if let Some(t) = elsewhere.target_ref.as_mut() {
+            t.namespace = Some("kube-system".into());
+        }
+        let s2 = slice("web-2", "web", &[8080], vec![elsewhere]);
+        listed(&mut state, &r, &tx, vec![s, s2]);
         // Slices are in, Pods are not: nothing is published yet, and not ready.
         assert!(r.get(WEB).is_none());
         assert!(!*tx.borrow());
