@@ -1,7 +1,7 @@
 //! remora's benchmark harness. Scenario so far: one hop, h2c, small responses from nghttpd,
 //! fixed concurrency — direct (the baseline row) against remora's inbound.
 //!
-//!   cargo run -p benches --release -- [compare|one-hop|rolling-restart|balance|mtls|all] [--quick]
+//!   cargo run -p benches --release -- [compare|one-hop|rolling-restart|balance|mtls|control|all] [--quick]
 //!
 //! Method: the proxy under test is pinned to CPU 0, the load generator and the backend to CPU 1
 //! (taskset), a warm-up run precedes the counted runs, CPU time is read from /proc/PID/stat of
@@ -10,6 +10,7 @@
 
 mod balance;
 mod compare;
+mod control;
 mod load;
 mod mtls;
 mod peers;
@@ -389,12 +390,14 @@ fn main() -> std::process::ExitCode {
         Some("balance") => balance::run(quick),
         Some("mtls") => mtls::run(quick),
         Some("compare") => compare::run(quick),
+        Some("control") => control::run(quick),
         Some("all") | Some("--quick") | None => compare::run(quick)
             .and_then(|()| rolling_restart(quick))
             .and_then(|()| balance::run(quick))
-            .and_then(|()| mtls::run(quick)),
+            .and_then(|()| mtls::run(quick))
+            .and_then(|()| control::run(quick)),
         Some(other) => Err(format!(
-            "unknown scenario `{other}`; scenarios: compare, one-hop, rolling-restart, balance, mtls, all"
+            "unknown scenario `{other}`; scenarios: compare, one-hop, rolling-restart, balance, mtls, control, all"
         )),
     };
     report(result)

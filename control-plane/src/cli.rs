@@ -19,7 +19,7 @@ pub enum Command {
     Demo(DemoArgs),
     /// Run the control plane: endpoint discovery (from a file or Kubernetes EndpointSlices)
     /// and workload certificate issuance, over TLS.
-    Control(ControlArgs),
+    Control(Box<ControlArgs>),
     /// Certificate authority: `remora ca init --trust-domain D --out DIR`.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -221,7 +221,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         cmd @ (Command::Ca(_) | Command::Cert(_)) => certs_command(cmd),
         Command::Control(args) => runtime.block_on(async move {
-            let cp = match args.options() {
+            let cp = match (*args).options() {
                 Ok(o) => crate::server::ControlPlane::bind(o).await,
                 Err(e) => Err(e),
             };

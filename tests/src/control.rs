@@ -42,8 +42,11 @@ pub fn write_atomic(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).expect("rename");
 }
 
-/// The file-source TOML for `services`: (name, [(addr, identity)]).
-pub fn endpoints_toml(services: &[(&str, Vec<(SocketAddr, Option<String>)>)]) -> String {
+/// One service for [`endpoints_toml`]: its name and (address, identity) pairs.
+pub type ServiceSpec<'a> = (&'a str, Vec<(SocketAddr, Option<String>)>);
+
+/// The file-source TOML for `services`.
+pub fn endpoints_toml(services: &[ServiceSpec]) -> String {
     let mut out = String::new();
     for (name, eps) in services {
         out.push_str(&format!("[[service]]\nname = \"{name}\"\nendpoints = [\n"));

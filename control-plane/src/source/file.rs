@@ -226,7 +226,7 @@ name = "empty:80"
             ),
             ("[[service]]\nname = \"a\"\n", "line 2", "not host:port"),
             (
-                "[[service]]\nname = \"a:1\"\nendpoints = [\n {addr=\"1.2.3.4:5\", identity=\"spiffe://x/bad\"}]\n",
+                "[[service]]\nname = \"a:1\"\nendpoints = [\n {addr=\"1.2.3.4:5\", identity=\"http://x/bad\"}]\n",
                 "line 4",
                 "identity",
             ),
