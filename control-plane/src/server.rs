@@ -293,6 +293,13 @@ impl ControlPlane {
             identity,
             stop.clone(),
         ));
+        // Bursts (reconnecting fleets, large files) leave freed memory resident; hand it back.
+        tasks.spawn(async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                crate::release_memory();
+            }
+        });
         tasks.spawn(serve_admin(
             self.admin,
             self.metrics.clone(),

@@ -89,7 +89,50 @@ impl TestControl {
         tokens: Option<PathBuf>,
         lifetime: Duration,
     ) -> TestControl {
-        let mut o = Options::new(pki.dir.clone(), Source::File(endpoints.clone()));
+        Self::start_source(
+            addr,
+            pki,
+            Source::File(endpoints.clone()),
+            endpoints,
+            tokens,
+            lifetime,
+        )
+        .await
+    }
+
+    /// Starts on the Kubernetes source (EndpointSlices from the API server in `kubeconfig`).
+    pub async fn start_kube(
+        pki: &Pki,
+        kubeconfig: &Path,
+        tokens: &[(&str, &remora_certs::SpiffeId)],
+    ) -> TestControl {
+        let tok = scratch("tokens");
+        let lines: String = tokens.iter().map(|(t, id)| format!("{t} {id}\n")).collect();
+        std::fs::write(&tok, lines).expect("tokens");
+        let source = Source::Kubernetes {
+            kubeconfig: Some(kubeconfig.to_path_buf()),
+            cluster_domain: "cluster.local".into(),
+        };
+        Self::start_source(
+            loopback0(),
+            pki,
+            source,
+            PathBuf::new(),
+            Some(tok),
+            Duration::from_secs(3600),
+        )
+        .await
+    }
+
+    async fn start_source(
+        addr: SocketAddr,
+        pki: &Pki,
+        source: Source,
+        endpoints: PathBuf,
+        tokens: Option<PathBuf>,
+        lifetime: Duration,
+    ) -> TestControl {
+        let mut o = Options::new(pki.dir.clone(), source);
         o.addr = addr;
         o.admin_addr = loopback0();
         o.trust_domain = pki.trust_domain.clone();
@@ -189,7 +232,13 @@ impl Drop for NamedApp {
 
 impl NamedApp {
     pub async fn start(name: &'static str) -> NamedApp {
-        let listener = TcpListener::bind(loopback0()).await.expect("bind app");
+        Self::start_on(name, loopback0()).await
+    }
+
+    /// On a given address (EndpointSlices give every endpoint the same port, so tests use
+    /// 127.0.0.2, 127.0.0.3… with one port).
+    pub async fn start_on(name: &'static str, addr: SocketAddr) -> NamedApp {
+        let listener = TcpListener::bind(addr).await.expect("bind app");
         let addr = listener.local_addr().expect("addr");
         let task = tokio::spawn(async move {
             loop {

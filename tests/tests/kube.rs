@@ -219,3 +219,218 @@ async fn endpoint_slice_changes_reach_the_registry_within_a_second() {
         assert_eq!(reg.services(), 0);
     }
 }
+
+/// The whole path: EndpointSlices → `remora control` (Kubernetes source) → `Discovery.Watch`
+/// → a proxy's outbound, with a request loop running through every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_slice_changes_reach_a_proxy_with_zero_failed_requests() {
+    use remora_tests::control::{NamedApp, TestControl, get_via, proxy_config};
+    use remora_tests::{Pki, TestProxy, refused_addr};
+
+    let server = ApiServer::start();
+    // One port on several loopback addresses, as a slice's endpoints share their port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut apps = Vec::new();
+    for (i, name) in ["a2", "a3", "a4"].into_iter().enumerate() {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 2 + i as u8], port));
+        apps.push(NamedApp::start_on(name, addr).await);
+    }
+    let pki = Pki::new("cluster.local");
+    let id = pki.id("client");
+    let token = "kube-test-token-0123456789";
+    let cp = TestControl::start_kube(&pki, &server.kubeconfig, &[(token, &id)]).await;
+    let proxy = TestProxy::start(proxy_config(
+        refused_addr().await,
+        &pki,
+        &cp.target(),
+        "client",
+        token,
+    ))
+    .await;
+    let outbound = proxy.outbound;
+    let web = format!("web.shop.svc.cluster.local:{port}");
+
+    // Created: both ready endpoints answer within a second of the write.
+    let start = Instant::now();
+    server.apply_slice(
+        "shop",
+        "web-1",
+        "web",
+        port,
+        &[("127.0.0.2", true, false), ("127.0.0.3", true, false)],
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 2 {
+        assert!(
+            start.elapsed() < CHANGE,
+            "after {:?} the proxy reached only {seen:?}",
+            start.elapsed()
+        );
+        if let Ok((200, b)) = get_via(outbound, &web).await {
+            seen.insert(b);
+        }
+    }
+    eprintln!(
+        "created: both endpoints answered {:?} after the write",
+        start.elapsed()
+    );
+
+    // From here a request loop runs through every change; requests go only to ready
+    // endpoints, so none may fail.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (bodies_tx, mut bodies) = tokio::sync::mpsc::unbounded_channel::<(Instant, String)>();
+    let load = {
+        let web = web.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let begin = Instant::now();
+            while !*stop_rx.borrow() && begin.elapsed() < Duration::from_secs(120) && ok < 100_000 {
+                match get_via(outbound, &web).await {
+                    Ok((200, b)) => {
+                        ok += 1;
+                        let _ = bodies_tx.send((Instant::now(), b));
+                    }
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    // Waits until `cond` holds for 20 answers in a row; returns when the streak began.
+    async fn settle(
+        bodies: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, String)>,
+        since: Instant,
+        cond: impl Fn(&str) -> bool,
+    ) -> Duration {
+        let mut streak: Option<Instant> = None;
+        let mut n = 0;
+        loop {
+            let (at, b) = tokio::time::timeout(Duration::from_secs(30), bodies.recv())
+                .await
+                .expect("answers keep coming")
+                .expect("load running");
+            if at < since {
+                continue;
+            }
+            if cond(&b) {
+                streak.get_or_insert(at);
+                n += 1;
+                if n >= 20 {
+                    return streak.map(|s| s.duration_since(since)).unwrap_or_default();
+                }
+            } else {
+                streak = None;
+                n = 0;
+            }
+        }
+    }
+    let step = |what: &str, took: Duration| {
+        eprintln!("{what}: reached the proxy {took:?} after the write");
+        assert!(took < CHANGE, "{what} took {took:?} to reach the proxy");
+    };
+
+    // Scaled up: a4 joins.
+    let t = Instant::now();
+    server.apply_slice(
+        "shop",
+        "web-1",
+        "web",
+        port,
+        &[
+            ("127.0.0.2", true, false),
+            ("127.0.0.3", true, false),
+            ("127.0.0.4", true, false),
+        ],
+    );
+    let mut seen_a4 = None;
+    while seen_a4.is_none() {
+        let (at, b) = tokio::time::timeout(Duration::from_secs(30), bodies.recv())
+            .await
+            .expect("answers")
+            .expect("load");
+        if b == "a4" && at >= t {
+            seen_a4 = Some(at.duration_since(t));
+        }
+    }
+    step("scale to 3", seen_a4.unwrap_or_default());
+    // a2 marked not ready: no new request goes to it.
+    let t = Instant::now();
+    server.apply_slice(
+        "shop",
+        "web-1",
+        "web",
+        port,
+        &[
+            ("127.0.0.2", false, false),
+            ("127.0.0.3", true, false),
+            ("127.0.0.4", true, false),
+        ],
+    );
+    step("a2 not ready", settle(&mut bodies, t, |b| b != "a2").await);
+    // a3 terminating: no new request goes to it either.
+    let t = Instant::now();
+    server.apply_slice(
+        "shop",
+        "web-1",
+        "web",
+        port,
+        &[
+            ("127.0.0.2", false, false),
+            ("127.0.0.3", false, true),
+            ("127.0.0.4", true, false),
+        ],
+    );
+    step(
+        "a3 terminating",
+        settle(&mut bodies, t, |b| b == "a4").await,
+    );
+    // a2 ready again, in a second slice of the same service.
+    let t = Instant::now();
+    server.apply_slice("shop", "web-2", "web", port, &[("127.0.0.2", true, false)]);
+    let mut back = None;
+    while back.is_none() {
+        let (at, b) = tokio::time::timeout(Duration::from_secs(30), bodies.recv())
+            .await
+            .expect("answers")
+            .expect("load");
+        if b == "a2" && at >= t {
+            back = Some(at.duration_since(t));
+        }
+    }
+    step("a2 ready in a second slice", back.unwrap_or_default());
+
+    let _ = stop_tx.send(true);
+    let (ok, failed) = load.await.expect("load task");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    eprintln!("{ok} requests through every change, none failed");
+
+    // Deleted: the name is unknown again within a second (then DNS, which cannot resolve it).
+    let t = Instant::now();
+    server.delete_slice("shop", "web-1");
+    server.delete_slice("shop", "web-2");
+    loop {
+        assert!(
+            t.elapsed() < CHANGE,
+            "the deletion did not reach the proxy within {CHANGE:?}"
+        );
+        if let Ok((503, b)) = get_via(outbound, &web).await
+            && b.contains("DNS lookup")
+        {
+            break;
+        }
+    }
+    eprintln!(
+        "deleted: the proxy forgot the service {:?} after the write",
+        t.elapsed()
+    );
+    drop(cp);
+}

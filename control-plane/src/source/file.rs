@@ -148,7 +148,8 @@ impl FileSource {
     /// Polls forever, replacing the registry's table on every valid change. `reloads` counts
     /// outcomes for /metrics.
     pub async fn run(self, registry: Arc<Registry>, metrics: Arc<crate::metrics::Metrics>) {
-        let mut last: Option<Vec<u8>> = None;
+        // [`FileSource::load`] has applied what is there now.
+        let mut last: Option<Vec<u8>> = std::fs::read(&self.path).ok();
         loop {
             let bytes = std::fs::read(&self.path);
             let changed = match &bytes {
@@ -172,6 +173,7 @@ impl FileSource {
                         );
                         registry.replace_all(table);
                         metrics.source_reloads.inc();
+                        crate::release_memory();
                     }
                     Err(e) => {
                         metrics.source_reload_failures.inc();
