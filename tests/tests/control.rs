@@ -358,3 +358,88 @@ async fn control_plane_down_for_30s_costs_no_request() {
     );
     drop(back);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_watches_are_dropped_and_the_control_plane_must_prove_its_identity() {
+    capture_logs();
+    let pki = Pki::new("cluster.local");
+    let client_id = pki.id("client");
+    let a1 = NamedApp::start("a1").await;
+    let cp = TestControl::start(
+        loopback0(),
+        &pki,
+        &endpoints_toml(&[("web.test:80", eps(&[&a1]))]),
+        &[(TOKEN, &client_id)],
+        DAY,
+    )
+    .await;
+    let mut cfg = proxy_config(refused_addr().await, &pki, &cp.target(), "client", TOKEN);
+    cfg.discovery_idle_timeout = Duration::from_secs(1);
+    let proxy = TestProxy::start(cfg).await;
+    let watches = async || metric(&cp.metrics().await, "remora_control_watches", &[]);
+    assert_eq!(
+        get_via(proxy.outbound, "web.test:80").await.unwrap().1,
+        "a1"
+    );
+    assert_eq!(watches().await, 1.0);
+    // Unused for longer than the idle timeout: the proxy lets the watch go...
+    wait_until("the idle watch is dropped", async || watches().await == 0.0).await;
+    // ...and subscribes again on the next request.
+    assert_eq!(
+        get_via(proxy.outbound, "web.test:80").await.unwrap().1,
+        "a1"
+    );
+
+    // A control plane that cannot prove the identity the proxy expects gets nothing from it:
+    // no certificate, so the proxy never becomes ready, and the log says why.
+    let mut target = cp.target();
+    target.identity = Some(pki.id("impostor"));
+    let cfg = proxy_config(refused_addr().await, &pki, &target, "client", TOKEN);
+    let proxy = remora_proxy::Proxy::bind(cfg).await.expect("binds");
+    let admin = proxy.admin_addr();
+    let stop = proxy.shutdown_handle();
+    let task = tokio::spawn(proxy.run(std::future::pending()));
+    wait_until("the proxy refuses the control plane", async || {
+        captured_logs().contains("server presented identity spiffe://cluster.local/ns/remora/sa/control, expected spiffe://cluster.local/ns/default/sa/impostor")
+    })
+    .await;
+    assert_eq!(http_get(admin, "/ready").await.unwrap().0, 503);
+    stop.shutdown();
+    let _ = tokio::time::timeout(WAIT, task).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_issuer_never_replaces_the_working_one() {
+    capture_logs();
+    let pki = Pki::new("cluster.local");
+    let client_id = pki.id("client");
+    let cp = TestControl::start(loopback0(), &pki, "", &[(TOKEN, &client_id)], DAY).await;
+    let good = std::fs::read(pki.dir.join("issuer.key")).unwrap();
+    // A key that does not match issuer.crt (another CA's issuer key).
+    let other = Pki::new("cluster.local");
+    std::fs::copy(other.dir.join("issuer.key"), pki.dir.join("issuer.key")).unwrap();
+    wait_until("the mismatched issuer is refused", async || {
+        metric(
+            &cp.metrics().await,
+            "remora_control_issuer_reload_failures_total",
+            &[],
+        ) >= 1.0
+    })
+    .await;
+    assert!(
+        captured_logs().contains("keeping the previous issuer"),
+        "{}",
+        captured_logs()
+    );
+    // Certificates keep coming from the previous issuer, and they verify.
+    let proxy = TestProxy::start(proxy_config(
+        refused_addr().await,
+        &pki,
+        &cp.target(),
+        "client",
+        TOKEN,
+    ))
+    .await;
+    assert!(metric(&proxy.metrics().await, "remora_identity_reloads_total", &[]) >= 1.0);
+    std::fs::write(pki.dir.join("issuer.key"), good).unwrap();
+}
