@@ -100,6 +100,24 @@ impl TestControl {
         .await
     }
 
+    /// Starts on the file source with tokens checked by TokenReview through `kubeconfig`
+    /// (audiences `audiences`) instead of bootstrap tokens.
+    pub async fn start_token_review(
+        pki: &Pki,
+        kubeconfig: &Path,
+        audiences: &[&str],
+    ) -> TestControl {
+        let eps = scratch("endpoints.toml");
+        write_atomic(&eps, "");
+        let mut o = Options::new(pki.dir.clone(), Source::File(eps.clone()));
+        o.addr = loopback0();
+        o.admin_addr = loopback0();
+        o.trust_domain = pki.trust_domain.clone();
+        o.token_review = Some(Some(kubeconfig.to_path_buf()));
+        o.token_audiences = audiences.iter().map(|a| a.to_string()).collect();
+        Self::run(o, eps).await
+    }
+
     /// Starts on the Kubernetes source (EndpointSlices from the API server in `kubeconfig`).
     pub async fn start_kube(
         pki: &Pki,
@@ -138,6 +156,10 @@ impl TestControl {
         o.trust_domain = pki.trust_domain.clone();
         o.bootstrap_tokens = tokens;
         o.cert_lifetime = lifetime;
+        Self::run(o, endpoints).await
+    }
+
+    async fn run(o: Options, endpoints: PathBuf) -> TestControl {
         let cp = ControlPlane::bind(o).await.expect("control plane binds");
         let (addr, admin, identity, registry) =
             (cp.addr(), cp.admin_addr(), cp.identity(), cp.registry());
@@ -323,5 +345,136 @@ impl std::io::Write for LogWriter {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// A FAKE Kubernetes API serving only `POST /apis/authentication.k8s.io/v1/tokenreviews`: the
+/// test API server (apiextensions-apiserver) does not serve TokenReview and no kube-apiserver
+/// can run here. It answers like the real one: the token's user and audiences, or
+/// `authenticated: false` with an error. Plain HTTP; [`FakeTokenReview::kubeconfig`] points a
+/// kube client at it.
+pub struct FakeTokenReview {
+    pub kubeconfig: PathBuf,
+    pub requests: Arc<std::sync::atomic::AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakeTokenReview {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeTokenReview {
+    /// `users`: token → (username, audiences the token was issued for).
+    pub async fn start(users: &[(&str, &str, &[&str])]) -> FakeTokenReview {
+        use http_body_util::BodyExt;
+        let users: Arc<std::collections::HashMap<String, (String, Vec<String>)>> = Arc::new(
+            users
+                .iter()
+                .map(|(t, u, a)| {
+                    (
+                        t.to_string(),
+                        (u.to_string(), a.iter().map(|s| s.to_string()).collect()),
+                    )
+                })
+                .collect(),
+        );
+        let listener = TcpListener::bind(loopback0()).await.expect("bind fake API");
+        let addr = listener.local_addr().expect("addr");
+        let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (users, count) = (users.clone(), count.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let (users, count) = (users.clone(), count.clone());
+                            async move {
+                                let path = req.uri().path().to_string();
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let review: serde_json::Value =
+                                    serde_json::from_slice(&body).unwrap_or_default();
+                                let (status, out) = if path
+                                    != "/apis/authentication.k8s.io/v1/tokenreviews"
+                                {
+                                    (
+                                        404,
+                                        serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound", "message": format!("the fake serves only tokenreviews, not {path}")}),
+                                    )
+                                } else {
+                                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    let token = review["spec"]["token"].as_str().unwrap_or("");
+                                    let asked: Vec<String> = review["spec"]["audiences"]
+                                        .as_array()
+                                        .map(|a| {
+                                            a.iter()
+                                                .filter_map(|v| v.as_str().map(String::from))
+                                                .collect()
+                                        })
+                                        .unwrap_or_default();
+                                    let st = match users.get(token) {
+                                        Some((user, auds))
+                                            if asked.is_empty()
+                                                || asked.iter().any(|a| auds.contains(a)) =>
+                                        {
+                                            serde_json::json!({
+                                                "authenticated": true,
+                                                "user": {"username": user, "groups": ["system:serviceaccounts"]},
+                                                "audiences": if asked.is_empty() { auds.clone() } else { asked.iter().filter(|a| auds.contains(a)).cloned().collect() },
+                                            })
+                                        }
+                                        Some(_) => {
+                                            serde_json::json!({"authenticated": false, "error": "token audiences do not match"})
+                                        }
+                                        None => {
+                                            serde_json::json!({"authenticated": false, "error": "invalid bearer token"})
+                                        }
+                                    };
+                                    (
+                                        201,
+                                        serde_json::json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "metadata": {}, "spec": review["spec"], "status": st}),
+                                    )
+                                };
+                                let mut rsp =
+                                    hyper::Response::new(Full::new(Bytes::from(out.to_string())));
+                                *rsp.status_mut() =
+                                    hyper::StatusCode::from_u16(status).unwrap_or_default();
+                                rsp.headers_mut().insert(
+                                    "content-type",
+                                    hyper::header::HeaderValue::from_static("application/json"),
+                                );
+                                Ok::<_, Infallible>(rsp)
+                            }
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        let kubeconfig = scratch("fake-kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{addr}\"}}\nusers:\n- name: fake\n  user: {{token: control-plane-token}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\n"
+            ),
+        )
+        .expect("kubeconfig");
+        FakeTokenReview {
+            kubeconfig,
+            requests,
+            task,
+        }
     }
 }

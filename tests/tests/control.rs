@@ -443,3 +443,78 @@ async fn a_broken_issuer_never_replaces_the_working_one() {
     assert!(metric(&proxy.metrics().await, "remora_identity_reloads_total", &[]) >= 1.0);
     std::fs::write(pki.dir.join("issuer.key"), good).unwrap();
 }
+
+/// TokenReview against a FAKE API server (see `FakeTokenReview`: nothing that serves
+/// TokenReview can run here): a ServiceAccount token proves exactly its own identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_account_tokens_are_checked_with_a_token_review() {
+    capture_logs();
+    let pki = Pki::new("cluster.local");
+    let fake = FakeTokenReview::start(&[
+        (
+            "sa-token-client-0123456789",
+            "system:serviceaccount:default:client",
+            &["remora"],
+        ),
+        (
+            "sa-token-other-audience-01",
+            "system:serviceaccount:default:client",
+            &["vault"],
+        ),
+        (
+            "user-token-0123456789abcdef",
+            "alice@example.com",
+            &["remora"],
+        ),
+    ])
+    .await;
+    let cp = TestControl::start_token_review(&pki, &fake.kubeconfig, &["remora"]).await;
+    // The right token: certified, ready.
+    let proxy = TestProxy::start(proxy_config(
+        refused_addr().await,
+        &pki,
+        &cp.target(),
+        "client",
+        "sa-token-client-0123456789",
+    ))
+    .await;
+    assert!(metric(&proxy.metrics().await, "remora_identity_reloads_total", &[]) >= 1.0);
+    drop(proxy);
+    for (sa, token, reason) in [
+        (
+            "billing",
+            "sa-token-client-0123456789",
+            "the token belongs to system:serviceaccount:default:client (spiffe://cluster.local/ns/default/sa/client), not spiffe://cluster.local/ns/default/sa/billing",
+        ),
+        (
+            "client",
+            "sa-token-other-audience-01",
+            "TokenReview: the token is not authenticated: token audiences do not match",
+        ),
+        (
+            "client",
+            "user-token-0123456789abcdef",
+            "the token belongs to alice@example.com, which is not a service account",
+        ),
+        (
+            "client",
+            "forged-token-0123456789abc",
+            "TokenReview: the token is not authenticated: invalid bearer token",
+        ),
+    ] {
+        let cfg = proxy_config(refused_addr().await, &pki, &cp.target(), sa, token);
+        let proxy = remora_proxy::Proxy::bind(cfg).await.expect("binds");
+        let admin = proxy.admin_addr();
+        let stop = proxy.shutdown_handle();
+        let task = tokio::spawn(proxy.run(std::future::pending()));
+        wait_until(reason, async || captured_logs().contains(reason)).await;
+        assert_eq!(
+            http_get(admin, "/ready").await.unwrap().0,
+            503,
+            "{sa} with {token} became ready"
+        );
+        stop.shutdown();
+        let _ = tokio::time::timeout(WAIT, task).await;
+    }
+    assert!(fake.requests.load(std::sync::atomic::Ordering::Relaxed) >= 5);
+}
