@@ -70,6 +70,8 @@ enum Known {
     Service,
     /// The control plane does not know this name: use DNS.
     NoSuchService,
+    /// No answer within [`FIRST_ANSWER`]: use DNS without waiting again until one comes.
+    Unanswered,
 }
 
 struct Watch {
@@ -341,9 +343,17 @@ impl Destinations {
             };
         match known {
             Known::Service => Some(w.dest.clone()),
-            Known::NoSuchService => None,
+            Known::NoSuchService | Known::Unanswered => None,
             Known::Waiting => {
-                tracing::debug!(%authority, "no answer from the control plane yet; trying DNS");
+                // Later requests for this name go straight to DNS until the watch answers.
+                w.known.send_if_modified(|k| {
+                    let waiting = *k == Known::Waiting;
+                    if waiting {
+                        *k = Known::Unanswered;
+                    }
+                    waiting
+                });
+                tracing::warn!(%authority, "no answer from the control plane {} within {FIRST_ANSWER:?}; using DNS for this name until it answers", control.client.addr);
                 None
             }
         }

@@ -518,3 +518,36 @@ async fn service_account_tokens_are_checked_with_a_token_review() {
     }
     assert!(fake.requests.load(std::sync::atomic::Ordering::Relaxed) >= 5);
 }
+
+/// With the control plane unreachable from the start, a proxy with file credentials still
+/// serves: the first request for a name waits for the control plane at most 3 s, then uses DNS,
+/// and later requests for that name do not wait again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_control_plane_falls_back_to_dns_once() {
+    let pki = Pki::new("cluster.local");
+    let app = NamedApp::start("app").await;
+    let mut cfg = config(refused_addr().await);
+    cfg.identity_dir = Some(pki.identity_dir("client"));
+    cfg.control = Some(remora_proxy::config::ControlTarget {
+        addr: refused_addr().await.to_string(),
+        identity: None,
+    });
+    let proxy = TestProxy::start(cfg).await;
+    let name = format!("localhost:{}", app.addr.port());
+    let t = Instant::now();
+    assert_eq!(get_via(proxy.outbound, &name).await.unwrap().1, "app");
+    let first = t.elapsed();
+    assert!(
+        first < Duration::from_secs(10),
+        "first request took {first:?}"
+    );
+    let t = Instant::now();
+    for _ in 0..5 {
+        assert_eq!(get_via(proxy.outbound, &name).await.unwrap().1, "app");
+    }
+    let later = t.elapsed();
+    assert!(
+        later < Duration::from_secs(2),
+        "5 later requests took {later:?} (first took {first:?})"
+    );
+}
