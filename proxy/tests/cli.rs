@@ -58,6 +58,28 @@ fn configuration_errors_name_the_knob_and_the_fix() {
         &["detect-timeout", "10s"],
     );
     fails_naming(&[("REMORA_LOG", "info,=bad=".into())], &["REMORA_LOG"]);
+    fails_naming(
+        &[("REMORA_IDENTITY_MODE", "control".into())],
+        &["REMORA_IDENTITY_MODE=control needs REMORA_IDENTITY"],
+    );
+    fails_naming(
+        &[
+            ("REMORA_IDENTITY_MODE", "control".into()),
+            ("REMORA_IDENTITY", "spiffe://td/ns/a/sa/b".into()),
+        ],
+        &["REMORA_IDENTITY_MODE=control needs REMORA_CONTROL_ADDR"],
+    );
+    fails_naming(
+        &[("REMORA_CONTROL_ADDR", "127.0.0.1:8086".into())],
+        &[
+            "REMORA_CONTROL_ADDR needs a trust bundle",
+            "REMORA_IDENTITY_DIR",
+        ],
+    );
+    fails_naming(
+        &[("REMORA_CONTROL_ADDR", "127.0.0.1:8086#http://x".into())],
+        &["REMORA_CONTROL_ADDR identity `http://x`"],
+    );
     let p = free_port();
     fails_naming(
         &[
