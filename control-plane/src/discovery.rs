@@ -20,7 +20,14 @@ use crate::registry::{EndpointSet, Registry};
 pub struct DiscoveryService {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    /// True once the source has published its first full table. Until then a watch sends
+    /// nothing: "no such service" from a control plane that has not listed anything yet would
+    /// make every reconnecting proxy drop its endpoints.
+    pub synced: tokio::sync::watch::Receiver<bool>,
 }
+
+/// Longest service name accepted (a DNS name and a port).
+const MAX_NAME: usize = 260;
 
 fn endpoint(e: &EndpointSpec) -> Endpoint {
     Endpoint {
@@ -62,13 +69,20 @@ pub fn diff(sent: Option<&Option<EndpointSet>>, now: &Option<EndpointSet>) -> Op
     Some(Update { kind: Some(kind) })
 }
 
-/// Closes the gauge when a watch ends, however it ends.
-struct WatchGuard(Arc<Metrics>, Arc<Registry>, String);
+/// Owns a watch's registry subscription; when the watch ends, however it ends, it drops the
+/// subscription *first*, then lets the registry forget an unknown name nobody follows.
+struct WatchGuard {
+    rx: Option<tokio::sync::watch::Receiver<Option<EndpointSet>>>,
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    name: String,
+}
 
 impl Drop for WatchGuard {
     fn drop(&mut self) {
-        self.0.watches.dec();
-        self.1.release(&self.2);
+        self.rx = None;
+        self.metrics.watches.dec();
+        self.registry.release(&self.name);
     }
 }
 
@@ -80,17 +94,31 @@ impl remora_api::discovery_server::Discovery for DiscoveryService {
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let req = request.into_inner();
-        let name = remora_proxy::config::normalize_authority(&req.service).ok_or_else(|| {
-            Status::invalid_argument(format!("service {:?} is not host:port", req.service))
-        })?;
+        let name = remora_proxy::config::normalize_authority(&req.service)
+            .filter(|n| n.len() <= MAX_NAME)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "service {:?} is not host:port",
+                    req.service.chars().take(MAX_NAME).collect::<String>()
+                ))
+            })?;
         tracing::debug!(service = %name, client = %req.client, "watch");
-        let mut rx = self.registry.subscribe(&name);
         let (tx, out) = mpsc::channel::<Result<Update, Status>>(1);
         let metrics = self.metrics.clone();
         metrics.watches.inc();
-        let guard = WatchGuard(metrics.clone(), self.registry.clone(), name);
+        let mut guard = WatchGuard {
+            rx: Some(self.registry.subscribe(&name)),
+            metrics: metrics.clone(),
+            registry: self.registry.clone(),
+            name,
+        };
+        let mut synced = self.synced.clone();
         tokio::spawn(async move {
-            let _guard = guard;
+            tokio::select! {
+                r = synced.wait_for(|s| *s) => if r.is_err() { return },
+                _ = tx.closed() => return,
+            }
+            let Some(rx) = guard.rx.as_mut() else { return };
             let mut sent: Option<Option<EndpointSet>> = None;
             loop {
                 let now = rx.borrow_and_update().clone();
@@ -140,6 +168,46 @@ mod tests {
 
     fn kind(u: Option<Update>) -> Option<update::Kind> {
         u.and_then(|u| u.kind)
+    }
+
+    #[tokio::test]
+    async fn watches_of_unknown_names_leave_nothing_behind() {
+        use remora_api::discovery_server::Discovery;
+        let registry = Registry::new();
+        let (_synced_tx, synced) = tokio::sync::watch::channel(true);
+        let svc = DiscoveryService {
+            registry: registry.clone(),
+            metrics: Arc::new(Metrics::new()),
+            synced,
+        };
+        for i in 0..50 {
+            let req = Request::new(WatchRequest {
+                service: format!("junk-{i}.example:80"),
+                client: String::new(),
+            });
+            let mut stream = svc.watch(req).await.unwrap().into_inner();
+            let first = tokio_stream::StreamExt::next(&mut stream).await;
+            assert!(matches!(
+                first.and_then(|r| r.ok()).and_then(|u| u.kind),
+                Some(update::Kind::NoSuchService(_))
+            ));
+        }
+        // The streams are dropped; each watch task notices and releases its name.
+        for _ in 0..200 {
+            if registry.names() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(registry.names(), 0);
+        let long = Request::new(WatchRequest {
+            service: format!("{}:80", "a".repeat(300)),
+            client: String::new(),
+        });
+        assert_eq!(
+            svc.watch(long).await.err().map(|s| s.code()),
+            Some(tonic::Code::InvalidArgument)
+        );
     }
 
     #[test]

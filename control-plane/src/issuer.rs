@@ -32,6 +32,8 @@ const SERVING_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 pub struct Signing {
     pub issuer: LoadedIssuer,
     pub serving: Credentials,
+    /// When the issuer certificate itself expires: no leaf may outlive it.
+    pub not_after: SystemTime,
 }
 
 pub struct Issuer {
@@ -51,7 +53,20 @@ fn read_dir(dir: &Path) -> [Vec<u8>; 3] {
 fn load(dir: &Path, identity: &SpiffeId) -> Result<Signing, String> {
     let issuer =
         LoadedIssuer::from_dir(dir).map_err(|e| format!("issuer {}: {e}", dir.display()))?;
-    let leaf = ca::issue_with_new_key(&issuer, identity, SERVING_LIFETIME)
+    let crt = dir.join("issuer.crt");
+    let not_after = remora_certs::validate::parse_certs(&crt, issuer.issuer_pem.as_bytes())
+        .ok()
+        .and_then(|c| c.first().and_then(|c| remora_certs::validate::validity(c)))
+        .map(|(_, not_after)| not_after)
+        .ok_or_else(|| format!("issuer {}: cannot read its validity", crt.display()))?;
+    let left = not_after.duration_since(SystemTime::now()).map_err(|_| {
+        format!(
+            "issuer {}: expired {}",
+            crt.display(),
+            remora_certs::validate::human_time(not_after)
+        )
+    })?;
+    let leaf = ca::issue_with_new_key(&issuer, identity, SERVING_LIFETIME.min(left))
         .map_err(|e| format!("issuer {}: cannot sign: {e}", dir.display()))?;
     let serving = remora_certs::validate::validate(
         dir,
@@ -66,7 +81,11 @@ fn load(dir: &Path, identity: &SpiffeId) -> Result<Signing, String> {
             dir.display()
         )
     })?;
-    Ok(Signing { issuer, serving })
+    Ok(Signing {
+        issuer,
+        serving,
+        not_after,
+    })
 }
 
 impl Issuer {
@@ -94,6 +113,7 @@ impl Issuer {
     /// life; calls `on_serving` with each new serving credential set.
     pub async fn watch(self: Arc<Self>, on_serving: impl Fn(&Credentials)) {
         let mut last = read_dir(&self.dir);
+        let mut retry_at = SystemTime::now();
         loop {
             tokio::time::sleep(POLL).await;
             let files = read_dir(&self.dir);
@@ -103,7 +123,7 @@ impl Issuer {
                 .duration_since(serving.not_before)
                 .unwrap_or_default();
             let renew_at = serving.not_before + life.mul_f64(0.7);
-            if files == last && SystemTime::now() < renew_at {
+            if files == last && (SystemTime::now() < renew_at || SystemTime::now() < retry_at) {
                 continue;
             }
             match load(&self.dir, &self.identity) {
@@ -116,6 +136,8 @@ impl Issuer {
                 }
                 Err(e) => {
                     self.metrics.issuer_reload_failures.inc();
+                    // A renewal that failed is retried every 10 s, not at every poll.
+                    retry_at = SystemTime::now() + Duration::from_secs(10);
                     tracing::warn!("{e}; keeping the previous issuer");
                 }
             }
@@ -181,14 +203,18 @@ impl BootstrapTokens {
 
     /// Follows the file; an invalid version is refused and the previous tokens stay.
     pub async fn watch(self: Arc<Self>) {
-        let mut last = std::fs::read(&self.path).unwrap_or_default();
+        let mut last = std::fs::read(&self.path).ok();
         loop {
             tokio::time::sleep(POLL).await;
-            let bytes = std::fs::read(&self.path).unwrap_or_default();
-            if bytes == last {
+            let bytes = std::fs::read(&self.path);
+            if bytes.as_ref().ok() == last.as_ref() {
                 continue;
             }
-            match parse_tokens(&self.path, &String::from_utf8_lossy(&bytes)) {
+            let parsed = match &bytes {
+                Ok(b) => parse_tokens(&self.path, &String::from_utf8_lossy(b)),
+                Err(e) => Err(format!("{}: cannot read: {e}", self.path.display())),
+            };
+            match parsed {
                 Ok(t) => {
                     tracing::info!(
                         tokens = t.len(),
@@ -199,7 +225,7 @@ impl BootstrapTokens {
                 }
                 Err(e) => tracing::warn!("bootstrap tokens {e}; keeping the previous tokens"),
             }
-            last = bytes;
+            last = bytes.ok();
         }
     }
 
@@ -299,11 +325,26 @@ impl remora_api::identity_server::Identity for IdentityService {
             ));
         }
         let signing = self.issuer.current();
+        // Never past the issuer's own expiry: the chain would break before renewal.
+        let lifetime = self.lifetime.min(
+            signing
+                .not_after
+                .duration_since(SystemTime::now())
+                .unwrap_or_default(),
+        );
+        if lifetime < Duration::from_secs(1) {
+            return Err(self.refuse(
+                "invalid",
+                Status::unavailable(
+                    "the issuer certificate has expired; rotate it (remora ca init)",
+                ),
+            ));
+        }
         let chain = signing
             .issuer
-            .issue_from_csr(&r.csr, &id, self.lifetime)
+            .issue_from_csr(&r.csr, &id, lifetime)
             .map_err(|e| self.refuse("invalid", Status::invalid_argument(e.to_string())))?;
-        let not_after = (SystemTime::now() + self.lifetime)
+        let not_after = (SystemTime::now() + lifetime)
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs() as i64;
@@ -311,7 +352,7 @@ impl remora_api::identity_server::Identity for IdentityService {
             .certify
             .get_or_create(&ResultLabels { result: "issued" })
             .inc();
-        tracing::info!(identity = %id, ?peer, lifetime = ?self.lifetime, "certified");
+        tracing::info!(identity = %id, ?peer, ?lifetime, "certified");
         Ok(Response::new(CertifyResponse {
             chain,
             bundle: signing.issuer.bundle_pem.clone(),

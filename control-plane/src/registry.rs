@@ -116,6 +116,11 @@ impl Registry {
         }
     }
 
+    /// Names in the table, known or followed (tests: nothing may accumulate).
+    pub fn names(&self) -> usize {
+        self.lock().len()
+    }
+
     /// The current set of `name` (tests, `remora check`).
     pub fn get(&self, name: &str) -> Option<EndpointSet> {
         self.lock().get(name).and_then(|tx| tx.borrow().clone())

@@ -156,7 +156,7 @@ impl ControlPlane {
         let registry = Registry::new();
         let file = match &opts.source {
             Source::File(path) => {
-                let f = FileSource { path: path.clone() };
+                let mut f = FileSource::new(path.clone());
                 registry.replace_all(f.load()?);
                 Some(f)
             }
@@ -279,6 +279,7 @@ impl ControlPlane {
         let discovery = remora_api::discovery_server::DiscoveryServer::new(DiscoveryService {
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
+            synced: synced.clone(),
         });
         let identity = remora_api::identity_server::IdentityServer::new(IdentityService {
             issuer: self.issuer.clone(),
@@ -305,6 +306,7 @@ impl ControlPlane {
             self.metrics.clone(),
             self.registry.clone(),
             synced,
+            stop.clone(),
         ));
         tracing::info!(
             addr = %self.addrs[0],
@@ -398,6 +400,7 @@ async fn serve_admin(
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     synced: watch::Receiver<bool>,
+    stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
@@ -405,6 +408,7 @@ async fn serve_admin(
             continue;
         };
         let (metrics, registry, synced) = (metrics.clone(), registry.clone(), synced.clone());
+        let stop = stop.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let (metrics, registry, synced) =
@@ -431,11 +435,14 @@ async fn serve_admin(
                     Ok::<_, Infallible>(rsp)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+                .serve_connection(TokioIo::new(tcp), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
         });
     }
 }

@@ -58,12 +58,16 @@ impl ControlClient {
             .keep_alive_while_idle(true);
         let addr = target.addr.clone();
         let expected = target.identity.clone();
+        // The last bundle that parsed, used when the file is briefly unreadable (mid-write).
+        let last_good: Arc<std::sync::Mutex<Option<Arc<Vec<TrustAnchor<'static>>>>>> =
+            Default::default();
         let connector = tower::service_fn(move |_: Uri| {
-            let (addr, ca, expected, trust_domain) = (
+            let (addr, ca, expected, trust_domain, last_good) = (
                 addr.clone(),
                 ca.clone(),
                 expected.clone(),
                 trust_domain.clone(),
+                last_good.clone(),
             );
             async move {
                 let err = |e: String| std::io::Error::other(format!("control plane {addr}: {e}"));
@@ -76,7 +80,19 @@ impl ControlClient {
                         default_identity(&td).map_err(err)?
                     }
                 };
-                let anchors = read_anchors(&ca).map_err(err)?;
+                let anchors = match read_anchors(&ca) {
+                    Ok(a) => {
+                        *last_good.lock().unwrap_or_else(|p| p.into_inner()) = Some(a.clone());
+                        a
+                    }
+                    Err(e) => match last_good.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                        Some(a) => {
+                            tracing::warn!("{e}; using the last trust bundle that was valid");
+                            a
+                        }
+                        None => return Err(err(e)),
+                    },
+                };
                 let cfg = crate::tls::control_client_config(anchors, expected.clone())
                     .map_err(|e| err(e.to_string()))?;
                 let name = crate::tls::server_name(&expected).map_err(err)?;

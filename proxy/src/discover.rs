@@ -140,6 +140,40 @@ impl Destinations {
     }
 }
 
+/// Makes room in a full watch table by dropping watches unused for a minute; their tasks see
+/// they are no longer in the table and end. Returns whether there is room now.
+fn evict_idle(watches: &mut HashMap<String, Arc<Watch>>) -> bool {
+    watches.retain(|_, w| w.idle_for() < Duration::from_secs(60));
+    watches.len() < WATCH_MAX
+}
+
+/// Whether `w` is still the table's watch for `name` (eviction may have dropped it).
+fn current(watches: &Watches, name: &str, w: &Arc<Watch>) -> bool {
+    watches
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(name)
+        .is_some_and(|x| Arc::ptr_eq(x, w))
+}
+
+/// Removes `w` from the table if it is idle, checked under the lock so a request that just
+/// picked it up keeps it alive. True when the watch should end.
+fn retire_if_idle(watches: &Watches, name: &str, w: &Arc<Watch>, idle: Duration) -> bool {
+    let mut map = watches.lock().unwrap_or_else(|p| p.into_inner());
+    match map.get(name) {
+        Some(x) if Arc::ptr_eq(x, w) => {
+            if w.idle_for() >= idle {
+                map.remove(name);
+                true
+            } else {
+                false
+            }
+        }
+        // Evicted (or replaced): this task has nothing left to do.
+        _ => true,
+    }
+}
+
 /// Makes endpoints for discovered destinations (static and control plane alike).
 struct Factory {
     connect_timeout: Duration,
@@ -304,9 +338,13 @@ impl Destinations {
         let control = self.control.as_ref()?;
         let w = {
             let mut watches = control.watches.lock().unwrap_or_else(|p| p.into_inner());
-            match watches.get(authority) {
-                Some(w) => w.clone(),
-                None if watches.len() >= WATCH_MAX => return None,
+            let existing = watches.get(authority).cloned();
+            match existing {
+                Some(w) => w,
+                None if watches.len() >= WATCH_MAX && !evict_idle(&mut watches) => {
+                    tracing::warn!(%authority, "{WATCH_MAX} control-plane watches are in use and none is idle; using DNS for this name");
+                    return None;
+                }
                 None => {
                     let w = Arc::new(Watch {
                         dest: Arc::new(Destination::new(authority.to_string(), Vec::new())),
@@ -404,7 +442,10 @@ async fn follow(
         w.dest
             .update(factory.build(&name, &w.dest.endpoints(), &list));
     };
-    let idle_check = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    let mut idle_check = tokio::time::interval(
+        (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30)),
+    );
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     'outer: loop {
         let request = remora_api::WatchRequest {
             service: name.clone(),
@@ -420,8 +461,8 @@ async fn follow(
         while let Some(s) = stream.as_mut() {
             let msg = tokio::select! {
                 m = s.message() => m,
-                _ = tokio::time::sleep(idle_check) => {
-                    if w.idle_for() >= idle { break 'outer; }
+                _ = idle_check.tick() => {
+                    if retire_if_idle(&watches, &name, &w, idle) { break 'outer; }
                     continue;
                 }
             };
@@ -446,8 +487,18 @@ async fn follow(
                                     specs.remove(&a);
                                 }
                             }
-                            for e in d.add.iter().filter_map(spec) {
-                                specs.insert(e.addr, e);
+                            for e in &d.add {
+                                match spec(e) {
+                                    Some(e) => {
+                                        specs.insert(e.addr, e);
+                                    }
+                                    // An entry we cannot use must not leave its old version.
+                                    None => {
+                                        if let Ok(a) = e.addr.parse::<SocketAddr>() {
+                                            specs.remove(&a);
+                                        }
+                                    }
+                                }
                             }
                             apply(&specs);
                             tracing::debug!(service = %name, endpoints = specs.len(), "update from the control plane");
@@ -470,14 +521,10 @@ async fn follow(
                 }
             }
         }
-        if w.idle_for() >= idle {
+        if retire_if_idle(&watches, &name, &w, idle) || !current(&watches, &name, &w) {
             break;
         }
         tokio::time::sleep(backoff.next_delay()).await;
     }
     tracing::debug!(service = %name, "watch idle; dropped");
-    watches
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&name);
 }

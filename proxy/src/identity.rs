@@ -114,14 +114,34 @@ impl IdentityStore {
 
     /// Validates `files` and swaps them in, or explains why not.
     fn consider(&self, files: &[Vec<u8>; 3]) -> Result<Arc<Loaded>, String> {
+        self.consider_from(&self.dir, files, None)
+    }
+
+    /// `origin` names where the set came from in errors; `expected`, when set, is the identity
+    /// the set must carry.
+    fn consider_from(
+        &self,
+        origin: &Path,
+        files: &[Vec<u8>; 3],
+        expected: Option<&SpiffeId>,
+    ) -> Result<Arc<Loaded>, String> {
         let creds = remora_certs::validate::validate(
-            &self.dir,
+            origin,
             &files[0],
             &files[1],
             &files[2],
             std::time::SystemTime::now(),
         )
         .map_err(|e| e.to_string())?;
+        if let Some(want) = expected
+            && &creds.id != want
+        {
+            return Err(format!(
+                "{}: the certificate is for {}, not {want}",
+                origin.display(),
+                creds.id
+            ));
+        }
         let server = crate::tls::server_config(&creds)
             .map_err(|e| format!("{}: TLS configuration: {e}", self.dir.display()))?;
         let anchors = remora_certs::validate::anchors(&creds.roots)
@@ -214,9 +234,10 @@ impl IdentityStore {
             let b = std::fs::read(self.ca_path()).unwrap_or_default();
             let bundle_changed = b != bundle;
             if (now >= renew || bundle_changed) && now >= next_attempt {
-                bundle = b;
                 match self.certify(c).await {
                     Ok(l) => {
+                        // Only a success settles a bundle change; a failure retries it.
+                        bundle = b;
                         self.loaded(&l, "the control plane");
                         renew = renew_at(SystemTime::now(), l.creds.not_after);
                         backoff.reset();

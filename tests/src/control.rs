@@ -74,7 +74,15 @@ impl TestControl {
         lifetime: Duration,
     ) -> TestControl {
         let eps = scratch("endpoints.toml");
-        write_atomic(&eps, endpoints);
+        // An empty file is refused (it looks like a write in progress); say "none" on purpose.
+        write_atomic(
+            &eps,
+            if endpoints.is_empty() {
+                "# no services\n"
+            } else {
+                endpoints
+            },
+        );
         let tok = scratch("tokens");
         let lines: String = tokens.iter().map(|(t, id)| format!("{t} {id}\n")).collect();
         std::fs::write(&tok, lines).expect("tokens");
@@ -108,7 +116,7 @@ impl TestControl {
         audiences: &[&str],
     ) -> TestControl {
         let eps = scratch("endpoints.toml");
-        write_atomic(&eps, "");
+        write_atomic(&eps, "# no services\n");
         let mut o = Options::new(pki.dir.clone(), Source::File(eps.clone()));
         o.addr = loopback0();
         o.admin_addr = loopback0();

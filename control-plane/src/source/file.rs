@@ -135,21 +135,42 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
 /// Follows one endpoints file.
 pub struct FileSource {
     pub path: PathBuf,
+    /// The bytes [`FileSource::load`] applied, so a change made before `run` starts is seen.
+    loaded: Option<Vec<u8>>,
+}
+
+/// Parses file bytes, refusing an empty file: that is what a write in progress looks like, and
+/// applying it would delete every service.
+fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<Table, String> {
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
+    if text.trim().is_empty() {
+        return Err(format!(
+            "{}: the file is empty (a write in progress?); to serve no services on purpose, write a comment such as `# no services`",
+            path.display()
+        ));
+    }
+    parse(path, text)
 }
 
 impl FileSource {
+    pub fn new(path: PathBuf) -> Self {
+        FileSource { path, loaded: None }
+    }
+
     /// Reads and validates the file once (startup: a bad file is a startup error).
-    pub fn load(&self) -> Result<Table, String> {
-        let text = std::fs::read_to_string(&self.path)
+    pub fn load(&mut self) -> Result<Table, String> {
+        let bytes = std::fs::read(&self.path)
             .map_err(|e| format!("{}: cannot read: {e}", self.path.display()))?;
-        parse(&self.path, &text)
+        let table = parse_bytes(&self.path, &bytes)?;
+        self.loaded = Some(bytes);
+        Ok(table)
     }
 
     /// Polls forever, replacing the registry's table on every valid change. `reloads` counts
     /// outcomes for /metrics.
     pub async fn run(self, registry: Arc<Registry>, metrics: Arc<crate::metrics::Metrics>) {
-        // [`FileSource::load`] has applied what is there now.
-        let mut last: Option<Vec<u8>> = std::fs::read(&self.path).ok();
+        let mut last = self.loaded.clone();
         loop {
             let bytes = std::fs::read(&self.path);
             let changed = match &bytes {
@@ -158,9 +179,7 @@ impl FileSource {
             };
             if changed {
                 let result = match &bytes {
-                    Ok(b) => std::str::from_utf8(b)
-                        .map_err(|_| format!("{}: not UTF-8 text", self.path.display()))
-                        .and_then(|t| parse(&self.path, t)),
+                    Ok(b) => parse_bytes(&self.path, b),
                     Err(e) => Err(format!("{}: cannot read: {e}", self.path.display())),
                 };
                 match result {
