@@ -434,6 +434,15 @@ async fn follow(
     idle: Duration,
 ) {
     use remora_api::update::Kind;
+    let metrics = factory.metrics.clone();
+    metrics.discovery_watches.inc();
+    struct Dec(Arc<Metrics>);
+    impl Drop for Dec {
+        fn drop(&mut self) {
+            self.0.discovery_watches.dec();
+        }
+    }
+    let _dec = Dec(metrics.clone());
     let mut specs: std::collections::BTreeMap<SocketAddr, EndpointSpec> = Default::default();
     let mut backoff =
         crate::control::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -454,6 +463,7 @@ async fn follow(
         let mut stream = match client.discovery().watch(request).await {
             Ok(s) => Some(s.into_inner()),
             Err(status) => {
+                metrics.discovery_stream_errors.inc();
                 tracing::warn!(service = %name, "control plane {}: watch failed: {}: {}; keeping {} known endpoints", client.addr, status.code(), status.message(), specs.len());
                 None
             }
@@ -469,6 +479,7 @@ async fn follow(
             match msg {
                 Ok(Some(update)) => {
                     backoff.reset();
+                    metrics.discovery_updates.inc();
                     match update.kind {
                         Some(Kind::Snapshot(snap)) => {
                             specs = snap
@@ -512,10 +523,12 @@ async fn follow(
                     }
                 }
                 Ok(None) => {
+                    metrics.discovery_stream_errors.inc();
                     tracing::warn!(service = %name, "control plane {} ended the watch; keeping {} known endpoints and reconnecting", client.addr, specs.len());
                     break;
                 }
                 Err(status) => {
+                    metrics.discovery_stream_errors.inc();
                     tracing::warn!(service = %name, "control plane {}: watch broke: {}: {}; keeping {} known endpoints and reconnecting", client.addr, status.code(), status.message(), specs.len());
                     break;
                 }

@@ -268,6 +268,10 @@ pub struct Metrics {
     pub identity_expiry: Gauge,
     pub identity_reloads: Counter,
     pub identity_reload_failures: Counter,
+    /// Control-plane discovery: watches open, updates applied, streams that broke.
+    pub discovery_watches: Gauge,
+    pub discovery_updates: Counter,
+    pub discovery_stream_errors: Counter,
     pub endpoints: Arc<EndpointFamilies>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<DirectionLabels, Histogram, fn() -> Histogram>,
@@ -388,6 +392,24 @@ impl Metrics {
             "Certificate sets refused by validation (the previous set kept serving)",
             identity_reload_failures.clone(),
         );
+        let discovery_watches = Gauge::default();
+        registry.register(
+            "discovery_watches",
+            "Control-plane watches this proxy holds (one per destination name in use)",
+            discovery_watches.clone(),
+        );
+        let discovery_updates = Counter::default();
+        registry.register(
+            "discovery_updates",
+            "Snapshots and deltas applied from the control plane",
+            discovery_updates.clone(),
+        );
+        let discovery_stream_errors = Counter::default();
+        registry.register(
+            "discovery_stream_errors",
+            "Control-plane watches that failed or broke (endpoints kept, reconnecting)",
+            discovery_stream_errors.clone(),
+        );
         let endpoints = Arc::new(EndpointFamilies::default());
         registry.register(
             "endpoint_requests",
@@ -430,6 +452,9 @@ impl Metrics {
             identity_expiry,
             identity_reloads,
             identity_reload_failures,
+            discovery_watches,
+            discovery_updates,
+            discovery_stream_errors,
             requests,
             request_duration,
             connections,

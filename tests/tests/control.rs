@@ -384,6 +384,10 @@ async fn idle_watches_are_dropped_and_the_control_plane_must_prove_its_identity(
     assert_eq!(watches().await, 1.0);
     // Unused for longer than the idle timeout: the proxy lets the watch go...
     wait_until("the idle watch is dropped", async || watches().await == 0.0).await;
+    wait_until("the proxy counts no watch", async || {
+        metric(&proxy.metrics().await, "remora_discovery_watches", &[]) == 0.0
+    })
+    .await;
     // ...and subscribes again on the next request.
     assert_eq!(
         get_via(proxy.outbound, "web.test:80").await.unwrap().1,
