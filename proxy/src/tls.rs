@@ -147,19 +147,9 @@ pub fn client_config(
     expected: SpiffeId,
     alpn: &[u8],
 ) -> Result<Arc<ClientConfig>, rustls::Error> {
-    let provider = provider();
-    let verifier = SpiffeServerVerifier {
-        anchors,
-        expected,
-        provider: provider.clone(),
-    };
-    let mut cfg = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
-            creds.certified.clone(),
-        )));
+    let mut cfg = spiffe_client(anchors, expected)?.with_client_cert_resolver(Arc::new(
+        rustls::sign::SingleCertAndKey::from(creds.certified.clone()),
+    ));
     if !alpn.is_empty() {
         cfg.alpn_protocols = vec![alpn.to_vec()];
     }
@@ -171,23 +161,30 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
-/// The client configuration for the control plane's APIs: no client certificate (a proxy may
-/// not have one yet: it is asking for it), a server that must prove `expected`, ALPN h2.
-pub fn control_client_config(
+/// TLS 1.3 to a server that must chain to `anchors` and prove `expected`.
+fn spiffe_client(
     anchors: Arc<Vec<TrustAnchor<'static>>>,
     expected: SpiffeId,
-) -> Result<Arc<ClientConfig>, rustls::Error> {
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, rustls::Error> {
     let provider = provider();
     let verifier = SpiffeServerVerifier {
         anchors,
         expected,
         provider: provider.clone(),
     };
-    let mut cfg = ClientConfig::builder_with_provider(provider)
+    Ok(ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(verifier)))
+}
+
+/// The client configuration for the control plane's APIs: no client certificate (a proxy may
+/// not have one yet: it is asking for it), a server that must prove `expected`, ALPN h2.
+pub fn control_client_config(
+    anchors: Arc<Vec<TrustAnchor<'static>>>,
+    expected: SpiffeId,
+) -> Result<Arc<ClientConfig>, rustls::Error> {
+    let mut cfg = spiffe_client(anchors, expected)?.with_no_client_auth();
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     cfg.enable_sni = false;
     Ok(Arc::new(cfg))

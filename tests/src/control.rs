@@ -303,17 +303,7 @@ pub async fn get_via(proxy: SocketAddr, authority: &str) -> std::io::Result<(u16
     tokio::time::timeout(crate::WAIT, s.read_to_end(&mut buf))
         .await
         .map_err(|_| std::io::Error::other("response timed out"))??;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    Ok(crate::status_and_body(&buf))
 }
 
 /// Everything this test binary logs through `tracing`, for tests that check what a user reads.
@@ -484,5 +474,35 @@ impl FakeTokenReview {
             requests,
             task,
         }
+    }
+}
+
+/// A proxy a test expects never to become ready (a bad token, an impostor control plane):
+/// started without waiting for `/ready`.
+pub struct Unready {
+    pub admin: SocketAddr,
+    stop: remora_proxy::ShutdownHandle,
+    task: JoinHandle<remora_proxy::RunReport>,
+}
+
+impl Unready {
+    pub async fn start(cfg: Config) -> Unready {
+        let proxy = remora_proxy::Proxy::bind(cfg).await.expect("proxy binds");
+        Unready {
+            admin: proxy.admin_addr(),
+            stop: proxy.shutdown_handle(),
+            task: tokio::spawn(proxy.run(std::future::pending())),
+        }
+    }
+
+    /// Asserts `/ready` is 503 now.
+    pub async fn assert_not_ready(&self, why: &str) {
+        let (status, body) = http_get(self.admin, "/ready").await.expect("admin answers");
+        assert_eq!(status, 503, "{why}: the proxy became ready: {body}");
+    }
+
+    pub async fn stop(self) {
+        self.stop.shutdown();
+        let _ = tokio::time::timeout(crate::WAIT, self.task).await;
     }
 }

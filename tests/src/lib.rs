@@ -133,7 +133,12 @@ pub async fn http_request(
     tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
         .await
         .map_err(|_| std::io::Error::other("admin response timed out"))??;
-    let text = String::from_utf8_lossy(&buf).to_string();
+    Ok(status_and_body(&buf))
+}
+
+/// Splits a raw HTTP/1 response into its status code and body.
+pub fn status_and_body(raw: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(raw).to_string();
     let status = text
         .split_whitespace()
         .nth(1)
@@ -143,7 +148,7 @@ pub async fn http_request(
         .split_once("\r\n\r\n")
         .map(|x| x.1.to_string())
         .unwrap_or_default();
-    Ok((status, body))
+    (status, body)
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {

@@ -149,16 +149,18 @@ async fn proxy_with_a_bad_token_is_refused_and_stays_not_ready() {
             "this bootstrap token is for spiffe://cluster.local/ns/default/sa/client, not spiffe://cluster.local/ns/default/sa/intruder",
         ),
     ] {
-        let cfg = proxy_config(refused_addr().await, &pki, &cp.target(), sa, token);
-        let proxy = remora_proxy::Proxy::bind(cfg).await.expect("binds");
-        let admin = proxy.admin_addr();
-        let stop = proxy.shutdown_handle();
-        let task = tokio::spawn(proxy.run(std::future::pending()));
+        let proxy = Unready::start(proxy_config(
+            refused_addr().await,
+            &pki,
+            &cp.target(),
+            sa,
+            token,
+        ))
+        .await;
         // Several attempts (the first retry comes within a second) and never ready.
         let until = Instant::now() + Duration::from_secs(3);
         while Instant::now() < until {
-            let (status, body) = http_get(admin, "/ready").await.expect("admin answers");
-            assert_eq!(status, 503, "a proxy with a bad token became ready: {body}");
+            proxy.assert_not_ready("bad token").await;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let logs = captured_logs();
@@ -167,8 +169,7 @@ async fn proxy_with_a_bad_token_is_refused_and_stays_not_ready() {
             cp.addr
         );
         assert!(logs.contains(&want), "missing {want:?} in:\n{logs}");
-        stop.shutdown();
-        let _ = tokio::time::timeout(WAIT, task).await;
+        proxy.stop().await;
     }
     let m = cp.metrics().await;
     assert!(
@@ -398,18 +399,20 @@ async fn idle_watches_are_dropped_and_the_control_plane_must_prove_its_identity(
     // no certificate, so the proxy never becomes ready, and the log says why.
     let mut target = cp.target();
     target.identity = Some(pki.id("impostor"));
-    let cfg = proxy_config(refused_addr().await, &pki, &target, "client", TOKEN);
-    let proxy = remora_proxy::Proxy::bind(cfg).await.expect("binds");
-    let admin = proxy.admin_addr();
-    let stop = proxy.shutdown_handle();
-    let task = tokio::spawn(proxy.run(std::future::pending()));
+    let proxy = Unready::start(proxy_config(
+        refused_addr().await,
+        &pki,
+        &target,
+        "client",
+        TOKEN,
+    ))
+    .await;
     wait_until("the proxy refuses the control plane", async || {
         captured_logs().contains("server presented identity spiffe://cluster.local/ns/remora/sa/control, expected spiffe://cluster.local/ns/default/sa/impostor")
     })
     .await;
-    assert_eq!(http_get(admin, "/ready").await.unwrap().0, 503);
-    stop.shutdown();
-    let _ = tokio::time::timeout(WAIT, task).await;
+    proxy.assert_not_ready("impostor control plane").await;
+    proxy.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -506,19 +509,17 @@ async fn service_account_tokens_are_checked_with_a_token_review() {
             "TokenReview: the token is not authenticated: invalid bearer token",
         ),
     ] {
-        let cfg = proxy_config(refused_addr().await, &pki, &cp.target(), sa, token);
-        let proxy = remora_proxy::Proxy::bind(cfg).await.expect("binds");
-        let admin = proxy.admin_addr();
-        let stop = proxy.shutdown_handle();
-        let task = tokio::spawn(proxy.run(std::future::pending()));
+        let proxy = Unready::start(proxy_config(
+            refused_addr().await,
+            &pki,
+            &cp.target(),
+            sa,
+            token,
+        ))
+        .await;
         wait_until(reason, async || captured_logs().contains(reason)).await;
-        assert_eq!(
-            http_get(admin, "/ready").await.unwrap().0,
-            503,
-            "{sa} with {token} became ready"
-        );
-        stop.shutdown();
-        let _ = tokio::time::timeout(WAIT, task).await;
+        proxy.assert_not_ready(token).await;
+        proxy.stop().await;
     }
     assert!(fake.requests.load(std::sync::atomic::Ordering::Relaxed) >= 5);
 }

@@ -299,6 +299,22 @@ async fn endpoint_slice_changes_reach_a_proxy_with_zero_failed_requests() {
             (ok, failed)
         })
     };
+    // How long after `since` the first answer from `app` came.
+    async fn first_answer_from(
+        bodies: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, String)>,
+        since: Instant,
+        app: &str,
+    ) -> Duration {
+        loop {
+            let (at, b) = tokio::time::timeout(Duration::from_secs(30), bodies.recv())
+                .await
+                .expect("answers keep coming")
+                .expect("load running");
+            if b == app && at >= since {
+                return at.duration_since(since);
+            }
+        }
+    }
     // Waits until `cond` holds for 20 answers in a row; returns when the streak began.
     async fn settle(
         bodies: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, String)>,
@@ -345,17 +361,7 @@ async fn endpoint_slice_changes_reach_a_proxy_with_zero_failed_requests() {
             ("127.0.0.4", true, false),
         ],
     );
-    let mut seen_a4 = None;
-    while seen_a4.is_none() {
-        let (at, b) = tokio::time::timeout(Duration::from_secs(30), bodies.recv())
-            .await
-            .expect("answers")
-            .expect("load");
-        if b == "a4" && at >= t {
-            seen_a4 = Some(at.duration_since(t));
-        }
-    }
-    step("scale to 3", seen_a4.unwrap_or_default());
+    step("scale to 3", first_answer_from(&mut bodies, t, "a4").await);
     // a2 marked not ready: no new request goes to it.
     let t = Instant::now();
     server.apply_slice(
@@ -390,17 +396,10 @@ async fn endpoint_slice_changes_reach_a_proxy_with_zero_failed_requests() {
     // a2 ready again, in a second slice of the same service.
     let t = Instant::now();
     server.apply_slice("shop", "web-2", "web", port, &[("127.0.0.2", true, false)]);
-    let mut back = None;
-    while back.is_none() {
-        let (at, b) = tokio::time::timeout(Duration::from_secs(30), bodies.recv())
-            .await
-            .expect("answers")
-            .expect("load");
-        if b == "a2" && at >= t {
-            back = Some(at.duration_since(t));
-        }
-    }
-    step("a2 ready in a second slice", back.unwrap_or_default());
+    step(
+        "a2 ready in a second slice",
+        first_answer_from(&mut bodies, t, "a2").await,
+    );
 
     let _ = stop_tx.send(true);
     let (ok, failed) = load.await.expect("load task");
