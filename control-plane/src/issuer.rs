@@ -279,7 +279,13 @@ pub struct IdentityService {
     pub auth: Arc<Authenticator>,
     pub lifetime: Duration,
     pub metrics: Arc<Metrics>,
+    /// Bounds Certify calls in progress, so a flood of bogus tokens cannot turn into a flood
+    /// of TokenReviews against the API server; callers over the limit retry with backoff.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Certify calls served at once.
+pub const MAX_CERTIFY_IN_FLIGHT: usize = 32;
 
 impl IdentityService {
     fn refuse(&self, result: &'static str, status: Status) -> Status {
@@ -301,6 +307,14 @@ impl remora_api::identity_server::Identity for IdentityService {
             .extensions()
             .get::<crate::server::PeerAddr>()
             .map(|p| p.0);
+        let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
+            return Err(self.refuse(
+                "busy",
+                Status::resource_exhausted(format!(
+                    "{MAX_CERTIFY_IN_FLIGHT} certificate requests are already in progress; retry shortly"
+                )),
+            ));
+        };
         let r = request.into_inner();
         let id: SpiffeId = r.identity.parse().map_err(|e| {
             self.refuse(
@@ -385,6 +399,63 @@ mod tests {
             let e = parse_tokens(p, text).unwrap_err();
             assert!(e.contains(want), "{text:?}: {e}");
         }
+    }
+
+    #[tokio::test]
+    async fn certify_answers_busy_beyond_its_limit_and_signs_otherwise() {
+        use remora_api::identity_server::Identity as _;
+        let dir = std::env::temp_dir().join(format!("remora-issuer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        ca::init_dir(&dir, "cluster.local").unwrap();
+        let tokens = dir.join("tokens");
+        std::fs::write(
+            &tokens,
+            "0123456789abcdef spiffe://cluster.local/ns/a/sa/b\n",
+        )
+        .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let control: SpiffeId = "spiffe://cluster.local/ns/remora/sa/control"
+            .parse()
+            .unwrap();
+        let svc = |permits| IdentityService {
+            issuer: Issuer::load(&dir, "cluster.local", control.clone(), metrics.clone()).unwrap(),
+            auth: Arc::new(Authenticator {
+                bootstrap: Some(Arc::new(BootstrapTokens::load(&tokens).unwrap())),
+                token_review: None,
+                trust_domain: "cluster.local".into(),
+            }),
+            lifetime: Duration::from_secs(3600),
+            metrics: metrics.clone(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(permits)),
+        };
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let req = || {
+            let (_key, csr) = ca::new_key_and_csr(&id).unwrap();
+            Request::new(CertifyRequest {
+                identity: id.to_string(),
+                token: "0123456789abcdef".into(),
+                csr,
+            })
+        };
+        let busy = svc(0).certify(req()).await.unwrap_err();
+        assert_eq!(busy.code(), tonic::Code::ResourceExhausted);
+        let ok = svc(1).certify(req()).await.unwrap().into_inner();
+        let chain =
+            remora_certs::validate::parse_certs(Path::new("chain"), ok.chain.as_bytes()).unwrap();
+        assert_eq!(
+            remora_certs::validate::spiffe_id(&chain[0]),
+            Some(id.clone())
+        );
+        let wrong = Request::new(CertifyRequest {
+            identity: "spiffe://other.domain/ns/a/sa/b".into(),
+            token: "0123456789abcdef".into(),
+            csr: String::new(),
+        });
+        assert_eq!(
+            svc(1).certify(wrong).await.unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[tokio::test]

@@ -286,6 +286,9 @@ impl ControlPlane {
             auth: self.auth.clone(),
             lifetime: self.cert_lifetime,
             metrics: self.metrics.clone(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(
+                crate::issuer::MAX_CERTIFY_IN_FLIGHT,
+            )),
         });
         tasks.spawn(serve_grpc(
             self.listener,

@@ -79,8 +79,9 @@ pub struct Args {
         default_value = "/healthz,/readyz,/livez,/health,/ready,/live"
     )]
     pub probe_paths: Vec<String>,
-    /// The control plane, `host:port[#spiffe-id]`: endpoint discovery for destinations that
-    /// are not static, and certificates in REMORA_IDENTITY_MODE=control.
+    /// The control plane, `host:port[,host:port…][#spiffe-id]` (replicas, tried in turn):
+    /// endpoint discovery for destinations that are not static, and certificates in
+    /// REMORA_IDENTITY_MODE=control.
     #[arg(long, env = "REMORA_CONTROL_ADDR")]
     pub control_addr: Option<crate::config::ControlTarget>,
     /// Where the certificate comes from: `files` (REMORA_IDENTITY_DIR, written by someone

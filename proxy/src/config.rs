@@ -59,7 +59,8 @@ pub struct Config {
 /// Where the control plane is, and who it must prove to be.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ControlTarget {
-    /// `host:port`
+    /// `host:port`, or several separated by commas (replicas; the proxy uses one at a time
+    /// and moves to the next when it cannot connect).
     pub addr: String,
     /// Default: `spiffe://<the proxy's trust domain>/ns/remora/sa/control`.
     pub identity: Option<remora_certs::SpiffeId>,
@@ -72,9 +73,12 @@ impl std::str::FromStr for ControlTarget {
             Some((a, id)) => (a, Some(id)),
             None => (s, None),
         };
-        if normalize_authority(addr).is_none() {
+        if addr
+            .split(',')
+            .any(|a| normalize_authority(a.trim()).is_none())
+        {
             return Err(format!(
-                "REMORA_CONTROL_ADDR `{s}`: expected host:port[#spiffe://<trust-domain>/ns/<ns>/sa/<sa>]"
+                "REMORA_CONTROL_ADDR `{s}`: expected host:port[,host:port…][#spiffe://<trust-domain>/ns/<ns>/sa/<sa>]"
             ));
         }
         let identity = match id {
@@ -88,6 +92,17 @@ impl std::str::FromStr for ControlTarget {
             addr: addr.to_string(),
             identity,
         })
+    }
+}
+
+impl ControlTarget {
+    /// The replicas' addresses.
+    pub fn addrs(&self) -> Vec<String> {
+        self.addr
+            .split(',')
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect()
     }
 }
 

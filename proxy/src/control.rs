@@ -18,6 +18,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::config::ControlTarget;
 
+/// How long one replica gets to accept a connection and finish the TLS handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 #[derive(Clone)]
 pub struct ControlClient {
     pub channel: Channel,
@@ -49,28 +52,36 @@ impl ControlClient {
         ca: PathBuf,
         trust_domain: Arc<dyn Fn() -> Option<String> + Send + Sync>,
     ) -> Result<Self, String> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", target.addr))
-            .map_err(|e| format!("REMORA_CONTROL_ADDR {}: {e}", target.addr))?
-            .connect_timeout(Duration::from_secs(3))
+        let addrs = target.addrs();
+        let first = addrs
+            .first()
+            .ok_or("REMORA_CONTROL_ADDR names no address")?;
+        let endpoint = Endpoint::from_shared(format!("http://{first}"))
+            .map_err(|e| format!("REMORA_CONTROL_ADDR {first}: {e}"))?
+            // Each replica gets CONNECT_TIMEOUT (below); this bounds the whole attempt.
+            .connect_timeout(CONNECT_TIMEOUT * addrs.len().max(1) as u32 + Duration::from_secs(1))
             // Notices a control plane that vanished without closing, so watches reconnect.
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
-        let addr = target.addr.clone();
+        let addrs = Arc::new(addrs);
+        // The replica that worked last; a failed connect moves on to the next one.
+        let preferred = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let expected = target.identity.clone();
         // The last bundle that parsed, used when the file is briefly unreadable (mid-write).
         let last_good: Arc<std::sync::Mutex<Option<Arc<Vec<TrustAnchor<'static>>>>>> =
             Default::default();
         let connector = tower::service_fn(move |_: Uri| {
-            let (addr, ca, expected, trust_domain, last_good) = (
-                addr.clone(),
+            let (addrs, preferred, ca, expected, trust_domain, last_good) = (
+                addrs.clone(),
+                preferred.clone(),
                 ca.clone(),
                 expected.clone(),
                 trust_domain.clone(),
                 last_good.clone(),
             );
             async move {
-                let err = |e: String| std::io::Error::other(format!("control plane {addr}: {e}"));
+                let err = |e: String| std::io::Error::other(format!("control plane: {e}"));
                 let expected = match expected {
                     Some(id) => id,
                     None => {
@@ -96,13 +107,33 @@ impl ControlClient {
                 let cfg = crate::tls::control_client_config(anchors, expected.clone())
                     .map_err(|e| err(e.to_string()))?;
                 let name = crate::tls::server_name(&expected).map_err(err)?;
-                let tcp = tokio::net::TcpStream::connect(&addr).await?;
-                let _ = tcp.set_nodelay(true);
-                let tls = tokio_rustls::TlsConnector::from(cfg)
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| err(format!("TLS: {e}")))?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                let connector = tokio_rustls::TlsConnector::from(cfg);
+                let start = preferred.load(std::sync::atomic::Ordering::Relaxed);
+                let mut failures = Vec::new();
+                for i in 0..addrs.len() {
+                    let idx = (start + i) % addrs.len();
+                    let addr = &addrs[idx];
+                    let attempt = async {
+                        let tcp = tokio::net::TcpStream::connect(addr.as_str())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let _ = tcp.set_nodelay(true);
+                        connector
+                            .connect(name.clone(), tcp)
+                            .await
+                            .map_err(|e| format!("TLS: {e}"))
+                    };
+                    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+                        Ok(Ok(tls)) => {
+                            preferred.store(idx, std::sync::atomic::Ordering::Relaxed);
+                            return Ok(hyper_util::rt::TokioIo::new(tls));
+                        }
+                        Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
+                        Err(_) => failures
+                            .push(format!("{addr}: no connection within {CONNECT_TIMEOUT:?}")),
+                    }
+                }
+                Err(err(failures.join("; ")))
             }
         });
         Ok(ControlClient {

@@ -556,3 +556,63 @@ async fn unreachable_control_plane_falls_back_to_dns_once() {
         "5 later requests took {later:?} (first took {first:?})"
     );
 }
+
+/// Two replicas on the same inputs (the control plane keeps no state of its own): the proxy
+/// uses one; when it dies the proxy moves to the other, and updates keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_one_dies() {
+    let pki = Pki::new("cluster.local");
+    let client_id = pki.id("client");
+    let (a1, a2) = (NamedApp::start("a1").await, NamedApp::start("a2").await);
+    let file = scratch("endpoints.toml");
+    write_atomic(&file, &endpoints_toml(&[("web.test:80", eps(&[&a1]))]));
+    let tokens = scratch("tokens");
+    std::fs::write(&tokens, format!("{TOKEN} {client_id}\n")).unwrap();
+    let first =
+        TestControl::start_with(loopback0(), &pki, file.clone(), Some(tokens.clone()), DAY).await;
+    let second = TestControl::start_with(loopback0(), &pki, file.clone(), Some(tokens), DAY).await;
+    let mut target = first.target();
+    target.addr = format!("{},{}", first.addr, second.addr);
+    let proxy = TestProxy::start(proxy_config(
+        refused_addr().await,
+        &pki,
+        &target,
+        "client",
+        TOKEN,
+    ))
+    .await;
+    assert_eq!(
+        spread(proxy.outbound, "web.test:80", 5).await.get("a1"),
+        Some(&5)
+    );
+    assert_eq!(
+        metric(&first.metrics().await, "remora_control_watches", &[]),
+        1.0
+    );
+
+    first.kill().await;
+    write_atomic(&file, &endpoints_toml(&[("web.test:80", eps(&[&a2]))]));
+    let t = Instant::now();
+    let (mut ok, mut failed) = (0, Vec::new());
+    loop {
+        match get_via(proxy.outbound, "web.test:80").await {
+            Ok((200, b)) if b == "a2" => break,
+            Ok((200, _)) => ok += 1,
+            other => failed.push(format!("{other:?}")),
+        }
+        assert!(
+            t.elapsed() < WAIT,
+            "the update never came through the second replica"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "moved to the second replica and saw the update {:?} after the first died ({ok} requests on the old set meanwhile)",
+        t.elapsed()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(
+        metric(&second.metrics().await, "remora_control_watches", &[]),
+        1.0
+    );
+}
