@@ -52,19 +52,6 @@ fn endpoints_file(services: usize, per: usize, moved: usize, generation: usize) 
     out
 }
 
-fn build_control() -> Result<std::path::PathBuf, String> {
-    let root = workspace();
-    let status = std::process::Command::new("cargo")
-        .args(["build", "--release", "--bin", "remora"])
-        .current_dir(&root)
-        .status()
-        .map_err(|e| format!("cargo: {e}"))?;
-    if !status.success() {
-        return Err("building remora failed".into());
-    }
-    Ok(root.join("target/release/remora"))
-}
-
 fn write_atomic(path: &Path, text: &str) -> Result<(), String> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).map_err(|e| e.to_string())?;
@@ -85,7 +72,7 @@ pub fn run(quick: bool) -> Result<(), String> {
     };
     let edits = if quick { 2 } else { 10 };
     let moved = services / 10;
-    let bin = build_control()?;
+    let bin = crate::build_bin("remora")?;
     let dir = std::env::temp_dir().join(format!("remora-bench-control-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     remora_certs::ca::init_dir(&dir.join("ca"), TD).map_err(|e| e.to_string())?;

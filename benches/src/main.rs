@@ -226,16 +226,21 @@ pub(crate) fn proxy_env(
 }
 
 pub(crate) fn build_proxy() -> Result<PathBuf, String> {
+    build_bin("remora-proxy")
+}
+
+/// Builds one of the workspace's release binaries and returns its path.
+pub(crate) fn build_bin(name: &str) -> Result<PathBuf, String> {
     let root = workspace();
     let status = Command::new("cargo")
-        .args(["build", "--release", "--bin", "remora-proxy"])
+        .args(["build", "--release", "--bin", name])
         .current_dir(&root)
         .status()
         .map_err(|e| format!("cargo: {e}"))?;
     if !status.success() {
-        return Err("building remora-proxy failed".into());
+        return Err(format!("building {name} failed"));
     }
-    Ok(root.join("target/release/remora-proxy"))
+    Ok(root.join("target/release").join(name))
 }
 
 /// Issue 6's benchmark: 1k rps of gRPC through a client proxy balancing over three backends,

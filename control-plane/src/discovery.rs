@@ -171,6 +171,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn nothing_is_said_before_the_source_has_synced() {
+        use remora_api::discovery_server::Discovery;
+        let registry = Registry::new();
+        let (synced_tx, synced) = tokio::sync::watch::channel(false);
+        let svc = DiscoveryService {
+            registry: registry.clone(),
+            metrics: Arc::new(Metrics::new()),
+            synced,
+        };
+        let req = Request::new(WatchRequest {
+            service: "web.shop.svc.cluster.local:8080".into(),
+            client: String::new(),
+        });
+        let mut stream = svc.watch(req).await.unwrap().into_inner();
+        // Still listing: a "no such service" now would make proxies drop good endpoints.
+        let early = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            tokio_stream::StreamExt::next(&mut stream),
+        )
+        .await;
+        assert!(early.is_err(), "sent {early:?} before the first sync");
+        registry.set(
+            "web.shop.svc.cluster.local:8080",
+            Some(vec![EndpointSpec {
+                addr: "10.0.0.1:8080".parse().unwrap(),
+                weight: 1,
+                identity: None,
+            }]),
+        );
+        synced_tx.send(true).unwrap();
+        let first = tokio_stream::StreamExt::next(&mut stream).await;
+        assert!(matches!(
+            first.and_then(|r| r.ok()).and_then(|u| u.kind),
+            Some(update::Kind::Snapshot(s)) if s.endpoints.len() == 1
+        ));
+    }
+
+    #[tokio::test]
     async fn watches_of_unknown_names_leave_nothing_behind() {
         use remora_api::discovery_server::Discovery;
         let registry = Registry::new();

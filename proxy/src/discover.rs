@@ -373,12 +373,18 @@ impl Destinations {
             }
         };
         w.touch();
-        let mut rx = w.known.subscribe();
-        let known =
-            match tokio::time::timeout(FIRST_ANSWER, rx.wait_for(|k| *k != Known::Waiting)).await {
+        // The common case, every request after the first: answered already, so no timer and
+        // no subscription on the request path.
+        let mut known = *w.known.borrow();
+        if known == Known::Waiting {
+            let mut rx = w.known.subscribe();
+            known = match tokio::time::timeout(FIRST_ANSWER, rx.wait_for(|k| *k != Known::Waiting))
+                .await
+            {
                 Ok(Ok(k)) => *k,
                 _ => Known::Waiting,
             };
+        }
         match known {
             Known::Service => Some(w.dest.clone()),
             Known::NoSuchService | Known::Unanswered => None,
@@ -540,4 +546,71 @@ async fn follow(
         tokio::time::sleep(backoff.next_delay()).await;
     }
     tracing::debug!(service = %name, "watch idle; dropped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(name: &str, idle: Duration) -> Arc<Watch> {
+        Arc::new(Watch {
+            dest: Arc::new(Destination::new(name.into(), Vec::new())),
+            known: watch::channel(Known::Service).0,
+            last_used: Default::default(),
+            // The watch was made `idle` ago; touching it marks it used now.
+            epoch: Instant::now()
+                .checked_sub(idle)
+                .expect("uptime exceeds the test's idle"),
+        })
+    }
+
+    #[test]
+    fn a_full_watch_table_makes_room_only_from_idle_watches() {
+        let mut busy: HashMap<String, Arc<Watch>> = (0..WATCH_MAX)
+            .map(|i| {
+                let w = watch(&format!("n{i}:80"), Duration::from_secs(120));
+                w.touch();
+                (format!("n{i}:80"), w)
+            })
+            .collect();
+        assert!(!evict_idle(&mut busy), "watches in use were evicted");
+        assert_eq!(busy.len(), WATCH_MAX);
+        // Half of them untouched for two minutes: those go.
+        let mut mixed: HashMap<String, Arc<Watch>> = (0..WATCH_MAX)
+            .map(|i| {
+                let w = watch(&format!("n{i}:80"), Duration::from_secs(120));
+                if i % 2 == 0 {
+                    w.touch();
+                }
+                (format!("n{i}:80"), w)
+            })
+            .collect();
+        assert!(evict_idle(&mut mixed));
+        assert_eq!(mixed.len(), WATCH_MAX / 2);
+        assert!(mixed.contains_key("n0:80") && !mixed.contains_key("n1:80"));
+    }
+
+    #[test]
+    fn idle_retirement_spares_a_watch_just_used() {
+        let watches: Watches = Default::default();
+        let w = watch("web:80", Duration::from_secs(5));
+        watches.lock().unwrap().insert("web:80".into(), w.clone());
+        assert!(retire_if_idle(
+            &watches,
+            "web:80",
+            &w,
+            Duration::from_secs(1)
+        ));
+        assert!(watches.lock().unwrap().is_empty());
+        let w = watch("web:80", Duration::from_secs(5));
+        watches.lock().unwrap().insert("web:80".into(), w.clone());
+        w.touch();
+        assert!(!retire_if_idle(
+            &watches,
+            "web:80",
+            &w,
+            Duration::from_secs(1)
+        ));
+        assert!(current(&watches, "web:80", &w));
+    }
 }

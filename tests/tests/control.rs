@@ -17,6 +17,16 @@ fn eps(apps: &[&NamedApp]) -> Vec<(SocketAddr, Option<String>)> {
     apps.iter().map(|a| (a.addr, None)).collect()
 }
 
+/// Waits until requests for `authority` through `proxy` are answered by app `name`.
+async fn wait_for_app(what: &str, proxy: SocketAddr, authority: &str, name: &str) {
+    wait_until(what, async || {
+        get_via(proxy, authority)
+            .await
+            .is_ok_and(|(s, b)| s == 200 && b == name)
+    })
+    .await;
+}
+
 /// Sends `n` requests to `authority` and returns how many each body (app name) got.
 async fn spread(
     proxy: SocketAddr,
@@ -81,14 +91,12 @@ async fn file_source_drives_discovery_and_certificates() {
     // An edit of the file reaches the proxy; requests in between all succeed.
     let edited = Instant::now();
     cp.set_endpoints(&file(eps(&[&a2])));
-    wait_until("the proxy follows the file", async || {
-        get_via(proxy.outbound, "web.test:80")
-            .await
-            .map(|r| r.1)
-            .ok()
-            .as_deref()
-            == Some("a2")
-    })
+    wait_for_app(
+        "the proxy follows the file",
+        proxy.outbound,
+        "web.test:80",
+        "a2",
+    )
     .await;
     let took = edited.elapsed();
     assert!(
@@ -211,14 +219,12 @@ async fn ten_second_certificates_renew_under_load_without_failures() {
         "web.test:80",
         vec![(server.inbound, Some(web_id.to_string()))],
     )]));
-    wait_until("the endpoint is discovered", async || {
-        get_via(client.outbound, "web.test:80")
-            .await
-            .map(|r| r.1)
-            .ok()
-            .as_deref()
-            == Some("web")
-    })
+    wait_for_app(
+        "the endpoint is discovered",
+        client.outbound,
+        "web.test:80",
+        "web",
+    )
     .await;
     let expiry = |m: &str| metric(m, "remora_identity_expiry_timestamp_seconds", &[]);
     let first_expiry = (
@@ -615,4 +621,34 @@ async fn two_replicas_one_dies() {
         metric(&second.metrics().await, "remora_control_watches", &[]),
         1.0
     );
+}
+
+/// A tokens file that vanishes (a ConfigMap being replaced, a mistaken `rm`) is not an empty
+/// token set: the tokens already loaded keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_tokens_file_keeps_the_tokens_already_loaded() {
+    capture_logs();
+    let pki = Pki::new("cluster.local");
+    let client_id = pki.id("client");
+    let file = scratch("endpoints.toml");
+    write_atomic(&file, "# no services\n");
+    let tokens = scratch("tokens");
+    std::fs::write(&tokens, format!("{TOKEN} {client_id}\n")).unwrap();
+    let cp = TestControl::start_with(loopback0(), &pki, file, Some(tokens.clone()), DAY).await;
+    std::fs::remove_file(&tokens).unwrap();
+    let want = format!("bootstrap tokens {}: cannot read", tokens.display());
+    wait_until("the missing file is noticed", async || {
+        captured_logs().contains(&want)
+    })
+    .await;
+    assert!(captured_logs().contains("keeping the previous tokens"));
+    let proxy = TestProxy::start(proxy_config(
+        refused_addr().await,
+        &pki,
+        &cp.target(),
+        "client",
+        TOKEN,
+    ))
+    .await;
+    assert!(metric(&proxy.metrics().await, "remora_identity_reloads_total", &[]) >= 1.0);
 }
