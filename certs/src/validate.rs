@@ -121,6 +121,61 @@ pub fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
     ))
 }
 
+/// Why a peer's certificate does not carry a usable mesh identity.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PeerIdError {
+    #[error("the certificate cannot be parsed")]
+    Unparsable,
+    #[error("the certificate has no SPIFFE ID (a URI SAN spiffe://<trust-domain>/...)")]
+    Missing,
+    #[error("the certificate has {0} URI SANs; an X.509-SVID has exactly one")]
+    Several(usize),
+    #[error("the URI SAN {0:?} is not a valid SPIFFE ID")]
+    Invalid(String),
+    #[error("{id} is in trust domain {found:?}, not this mesh's {want:?}")]
+    ForeignTrustDomain {
+        id: String,
+        found: String,
+        want: String,
+    },
+}
+
+/// The identity of a peer whose chain already verified: exactly one URI SAN (the X.509-SVID
+/// rule), a SPIFFE ID, in `trust_domain`. Federation would widen the last check to a set of
+/// trust domains, each with its own bundle; until then one domain is the mesh.
+pub fn peer_identity(der: &[u8], trust_domain: &str) -> Result<SpiffeId, PeerIdError> {
+    let (_, c) = X509Certificate::from_der(der).map_err(|_| PeerIdError::Unparsable)?;
+    let mut uris = Vec::new();
+    for ext in c.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+            for name in &san.general_names {
+                if let GeneralName::URI(uri) = name {
+                    uris.push(*uri);
+                }
+            }
+        }
+    }
+    let uri = match uris.as_slice() {
+        [] => return Err(PeerIdError::Missing),
+        [one] => *one,
+        many => return Err(PeerIdError::Several(many.len())),
+    };
+    if !uri.starts_with("spiffe://") {
+        return Err(PeerIdError::Missing);
+    }
+    let id: SpiffeId = uri
+        .parse()
+        .map_err(|_| PeerIdError::Invalid(uri.to_string()))?;
+    if !id.trust_domain().eq_ignore_ascii_case(trust_domain) {
+        return Err(PeerIdError::ForeignTrustDomain {
+            id: id.to_string(),
+            found: id.trust_domain().to_string(),
+            want: trust_domain.to_string(),
+        });
+    }
+    Ok(id)
+}
+
 /// The SPIFFE ID in a certificate's URI SANs.
 pub fn spiffe_id(der: &[u8]) -> Option<SpiffeId> {
     let (_, c) = X509Certificate::from_der(der).ok()?;

@@ -110,7 +110,8 @@ fn handle(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Respo
         }
         (&Method::POST, "/shutdown") => {
             // Anyone who can reach the admin port from outside the pod must not stop it.
-            if !peer.ip().is_loopback() {
+            // A dual-stack listener shows IPv4 loopback as ::ffff:127.0.0.1.
+            if !peer.ip().to_canonical().is_loopback() {
                 return text(
                     StatusCode::FORBIDDEN,
                     "shutdown is accepted from loopback only\n",

@@ -197,13 +197,13 @@ impl Destination {
                 .filter(move |e| exclude.is_none_or(|x| x.addr != e.addr))
         };
         let now = Instant::now();
-        let mut ready = candidates().filter(|e| e.is_ready(now));
-        let (a, b) = (ready.next(), ready.next());
-        match (a, b) {
-            (Some(a), None) => return Ok(a.clone()),
-            (Some(_), Some(_)) => {
-                let ready: Vec<&Arc<Endpoint>> = candidates().filter(|e| e.is_ready(now)).collect();
-                let n = ready.len() as u64;
+        // One scan: readiness can change under us (another thread marks an endpoint down), so
+        // the count and the choice must come from the same snapshot.
+        let ready: Vec<&Arc<Endpoint>> = candidates().filter(|e| e.is_ready(now)).collect();
+        match ready.len() {
+            1 => return Ok(ready[0].clone()),
+            n if n >= 2 => {
+                let n = n as u64;
                 let i = (self.random() % n) as usize;
                 let mut j = (self.random() % (n - 1)) as usize;
                 if j >= i {
@@ -329,5 +329,49 @@ mod tests {
         assert!(l.rtt() > Duration::from_millis(90), "{:?}", l.rtt());
         l.abandon();
         assert_eq!(l.pending(), 0);
+    }
+
+    use std::net::SocketAddr;
+
+    /// Readiness changing while `pick` runs (another worker thread marking endpoints down)
+    /// once made its second scan find fewer endpoints than the first, and divide by zero.
+    #[test]
+    fn pick_survives_readiness_flapping_under_it() {
+        let eps: Vec<Arc<Endpoint>> = (0..3)
+            .map(|i| {
+                Arc::new(Endpoint::new(
+                    SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
+                    1,
+                    Duration::from_secs(1),
+                    None,
+                ))
+            })
+            .collect();
+        eps[0].set_ready_for_test(true);
+        let dest = Arc::new(Destination::new("flap.test:80".into(), eps.clone()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let flapper = {
+            let (eps, stop) = (eps.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut up = false;
+                while !stop.load(Ordering::Relaxed) {
+                    up = !up;
+                    eps[1].set_ready_for_test(up);
+                    eps[2].set_ready_for_test(!up);
+                }
+            })
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            for _ in 0..200_000 {
+                // eps[0] is always ready, so a pick never has to wait.
+                assert!(dest.pick(None).await.is_ok());
+            }
+        });
+        stop.store(true, Ordering::Relaxed);
+        let _ = flapper.join();
     }
 }

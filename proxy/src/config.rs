@@ -54,6 +54,40 @@ pub struct Config {
     pub identity_mode: IdentityMode,
     /// How long a discovery subscription lives without requests before it is dropped.
     pub discovery_idle_timeout: Duration,
+    /// Open connections each of the inbound and outbound listeners accepts at most; beyond it
+    /// new connections are closed at once (and counted). `None` derives it from the
+    /// descriptor limit (raised to the hard limit at start): a quarter of it per listener,
+    /// since each proxied connection holds two descriptors.
+    pub max_connections: Option<usize>,
+}
+
+/// Raises the soft descriptor limit to the hard one and returns the per-listener connection
+/// limit derived from it.
+pub fn derived_max_connections() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            1024
+        } else {
+            if lim.rlim_cur < lim.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    lim.rlim_cur = lim.rlim_max;
+                }
+            }
+            lim.rlim_cur
+        }
+    };
+    let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+    // Leave room for the admin server, the control plane, logs; cap what one sidecar holds.
+    (soft.saturating_sub(128) / 4).clamp(16, 100_000)
 }
 
 /// Where the control plane is, and who it must prove to be.
@@ -163,6 +197,7 @@ impl Default for Config {
             control: None,
             identity_mode: IdentityMode::Files,
             discovery_idle_timeout: Duration::from_secs(600),
+            max_connections: None,
         }
     }
 }

@@ -29,8 +29,13 @@ pub enum Protocol {
 /// What detection saw.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Detected {
-    /// A protocol, decided from the bytes read.
+    /// A protocol, decided from the bytes read. `Opaque` means provably not HTTP: the first
+    /// bytes are not a method token followed by a space.
     Protocol(Protocol),
+    /// Starts like an HTTP/1 request (a token and a space) but fails the strict parse. Lenient
+    /// app servers accept much of this (a double space, a leading CRLF, `HTTP/1.2`, no
+    /// version), so it must never reach the app as opaque bytes that skip scrubbing: refused.
+    Malformed,
     /// The client sent nothing within the timeout: a server-speaks-first protocol on a port not
     /// listed as opaque. Treated as opaque so the server can speak.
     Idle,
@@ -49,9 +54,27 @@ pub async fn detect<R: AsyncRead + Unpin>(
     io: &mut R,
     timeout: Duration,
 ) -> std::io::Result<(Detected, Bytes)> {
+    detect_after(io, timeout, Vec::new()).await
+}
+
+/// [`detect`], continuing from bytes already read from `io` (`initial`, at most
+/// [`MAX_DETECT_BYTES`]).
+pub async fn detect_after<R: AsyncRead + Unpin>(
+    io: &mut R,
+    timeout: Duration,
+    initial: Vec<u8>,
+) -> std::io::Result<(Detected, Bytes)> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = vec![0u8; MAX_DETECT_BYTES];
-    let mut n = 0;
+    let mut n = initial.len();
+    let mut buf = initial;
+    buf.resize(MAX_DETECT_BYTES.max(n), 0);
+    if n > 0
+        && buf[0] != 0x16
+        && let Some(d) = decide(&buf[..n], n >= MAX_DETECT_BYTES)
+    {
+        buf.truncate(n);
+        return Ok((d, Bytes::from(buf)));
+    }
     let detected = loop {
         if n > 0 && buf[0] == 0x16 {
             match client_hello(&buf[..n]) {
@@ -70,19 +93,19 @@ pub async fn detect<R: AsyncRead + Unpin>(
             Err(_elapsed) => break Detected::Stalled,
             Ok(Ok(0)) if n == 0 => break Detected::Closed,
             Ok(Ok(0)) if buf[0] == 0x16 => break Detected::BadHello,
-            // EOF after a partial prefix: whatever it is, it is not a complete HTTP request, so
-            // hand the bytes (and the half-close) to the app as opaque data.
-            Ok(Ok(0)) => break Detected::Protocol(Protocol::Opaque),
+            // EOF after a partial prefix: not a complete HTTP request. Bytes that could still be
+            // HTTP to a lenient server are refused; anything else goes on as opaque data.
+            Ok(Ok(0)) => match http_like(&buf[..n]) {
+                Like::No => break Detected::Protocol(Protocol::Opaque),
+                Like::Yes | Like::Partial => break Detected::Malformed,
+            },
             Ok(Ok(read)) => {
                 n += read;
                 if buf[0] == 0x16 {
                     continue;
                 }
-                match classify(&buf[..n]) {
-                    Some(p) => break Detected::Protocol(p),
-                    // Still a consistent HTTP/1 prefix at the cap: let the HTTP/1 server judge.
-                    None if n == MAX_DETECT_BYTES => break Detected::Protocol(Protocol::Http1),
-                    None => {}
+                if let Some(d) = decide(&buf[..n], n == MAX_DETECT_BYTES) {
+                    break d;
                 }
             }
             Ok(Err(e)) => return Err(e),
@@ -92,19 +115,73 @@ pub async fn detect<R: AsyncRead + Unpin>(
     Ok((detected, Bytes::from(buf)))
 }
 
+/// What `buf` (not TLS) says, or `None` for more bytes; `full` when no more fit.
+fn decide(buf: &[u8], full: bool) -> Option<Detected> {
+    match classify(buf) {
+        Some(Class::Protocol(p)) => Some(Detected::Protocol(p)),
+        Some(Class::Malformed) => Some(Detected::Malformed),
+        // Still a consistent HTTP/1 prefix at the cap: let the HTTP/1 server judge.
+        None if full => Some(Detected::Protocol(Protocol::Http1)),
+        None => None,
+    }
+}
+
+/// What a connection's first bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    Protocol(Protocol),
+    /// HTTP-like, but not a request line that passes the strict parse.
+    Malformed,
+}
+
 /// Classifies a connection's first bytes; `None` means more bytes are needed to decide.
-pub fn classify(buf: &[u8]) -> Option<Protocol> {
+pub fn classify(buf: &[u8]) -> Option<Class> {
     if buf.len() >= H2_PREFACE.len() && &buf[..H2_PREFACE.len()] == H2_PREFACE {
-        return Some(Protocol::Http2);
+        return Some(Class::Protocol(Protocol::Http2));
     }
     if H2_PREFACE.starts_with(buf) {
         return None;
     }
     match http1_request_line(buf) {
-        Line::Complete => Some(Protocol::Http1),
+        Line::Complete => Some(Class::Protocol(Protocol::Http1)),
         Line::Partial => None,
-        Line::Invalid => Some(Protocol::Opaque),
+        Line::Invalid => match http_like(buf) {
+            Like::No => Some(Class::Protocol(Protocol::Opaque)),
+            Like::Yes => Some(Class::Malformed),
+            // A short token with no space yet, or a leading run of white space, e.g. `GET`
+            // arriving alone: wait for the rest.
+            Like::Partial if buf.len() < 64 => None,
+            Like::Partial => Some(Class::Malformed),
+        },
     }
+}
+
+enum Like {
+    Yes,
+    No,
+    Partial,
+}
+
+/// Could a lenient HTTP/1 server take these bytes for a request? Optional leading white space
+/// (CR, LF, SP, HTAB), then a method-like token, then SP or HTAB. That is what every HTTP/1
+/// parser needs at the least (HTTP/0.9's `GET /a` included); protocols that really are not
+/// HTTP (binary framing, TLS, RESP's `*1\r\n`, `PING\r\n`) do not look like that.
+fn http_like(buf: &[u8]) -> Like {
+    let ws = buf
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n' | b' ' | b'\t'))
+        .count();
+    let rest = &buf[ws..];
+    let token = rest.iter().take_while(|b| is_tchar(**b)).count();
+    match rest.get(token) {
+        None => Like::Partial,
+        Some(b' ' | b'\t') if token > 0 => Like::Yes,
+        Some(_) => Like::No,
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 enum Line {
@@ -130,11 +207,7 @@ fn http1_request_line(buf: &[u8]) -> Line {
             S::Method(n) if b == b' ' && n > 0 => S::Target(0),
             // Any token (RFC 9110 tchar), not just upper-case: a lenient app server would accept
             // `get / HTTP/1.1`, and an HTTP request must never bypass the HTTP stack (scrubbing).
-            S::Method(n)
-                if n < 24 && (b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) =>
-            {
-                S::Method(n + 1)
-            }
+            S::Method(n) if n < 24 && is_tchar(b) => S::Method(n + 1),
             S::Target(n) if b == b' ' && n > 0 => S::Version(0),
             S::Target(n) if (0x21..0x7f).contains(&b) => S::Target(n + 1),
             S::Version(n) if n < VERSION.len() && b == VERSION[n] => S::Version(n + 1),
@@ -153,28 +226,46 @@ mod tests {
 
     #[test]
     fn classifies() {
-        assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
-        assert_eq!(classify(&H2_PREFACE[..10]), None);
-        assert_eq!(
-            classify(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Some(Protocol::Http1)
-        );
-        assert_eq!(
-            classify(b"GET http://a:80/x HTTP/1.0\n"),
-            Some(Protocol::Http1)
-        );
-        assert_eq!(
-            classify(b"CONNECT a:80 HTTP/1.1\r\n"),
-            Some(Protocol::Http1)
-        );
-        assert_eq!(classify(b"GET /"), None);
-        assert_eq!(classify(b"P"), None);
-        assert_eq!(classify(b"PRI * HTTP/1.1\r\n"), Some(Protocol::Http1));
-        assert_eq!(classify(b"hello\n"), Some(Protocol::Opaque));
-        assert_eq!(classify(b"get / HTTP/1.1\r\n"), Some(Protocol::Http1));
-        assert_eq!(classify(b"hello world\n"), Some(Protocol::Opaque));
-        assert_eq!(classify(b"GET / HTTP/2.0\r\n"), Some(Protocol::Opaque));
-        assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Some(Protocol::Opaque));
-        assert_eq!(classify(b"GET  / HTTP/1.1\r\n"), Some(Protocol::Opaque));
+        use Class::Malformed as M;
+        let p = |p| Some(Class::Protocol(p));
+        let (h1, h2, opaque) = (p(Protocol::Http1), p(Protocol::Http2), p(Protocol::Opaque));
+        let table: &[(&[u8], Option<Class>)] = &[
+            (H2_PREFACE, h2),
+            (&H2_PREFACE[..10], None),
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", h1),
+            (b"GET http://a:80/x HTTP/1.0\n", h1),
+            (b"CONNECT a:80 HTTP/1.1\r\n", h1),
+            (b"GET /", None),
+            (b"P", None),
+            (b"GET", None),
+            (b"\r\n", None),
+            (b"PRI * HTTP/1.1\r\n", h1),
+            (b"get / HTTP/1.1\r\n", h1),
+            // Provably not HTTP: no token-and-space start.
+            (b"hello\n", opaque),
+            (b"PING\r\n", opaque),
+            (b"*1\r\n$4\r\nPING\r\n", opaque),
+            (b"\x16\x03\x01\x02\x00", opaque),
+            (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", opaque),
+            // What lenient servers (Node, Python's http.server) parse as requests: refused.
+            (b"GET  / HTTP/1.1\r\n", Some(M)),
+            (b"\r\nGET / HTTP/1.1\r\n", Some(M)),
+            (b"GET /a\r\n", Some(M)),
+            (b"GET\t/ HTTP/1.1\r\n", Some(M)),
+            (b"GET / HTTP/1.1 \r\n", Some(M)),
+            (b"GET / HTTP/1.2\r\n", Some(M)),
+            (b"GET / HTTP/2.0\r\n", Some(M)),
+            (b"GET /\xc3\xa9 HTTP/1.1\r\n", Some(M)),
+            (b"hello world\n", Some(M)),
+            (&[b' '; 100], Some(M)),
+        ];
+        for (bytes, want) in table {
+            assert_eq!(
+                classify(bytes),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
     }
 }

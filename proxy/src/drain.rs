@@ -45,7 +45,7 @@ impl Drain {
         self.tracker.spawn(async move {
             let started = tokio::time::Instant::now();
             tokio::select! {
-                _ = task => {}
+                _ = crate::panics::catch(what, task) => {}
                 _ = hard.cancelled() => {
                     cut.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(what, peer = ?peer, age = ?started.elapsed(),

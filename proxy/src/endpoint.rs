@@ -294,6 +294,17 @@ impl Endpoint {
         }
     }
 
+    /// Tests: readiness flipping under a picker, as a failing backend makes it.
+    #[cfg(test)]
+    pub(crate) fn set_ready_for_test(&self, ready: bool) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.retry_at = if ready {
+            Instant::now() - Duration::from_secs(1)
+        } else {
+            Instant::now() + Duration::from_secs(3600)
+        };
+    }
+
     /// Backs off exponentially from 100 ms to 10 s; P2C skips the endpoint meanwhile.
     fn mark_down(&self, e: &EndpointError) {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
@@ -495,8 +506,12 @@ impl Endpoint {
         };
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(4 << 20)
+            // Every downstream stream to this endpoint shares this connection. A downstream
+            // client that stops reading leaves its stream's window unreleased, so the stream
+            // window is kept well below the connection window: it takes 128 stalled streams,
+            // not 5, to hold the connection for everyone (issue: one h2 client stalling all).
+            .initial_stream_window_size(crate::http::STREAM_WINDOW)
+            .initial_connection_window_size(128 * crate::http::STREAM_WINDOW)
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .handshake(TokioIo::new(tcp))
@@ -564,7 +579,7 @@ impl Endpoint {
     /// Sends an HTTP/1.1 request on a connection of its own that may be upgraded (WebSocket).
     pub async fn send_upgrade(
         &self,
-        req: Request<Incoming>,
+        req: Request<crate::scrub::Scrubbed>,
     ) -> Result<Response<Incoming>, EndpointError> {
         let mut sender = self.new_h1(true).await?;
         sender

@@ -11,12 +11,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::scrub::{Rules, Scrubbed};
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::balance::{Destination, PickError};
@@ -42,6 +42,8 @@ pub enum ForwardError {
         "request names no destination; send an absolute URI, an HTTP/2 :authority or a Host header"
     )]
     NoAuthority,
+    #[error("malformed request authority: {0}")]
+    BadAuthority(String),
     #[error("{0}")]
     Resolve(#[from] ResolveError),
     #[error("{0}")]
@@ -63,7 +65,7 @@ pub enum ForwardError {
 impl ForwardError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ForwardError::NoAuthority => StatusCode::BAD_REQUEST,
+            ForwardError::NoAuthority | ForwardError::BadAuthority(_) => StatusCode::BAD_REQUEST,
             ForwardError::Resolve(_) | ForwardError::Pick(_) => StatusCode::SERVICE_UNAVAILABLE,
             ForwardError::ConnectInbound => StatusCode::METHOD_NOT_ALLOWED,
             ForwardError::Endpoint { .. }
@@ -74,7 +76,9 @@ impl ForwardError {
 
     pub fn kind(&self) -> ErrorKind {
         match self {
-            ForwardError::NoAuthority | ForwardError::ConnectInbound => ErrorKind::BadRequest,
+            ForwardError::NoAuthority
+            | ForwardError::BadAuthority(_)
+            | ForwardError::ConnectInbound => ErrorKind::BadRequest,
             ForwardError::Resolve(_) | ForwardError::Pick(PickError::Empty { .. }) => {
                 ErrorKind::NoEndpoints
             }
@@ -98,6 +102,10 @@ pub struct Shared {
     pub drain: Drain,
     /// The proxy's own listeners that a destination must never point back to.
     pub own_addrs: Vec<SocketAddr>,
+    /// This host's addresses: any of them with an own port is the proxy itself.
+    pub local_ips: Vec<std::net::IpAddr>,
+    /// For trailers of responses (request trailers are scrubbed by the `Scrub` layer).
+    pub rules: Arc<Rules>,
 }
 
 #[derive(Clone)]
@@ -113,12 +121,16 @@ impl Forward {
     }
 }
 
-fn is_probe(req: &Request<Incoming>, paths: &[String]) -> bool {
+/// A kubelet probe: GET/HEAD to a listed path, with no Upgrade (an upgrade would turn the
+/// exempted plaintext connection into a tunnel past strict mode) and no body.
+fn is_probe<B: http_body::Body>(req: &Request<B>, paths: &[String]) -> bool {
     matches!(*req.method(), Method::GET | Method::HEAD)
+        && !req.headers().contains_key(header::UPGRADE)
+        && req.body().is_end_stream()
         && paths.iter().any(|p| p == req.uri().path())
 }
 
-impl tower::Service<Request<Incoming>> for Forward {
+impl tower::Service<Request<Scrubbed>> for Forward {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -127,7 +139,7 @@ impl tower::Service<Request<Incoming>> for Forward {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<Scrubbed>) -> Self::Future {
         let shared = self.shared.clone();
         if let Some(paths) = &self.probe_only
             && !is_probe(&req, paths)
@@ -147,46 +159,76 @@ impl tower::Service<Request<Incoming>> for Forward {
         }
         Box::pin(async move {
             let grpc = is_grpc(&req);
-            match shared.forward(req).await {
-                Ok(rsp) => Ok(rsp),
-                Err(e) => {
+            match crate::panics::catch("request", shared.forward(req)).await {
+                Some(Ok(rsp)) => Ok(rsp),
+                Some(Err(e)) => {
                     shared.metrics.error(shared.direction, e.kind());
                     tracing::info!(direction = shared.direction.as_str(), error = %e, "request failed");
                     Ok(local_response(e.status(), grpc, &e.to_string()))
+                }
+                None => {
+                    shared.metrics.panics.inc();
+                    Ok(local_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        grpc,
+                        "internal error in the proxy (a bug, logged and counted in remora_panics_total)",
+                    ))
                 }
             }
         })
     }
 }
 
-/// The authority a request is addressed to, as normalised `host:port`.
-pub fn request_authority<B>(req: &Request<B>) -> Option<String> {
+/// The authority a request is addressed to, as normalised `host:port`; `None` when it names
+/// none, an error when what it names is malformed (a port beyond 65535, userinfo, no host).
+pub fn request_authority<B>(req: &Request<B>) -> Result<Option<String>, String> {
     let from_host;
     let auth: &Authority = match req.uri().authority() {
         Some(a) => a,
         None => {
-            from_host = req
-                .headers()
-                .get(header::HOST)?
+            let Some(host) = req.headers().get(header::HOST) else {
+                return Ok(None);
+            };
+            let text = host
                 .to_str()
-                .ok()?
+                .map_err(|_| "the Host header is not ASCII".to_string())?;
+            from_host = text
                 .parse::<Authority>()
-                .ok()?;
+                .map_err(|_| format!("Host {text:?} is not a valid authority"))?;
             &from_host
         }
     };
-    let port = auth.port_u16().unwrap_or_else(|| {
-        if req.uri().scheme_str() == Some("https") {
-            443
-        } else {
-            80
-        }
-    });
+    if auth.as_str().contains('@') {
+        // RFC 9110 §4.2.4: userinfo is deprecated in http(s) URIs; forwarding it would put the
+        // credentials in the Host the destination sees.
+        return Err(format!(
+            "authority {:?} carries userinfo (user:password@); send credentials in Authorization",
+            auth.as_str()
+        ));
+    }
+    // `Authority::port()` hides a port that does not fit 16 bits, so read it from the text.
+    let written = auth
+        .as_str()
+        .rsplit_once(':')
+        .map(|(_, p)| p)
+        .filter(|p| !p.contains(']') && !p.is_empty());
+    let port = match written {
+        None if req.uri().scheme_str() == Some("https") => 443,
+        None => 80,
+        Some(p) => p.parse::<u16>().map_err(|_| {
+            format!(
+                "authority {:?}: port {p} is not a number from 0 to 65535",
+                auth.as_str()
+            )
+        })?,
+    };
     normalize_authority(&format!("{}:{}", auth.host(), port))
+        .map(Some)
+        .ok_or_else(|| format!("authority {:?} names no usable host", auth.as_str()))
 }
 
 impl Shared {
-    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Body>, ForwardError> {
+    async fn forward(&self, req: Request<Scrubbed>) -> Result<Response<Body>, ForwardError> {
         let (dst, dest) = match &self.route {
             Route::App(app) => {
                 if req.method() == Method::CONNECT {
@@ -195,7 +237,9 @@ impl Shared {
                 return self.send(req, "app", app, None).await;
             }
             Route::Destinations(d) => {
-                let name = request_authority(&req).ok_or(ForwardError::NoAuthority)?;
+                let name = request_authority(&req)
+                    .map_err(ForwardError::BadAuthority)?
+                    .ok_or(ForwardError::NoAuthority)?;
                 // Cold paths are boxed so the per-request future stays small (it is moved into a
                 // Box for every request; its size showed up as memmove in profiles).
                 let dest = Box::pin(d.resolve(&name)).await?;
@@ -211,7 +255,11 @@ impl Shared {
     }
 
     fn check_loop(&self, dst: &str, ep: &Endpoint) -> Result<(), ForwardError> {
-        match self.own_addrs.iter().find(|a| same_listener(a, &ep.addr)) {
+        match self
+            .own_addrs
+            .iter()
+            .find(|a| same_listener(a, &ep.addr, &self.local_ips))
+        {
             Some(addr) => Err(ForwardError::Loop {
                 dst: dst.to_string(),
                 addr: *addr,
@@ -222,7 +270,7 @@ impl Shared {
 
     async fn send(
         &self,
-        req: Request<Incoming>,
+        req: Request<Scrubbed>,
         dst: &str,
         ep: &Arc<Endpoint>,
         dest: Option<&Destination>,
@@ -235,7 +283,7 @@ impl Shared {
         let Some(dest) = dest else {
             // Inbound: the app is the only endpoint.
             return match ep.send(req.map(UpstreamBody::Plain)).await {
-                Ok(rsp) => Ok(rsp.map(Either::Left)),
+                Ok(rsp) => Ok(rsp.map(|b| Either::Left(Scrubbed::new(b, self.rules.clone())))),
                 Err(e) => Err(ForwardError::Endpoint {
                     dst: dst.to_string(),
                     source: e.error,
@@ -258,7 +306,7 @@ impl Shared {
             r
         });
         let err = match ep.send(req.map(UpstreamBody::Plain)).await {
-            Ok(rsp) => return Ok(rsp.map(Either::Left)),
+            Ok(rsp) => return Ok(rsp.map(|b| Either::Left(Scrubbed::new(b, self.rules.clone())))),
             Err(e) => e,
         };
         let endpoint_error = |source| ForwardError::Endpoint {
@@ -279,7 +327,7 @@ impl Shared {
         self.check_loop(dst, &other)?;
         tracing::debug!(dst, error = %err.error, retry = %other.addr, "retrying on another endpoint");
         match Box::pin(other.send(retry)).await {
-            Ok(rsp) => Ok(rsp.map(Either::Left)),
+            Ok(rsp) => Ok(rsp.map(|b| Either::Left(Scrubbed::new(b, self.rules.clone())))),
             Err(e) => Err(endpoint_error(e.error)),
         }
     }
@@ -288,7 +336,7 @@ impl Shared {
     /// sides become one byte stream.
     async fn upgrade(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Scrubbed>,
         dst: &str,
         ep: &Arc<Endpoint>,
     ) -> Result<Response<Body>, ForwardError> {
@@ -308,7 +356,12 @@ impl Shared {
                     match tokio::try_join!(downstream, upstream) {
                         Ok((down, up)) => {
                             let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await
+                            if let Err(e) = crate::io::tunnel(
+                                &mut down,
+                                &mut up,
+                                crate::io::TUNNEL_IDLE_TIMEOUT,
+                            )
+                            .await
                             {
                                 tracing::debug!(%dst, error = %e, "upgraded stream ended");
                             }
@@ -320,14 +373,14 @@ impl Shared {
                     }
                 });
         }
-        Ok(rsp.map(Either::Left))
+        Ok(rsp.map(|b| Either::Left(Scrubbed::new(b, self.rules.clone()))))
     }
 
     /// `CONNECT host:port`: a TCP tunnel to the destination (opaque traffic, server-speaks-first
     /// protocols, TLS the app originates itself).
     async fn connect(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Scrubbed>,
         dst: &str,
         dest: &Destination,
         ep: &Arc<Endpoint>,
@@ -360,7 +413,9 @@ impl Shared {
                 Ok(down) => {
                     let mut down = TokioIo::new(down);
                     let mut up = tcp;
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                    if let Err(e) =
+                        crate::io::tunnel(&mut down, &mut up, crate::io::TUNNEL_IDLE_TIMEOUT).await
+                    {
                         tracing::debug!(%dst, error = %e, "CONNECT tunnel ended");
                     }
                 }
@@ -408,15 +463,81 @@ fn upstream_uri<B>(req: &mut Request<B>, fallback: SocketAddr) {
     }
 }
 
-fn same_listener(listener: &SocketAddr, target: &SocketAddr) -> bool {
+/// True when connecting to `target` would reach `listener`: the same port on the listener's
+/// own address, on an unspecified address (`0.0.0.0` / `::` connect to this host), on loopback,
+/// or on any address of this host's interfaces (`local`).
+fn same_listener(listener: &SocketAddr, target: &SocketAddr, local: &[std::net::IpAddr]) -> bool {
+    let ip = target.ip().to_canonical();
     listener.port() == target.port()
-        && (listener.ip() == target.ip()
-            || (listener.ip().is_unspecified() && target.ip().is_loopback()))
+        && (ip == listener.ip().to_canonical()
+            || ip.is_unspecified()
+            || ip.is_loopback()
+            || local.contains(&ip))
+}
+
+/// This host's interface addresses (IPv4-mapped IPv6 folded to IPv4), read once at start.
+pub fn local_addresses() -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `ifap` with a list we only read, then free with freeifaddrs.
+    unsafe {
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return out;
+        }
+        let mut cur = ifap;
+        while !cur.is_null() {
+            let addr = (*cur).ifa_addr;
+            if !addr.is_null() {
+                match (*addr).sa_family as i32 {
+                    libc::AF_INET => {
+                        let sin = &*(addr as *const libc::sockaddr_in);
+                        out.push(std::net::IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(addr as *const libc::sockaddr_in6);
+                        out.push(std::net::IpAddr::from(sin6.sin6_addr.s6_addr).to_canonical());
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(ifap);
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loops_through_any_local_address() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let local = ["10.1.2.3".parse().unwrap()];
+        let own = a("127.0.0.1:4140");
+        for t in [
+            "127.0.0.1:4140",
+            "0.0.0.0:4140",
+            "[::]:4140",
+            "[::1]:4140",
+            "127.9.9.9:4140",
+            "[::ffff:127.0.0.1]:4140",
+            "10.1.2.3:4140",
+        ] {
+            assert!(same_listener(&own, &a(t), &local), "{t}");
+        }
+        for t in ["127.0.0.1:4141", "10.1.2.4:4140", "[2001:db8::1]:4140"] {
+            assert!(!same_listener(&own, &a(t), &local), "{t}");
+        }
+        assert!(same_listener(
+            &a("0.0.0.0:4191"),
+            &a("10.1.2.3:4191"),
+            &local
+        ));
+    }
 
     #[test]
     fn upstream_uri_forms() {
@@ -439,14 +560,23 @@ mod tests {
 
     #[test]
     fn authority_from_uri_or_host() {
+        let auth = |r: &Request<()>| request_authority(r);
         let r = Request::get("http://Echo.Test/x").body(()).unwrap();
-        assert_eq!(request_authority(&r).as_deref(), Some("echo.test:80"));
+        assert_eq!(auth(&r), Ok(Some("echo.test:80".into())));
         let r = Request::get("/x")
             .header("host", "a.b:81")
             .body(())
             .unwrap();
-        assert_eq!(request_authority(&r).as_deref(), Some("a.b:81"));
+        assert_eq!(auth(&r), Ok(Some("a.b:81".into())));
         let r = Request::get("/x").body(()).unwrap();
-        assert_eq!(request_authority(&r), None);
+        assert_eq!(auth(&r), Ok(None));
+        for bad in ["a:99999", "user:pw@server", "a:1x", "a b"] {
+            let r = Request::get("/x").header("host", bad).body(()).unwrap();
+            assert!(auth(&r).is_err(), "{bad}");
+        }
+        let r = Request::get("http://user:pw@server/").body(()).unwrap();
+        assert!(auth(&r).is_err());
+        let r = Request::get("http://a:99999/").body(()).unwrap();
+        assert!(auth(&r).is_err());
     }
 }

@@ -7,7 +7,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 
@@ -16,7 +15,10 @@ use crate::io::ServerIo;
 use crate::listener::Stack;
 
 /// A response body: the upstream's, streamed through, or one the proxy wrote itself.
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<crate::scrub::Scrubbed, Full<Bytes>>;
+
+/// HTTP/2 flow-control window per stream, both ways: 256 KiB moves 256 MB/s at 1 ms RTT.
+pub const STREAM_WINDOW: u32 = 256 * 1024;
 
 /// Largest request head (request line + headers) accepted over HTTP/1.1 and HTTP/2.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -36,6 +38,7 @@ pub fn local_response(status: StatusCode, grpc: bool, message: &str) -> Response
             StatusCode::BAD_REQUEST => "13", // INTERNAL: the request could not be routed
             StatusCode::NOT_FOUND => "12",   // UNIMPLEMENTED
             StatusCode::GATEWAY_TIMEOUT => "4", // DEADLINE_EXCEEDED
+            StatusCode::INTERNAL_SERVER_ERROR => "13", // INTERNAL
             _ => "14",                       // UNAVAILABLE
         };
         let mut rsp = Response::new(Either::Right(Full::new(Bytes::new())));
@@ -101,8 +104,10 @@ pub async fn serve_h2(io: ServerIo, svc: Stack, drain: &Drain) {
         .timer(TokioTimer::new())
         .max_concurrent_streams(1024)
         .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
+        // What one client may make the proxy buffer (the app reads slowly): a stream window
+        // per stream and 1 MiB per connection, so memory is bounded by the connection limit.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(4 * STREAM_WINDOW)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));

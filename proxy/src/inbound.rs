@@ -18,10 +18,12 @@ pub fn listener(cfg: &Config, metrics: Arc<Metrics>, drain: Drain, rules: Arc<Ru
         metrics: metrics.clone(),
         drain,
         own_addrs: Vec::new(),
+        rules: rules.clone(),
+        local_ips: Vec::new(),
     });
     // The app's port decides: a server-speaks-first app must not wait for detection.
     let skip = cfg.opaque_ports.contains(&cfg.app_addr.port());
-    Listener::new(
+    let l = Listener::new(
         Direction::Inbound,
         forward,
         rules,
@@ -29,5 +31,9 @@ pub fn listener(cfg: &Config, metrics: Arc<Metrics>, drain: Drain, rules: Arc<Ru
         skip,
         Some(app),
         metrics,
-    )
+    );
+    match cfg.max_connections {
+        Some(max) => l.with_max_connections(max),
+        None => l,
+    }
 }

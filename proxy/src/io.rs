@@ -191,3 +191,136 @@ macro_rules! delegate_io {
 
 delegate_io!(ServerIo, Plain, Tls);
 delegate_io!(UpstreamIo, Plain, Tls);
+
+/// Opaque tunnels (inbound opaque, `CONNECT`, upgraded streams) that move no byte either way
+/// for this long are closed, so silent connections cannot pile up into permanent tunnels.
+/// An hour is above every common keep-alive interval of database and message-queue clients.
+pub const TUNNEL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// One side of a tunnel, noting when bytes last moved.
+struct Active<'a, T> {
+    inner: &'a mut T,
+    last: &'a std::sync::atomic::AtomicU64,
+    start: tokio::time::Instant,
+}
+
+impl<T> Active<'_, T> {
+    fn touch(&self) {
+        self.last.store(
+            self.start.elapsed().as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Active<'_, T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let res = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.touch();
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Active<'_, T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut *this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = res
+            && n > 0
+        {
+            this.touch();
+        }
+        res
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Copies both ways until both sides have closed (half-closes are forwarded), or until no byte
+/// has moved for `idle` (then an `TimedOut` error).
+pub async fn tunnel<A, B>(a: &mut A, b: &mut B, idle: std::time::Duration) -> std::io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let start = tokio::time::Instant::now();
+    let last = AtomicU64::new(0);
+    let mut a = Active {
+        inner: a,
+        last: &last,
+        start,
+    };
+    let mut b = Active {
+        inner: b,
+        last: &last,
+        start,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    loop {
+        let seen = last.load(Ordering::Relaxed);
+        let deadline = start + std::time::Duration::from_millis(seen) + idle;
+        tokio::select! {
+            res = &mut copy => return res.map(|_| ()),
+            _ = tokio::time::sleep_until(deadline) => {
+                if last.load(Ordering::Relaxed) == seen {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no byte moved for {idle:?}; tunnel closed"),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the first side to speak: bytes from `client` (returned, at most `max`), or the
+/// app (`Ok(None)`; its bytes stay in its socket). `Err` when the client closes or fails first.
+pub async fn first_speaker<C: AsyncRead + Unpin>(
+    client: &mut C,
+    app: &UpstreamIo,
+    max: usize,
+) -> std::io::Result<Option<Vec<u8>>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; max];
+    let app_speaks = async {
+        match app {
+            UpstreamIo::Plain(tcp) => {
+                let mut one = [0u8; 1];
+                // A peek that returns (data or EOF) means the app has acted; errors likewise.
+                let _ = tcp.peek(&mut one).await;
+            }
+            UpstreamIo::Tls(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        n = client.read(&mut buf) => match n? {
+            0 => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                buf.truncate(n);
+                Ok(Some(buf))
+            }
+        },
+        _ = app_speaks => Ok(None),
+    }
+}

@@ -9,16 +9,18 @@ use bytes::Bytes;
 use http::HeaderValue;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::MtlsMode;
-use crate::detect::{self, Detected, Protocol};
+use crate::decide::{self, Action, First, Mtls, Refusal};
+use crate::detect::{self, Detected, MAX_DETECT_BYTES, Protocol};
 use crate::drain::Drain;
 use crate::endpoint::Endpoint;
 use crate::forward::{Forward, Shared};
 use crate::http::{serve_h1, serve_h2};
 use crate::identity::{IdentityStore, Loaded};
-use crate::io::{ProxyIo, ServerIo};
+use crate::io::{self, ProxyIo, ServerIo, UpstreamIo};
 use crate::metrics::{
     ConnectionLabels, DetectResult, Direction, DirectionLabels, ErrorKind, Metrics, Observe,
     ProtocolLabel, RequestHandles, TlsResult,
@@ -44,6 +46,9 @@ pub struct Listener {
     pub tls: Option<InboundTls>,
     open: Gauge,
     bytes: (Counter, Counter),
+    /// Connection slots: a connection holds one for its life.
+    slots: Arc<tokio::sync::Semaphore>,
+    refused: Counter,
 }
 
 pub struct InboundTls {
@@ -76,9 +81,21 @@ impl Listener {
                 .open_connections
                 .get_or_create_owned(&DirectionLabels { direction }),
             bytes: metrics.byte_counters(direction),
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                crate::config::derived_max_connections(),
+            )),
+            refused: metrics
+                .connections_refused
+                .get_or_create_owned(&DirectionLabels { direction }),
             metrics,
             tls: None,
         }
+    }
+
+    /// Caps the open connections of this listener (see `Config::max_connections`).
+    pub fn with_max_connections(mut self, max: usize) -> Self {
+        self.slots = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+        self
     }
 
     /// The request stack for one connection; `client_id` is the verified peer identity.
@@ -95,6 +112,7 @@ impl Listener {
 
     /// Accepts until the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
+        let mut last_refusal_log: Option<tokio::time::Instant> = None;
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -102,6 +120,19 @@ impl Listener {
             };
             match accepted {
                 Ok((tcp, peer)) => {
+                    let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                        // Overloaded: refuse at once (the client sees a close and can go
+                        // elsewhere) instead of letting descriptors run out for everyone.
+                        self.refused.inc();
+                        let now = tokio::time::Instant::now();
+                        if last_refusal_log.is_none_or(|t| now - t > Duration::from_secs(1)) {
+                            last_refusal_log = Some(now);
+                            tracing::warn!(direction = self.direction.as_str(), %peer,
+                                "connection limit reached; refusing new connections (counted in remora_connections_refused_total)");
+                        }
+                        drop(tcp);
+                        continue;
+                    };
                     let this = self.clone();
                     let d = drain.clone();
                     let what = match this.direction {
@@ -109,6 +140,7 @@ impl Listener {
                         Direction::Outbound => "outbound connection",
                     };
                     drain.spawn(what, Some(peer), async move {
+                        let _slot = slot;
                         this.connection(tcp, peer, d).await
                     });
                 }
@@ -121,6 +153,41 @@ impl Listener {
         }
     }
 
+    fn mtls(&self) -> Mtls {
+        match &self.tls {
+            None => Mtls::Off,
+            Some(t) => match t.mode {
+                MtlsMode::Disabled => Mtls::Off,
+                MtlsMode::Permissive => Mtls::Permissive,
+                MtlsMode::Strict => Mtls::Strict,
+            },
+        }
+    }
+
+    /// What the decision needs to know of a detection result (TLS: whether it is for us).
+    fn first(&self, detected: &Detected) -> First {
+        match detected {
+            Detected::Protocol(Protocol::Http1) => First::Http1,
+            Detected::Protocol(Protocol::Http2) => First::Http2,
+            Detected::Protocol(Protocol::Opaque) => First::NotHttp,
+            Detected::Malformed => First::Malformed,
+            Detected::Idle => First::Idle,
+            Detected::Tls { sni } => match self.loaded() {
+                Some(l) if sni.as_deref().is_none_or(|s| s == l.sni) => First::TlsOurs,
+                _ => First::TlsOther,
+            },
+            Detected::Stalled | Detected::Closed | Detected::BadHello => First::Broken,
+        }
+    }
+
+    /// The identity to terminate mTLS with, when this listener terminates it at all.
+    fn loaded(&self) -> Option<Arc<Loaded>> {
+        self.tls
+            .as_ref()
+            .filter(|t| t.mode != MtlsMode::Disabled)
+            .and_then(|t| t.store.current())
+    }
+
     async fn connection(self: Arc<Self>, mut tcp: TcpStream, peer: SocketAddr, drain: Drain) {
         let _ = tcp.set_nodelay(true);
         self.open.inc();
@@ -128,74 +195,199 @@ impl Listener {
         if self.skip_detection {
             self.metrics
                 .detected(self.direction, DetectResult::OpaquePort);
-            self.count_connection(Protocol::Opaque);
-            let io = ProxyIo::new(tcp, Bytes::new(), Some(self.bytes.clone()));
-            return self.opaque(ServerIo::Plain(io), peer).await;
+            return self.opaque_port(tcp, peer, drain).await;
         }
-        let (detected, prefix) = match detect::detect(&mut tcp, self.detect_timeout).await {
-            Ok(d) => d,
-            Err(e) => {
-                self.metrics.detected(self.direction, DetectResult::Error);
-                self.metrics.error(self.direction, ErrorKind::ClientIo);
-                tracing::debug!(%peer, error = %e, "reading the client failed during detection");
-                return;
-            }
-        };
-        let Some(protocol) = self.plain_protocol(&detected, peer) else {
-            if let Detected::Tls { sni } = detected {
-                self.tls(tcp, prefix, sni, peer, drain).await;
-            }
-            return;
-        };
-        let mut probe_only = None;
-        if let Some(tls) = &self.tls {
-            if tls.mode == MtlsMode::Strict {
-                // Kubelet probes speak plaintext HTTP/1.1: they are let through to their paths
-                // only; everything else plaintext is refused.
-                if protocol != Protocol::Http1 || tls.probe_paths.is_empty() {
-                    self.metrics
-                        .tls(self.direction, TlsResult::RefusedPlaintext);
-                    tracing::info!(%peer, "plaintext connection refused: REMORA_MTLS=strict accepts mTLS only (and HTTP/1.1 probes to REMORA_PROBE_PATHS)");
+        let mut initial = Vec::new();
+        loop {
+            let (detected, prefix) = match detect::detect_after(
+                &mut tcp,
+                self.detect_timeout,
+                initial,
+            )
+            .await
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    self.metrics.detected(self.direction, DetectResult::Error);
+                    self.metrics.error(self.direction, ErrorKind::ClientIo);
+                    tracing::debug!(%peer, error = %e, "reading the client failed during detection");
                     return;
                 }
-                probe_only = Some(tls.probe_paths.clone());
-            } else {
+            };
+            self.record(&detected, peer);
+            let first = self.first(&detected);
+            let action = match self.direction {
+                Direction::Inbound => decide::inbound(self.mtls(), first),
+                Direction::Outbound => decide::outbound(first),
+            };
+            if self.tls.is_some() && matches!(action, Action::Http { .. } | Action::Opaque) {
                 self.metrics.tls(self.direction, TlsResult::Plaintext);
             }
+            match action {
+                Action::Http { probe_only } => {
+                    let protocol = match first {
+                        First::Http2 => Protocol::Http2,
+                        _ => Protocol::Http1,
+                    };
+                    let probe_only = probe_only.then(|| {
+                        self.tls
+                            .as_ref()
+                            .map(|t| t.probe_paths.clone())
+                            .unwrap_or_default()
+                    });
+                    let io = ServerIo::Plain(ProxyIo::new(tcp, prefix, Some(self.bytes.clone())));
+                    return self
+                        .serve_conn(protocol, io, None, probe_only, peer, &drain)
+                        .await;
+                }
+                Action::Terminate => {
+                    let io = ProxyIo::new(tcp, prefix, Some(self.bytes.clone()));
+                    return self.terminate(io, peer, drain, None).await;
+                }
+                Action::Opaque => {
+                    if matches!(first, First::TlsOther | First::TlsOurs) {
+                        self.metrics.tls(self.direction, TlsResult::Passthrough);
+                    }
+                    self.count_connection(Protocol::Opaque);
+                    let io = ServerIo::Plain(ProxyIo::new(tcp, prefix, Some(self.bytes.clone())));
+                    return self.opaque(io, None, peer).await;
+                }
+                Action::AwaitSpeaker => {
+                    let Some(up) = self.connect_app(peer).await else {
+                        return;
+                    };
+                    match io::first_speaker(&mut tcp, &up, MAX_DETECT_BYTES).await {
+                        // The client spoke after its silence: judge its bytes like any others
+                        // (a slow HTTP client still goes through the HTTP stack).
+                        Ok(Some(bytes)) => initial = bytes,
+                        Ok(None) => {
+                            self.count_connection(Protocol::Opaque);
+                            let io = ServerIo::Plain(ProxyIo::new(
+                                tcp,
+                                Bytes::new(),
+                                Some(self.bytes.clone()),
+                            ));
+                            return self.opaque(io, Some(up), peer).await;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                Action::Refuse(r) => return self.refuse(r, &mut tcp, peer).await,
+                Action::Close => return,
+            }
         }
-        let io = ServerIo::Plain(ProxyIo::new(tcp, prefix, Some(self.bytes.clone())));
-        self.serve_conn(protocol, io, None, probe_only, peer, &drain)
-            .await
     }
 
-    /// The protocol of a plaintext connection, or `None` (TLS, or closed) after recording why.
-    fn plain_protocol(&self, detected: &Detected, peer: SocketAddr) -> Option<Protocol> {
-        let (result, protocol) = match detected {
-            Detected::Protocol(p) => (
-                match p {
-                    Protocol::Http1 => DetectResult::Http1,
-                    Protocol::Http2 => DetectResult::Http2,
-                    Protocol::Opaque => DetectResult::Opaque,
-                },
-                Some(*p),
-            ),
-            Detected::Idle => (DetectResult::Idle, Some(Protocol::Opaque)),
-            Detected::Tls { .. } => (DetectResult::Tls, None),
+    /// A port declared opaque: no HTTP detection, but mTLS as on every port.
+    async fn opaque_port(&self, mut tcp: TcpStream, peer: SocketAddr, drain: Drain) {
+        let mtls = self.mtls();
+        let (first, prefix, upstream) = match mtls {
+            Mtls::Off => (First::NotHttp, Bytes::new(), None),
+            // Strict: the client must open with a ClientHello; the app is not reached before.
+            Mtls::Strict => match detect::detect(&mut tcp, self.detect_timeout).await {
+                Ok((d @ (Detected::Tls { .. } | Detected::BadHello), prefix)) => {
+                    (self.first(&d), prefix, None)
+                }
+                Ok((Detected::Closed, _)) | Err(_) => return,
+                Ok((_, prefix)) => (First::NotHttp, prefix, None),
+            },
+            // Permissive: a server-speaks-first app must be able to speak, so connect at once;
+            // a client that speaks first with a ClientHello for us gets mTLS (the app's first
+            // bytes, if any, wait in its socket), anything else is passed through.
+            Mtls::Permissive => {
+                let Some(up) = self.connect_app(peer).await else {
+                    return;
+                };
+                match io::first_speaker(&mut tcp, &up, MAX_DETECT_BYTES).await {
+                    Ok(Some(bytes)) if bytes[0] == 0x16 => {
+                        match detect::detect_after(&mut tcp, self.detect_timeout, bytes).await {
+                            Ok((d, prefix)) => (self.first(&d), prefix, Some(up)),
+                            Err(_) => return,
+                        }
+                    }
+                    Ok(Some(bytes)) => (First::NotHttp, Bytes::from(bytes), Some(up)),
+                    Ok(None) => (First::Idle, Bytes::new(), Some(up)),
+                    Err(_) => return,
+                }
+            }
+        };
+        match decide::inbound_opaque_port(mtls, first) {
+            Action::Terminate => {
+                let io = ProxyIo::new(tcp, prefix, Some(self.bytes.clone()));
+                self.terminate(io, peer, drain, upstream).await
+            }
+            Action::Refuse(r) => self.refuse(r, &mut tcp, peer).await,
+            Action::Close => {}
+            _ => {
+                if self.tls.is_some() {
+                    self.metrics.tls(self.direction, TlsResult::Plaintext);
+                }
+                self.count_connection(Protocol::Opaque);
+                let io = ServerIo::Plain(ProxyIo::new(tcp, prefix, Some(self.bytes.clone())));
+                self.opaque(io, upstream, peer).await
+            }
+        }
+    }
+
+    /// Records what detection saw (metrics, and a log line for what is closed).
+    fn record(&self, detected: &Detected, peer: SocketAddr) {
+        let result = match detected {
+            Detected::Protocol(Protocol::Http1) => DetectResult::Http1,
+            Detected::Protocol(Protocol::Http2) => DetectResult::Http2,
+            Detected::Protocol(Protocol::Opaque) => DetectResult::Opaque,
+            Detected::Malformed => DetectResult::Malformed,
+            Detected::Idle => DetectResult::Idle,
+            Detected::Tls { .. } => DetectResult::Tls,
             Detected::BadHello => {
                 self.metrics.tls(self.direction, TlsResult::BadHello);
                 tracing::info!(direction = self.direction.as_str(), %peer,
                     "TLS ClientHello truncated, stalled past the detect timeout, or malformed; closing");
-                (DetectResult::Tls, None)
+                DetectResult::Tls
             }
             Detected::Stalled => {
                 tracing::info!(direction = self.direction.as_str(), %peer, timeout = ?self.detect_timeout,
                     "client sent a partial request and stalled past the detect timeout; closing");
-                (DetectResult::Timeout, None)
+                DetectResult::Timeout
             }
-            Detected::Closed => (DetectResult::Closed, None),
+            Detected::Closed => DetectResult::Closed,
         };
         self.metrics.detected(self.direction, result);
-        protocol
+    }
+
+    /// Turns a connection away, saying why in the log (and, for malformed HTTP, to the client).
+    async fn refuse<W: AsyncWrite + Unpin>(&self, why: Refusal, io: &mut W, peer: SocketAddr) {
+        match why {
+            Refusal::Plaintext => {
+                self.metrics
+                    .tls(self.direction, TlsResult::RefusedPlaintext);
+                tracing::info!(%peer, "plaintext connection refused: REMORA_MTLS=strict accepts mTLS only (and HTTP/1.1 GET/HEAD probes to REMORA_PROBE_PATHS)");
+            }
+            Refusal::ForeignTls => {
+                self.metrics
+                    .tls(self.direction, TlsResult::RefusedPlaintext);
+                tracing::info!(%peer, "TLS for another server name refused: REMORA_MTLS=strict accepts mTLS to this proxy only");
+            }
+            Refusal::Malformed => {
+                self.metrics.error(self.direction, ErrorKind::BadRequest);
+                tracing::info!(direction = self.direction.as_str(), %peer,
+                    "malformed HTTP/1 request line refused (it could reach a lenient app server unscrubbed); if this port carries a non-HTTP protocol, list it in REMORA_OPAQUE_PORTS");
+                const BODY: &str = "remora: malformed HTTP/1 request line (RFC 9112: METHOD SP target SP HTTP/1.x CRLF)\n";
+                let rsp = format!(
+                    "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
+                    BODY.len()
+                );
+                let _ = tokio::time::timeout(self.detect_timeout, async {
+                    let _ = io.write_all(rsp.as_bytes()).await;
+                    let _ = io.shutdown().await;
+                })
+                .await;
+            }
+            Refusal::NoDestination => {
+                self.metrics.error(self.direction, ErrorKind::NoDestination);
+                tracing::info!(direction = self.direction.as_str(), %peer,
+                    "non-HTTP connection with no destination; tunnel opaque traffic with HTTP CONNECT host:port");
+            }
+        }
     }
 
     fn count_connection(&self, protocol: Protocol) {
@@ -229,42 +421,22 @@ impl Listener {
                 .await
             }
             Protocol::Http2 => serve_h2(io, self.stack(client_id, probe_only), drain).await,
-            Protocol::Opaque => self.opaque(io, peer).await,
+            Protocol::Opaque => self.opaque(io, None, peer).await,
         }
     }
 
-    /// A ClientHello: mTLS for this proxy (no server name, or its own), or the app's own TLS.
-    async fn tls(
+    /// Terminates mTLS (the decision said the ClientHello is for this proxy), checks the
+    /// peer's identity, and decides again on what is inside. `upstream` is a connection to the
+    /// app made before the handshake (opaque ports), used for opaque bytes inside.
+    async fn terminate(
         &self,
-        tcp: TcpStream,
-        prefix: Bytes,
-        sni: Option<String>,
+        io: ProxyIo,
         peer: SocketAddr,
         drain: Drain,
+        upstream: Option<UpstreamIo>,
     ) {
-        let io = ProxyIo::new(tcp, prefix, Some(self.bytes.clone()));
-        let loaded = self.tls.as_ref().and_then(|t| {
-            (t.mode != MtlsMode::Disabled)
-                .then(|| t.store.current())
-                .flatten()
-                .map(|l| (t.mode, l))
-        });
-        let ours = |l: &Loaded| sni.as_deref().is_none_or(|s| s == l.sni);
-        let Some((_, loaded)) = loaded.filter(|(_, l)| ours(l)) else {
-            if self
-                .tls
-                .as_ref()
-                .is_some_and(|t| t.mode == MtlsMode::Strict)
-            {
-                self.metrics
-                    .tls(self.direction, TlsResult::RefusedPlaintext);
-                tracing::info!(%peer, ?sni, "TLS for another server name refused: REMORA_MTLS=strict accepts mTLS to this proxy only");
-                return;
-            }
-            // The app's own TLS: bytes through, untouched.
-            self.metrics.tls(self.direction, TlsResult::Passthrough);
-            self.count_connection(Protocol::Opaque);
-            return self.opaque(ServerIo::Plain(io), peer).await;
+        let Some(loaded) = self.loaded() else {
+            return;
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(loaded.server.clone());
         let stream = match tokio::time::timeout(self.detect_timeout, acceptor.accept(io)).await {
@@ -280,47 +452,123 @@ impl Listener {
                 return;
             }
         };
-        self.metrics.tls(self.direction, TlsResult::Mtls);
         let (_, conn) = stream.get_ref();
-        // rustls verified the chain; the identity is the leaf's SPIFFE URI SAN.
-        let client_id = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|c| remora_certs::validate::spiffe_id(c))
-            .and_then(|id| HeaderValue::from_str(&id.to_string()).ok());
-        let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
-        let mut stream = Box::new(stream);
-        let (protocol, prefix) = match alpn.as_deref() {
-            Some(crate::tls::ALPN_H2) => (Protocol::Http2, Bytes::new()),
-            Some(crate::tls::ALPN_HTTP1) => (Protocol::Http1, Bytes::new()),
-            _ => match detect::detect(&mut stream, self.detect_timeout).await {
-                Ok((Detected::Protocol(p), prefix)) => (p, prefix),
-                Ok((Detected::Idle, prefix)) => (Protocol::Opaque, prefix),
-                _ => return,
-            },
+        // rustls verified the chain; the identity must be the leaf's one SPIFFE URI SAN, in
+        // this mesh's trust domain: a CA-signed certificate without one, or with a foreign
+        // domain, is not a mesh identity and gets nothing through.
+        let td = loaded.id().trust_domain().to_string();
+        let id = match conn.peer_certificates().and_then(|c| c.first()) {
+            Some(leaf) => remora_certs::validate::peer_identity(leaf, &td),
+            None => Err(remora_certs::validate::PeerIdError::Missing),
         };
-        let io = ServerIo::Tls(ProxyIo::new(stream, prefix, None));
-        self.serve_conn(protocol, io, client_id, None, peer, &drain)
-            .await
-    }
-
-    async fn opaque(&self, mut io: ServerIo, peer: SocketAddr) {
-        let Some(target) = &self.opaque_target else {
-            self.metrics.error(self.direction, ErrorKind::NoDestination);
-            tracing::info!(direction = self.direction.as_str(), %peer,
-                "non-HTTP connection with no destination; tunnel opaque traffic with HTTP CONNECT host:port");
-            return;
-        };
-        let mut upstream = match target.connect(None).await {
-            Ok(u) => u,
+        let client_id = match id.map(|id| HeaderValue::from_str(&id.to_string())) {
+            Ok(Ok(v)) => v,
+            Ok(Err(_)) => {
+                self.metrics.tls(self.direction, TlsResult::BadIdentity);
+                tracing::info!(%peer, "mTLS peer identity is not a valid header value; closing");
+                return;
+            }
             Err(e) => {
-                self.metrics.error(self.direction, ErrorKind::ConnectFailed);
-                tracing::info!(direction = self.direction.as_str(), %peer, error = %e, "opaque connection failed");
+                self.metrics.tls(self.direction, TlsResult::BadIdentity);
+                tracing::info!(%peer, error = %e, "mTLS peer refused: its certificate chains to the trust bundle but carries no usable identity; issue it with one SPIFFE ID in this trust domain");
                 return;
             }
         };
-        // copy_bidirectional forwards a half-close in each direction on its own.
-        if let Err(e) = tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
+        self.metrics.tls(self.direction, TlsResult::Mtls);
+        let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+        let mut stream = Box::new(stream);
+        let mut initial = Vec::new();
+        let mut upstream = upstream;
+        let opaque_port = self.skip_detection;
+        loop {
+            let (first, prefix) = match alpn.as_deref() {
+                _ if opaque_port => (First::NotHttp, Bytes::new()),
+                Some(crate::tls::ALPN_H2) => (First::Http2, Bytes::new()),
+                Some(crate::tls::ALPN_HTTP1) => (First::Http1, Bytes::new()),
+                _ => match detect::detect_after(&mut stream, self.detect_timeout, initial).await {
+                    Ok((d, prefix)) => (self.first_inside(&d), prefix),
+                    Err(_) => return,
+                },
+            };
+            match decide::inside_mtls(opaque_port, first) {
+                Action::Http { .. } => {
+                    let protocol = match first {
+                        First::Http2 => Protocol::Http2,
+                        _ => Protocol::Http1,
+                    };
+                    let io = ServerIo::Tls(ProxyIo::new(stream, prefix, None));
+                    return self
+                        .serve_conn(protocol, io, Some(client_id), None, peer, &drain)
+                        .await;
+                }
+                Action::AwaitSpeaker => {
+                    let up = match upstream.take() {
+                        Some(u) => u,
+                        None => match self.connect_app(peer).await {
+                            Some(u) => u,
+                            None => return,
+                        },
+                    };
+                    match io::first_speaker(&mut stream, &up, MAX_DETECT_BYTES).await {
+                        Ok(Some(bytes)) => {
+                            initial = bytes;
+                            upstream = Some(up);
+                        }
+                        Ok(None) => {
+                            self.count_connection(Protocol::Opaque);
+                            let io = ServerIo::Tls(ProxyIo::new(stream, Bytes::new(), None));
+                            return self.opaque(io, Some(up), peer).await;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                Action::Refuse(r) => return self.refuse(r, &mut stream, peer).await,
+                Action::Close => return,
+                Action::Opaque | Action::Terminate => {
+                    self.count_connection(Protocol::Opaque);
+                    let io = ServerIo::Tls(ProxyIo::new(stream, prefix, None));
+                    return self.opaque(io, upstream, peer).await;
+                }
+            }
+        }
+    }
+
+    /// Detection inside mTLS: TLS there is the peer app's own (never terminated twice).
+    fn first_inside(&self, detected: &Detected) -> First {
+        match detected {
+            Detected::Tls { .. } => First::TlsOther,
+            d => self.first(d),
+        }
+    }
+
+    async fn connect_app(&self, peer: SocketAddr) -> Option<UpstreamIo> {
+        let target = self.opaque_target.as_ref()?;
+        match target.connect(None).await {
+            Ok(u) => Some(u),
+            Err(e) => {
+                self.metrics.error(self.direction, ErrorKind::ConnectFailed);
+                tracing::info!(direction = self.direction.as_str(), %peer, error = %e, "opaque connection failed");
+                None
+            }
+        }
+    }
+
+    /// Bytes both ways between the client and the app (`upstream`, or a new connection).
+    async fn opaque(&self, mut io: ServerIo, upstream: Option<UpstreamIo>, peer: SocketAddr) {
+        let mut upstream = match upstream {
+            Some(u) => u,
+            None => match self.connect_app(peer).await {
+                Some(u) => u,
+                None => {
+                    if self.opaque_target.is_none() {
+                        self.metrics.error(self.direction, ErrorKind::NoDestination);
+                    }
+                    return;
+                }
+            },
+        };
+        // Half-closes are forwarded in each direction; a tunnel silent both ways is closed.
+        if let Err(e) = io::tunnel(&mut io, &mut upstream, io::TUNNEL_IDLE_TIMEOUT).await {
             tracing::debug!(%peer, error = %e, "opaque connection ended with an error");
         }
     }

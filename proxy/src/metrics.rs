@@ -60,12 +60,14 @@ snake_case_labels! {
     DetectResult {
         Http1 => "http1", Http2 => "http2", Opaque => "opaque", OpaquePort => "opaque_port",
         Idle => "idle", Timeout => "timeout", Closed => "closed", Tls => "tls", Error => "error",
+        Malformed => "malformed",
     }
     Flow { Read => "read", Write => "write" }
     TlsResult {
         Mtls => "mtls", Plaintext => "plaintext", Passthrough => "passthrough",
         RefusedPlaintext => "refused_plaintext", HandshakeFailed => "handshake_failed",
         BadHello => "bad_hello", Established => "established", Failed => "failed",
+        BadIdentity => "bad_identity",
     }
     ErrorKind {
         NoEndpoints => "no_endpoints", ConnectFailed => "connect_failed",
@@ -98,8 +100,10 @@ pub enum DetectResult {
     Opaque,
     /// Opaque because the port is listed as opaque; detection was skipped.
     OpaquePort,
-    /// Nothing arrived within the detect timeout; forwarded as opaque.
+    /// Nothing arrived within the detect timeout; whoever speaks first decides.
     Idle,
+    /// HTTP-like but failing the strict parse; refused with 400.
+    Malformed,
     /// A partial HTTP request stalled past the detect timeout; closed.
     Timeout,
     /// The client closed before sending a byte.
@@ -124,6 +128,8 @@ pub enum TlsResult {
     HandshakeFailed,
     /// A ClientHello that never completed, or was malformed.
     BadHello,
+    /// The client certificate chains to the bundle but has no SPIFFE ID in this trust domain.
+    BadIdentity,
     /// Outbound: mTLS established to a peer proxy with the expected identity.
     Established,
     /// Outbound: the peer failed verification or the handshake failed.
@@ -277,6 +283,7 @@ pub struct Metrics {
     pub request_duration: Family<DirectionLabels, Histogram, fn() -> Histogram>,
     pub connections: Family<ConnectionLabels, Counter>,
     pub open_connections: Family<DirectionLabels, Gauge>,
+    pub connections_refused: Family<DirectionLabels, Counter>,
     pub detect: Family<DetectLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
@@ -286,6 +293,8 @@ pub struct Metrics {
     pub drain_connections: Gauge,
     pub drain_requests: Gauge,
     pub drain_cut: Gauge,
+    /// Panics caught on the request path (each one is a bug; the request got a 500).
+    pub panics: Counter,
     started: Instant,
     pub uptime: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
@@ -319,6 +328,12 @@ impl Metrics {
             "connections",
             "Connections accepted, by direction and detected protocol",
             connections.clone(),
+        );
+        let connections_refused = Family::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept because the listener's connection limit was reached",
+            connections_refused.clone(),
         );
         let open_connections = Family::default();
         registry.register(
@@ -436,6 +451,12 @@ impl Metrics {
             "1 when the endpoint takes traffic, 0 while it backs off after failures",
             endpoints.ready.clone(),
         );
+        let panics = Counter::default();
+        registry.register(
+            "panics",
+            "Panics caught on the request path; every one is a bug, please report it",
+            panics.clone(),
+        );
         let ready = Gauge::default();
         registry.register("ready", "1 when the proxy reports ready", ready.clone());
         let draining = Gauge::default();
@@ -459,6 +480,7 @@ impl Metrics {
             request_duration,
             connections,
             open_connections,
+            connections_refused,
             detect,
             bytes,
             errors,
@@ -469,6 +491,7 @@ impl Metrics {
             drain_connections,
             drain_requests,
             drain_cut,
+            panics,
             started: Instant::now(),
             uptime,
         }

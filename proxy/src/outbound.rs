@@ -25,10 +25,12 @@ pub fn listener(
         metrics: metrics.clone(),
         drain,
         own_addrs,
+        rules: rules.clone(),
+        local_ips: crate::forward::local_addresses(),
     });
     // Outbound connections are always detected: a non-HTTP stream names no destination, so
     // opaque traffic arrives as an HTTP CONNECT tunnel.
-    Listener::new(
+    let l = Listener::new(
         Direction::Outbound,
         forward,
         rules,
@@ -36,5 +38,9 @@ pub fn listener(
         false,
         None,
         metrics,
-    )
+    );
+    match cfg.max_connections {
+        Some(max) => l.with_max_connections(max),
+        None => l,
+    }
 }

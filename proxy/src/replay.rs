@@ -11,10 +11,10 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use crate::scrub::Scrubbed;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 /// Bodies larger than this are streamed without a copy and are not replayed.
 pub const MAX_REPLAY: usize = 64 * 1024;
@@ -28,20 +28,20 @@ struct Copy {
     overflow: bool,
     /// The client's body, given back when hyper drops the attempt before reading all of it
     /// (a stream refused at open is never read at all).
-    rest: Option<Incoming>,
+    rest: Option<Scrubbed>,
     /// The attempt's body still exists (hyper holds it).
     alive: bool,
 }
 
 /// The upstream request body: the client's, as is (HTTP/1), recorded (HTTP/2), or replayed.
 pub enum UpstreamBody {
-    Plain(Incoming),
+    Plain(Scrubbed),
     Recording(Recording),
     Replayed(Replayed),
 }
 
 pub struct Recording {
-    inner: Option<Incoming>,
+    inner: Option<Scrubbed>,
     copy: Arc<Mutex<Copy>>,
     dropped: Arc<tokio::sync::Notify>,
 }
@@ -62,7 +62,7 @@ impl Drop for Recording {
 pub struct Replayed {
     chunks: VecDeque<Bytes>,
     trailers: Option<HeaderMap>,
-    rest: Option<Incoming>,
+    rest: Option<Scrubbed>,
 }
 
 /// A handle on a recording, kept by whoever may need to resend.

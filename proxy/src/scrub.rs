@@ -16,6 +16,21 @@ pub const CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("x-remora-clien
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// `Upgrade` names exactly one protocol, WebSocket (any version suffix).
+fn is_websocket(headers: &HeaderMap) -> bool {
+    let mut protocols = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("\u{0}").split(','))
+        .map(str::trim);
+    matches!(
+        (protocols.next(), protocols.next()),
+        (Some(p), None) if p.eq_ignore_ascii_case("websocket")
+            || p.get(..10).is_some_and(|h| h.eq_ignore_ascii_case("websocket/"))
+    )
+}
 
 /// What to strip besides hop-by-hop headers.
 #[derive(Debug, Default)]
@@ -46,9 +61,14 @@ impl Rules {
     /// Scrubs a request arriving at the proxy. Returns true when it asks for a protocol upgrade
     /// (then `Connection: upgrade` and `Upgrade` are kept for the upstream).
     pub fn request<B>(&self, req: &mut Request<B>) -> bool {
+        // Only WebSocket may turn a connection into a byte stream. h2c above all must not: the
+        // app would then speak HTTP/2 on a connection the proxy no longer parses, and every
+        // later stream on it would skip scrubbing and identity. Any other Upgrade is dropped
+        // and the request goes on as a plain request.
         let upgrade = req.version() < http::Version::HTTP_2
-            && req.headers().contains_key(header::UPGRADE)
-            && connection_has(req.headers(), "upgrade");
+            && connection_has(req.headers(), "upgrade")
+            && is_websocket(req.headers());
+        req.headers_mut().remove(&HTTP2_SETTINGS);
         hop_by_hop(req.headers_mut(), upgrade);
         self.internal(req.headers_mut());
         // Always, whatever the configured list says: nobody may forge the peer identity.
@@ -61,6 +81,7 @@ impl Rules {
     /// Scrubs a response on its way back to the client.
     pub fn response<B>(&self, rsp: &mut Response<B>) {
         let upgrade = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        rsp.headers_mut().remove(&HTTP2_SETTINGS);
         hop_by_hop(rsp.headers_mut(), upgrade);
         self.internal(rsp.headers_mut());
     }
@@ -165,6 +186,58 @@ fn hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+impl Rules {
+    /// Scrubs trailers (HTTP/1 chunked trailers, HTTP/2 trailing HEADERS), either way: the
+    /// same internal and identity headers as a head, which a trailer could otherwise smuggle.
+    pub fn trailers(&self, trailers: &mut HeaderMap) {
+        hop_by_hop(trailers, false);
+        self.internal(trailers);
+        trailers.remove(&CLIENT_ID_HEADER);
+    }
+}
+
+/// A body passed through the proxy (request or response) whose trailers are scrubbed.
+pub struct Scrubbed {
+    inner: Incoming,
+    rules: Arc<Rules>,
+}
+
+impl Scrubbed {
+    pub fn new(inner: Incoming, rules: Arc<Rules>) -> Self {
+        Scrubbed { inner, rules }
+    }
+}
+
+impl http_body::Body for Scrubbed {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx));
+        Poll::Ready(frame.map(|f| {
+            f.map(|f| match f.into_trailers() {
+                Ok(mut t) => {
+                    this.rules.trailers(&mut t);
+                    http_body::Frame::trailers(t)
+                }
+                Err(f) => f,
+            })
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The scrubbing layer around the forwarder.
 #[derive(Clone)]
 pub struct Scrub<S> {
@@ -186,7 +259,7 @@ impl<S> Scrub<S> {
 
 impl<S> tower::Service<Request<Incoming>> for Scrub<S>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<Body>>,
+    S: tower::Service<Request<Scrubbed>, Response = Response<Body>>,
 {
     type Response = Response<Body>;
     type Error = S::Error;
@@ -197,13 +270,15 @@ where
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        self.rules.request(&mut req);
+        let upgrade = self.rules.request(&mut req);
         if let Some(id) = &self.client_id {
             req.headers_mut().insert(CLIENT_ID_HEADER, id.clone());
         }
+        let rules = self.rules.clone();
         ScrubFuture {
-            inner: self.inner.call(req),
+            inner: self.inner.call(req.map(|b| Scrubbed::new(b, rules))),
             rules: self.rules.clone(),
+            upgrade,
         }
     }
 }
@@ -213,6 +288,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         rules: Arc<Rules>,
+        upgrade: bool,
     }
 }
 
@@ -225,6 +301,18 @@ where
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut rsp = std::task::ready!(this.inner.poll(cx))?;
+        if rsp.status() == StatusCode::SWITCHING_PROTOCOLS && !*this.upgrade {
+            // The app switched protocols unasked (the proxy forwarded no Upgrade): nothing
+            // after this could be parsed, so it must not reach the client as a tunnel.
+            tracing::info!(
+                "the app answered 101 to a request without an allowed Upgrade; answering 502"
+            );
+            return Poll::Ready(Ok(crate::http::local_response(
+                StatusCode::BAD_GATEWAY,
+                false,
+                "the app switched protocols without an Upgrade the proxy allows (WebSocket only)",
+            )));
+        }
         this.rules.response(&mut rsp);
         Poll::Ready(Ok(rsp))
     }

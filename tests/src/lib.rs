@@ -102,6 +102,15 @@ impl TestProxy {
 impl Drop for TestProxy {
     fn drop(&mut self) {
         self.shutdown.shutdown();
+        // A panic anywhere on the request path (caught, so the request only failed) is a test
+        // failure, whatever the test itself checked.
+        if !std::thread::panicking() {
+            assert_eq!(
+                remora_proxy::panics::caught(),
+                0,
+                "a proxy in this test binary caught a panic on the request path (see the BUG log line)"
+            );
+        }
     }
 }
 
@@ -171,7 +180,7 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 /// An HTTP app (HTTP/1.1 and HTTP/2) that reports what it received: status 200, headers
 /// `x-echo-*` describing the request, the request body echoed back. Path `/headers` answers
-/// with the received request headers as text; `/leaky` adds internal and hop-by-hop headers to
+/// with the received request headers as text, `/trailers` with the received request trailers; `/leaky` adds internal and hop-by-hop headers to
 /// its response.
 pub struct EchoApp {
     pub addr: SocketAddr,
@@ -223,14 +232,27 @@ async fn echo(req: Request<Incoming>, conn_id: u64) -> Result<Response<Full<Byte
             String::from_utf8_lossy(v.as_bytes())
         ));
     }
-    let body = match body.collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => Bytes::new(),
+    let (body, trailers) = match body.collect().await {
+        Ok(b) => {
+            let t = b.trailers().cloned();
+            (b.to_bytes(), t)
+        }
+        Err(_) => (Bytes::new(), None),
     };
-    let out = if parts.uri.path() == "/headers" {
-        Bytes::from(headers)
-    } else {
-        body
+    let out = match parts.uri.path() {
+        "/headers" => Bytes::from(headers),
+        "/trailers" => {
+            let mut text = String::new();
+            for (k, v) in trailers.iter().flatten() {
+                text.push_str(&format!(
+                    "{}: {}\n",
+                    k,
+                    String::from_utf8_lossy(v.as_bytes())
+                ));
+            }
+            Bytes::from(text)
+        }
+        _ => body,
     };
     let mut rsp = Response::new(Full::new(out));
     let h = rsp.headers_mut();
