@@ -132,6 +132,15 @@ pub struct ControlArgs {
     /// Lifetime of the workload certificates issued.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub cert_lifetime: Duration,
+    /// gRPC connections open at once [default: 4096, or 3/4 of the descriptor limit if lower].
+    #[arg(long, env = "REMORA_CONTROL_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// gRPC connections open at once from one client IP.
+    #[arg(long, env = "REMORA_CONTROL_MAX_CONNECTIONS_PER_PEER", default_value_t = crate::server::DEFAULT_MAX_CONNECTIONS_PER_PEER)]
+    pub max_connections_per_peer: usize,
+    /// Discovery watches open at once, over all connections.
+    #[arg(long, env = "REMORA_CONTROL_MAX_WATCHES", default_value_t = crate::server::DEFAULT_MAX_WATCHES)]
+    pub max_watches: usize,
 }
 
 impl ControlArgs {
@@ -172,6 +181,9 @@ impl ControlArgs {
             return Err("--cert-lifetime must be at least 5s".into());
         }
         o.cert_lifetime = self.cert_lifetime;
+        o.limits.connections = self.max_connections;
+        o.limits.connections_per_peer = self.max_connections_per_peer;
+        o.limits.watches = self.max_watches;
         Ok(o)
     }
 }

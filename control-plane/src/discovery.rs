@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use remora_api::{Delta, Endpoint, NoSuchService, Snapshot, Update, WatchRequest, update};
 use remora_proxy::EndpointSpec;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -24,6 +24,29 @@ pub struct DiscoveryService {
     /// nothing: "no such service" from a control plane that has not listed anything yet would
     /// make every reconnecting proxy drop its endpoints.
     pub synced: tokio::sync::watch::Receiver<bool>,
+    /// One permit per open watch, across every connection: the per-connection stream limit
+    /// alone would let many connections hold millions of watches (about 12 KB each).
+    watch_permits: Arc<Semaphore>,
+    max_watches: usize,
+}
+
+impl DiscoveryService {
+    /// `max_watches` bounds the watches open at once over all connections; beyond it `Watch`
+    /// answers RESOURCE_EXHAUSTED and the proxy retries with backoff.
+    pub fn new(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        synced: tokio::sync::watch::Receiver<bool>,
+        max_watches: usize,
+    ) -> Self {
+        DiscoveryService {
+            registry,
+            metrics,
+            synced,
+            watch_permits: Arc::new(Semaphore::new(max_watches.min(Semaphore::MAX_PERMITS))),
+            max_watches,
+        }
+    }
 }
 
 /// Longest service name accepted (a DNS name and a port).
@@ -76,6 +99,7 @@ struct WatchGuard {
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     name: String,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for WatchGuard {
@@ -102,6 +126,13 @@ impl remora_api::discovery_server::Discovery for DiscoveryService {
                     req.service.chars().take(MAX_NAME).collect::<String>()
                 ))
             })?;
+        let Ok(permit) = self.watch_permits.clone().try_acquire_owned() else {
+            self.metrics.watches_refused.inc();
+            return Err(Status::resource_exhausted(format!(
+                "{} discovery watches are open on this control plane (its limit, --max-watches); retry later or on another replica",
+                self.max_watches
+            )));
+        };
         tracing::debug!(service = %name, client = %req.client, "watch");
         let (tx, out) = mpsc::channel::<Result<Update, Status>>(1);
         let metrics = self.metrics.clone();
@@ -111,6 +142,7 @@ impl remora_api::discovery_server::Discovery for DiscoveryService {
             metrics: metrics.clone(),
             registry: self.registry.clone(),
             name,
+            _permit: permit,
         };
         let mut synced = self.synced.clone();
         tokio::spawn(async move {
@@ -175,11 +207,7 @@ mod tests {
         use remora_api::discovery_server::Discovery;
         let registry = Registry::new();
         let (synced_tx, synced) = tokio::sync::watch::channel(false);
-        let svc = DiscoveryService {
-            registry: registry.clone(),
-            metrics: Arc::new(Metrics::new()),
-            synced,
-        };
+        let svc = DiscoveryService::new(registry.clone(), Arc::new(Metrics::new()), synced, 100);
         let req = Request::new(WatchRequest {
             service: "web.shop.svc.cluster.local:8080".into(),
             client: String::new(),
@@ -213,11 +241,7 @@ mod tests {
         use remora_api::discovery_server::Discovery;
         let registry = Registry::new();
         let (_synced_tx, synced) = tokio::sync::watch::channel(true);
-        let svc = DiscoveryService {
-            registry: registry.clone(),
-            metrics: Arc::new(Metrics::new()),
-            synced,
-        };
+        let svc = DiscoveryService::new(registry.clone(), Arc::new(Metrics::new()), synced, 100);
         for i in 0..50 {
             let req = Request::new(WatchRequest {
                 service: format!("junk-{i}.example:80"),
@@ -246,6 +270,49 @@ mod tests {
             svc.watch(long).await.err().map(|s| s.code()),
             Some(tonic::Code::InvalidArgument)
         );
+    }
+
+    #[tokio::test]
+    async fn watches_beyond_the_process_limit_are_refused_until_one_ends() {
+        use remora_api::discovery_server::Discovery;
+        let registry = Registry::new();
+        let metrics = Arc::new(Metrics::new());
+        let (_synced_tx, synced) = tokio::sync::watch::channel(true);
+        let svc = DiscoveryService::new(registry.clone(), metrics.clone(), synced, 3);
+        let watch = |i: usize| {
+            Request::new(WatchRequest {
+                service: format!("web-{i}.shop:80"),
+                client: String::new(),
+            })
+        };
+        let mut open = Vec::new();
+        for i in 0..3 {
+            open.push(svc.watch(watch(i)).await.unwrap().into_inner());
+        }
+        let refused = svc.watch(watch(3)).await.err();
+        assert_eq!(
+            refused.as_ref().map(|s| s.code()),
+            Some(tonic::Code::ResourceExhausted),
+            "{refused:?}"
+        );
+        assert!(
+            refused.is_some_and(|s| s.message().contains("3 discovery watches")),
+            "the refusal names the limit"
+        );
+        assert_eq!(metrics.watches_refused.get(), 1);
+        // Ending one watch (the proxy's stream goes away) frees its permit.
+        drop(open.pop());
+        let mut again = None;
+        for _ in 0..200 {
+            match svc.watch(watch(4)).await {
+                Ok(s) => {
+                    again = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+        assert!(again.is_some(), "a watch slot was not freed");
     }
 
     #[test]

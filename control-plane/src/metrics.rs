@@ -11,10 +11,20 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Why a connection was closed before its TLS handshake: `total` (the process-wide limit) or
+/// `per_peer` (the limit for one client IP).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub services: Gauge,
     pub watches: Gauge,
+    pub watches_refused: Counter,
+    pub connections: Gauge,
+    pub connections_refused: Family<ReasonLabels, Counter>,
     pub updates_sent: Counter,
     pub source_reloads: Counter,
     pub source_reload_failures: Counter,
@@ -34,6 +44,9 @@ impl Metrics {
         let m = Metrics {
             services: Gauge::default(),
             watches: Gauge::default(),
+            watches_refused: Counter::default(),
+            connections: Gauge::default(),
+            connections_refused: Family::default(),
             updates_sent: Counter::default(),
             source_reloads: Counter::default(),
             source_reload_failures: Counter::default(),
@@ -47,6 +60,21 @@ impl Metrics {
             m.services.clone(),
         );
         registry.register("watches", "Discovery watches open", m.watches.clone());
+        registry.register(
+            "watches_refused",
+            "Discovery watches refused with RESOURCE_EXHAUSTED (the process-wide watch limit)",
+            m.watches_refused.clone(),
+        );
+        registry.register(
+            "connections",
+            "gRPC connections open (TLS handshakes included)",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "gRPC connections closed before TLS by a connection limit, by limit (total, per_peer)",
+            m.connections_refused.clone(),
+        );
         registry.register(
             "updates_sent",
             "Discovery messages sent (snapshots, deltas, no-such-service)",

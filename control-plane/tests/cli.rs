@@ -77,6 +77,18 @@ fn bad_inputs_are_named() {
         &["--endpoints-file", eps, "--bootstrap-tokens", tokens],
         &["eps.toml: line 3: endpoint address \"10.0.0.1\" is not ip:port"],
     );
+    fails_with(
+        &dir,
+        &[
+            "--endpoints-file",
+            eps,
+            "--bootstrap-tokens",
+            tokens,
+            "--max-connections-per-peer",
+            "0",
+        ],
+        &["--max-connections-per-peer must be at least 1"],
+    );
     std::fs::write(dir.join("ca/issuer.key"), "garbage").unwrap();
     std::fs::write(dir.join("eps.toml"), "").unwrap();
     fails_with(

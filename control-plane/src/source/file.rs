@@ -137,6 +137,8 @@ pub struct FileSource {
     pub path: PathBuf,
     /// The bytes [`FileSource::load`] applied, so a change made before `run` starts is seen.
     loaded: Option<Vec<u8>>,
+    /// [`POLL`]; shorter in tests.
+    poll: Duration,
 }
 
 /// Parses file bytes, refusing an empty file: that is what a write in progress looks like, and
@@ -155,7 +157,11 @@ fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<Table, String> {
 
 impl FileSource {
     pub fn new(path: PathBuf) -> Self {
-        FileSource { path, loaded: None }
+        FileSource {
+            path,
+            loaded: None,
+            poll: POLL,
+        }
     }
 
     /// Reads and validates the file once (startup: a bad file is a startup error).
@@ -167,42 +173,90 @@ impl FileSource {
         Ok(table)
     }
 
-    /// Polls forever, replacing the registry's table on every valid change. `reloads` counts
-    /// outcomes for /metrics.
+    /// Polls forever, replacing the registry's table on every valid change. A file that goes
+    /// missing, unreadable or invalid is reported once when that happens (not at every poll)
+    /// and the last good table keeps serving; its recovery is reported too. `metrics` counts
+    /// tables accepted and refused.
     pub async fn run(self, registry: Arc<Registry>, metrics: Arc<crate::metrics::Metrics>) {
-        let mut last = self.loaded.clone();
+        let mut follow = Follow {
+            path: self.path.clone(),
+            seen: self.loaded.clone().map(Seen::Bytes),
+            failing: false,
+        };
         loop {
-            let bytes = std::fs::read(&self.path);
-            let changed = match &bytes {
-                Ok(b) => last.as_ref() != Some(b),
-                Err(_) => last.is_some(),
-            };
-            if changed {
-                let result = match &bytes {
-                    Ok(b) => parse_bytes(&self.path, b),
-                    Err(e) => Err(format!("{}: cannot read: {e}", self.path.display())),
-                };
-                match result {
-                    Ok(table) => {
-                        tracing::info!(
-                            services = table.len(),
-                            endpoints = table.values().map(Vec::len).sum::<usize>(),
-                            "endpoints loaded from {}",
-                            self.path.display()
-                        );
-                        registry.replace_all(table);
-                        metrics.source_reloads.inc();
-                        crate::release_memory();
-                    }
-                    Err(e) => {
-                        metrics.source_reload_failures.inc();
-                        tracing::warn!("endpoints file {e}; keeping the previous endpoints");
-                    }
+            let read = std::fs::read(&follow.path);
+            match follow.step(read) {
+                None => {}
+                Some(Ok((table, recovered))) => {
+                    tracing::info!(
+                        services = table.len(),
+                        endpoints = table.values().map(Vec::len).sum::<usize>(),
+                        "endpoints loaded from {}{}",
+                        follow.path.display(),
+                        if recovered {
+                            " (the file is valid again)"
+                        } else {
+                            ""
+                        }
+                    );
+                    registry.replace_all(table);
+                    metrics.source_reloads.inc();
+                    crate::release_memory();
                 }
-                last = Some(bytes.unwrap_or_default());
+                Some(Err(e)) => {
+                    metrics.source_reload_failures.inc();
+                    tracing::warn!(
+                        "endpoints file {e}; keeping the previous endpoints (said once; the next change is logged)"
+                    );
+                }
             }
-            tokio::time::sleep(POLL).await;
+            tokio::time::sleep(self.poll).await;
         }
+    }
+}
+
+/// What one poll saw, so that a state which lasts is acted on once.
+enum Seen {
+    /// These bytes, applied or refused.
+    Bytes(Vec<u8>),
+    /// The file could not be read, for this reason (a missing file stays missing).
+    Unreadable(std::io::ErrorKind),
+}
+
+/// The polling state of [`FileSource::run`], apart from the I/O and the logging.
+struct Follow {
+    path: PathBuf,
+    seen: Option<Seen>,
+    /// The last change was refused: the next good table is a recovery.
+    failing: bool,
+}
+
+impl Follow {
+    /// Takes one read of the file. `None` when nothing changed since the last one; otherwise
+    /// the table to apply (and whether it ends a failure), or why the file was refused.
+    fn step(&mut self, read: std::io::Result<Vec<u8>>) -> Option<Result<(Table, bool), String>> {
+        // Compared before parsing: an unchanged file costs a read, not a parse.
+        let same = match (&self.seen, &read) {
+            (Some(Seen::Bytes(before)), Ok(now)) => before == now,
+            (Some(Seen::Unreadable(before)), Err(now)) => *before == now.kind(),
+            _ => false,
+        };
+        if same {
+            return None;
+        }
+        let (seen, result) = match read {
+            Ok(bytes) => {
+                let result = parse_bytes(&self.path, &bytes);
+                (Seen::Bytes(bytes), result)
+            }
+            Err(e) => (
+                Seen::Unreadable(e.kind()),
+                Err(format!("{}: cannot read: {e}", self.path.display())),
+            ),
+        };
+        self.seen = Some(seen);
+        let recovered = std::mem::replace(&mut self.failing, result.is_err());
+        Some(result.map(|table| (table, recovered)))
     }
 }
 
@@ -275,5 +329,112 @@ name = "empty:80"
                 "{text:?} gave {e}"
             );
         }
+    }
+
+    const GOOD: &str = "[[service]]\nname = \"web:80\"\nendpoints = [{ addr = \"10.0.0.1:80\" }]\n";
+
+    #[test]
+    fn a_lasting_failure_is_reported_once_per_state_change() {
+        let mut f = Follow {
+            path: PathBuf::from("eps.toml"),
+            seen: Some(Seen::Bytes(GOOD.into())),
+            failing: false,
+        };
+        let missing = || Err(std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert!(f.step(Ok(GOOD.into())).is_none(), "unchanged file");
+        assert!(matches!(f.step(missing()), Some(Err(e)) if e.contains("cannot read")));
+        for _ in 0..5 {
+            assert!(
+                f.step(missing()).is_none(),
+                "a file still missing is news only once"
+            );
+        }
+        // missing → unreadable for another reason → invalid: each is a change.
+        let denied = Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        assert!(matches!(f.step(denied), Some(Err(_))));
+        assert!(
+            matches!(f.step(Ok(b"[[service]\n".to_vec())), Some(Err(e)) if e.contains("line 1"))
+        );
+        assert!(
+            f.step(Ok(b"[[service]\n".to_vec())).is_none(),
+            "same bad bytes"
+        );
+        // Recovery says so, once.
+        assert!(matches!(f.step(Ok(GOOD.into())), Some(Ok((t, true))) if t.len() == 1));
+        assert!(f.step(Ok(GOOD.into())).is_none());
+        // A later edit is an ordinary reload, not a recovery.
+        let edited = GOOD.replace("10.0.0.1", "10.0.0.2");
+        assert!(matches!(
+            f.step(Ok(edited.into_bytes())),
+            Some(Ok((_, false)))
+        ));
+    }
+
+    /// Log lines written while the guard lives (this thread only, so parallel tests do not mix).
+    #[derive(Clone, Default)]
+    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Logs {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deleted_file_logs_one_warning_across_many_polls() {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        // current-thread runtime: the spawned poller runs on this thread, under this default.
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let dir = std::env::temp_dir().join(format!("remora-file-source-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("endpoints.toml");
+        std::fs::write(&path, GOOD).unwrap();
+        let registry = Registry::new();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let mut source = FileSource::new(path.clone());
+        source.poll = Duration::from_millis(10);
+        registry.replace_all(source.load().unwrap());
+        let task = tokio::spawn(source.run(registry.clone(), metrics.clone()));
+
+        std::fs::remove_file(&path).unwrap();
+        // At least 20 polls of a missing file.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let text = logs.text();
+        assert_eq!(
+            text.matches("WARN").count(),
+            1,
+            "one warning for a file that stays missing:\n{text}"
+        );
+        assert!(text.contains("cannot read"), "{text}");
+        assert_eq!(metrics.source_reload_failures.get(), 1);
+        assert_eq!(registry.services(), 1, "the last good table keeps serving");
+
+        std::fs::write(&path, GOOD).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        task.abort();
+        let text = logs.text();
+        assert_eq!(text.matches("WARN").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("valid again").count(),
+            1,
+            "one line when the file is back:\n{text}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
