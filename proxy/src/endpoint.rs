@@ -108,6 +108,25 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 impl EndpointError {
     /// True when the request certainly never reached the upstream application.
+    /// The request failed because the *client's* body broke (bad chunk framing, a reset
+    /// upload): the client's error, not the endpoint's.
+    pub fn is_client_body(&self) -> bool {
+        let EndpointError::Request { source, .. } = self else {
+            return false;
+        };
+        if !source.is_user() {
+            return false;
+        }
+        let mut cur = std::error::Error::source(source);
+        while let Some(err) = cur {
+            if err.downcast_ref::<hyper::Error>().is_some() {
+                return true;
+            }
+            cur = err.source();
+        }
+        false
+    }
+
     pub fn is_connect(&self) -> bool {
         matches!(
             self,
@@ -152,6 +171,9 @@ pub struct Endpoint {
     h2_connect: tokio::sync::Mutex<()>,
     h2_failed: Mutex<Option<(Instant, std::io::ErrorKind, String)>>,
     h1: Mutex<Vec<http1::SendRequest<UpstreamBody>>>,
+    /// The endpoint answered the HTTP/2 preface in HTTP/1: HTTP/2 requests are sent to it
+    /// translated to HTTP/1.1 (an app that only speaks HTTP/1, as Linkerd also handles).
+    h1_only: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -181,6 +203,7 @@ impl Endpoint {
             h2_connect: tokio::sync::Mutex::new(()),
             h2_failed: Mutex::new(None),
             h1: Mutex::new(Vec::new()),
+            h1_only: Default::default(),
         }
     }
 
@@ -344,7 +367,11 @@ impl Endpoint {
             m.in_flight.inc();
         }
         let res = if req.version() == http::Version::HTTP_2 {
-            self.send_h2(req, &dispatched).await
+            if self.h1_only.load(std::sync::atomic::Ordering::Relaxed) {
+                self.send_h1(to_http1(req), &dispatched).await
+            } else {
+                self.send_h2(req, &dispatched).await
+            }
         } else {
             self.send_h1(req, &dispatched).await
         };
@@ -355,7 +382,7 @@ impl Endpoint {
         if let Some(m) = &self.metrics {
             m.in_flight.dec();
             m.latency.set(self.load.rtt().as_secs_f64());
-            if matches!(&res, Err(e) if !e.error.is_connect()) {
+            if matches!(&res, Err(e) if !e.error.is_connect() && !e.error.is_client_body()) {
                 m.failures.inc();
             }
         }
@@ -413,6 +440,26 @@ impl Endpoint {
             *req.version_mut() = version;
             *req.headers_mut() = headers;
             return Box::pin(self.h2_retry(req, dispatched)).await;
+        }
+        // The endpoint answered the preface in HTTP/1 (it never saw a request): from now on it
+        // gets HTTP/1.1, this request first.
+        if answered_in_http1(&error)
+            && let Some(body) = Box::pin(replay.body()).await
+        {
+            if !self
+                .h1_only
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::info!(addr = %self.addr, "endpoint does not speak HTTP/2; translating HTTP/2 requests to HTTP/1.1 for it");
+            }
+            self.forget_h2();
+            let (method, uri, version, headers) = head;
+            let mut req = Request::new(body);
+            *req.method_mut() = method;
+            *req.uri_mut() = uri;
+            *req.version_mut() = version;
+            *req.headers_mut() = headers;
+            return Box::pin(self.send_h1(to_http1(req), dispatched)).await;
         }
         Err(self.request_error(error))
     }
@@ -635,4 +682,41 @@ impl Endpoint {
         }
         Ok(sender)
     }
+}
+
+/// True when an HTTP/2 connection failed because the peer answered in HTTP/1 (`HTTP/1.1 400`
+/// read as a frame header is far beyond the maximum frame size) or with other non-frames.
+fn answered_in_http1(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return !h2.is_remote()
+                && matches!(
+                    h2.reason(),
+                    Some(h2::Reason::FRAME_SIZE_ERROR | h2::Reason::PROTOCOL_ERROR)
+                );
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// An HTTP/2 request as HTTP/1.1: origin-form target, `Host` from the authority.
+fn to_http1<B>(mut req: Request<B>) -> Request<B> {
+    *req.version_mut() = http::Version::HTTP_11;
+    if let Some(auth) = req.uri().authority().map(|a| a.as_str().to_string())
+        && !req.headers().contains_key(http::header::HOST)
+        && let Ok(v) = http::HeaderValue::from_str(&auth)
+    {
+        req.headers_mut().insert(http::header::HOST, v);
+    }
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    if let Ok(u) = pq.parse::<http::Uri>() {
+        *req.uri_mut() = u;
+    }
+    req
 }

@@ -66,6 +66,9 @@ impl ForwardError {
     pub fn status(&self) -> StatusCode {
         match self {
             ForwardError::NoAuthority | ForwardError::BadAuthority(_) => StatusCode::BAD_REQUEST,
+            ForwardError::Endpoint { source, .. } if source.is_client_body() => {
+                StatusCode::BAD_REQUEST
+            }
             ForwardError::Resolve(_) | ForwardError::Pick(_) => StatusCode::SERVICE_UNAVAILABLE,
             ForwardError::ConnectInbound => StatusCode::METHOD_NOT_ALLOWED,
             ForwardError::Endpoint { .. }
@@ -79,6 +82,9 @@ impl ForwardError {
             ForwardError::NoAuthority
             | ForwardError::BadAuthority(_)
             | ForwardError::ConnectInbound => ErrorKind::BadRequest,
+            ForwardError::Endpoint { source, .. } if source.is_client_body() => {
+                ErrorKind::BadRequest
+            }
             ForwardError::Resolve(_) | ForwardError::Pick(PickError::Empty { .. }) => {
                 ErrorKind::NoEndpoints
             }

@@ -211,6 +211,19 @@ impl Proxy {
         ));
         tokio::spawn(inbound.serve(self.inbound, in_drain.clone()));
         tokio::spawn(outbound.serve(self.outbound, out_drain.clone()));
+        // Bursts (many connections, large bodies) leave freed heap in glibc's arenas; hand it
+        // back to the system so RSS returns to idle after the burst (cheap on a small heap).
+        #[cfg(target_env = "gnu")]
+        let trim = tokio::spawn(async {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                // SAFETY: malloc_trim only walks the allocator's own free lists.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+            }
+        });
         let stop_admin = CancellationToken::new();
         tokio::spawn(admin::serve(self.admin, state.clone(), stop_admin.clone()));
         state.ready.store(true, Ordering::Release);
@@ -256,6 +269,8 @@ impl Proxy {
         if let Some(t) = identity_task {
             t.abort();
         }
+        #[cfg(target_env = "gnu")]
+        trim.abort();
         if cut > 0 {
             tracing::warn!(
                 cut,

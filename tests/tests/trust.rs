@@ -647,3 +647,218 @@ async fn malformed_authorities_get_400() {
         0
     );
 }
+
+/// An HTTP/2 + HTTP/1 app: `GET` answers 4 MiB; `POST` never reads the body (a slow app).
+async fn big_app() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind(loopback0())
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        if req.method() == hyper::Method::POST {
+                            // Hold the body unread for a long time.
+                            tokio::time::sleep(Duration::from_secs(120)).await;
+                            drop(req);
+                        }
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(Bytes::from(vec![7u8; 4 << 20])),
+                        ))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn h2_client(
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(65_535)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2");
+    tokio::spawn(conn);
+    send
+}
+
+/// Finding 6: clients whose streams stop reading (zero window) must not stall the other
+/// clients sharing the proxy's upstream HTTP/2 connection — inbound, and outbound→inbound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_h2_streams_do_not_delay_other_clients() {
+    let app = big_app().await;
+    let paths = Paths::start(app, |_| {}).await;
+    let [inbound, _, mesh] = paths.routes();
+    for route in [inbound, mesh] {
+        // The attacker: five streams that never read their 4 MiB answers.
+        let mut attacker = h2_client(route.addr).await;
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            let req = hyper::Request::get(format!("http://{}/big", route.authority))
+                .body(http_body_util::Full::new(Bytes::new()))
+                .expect("request");
+            let rsp = tokio::time::timeout(WAIT, attacker.send_request(req))
+                .await
+                .expect("head in time")
+                .expect("head");
+            held.push(rsp); // body never polled
+        }
+        // Another client is served whole, in time.
+        let mut other = h2_client(route.addr).await;
+        for _ in 0..3 {
+            let req = hyper::Request::get(format!("http://{}/big", route.authority))
+                .body(http_body_util::Full::new(Bytes::new()))
+                .expect("request");
+            let got = tokio::time::timeout(Duration::from_secs(10), async {
+                let rsp = other.send_request(req).await.expect("head");
+                rsp.into_body()
+                    .collect()
+                    .await
+                    .expect("body")
+                    .to_bytes()
+                    .len()
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{}: another client was stalled", route.name));
+            assert_eq!(got, 4 << 20, "{}", route.name);
+        }
+        drop(held);
+    }
+}
+
+/// Finding 7: what one client connection can make the proxy buffer for an app that does not
+/// read is bounded by the connection's HTTP/2 window, not megabytes per connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_buffered_per_connection_are_bounded() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let app = big_app().await;
+    let proxy = TestProxy::start(config(app)).await;
+    const CONNS: usize = 10;
+    const CHUNK: usize = 64 * 1024;
+    let pulled: Vec<Arc<AtomicUsize>> = (0..CONNS).map(|_| Arc::default()).collect();
+    let mut tasks = Vec::new();
+    for counter in &pulled {
+        let counter = counter.clone();
+        let addr = proxy.inbound;
+        tasks.push(tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let (mut send, conn) =
+                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .handshake::<_, CountingBody>(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .expect("h2");
+            tokio::spawn(conn);
+            let body = CountingBody {
+                left: 16 << 20,
+                chunk: CHUNK,
+                pulled: counter,
+            };
+            let req = hyper::Request::post("http://web/upload")
+                .body(body)
+                .expect("request");
+            let _ = send.send_request(req).await;
+        }));
+    }
+    // Wait until every upload has stopped moving (flow control holds it).
+    let total = || {
+        pulled
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum::<usize>()
+    };
+    let mut last = usize::MAX;
+    let mut stable = 0;
+    wait_until("uploads stop moving", async || {
+        let now = total();
+        if now == last && now > 0 {
+            stable += 1;
+        } else {
+            stable = 0;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stable >= 5
+    })
+    .await;
+    for (i, c) in pulled.iter().enumerate() {
+        let n = c.load(Ordering::Relaxed);
+        // One stream: the proxy's stream window (256 KiB) plus what the app's stream window
+        // took (64 KiB). With the old 1 MiB windows this was 1.1 MiB per stream.
+        assert!(n <= 512 << 10, "connection {i}: the proxy took {n} bytes");
+    }
+    for t in tasks {
+        t.abort();
+    }
+}
+
+/// A request body of `left` bytes, counting what the client stack pulled from it.
+struct CountingBody {
+    left: usize,
+    chunk: usize,
+    pulled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl hyper::body::Body for CountingBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = this.chunk.min(this.left);
+        this.left -= n;
+        this.pulled
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(vec![
+            1u8;
+            n
+        ])))))
+    }
+}
+
+/// Finding 13: HTTP/2 to an app that speaks only HTTP/1 is translated (not 502), and broken
+/// chunk framing from a client is the client's error (400), not the app's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_reaches_an_http1_only_app_and_bad_chunks_are_400() {
+    let app = python_server("lenient_app.py", &[]).await;
+    let proxy = TestProxy::start(config(app.addr)).await;
+    let route = Route {
+        name: "inbound",
+        addr: proxy.inbound,
+        authority: "web.test:80",
+    };
+    for _ in 0..3 {
+        let out = curl(&route, "/h2", &["--http2-prior-knowledge", "-D", "-"]).await;
+        assert_eq!(status(&out.stdout), 200, "{} {}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("path: /h2"), "{}", out.stdout);
+    }
+    let echo = EchoApp::start().await;
+    let proxy = TestProxy::start(config(echo.addr)).await;
+    let reply = exchange(
+        proxy.inbound,
+        b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          zz\r\nbody\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+}
