@@ -1,0 +1,52 @@
+//! The control plane's endpoints file: `remora_control_plane::source::file::parse` (what
+//! `FileSource::load` and each poll apply after the UTF-8 and not-empty checks) on fuzzed
+//! TOML text.
+//!
+//! Invariants:
+//! - errors name the file and a line that exists (`eps.toml: line N: …`, 1 <= N <= lines + 1),
+//!   or the file alone;
+//! - a table it accepts has normalized `host:port` names, weights in 1..=MAX_WEIGHT and no
+//!   address twice within a service.
+#![no_main]
+
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use remora_control_plane::source::file::parse;
+use remora_proxy::config::{MAX_WEIGHT, normalize_authority};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if text.trim().is_empty() {
+        return; // refused before parse
+    }
+    match parse(Path::new("eps.toml"), text) {
+        Ok(table) => {
+            for (name, eps) in &table {
+                assert_eq!(normalize_authority(name).as_deref(), Some(name.as_str()));
+                for (i, e) in eps.iter().enumerate() {
+                    assert!((1..=MAX_WEIGHT).contains(&e.weight));
+                    assert!(
+                        eps[..i].iter().all(|x| x.addr != e.addr),
+                        "{} twice",
+                        e.addr
+                    );
+                }
+            }
+        }
+        Err(e) => {
+            let rest = e.strip_prefix("eps.toml: ").expect("errors name the file");
+            if let Some(after) = rest.strip_prefix("line ") {
+                let n: usize = after
+                    .split(':')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .expect("a line number");
+                let lines = text.matches('\n').count() + 1;
+                assert!((1..=lines).contains(&n), "line {n} of {lines}");
+            }
+        }
+    }
+});
