@@ -31,6 +31,16 @@ impl AdminState {
         self.ready.load(Ordering::Acquire)
             && !self.draining.load(Ordering::Acquire)
             && self.identity.as_ref().is_none_or(|i| i.current().is_some())
+            && self.expired_at().is_none()
+    }
+
+    /// When the current certificate expired, if the clock says it has (60 s of skew allowed,
+    /// as validation does): a proxy presenting it is refused by its peers, so it is not ready.
+    fn expired_at(&self) -> Option<std::time::SystemTime> {
+        let current = self.identity.as_ref()?.current()?;
+        let not_after = current.creds.not_after;
+        (std::time::SystemTime::now() > not_after + std::time::Duration::from_secs(60))
+            .then_some(not_after)
     }
 }
 
@@ -85,6 +95,14 @@ fn handle(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Respo
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else if state.is_ready() {
                 text(StatusCode::OK, "ready\n")
+            } else if let Some(at) = state.expired_at() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "not ready: this proxy's certificate expired at {}; check the clock and the certificate renewal\n",
+                        remora_certs::validate::human_time(at)
+                    ),
+                )
             } else if state
                 .identity
                 .as_ref()

@@ -161,28 +161,49 @@ enum Like {
     Partial,
 }
 
-/// Could a lenient HTTP/1 server take these bytes for a request? Optional leading white space
-/// (CR, LF, SP, HTAB), then a method-like token, then SP or HTAB. That is what every HTTP/1
-/// parser needs at the least (HTTP/0.9's `GET /a` included); protocols that really are not
-/// HTTP (binary framing, TLS, RESP's `*1\r\n`, `PING\r\n`) do not look like that.
+/// White space as the most lenient HTTP/1 parsers split a request line on: Python's
+/// `str.split()` over the latin-1 line (http.server, wsgiref) splits on all of these, so
+/// `\x0cGET\x0b/\xa0HTTP/1.1` is a request there (found in review).
+fn is_lenient_ws(b: u8) -> bool {
+    matches!(
+        b,
+        b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | 0x1c..=0x1f | b' ' | 0x85 | 0xa0
+    )
+}
+
+/// Could a lenient HTTP/1 server take these bytes for a request? Optional leading white space,
+/// a method-like token, white space, then anything on the same line (a target). That is what
+/// every HTTP/1 parser needs at the least (HTTP/0.9's `GET /a` included). A one-word line
+/// (`PING\r\n`, RESP's `*1\r\n`) is no request line anywhere, and binary framing starts with
+/// a byte outside the token and white-space sets (`\x00`, `\x16`...).
 fn http_like(buf: &[u8]) -> Like {
     // Judged on the first bytes only, so that the answer never depends on how many bytes
     // arrived (found by fuzzing: 64 token bytes were refused in small reads but passed as
     // opaque in one read when a non-token byte followed). Undecided after them: refused.
     const WINDOW: usize = 64;
     let buf = &buf[..buf.len().min(WINDOW)];
-    let full = buf.len() == WINDOW;
-    let ws = buf
-        .iter()
-        .take_while(|b| matches!(b, b'\r' | b'\n' | b' ' | b'\t'))
-        .count();
+    let undecided = if buf.len() == WINDOW {
+        Like::Yes
+    } else {
+        Like::Partial
+    };
+    let ws = buf.iter().take_while(|b| is_lenient_ws(**b)).count();
     let rest = &buf[ws..];
     let token = rest.iter().take_while(|b| is_tchar(**b)).count();
-    match rest.get(token) {
-        None if full => Like::Yes,
-        None => Like::Partial,
-        Some(b' ' | b'\t') if token > 0 => Like::Yes,
-        Some(_) => Like::No,
+    if token == 0 {
+        return if rest.is_empty() { undecided } else { Like::No };
+    }
+    let rest = &rest[token..];
+    let gap = rest
+        .iter()
+        .take_while(|b| is_lenient_ws(**b) && **b != b'\n')
+        .count();
+    match (gap, rest.get(gap)) {
+        (_, None) => undecided,
+        // The line ended after one word.
+        (_, Some(b'\n')) => Like::No,
+        (0, Some(_)) => Like::No,
+        (_, Some(_)) => Like::Yes,
     }
 }
 
@@ -264,9 +285,28 @@ mod tests {
             (b"GET /\xc3\xa9 HTTP/1.1\r\n", Some(M)),
             (b"hello world\n", Some(M)),
             (&[b' '; 100], Some(M)),
+            // Review findings: Python splits on these, so they are HTTP-like.
+            (b"\x0cGET / HTTP/1.1\r\n", Some(M)),
+            (b"\x0bGET / HTTP/1.1\r\n", Some(M)),
+            (b"\x1fGET / HTTP/1.1\r\n", Some(M)),
+            (b"GET\x0c/\x0cHTTP/1.1\r\n", Some(M)),
+            (b"GET\x85/\x85HTTP/1.1\r\n", Some(M)),
+            (b"GET\xa0/\xa0HTTP/1.1\r\n", Some(M)),
+            (b"GET\x1d/\x1eHTTP/1.1\r\n", Some(M)),
+            (b"GET\r/\rHTTP/1.1\r\n", Some(M)),
+            // One-word lines and binary framing stay opaque.
+            (b"PING\r\n", opaque),
+            (b"*1\r\n", opaque),
+            (
+                b"\x00\x00\x00\x45\x00\x03\x00\x09\x00\x00\x00\x01\x00\x0aconsumer-1\x00",
+                opaque,
+            ),
             // Fuzzer finding: the decision at 64 bytes holds whatever follows.
             (&[b'A'; 64], Some(M)),
-            (b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA@", Some(M)),
+            (
+                b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA@",
+                Some(M),
+            ),
         ];
         for (bytes, want) in table {
             assert_eq!(

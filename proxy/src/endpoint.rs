@@ -366,6 +366,13 @@ impl Endpoint {
             m.requests.inc();
             m.in_flight.inc();
         }
+        // Taken off the load however the send ends: a caller that gives up (a gRPC deadline,
+        // a client gone) drops this future mid-way, and the endpoint must not stay "busy"
+        // for ever (found by the fault tests).
+        let mut pending = Pending {
+            ep: self,
+            done: false,
+        };
         let res = if req.version() == http::Version::HTTP_2 {
             if self.h1_only.load(std::sync::atomic::Ordering::Relaxed) {
                 self.send_h1(to_http1(req), &dispatched).await
@@ -375,6 +382,7 @@ impl Endpoint {
         } else {
             self.send_h1(req, &dispatched).await
         };
+        pending.done = true;
         match &res {
             Ok(_) => self.load.finish(dispatched.elapsed()),
             Err(_) => self.load.abandon(),
@@ -719,4 +727,21 @@ fn to_http1<B>(mut req: Request<B>) -> Request<B> {
         *req.uri_mut() = u;
     }
     req
+}
+
+/// An in-flight send's share of its endpoint's load, given back if the send is dropped.
+struct Pending<'a> {
+    ep: &'a Endpoint,
+    done: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.ep.load.abandon();
+            if let Some(m) = &self.ep.metrics {
+                m.in_flight.dec();
+            }
+        }
+    }
 }

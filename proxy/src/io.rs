@@ -312,8 +312,15 @@ pub async fn first_speaker<C: AsyncRead + Unpin>(
             UpstreamIo::Tls(_) => std::future::pending().await,
         }
     };
+    // Bounded like a tunnel: a connection on which nobody ever speaks is closed after
+    // TUNNEL_IDLE_TIMEOUT instead of holding a slot and an app connection for ever.
+    let idle = tokio::time::sleep(TUNNEL_IDLE_TIMEOUT);
     tokio::select! {
         biased;
+        _ = idle => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "neither side spoke; closed",
+        )),
         n = client.read(&mut buf) => match n? {
             0 => Err(std::io::ErrorKind::UnexpectedEof.into()),
             n => {

@@ -86,30 +86,25 @@ impl Rules {
         self.internal(rsp.headers_mut());
     }
 
-    fn internal(&self, headers: &mut HeaderMap) {
-        let doomed = |k: &HeaderName| {
-            self.exact.contains(k)
-                || self
-                    .prefixes
-                    .iter()
-                    .any(|p| k.as_str().starts_with(p.as_str()))
+    /// True when `name` is stripped: by the list, or always (the peer identity). Names with
+    /// `_` are judged as if it were `-`: CGI/WSGI servers map both to `HTTP_X_REMORA_CLIENT_ID`,
+    /// so `x_remora_client_id` would otherwise be a forgery (found in review).
+    fn doomed(&self, name: &HeaderName) -> bool {
+        let matches = |n: &str| {
+            n == CLIENT_ID_HEADER.as_str()
+                || self.exact.iter().any(|e| e.as_str() == n)
+                || self.prefixes.iter().any(|p| n.starts_with(p.as_str()))
         };
-        if !headers.keys().any(doomed) {
+        let n = name.as_str();
+        matches(n) || (n.contains('_') && matches(&n.replace('_', "-")))
+    }
+
+    fn internal(&self, headers: &mut HeaderMap) {
+        // One pass over the names; allocates only when something matches.
+        if !headers.keys().any(|k| self.doomed(k)) {
             return;
         }
-        for name in &self.exact {
-            headers.remove(name);
-        }
-        // Allocates only when something matches.
-        let doomed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| {
-                self.prefixes
-                    .iter()
-                    .any(|p| k.as_str().starts_with(p.as_str()))
-            })
-            .cloned()
-            .collect();
+        let doomed: Vec<HeaderName> = headers.keys().filter(|k| self.doomed(k)).cloned().collect();
         for name in doomed {
             headers.remove(name);
         }
@@ -334,6 +329,8 @@ mod tests {
             .header("upgrade", "h2c")
             .header("x-envoy-upstream-service-time", "3")
             .header("x-remora-client-id", "spiffe://evil")
+            .header("x_remora_client_id", "spiffe://evil")
+            .header("X_Envoy_Original_Path", "/x")
             .header("x-debug", "1")
             .header("x-kept", "1")
             .body(())
@@ -348,6 +345,8 @@ mod tests {
             "upgrade",
             "x-envoy-upstream-service-time",
             "x-remora-client-id",
+            "x_remora_client_id",
+            "x_envoy_original_path",
             "x-debug",
         ] {
             assert!(!h.contains_key(gone), "{gone} survived");

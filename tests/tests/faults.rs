@@ -471,7 +471,7 @@ async fn p2c_avoids_a_hung_endpoint() {
     assert_eq!(http_get(proxy.admin, "/ready").await.unwrap().0, 200);
 }
 
-/// MISSING (found while writing the tests above): a request cancelled by its caller — a gRPC
+/// Found missing while writing the tests above, fixed (a drop guard in `Endpoint::send`): a request cancelled by its caller — a gRPC
 /// deadline, a client that gave up — is never taken off its endpoint's load. In
 /// `proxy/src/endpoint.rs`, `Endpoint::send` calls `self.load.start()` and
 /// `m.in_flight.inc()` before awaiting the upstream and only undoes them after the await
@@ -483,7 +483,6 @@ async fn p2c_avoids_a_hung_endpoint() {
 /// good: the hung endpoint's 4 cancelled calls never leave its cost.) Fix: a drop guard in
 /// `Endpoint::send` that calls `abandon()` and `in_flight.dec()`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "missing: Endpoint::send (proxy/src/endpoint.rs) leaks PeakEwma pending and remora_endpoint_requests_in_flight when the request is cancelled"]
 async fn cancelled_requests_leave_the_endpoint_load() {
     let hung = Hung::start().await;
     let proxy = outbound_to(&[hung.addr]).await;
@@ -1021,7 +1020,7 @@ const TWO_HOURS: i64 = 2 * 3600;
 /// certificate still gets through — plaintext is still served and the process stays up. When
 /// the clock is back, the same process (no restart, no reload) serves mTLS to every peer
 /// again. What it does *not* do while ahead is in
-/// `a_clock_past_the_leafs_expiry_makes_the_proxy_not_ready` (ignored: missing).
+/// `a_clock_past_the_leafs_expiry_makes_the_proxy_not_ready` (was missing; fixed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clock_jump_past_expiry_and_back() {
     let pki = Pki::new("cluster.local");
@@ -1119,7 +1118,7 @@ async fn clock_jump_past_expiry_and_back() {
     );
 }
 
-/// MISSING: a proxy whose clock has passed its own certificate's expiry does not notice. The
+/// Found missing, fixed (`AdminState::is_ready` checks the validity window): a proxy whose clock has passed its own certificate's expiry does not notice. The
 /// identity is validated only when the files' bytes change (`IdentityStore::watch` in
 /// `proxy/src/identity.rs` compares contents; `consider_from` checks the validity window),
 /// and `/ready` only asks whether an identity is held (`AdminState::is_ready` in
@@ -1130,7 +1129,6 @@ async fn clock_jump_past_expiry_and_back() {
 /// Expected: `/ready` 503 naming the expiry while the current identity is outside its
 /// validity window (with the 60 s skew), ready again when the clock comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "missing: an expired current identity is not noticed (identity.rs IdentityStore::watch revalidates only on file changes; admin.rs AdminState::is_ready checks only that one is held)"]
 async fn a_clock_past_the_leafs_expiry_makes_the_proxy_not_ready() {
     let pki = Pki::new("cluster.local");
     let app = EchoApp::start().await;

@@ -178,6 +178,11 @@ async fn http_like_bytes_are_refused_not_tunnelled() {
         "GET /a HTTP/1.1 \r\n",
         "GET /a HTTP/1.2\r\n",
         "GET /\u{e9} HTTP/1.1\r\n",
+        // Found in review: Python's str.split() white space.
+        "\x0cGET /a HTTP/1.1\r\n",
+        "GET\x0b/a HTTP/1.1\r\n",
+        "GET\x1c/a\x1dHTTP/1.1\r\n",
+        "GET\r/a\rHTTP/1.1\r\n",
     ] {
         // The app itself takes it (shown on a direct connection), forged header and all...
         let direct = exchange(app.addr, format!("{line}{tail}").as_bytes()).await;
@@ -869,4 +874,36 @@ async fn h2_reaches_an_http1_only_app_and_bad_chunks_are_400() {
     )
     .await;
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+}
+
+/// Found in review: CGI/WSGI servers map `x_remora_client_id` to the same variable as
+/// `x-remora-client-id`, so the underscore spelling is stripped as well (HTTP/1 and HTTP/2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscore_spellings_of_internal_headers_are_stripped() {
+    let app = EchoApp::start().await;
+    let proxy = TestProxy::start(config(app.addr)).await;
+    let route = Route {
+        name: "inbound",
+        addr: proxy.inbound,
+        authority: "web.test:80",
+    };
+    for proto in ["--http1.1", "--http2-prior-knowledge"] {
+        let out = curl(
+            &route,
+            "/headers",
+            &[
+                proto,
+                "-H",
+                &format!("x_remora_client_id: {FORGED}"),
+                "-H",
+                "X_Envoy_Internal: true",
+                "-H",
+                "x_kept: 1",
+            ],
+        )
+        .await;
+        assert!(out.stdout.contains("x_kept: 1"), "{proto}: {}", out.stdout);
+        assert!(!out.stdout.contains(FORGED), "{proto}: {}", out.stdout);
+        assert!(!out.stdout.contains("envoy"), "{proto}: {}", out.stdout);
+    }
 }
