@@ -109,21 +109,29 @@ fn connection_named(h: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// A name as CGI/WSGI servers see it: `_` and `-` are the same (the proxy strips by this).
+fn norm(n: &HeaderName) -> String {
+    n.as_str().replace('_', "-")
+}
+
 fn check(before: &HeaderMap, after: &HeaderMap, upgrade: bool, rules: &[String]) {
     let rule_hit = |n: &HeaderName| {
+        let n = norm(n);
         rules.iter().any(|r| {
             let r = r.to_ascii_lowercase();
             match r.strip_suffix('*') {
-                Some(p) => n.as_str().starts_with(p),
-                None => n.as_str() == r,
+                Some(p) => n.starts_with(p),
+                None => n == r,
             }
         })
     };
     for n in after.keys() {
         assert!(!ALWAYS_GONE.contains(&n.as_str()), "{n} survived");
-        assert!(!n.as_str().starts_with("x-envoy-"), "{n} survived");
-        assert!(!n.as_str().starts_with("x-remora-"), "{n} survived");
+        assert!(norm(n) != "x-remora-client-id", "{n} survived");
+        assert!(!norm(n).starts_with("x-envoy-"), "{n} survived");
+        assert!(!norm(n).starts_with("x-remora-"), "{n} survived");
         assert!(!rule_hit(n), "{n} survived although a strip entry names it");
+        assert!(n != "http2-settings", "http2-settings survived");
     }
     let conn: Vec<_> = after.get_all("connection").iter().collect();
     if upgrade && !rule_hit(&http::header::CONNECTION) {
@@ -152,8 +160,9 @@ fn check(before: &HeaderMap, after: &HeaderMap, upgrade: bool, rules: &[String])
     // Everything else is left alone.
     let scrubbed = |n: &HeaderName| {
         ALWAYS_GONE.contains(&n.as_str())
-            || n.as_str().starts_with("x-envoy-")
-            || n.as_str().starts_with("x-remora-")
+            || norm(n).starts_with("x-envoy-")
+            || norm(n).starts_with("x-remora-")
+            || n == "http2-settings"
             || rule_hit(n)
             || named.contains(n)
             || n == "connection"
