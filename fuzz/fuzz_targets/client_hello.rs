@@ -57,23 +57,12 @@ fn differential(record: &[u8], got: &Hello) {
         .server_name()
         .map(str::to_ascii_lowercase);
     match got {
-        Hello::Complete { sni } => assert!(
-            sni == &theirs || known_trailing_dot(sni, &theirs),
+        Hello::Complete { sni } => assert_eq!(
+            sni, &theirs,
             "rustls read server name {theirs:?}, the peek read {sni:?}"
         ),
         other => panic!(
             "rustls accepted this ClientHello (server name {theirs:?}), the peek said {other:?}"
         ),
-    }
-}
-
-/// Known, reported (fuzz/crashes-to-fix/client_hello/): rustls drops one trailing dot of the
-/// server name (`example.co.` → `example.co`), the peek keeps it, so a client that writes the
-/// proxy's name as an absolute name (`web.default.sa.cluster.local.`) is taken for another
-/// name. Tolerated here, only that, until proxy/src/tls.rs strips the dot too.
-fn known_trailing_dot(peek: &Option<String>, rustls: &Option<String>) -> bool {
-    match (peek, rustls) {
-        (Some(p), Some(r)) => p.strip_suffix('.') == Some(r.as_str()),
-        _ => false,
     }
 }
