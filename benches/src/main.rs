@@ -1,7 +1,8 @@
 //! remora's benchmark harness. Scenario so far: one hop, h2c, small responses from nghttpd,
 //! fixed concurrency — direct (the baseline row) against remora's inbound.
 //!
-//!   cargo run -p benches --release -- [compare|one-hop|rolling-restart|balance|mtls|control|all] [--quick]
+//!   cargo run -p benches --release -- [compare|one-hop|rolling-restart|balance|mtls|control|soak|all] [--quick]
+//!   (`soak` is long: 30 min by default, `--duration`, `--quick` for 20 s; `all` runs it only with `--soak`)
 //!
 //! Method: the proxy under test is pinned to CPU 0, the load generator and the backend to CPU 1
 //! (taskset), a warm-up run precedes the counted runs, CPU time is read from /proc/PID/stat of
@@ -14,6 +15,7 @@ mod control;
 mod load;
 mod mtls;
 mod peers;
+mod soak;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -396,13 +398,18 @@ fn main() -> std::process::ExitCode {
         Some("mtls") => mtls::run(quick),
         Some("compare") => compare::run(quick),
         Some("control") => control::run(quick),
+        Some("soak") => soak::run(quick, &args[1..]),
         Some("all") | Some("--quick") | None => compare::run(quick)
             .and_then(|()| rolling_restart(quick))
             .and_then(|()| balance::run(quick))
             .and_then(|()| mtls::run(quick))
-            .and_then(|()| control::run(quick)),
+            .and_then(|()| control::run(quick))
+            .and_then(|()| match args.iter().any(|a| a == "--soak") {
+                true => soak::run(quick, &args[1..]),
+                false => Ok(()),
+            }),
         Some(other) => Err(format!(
-            "unknown scenario `{other}`; scenarios: compare, one-hop, rolling-restart, balance, mtls, control, all"
+            "unknown scenario `{other}`; scenarios: compare, one-hop, rolling-restart, balance, mtls, control, soak, all"
         )),
     };
     report(result)
