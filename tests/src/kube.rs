@@ -1,4 +1,4 @@
-//! A real Kubernetes API server for tests (`shared/kube/apiserver.sh`: etcd + the upstream
+//! A real Kubernetes API server for tests (`tests/kube/apiserver.sh`: etcd + the upstream
 //! apiextensions-apiserver, serving `discovery.k8s.io/v1` EndpointSlices only), and helpers to
 //! write EndpointSlices to it with curl and the admin client certificate.
 //!
@@ -25,17 +25,12 @@ pub struct ApiServer {
 
 static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
 
-/// `REMORA_APISERVER_SH`, else `<workspace>/../shared/kube/apiserver.sh`, else
-/// `/work/shared/kube/apiserver.sh`.
+/// `REMORA_APISERVER_SH`, else the copy in this repository (`tests/kube/apiserver.sh`).
 fn script() -> PathBuf {
     if let Some(p) = std::env::var_os("REMORA_APISERVER_SH") {
         return PathBuf::from(p);
     }
-    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/kube/apiserver.sh");
-    if beside.exists() {
-        return beside;
-    }
-    PathBuf::from("/work/shared/kube/apiserver.sh")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("kube/apiserver.sh")
 }
 
 /// Three distinct free loopback ports (held together while picking so they differ).
@@ -61,7 +56,7 @@ impl ApiServer {
         assert!(
             script.exists(),
             "the Kubernetes API server script is missing: {} does not exist. Set REMORA_APISERVER_SH \
-             to shared/kube/apiserver.sh, and run `apiserver.sh build` once per machine",
+             to tests/kube/apiserver.sh, and run `apiserver.sh build` once per machine",
             script.display()
         );
         let mut last_error = String::new();
