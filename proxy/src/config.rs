@@ -219,6 +219,17 @@ pub struct EndpointSpec {
     pub identity: Option<remora_certs::SpiffeId>,
 }
 
+impl EndpointSpec {
+    /// An endpoint of weight 1 without identity (plaintext).
+    pub fn new(addr: SocketAddr) -> Self {
+        EndpointSpec {
+            addr,
+            weight: 1,
+            identity: None,
+        }
+    }
+}
+
 /// Largest accepted weight; keeps cost arithmetic well away from overflow.
 pub const MAX_WEIGHT: u32 = 10_000;
 

@@ -30,10 +30,6 @@ impl Drain {
         self.graceful.cancelled().await
     }
 
-    pub fn is_draining(&self) -> bool {
-        self.graceful.is_cancelled()
-    }
-
     /// Runs a connection's task; it is dropped, logged and counted as cut if still running at
     /// the drain deadline. `what` and `peer` only name it in that log line.
     pub fn spawn<F>(&self, what: &'static str, peer: Option<SocketAddr>, task: F)

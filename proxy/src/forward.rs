@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::scrub::{Rules, Scrubbed};
+use crate::scrub::{CLIENT_ID_HEADER, Rules, Scrubbed};
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -24,8 +24,10 @@ use crate::config::normalize_authority;
 use crate::discover::{Destinations, ResolveError};
 use crate::drain::Drain;
 use crate::endpoint::{Endpoint, EndpointError};
-use crate::http::{Body, is_grpc, local_response};
+use crate::http::{is_grpc, local_response};
+use crate::scrub::Body;
 use crate::metrics::{Direction, ErrorKind, Metrics};
+use crate::hooks::{Answered, Hooks, RequestContext};
 use crate::replay::UpstreamBody;
 
 /// Where a listener's requests go.
@@ -54,6 +56,8 @@ pub enum ForwardError {
     Loop { dst: String, addr: SocketAddr },
     #[error("CONNECT is served on the outbound listener only")]
     ConnectInbound,
+    #[error("a request hook panicked (a bug in the embedding application)")]
+    HookPanicked,
     #[error("{dst}: tunnel to {addr} failed: {source}")]
     Upgrade {
         dst: String,
@@ -71,6 +75,7 @@ impl ForwardError {
             }
             ForwardError::Resolve(_) | ForwardError::Pick(_) => StatusCode::SERVICE_UNAVAILABLE,
             ForwardError::ConnectInbound => StatusCode::METHOD_NOT_ALLOWED,
+            ForwardError::HookPanicked => StatusCode::INTERNAL_SERVER_ERROR,
             ForwardError::Endpoint { .. }
             | ForwardError::Loop { .. }
             | ForwardError::Upgrade { .. } => StatusCode::BAD_GATEWAY,
@@ -96,6 +101,7 @@ impl ForwardError {
                 ErrorKind::UpstreamReset
             }
             ForwardError::Loop { .. } => ErrorKind::Loop,
+            ForwardError::HookPanicked => ErrorKind::Hook,
         }
     }
 }
@@ -112,7 +118,10 @@ pub struct Shared {
     pub local_ips: Vec<std::net::IpAddr>,
     /// For trailers of responses (request trailers are scrubbed by the `Scrub` layer).
     pub rules: Arc<Rules>,
+    /// The embedding application's request phases ([`crate::hooks`]).
+    pub hooks: Arc<dyn Hooks>,
 }
+
 
 #[derive(Clone)]
 pub struct Forward {
@@ -158,29 +167,59 @@ impl tower::Service<Request<Scrubbed>> for Forward {
                 StatusCode::FORBIDDEN,
                 is_grpc(&req),
                 "REMORA_MTLS=strict: plaintext is accepted only for the probe paths in REMORA_PROBE_PATHS; use mTLS",
-            );
+            )
+            .map(Either::Right);
             rsp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return Box::pin(std::future::ready(Ok(rsp)));
         }
         Box::pin(async move {
             let grpc = is_grpc(&req);
-            match crate::panics::catch("request", shared.forward(req)).await {
-                Some(Ok(rsp)) => Ok(rsp),
+            // Set by the `Scrub` layer from the verified peer (a client's own copy is gone).
+            let client_id = req.headers().get(&CLIENT_ID_HEADER).cloned();
+            let cx = RequestContext {
+                direction: shared.direction,
+                client_identity: client_id.as_ref().and_then(|v| v.to_str().ok()),
+                destination: None,
+                endpoint: None,
+            };
+            let (mut head, body) = req.into_parts();
+            let answered = match crate::panics::catch_sync(|| shared.hooks.on_request(&mut head, &cx)) {
+                Some(Some(local)) => Some(Ok(local.map(|b| Either::Right(Full::new(b))))),
+                Some(None) => None,
+                None => Some(Err(ForwardError::HookPanicked)),
+            };
+            let req = Request::from_parts(head, body);
+            let outcome = match answered {
+                Some(answer) => Some(answer),
+                None => crate::panics::catch("request", shared.forward(req, &cx)).await,
+            };
+            let rsp = match outcome {
+                Some(Ok(rsp)) => rsp,
                 Some(Err(e)) => {
                     shared.metrics.error(shared.direction, e.kind());
-                    tracing::info!(direction = shared.direction.as_str(), error = %e, "request failed");
-                    Ok(local_response(e.status(), grpc, &e.to_string()))
+                    tracing::info!(error = %e, "request failed");
+                    local_response(e.status(), grpc, &e.to_string()).map(Either::Right)
                 }
                 None => {
                     shared.metrics.panics.inc();
-                    Ok(local_response(
+                    local_response(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         grpc,
                         "internal error in the proxy (a bug, logged and counted in remora_panics_total)",
-                    ))
+                    )
+                    .map(Either::Right)
                 }
+            };
+            let (mut head, body) = rsp.into_parts();
+            let cx = RequestContext {
+                endpoint: head.extensions.get::<Answered>().map(|a| a.0),
+                ..cx
+            };
+            if crate::panics::catch_sync(|| shared.hooks.on_response(&mut head, &cx)).is_none() {
+                shared.metrics.error(shared.direction, ErrorKind::Hook);
             }
+            Ok(Response::from_parts(head, body))
         })
     }
 }
@@ -234,30 +273,67 @@ pub fn request_authority<B>(req: &Request<B>) -> Result<Option<String>, String> 
 }
 
 impl Shared {
-    async fn forward(&self, req: Request<Scrubbed>) -> Result<Response<Body>, ForwardError> {
-        let (dst, dest) = match &self.route {
+    async fn forward(
+        &self,
+        req: Request<Scrubbed>,
+        cx: &RequestContext<'_>,
+    ) -> Result<Response<Body>, ForwardError> {
+        let (dst, dest, req) = match &self.route {
             Route::App(app) => {
                 if req.method() == Method::CONNECT {
                     return Err(ForwardError::ConnectInbound);
                 }
-                return self.send(req, "app", app, None).await;
+                return self.send(req, "app", app, None, cx).await;
             }
             Route::Destinations(d) => {
-                let name = request_authority(&req)
-                    .map_err(ForwardError::BadAuthority)?
-                    .ok_or(ForwardError::NoAuthority)?;
+                let (head, body) = req.into_parts();
+                let chosen = crate::panics::catch_sync(|| self.hooks.choose_destination(&head, cx))
+                    .ok_or(ForwardError::HookPanicked)?;
+                let req = Request::from_parts(head, body);
+                let name = match chosen {
+                    Some(name) => normalize_authority(&name).ok_or_else(|| {
+                        ForwardError::BadAuthority(format!(
+                            "the choose_destination hook returned {name:?}, not host:port"
+                        ))
+                    })?,
+                    None => request_authority(&req)
+                        .map_err(ForwardError::BadAuthority)?
+                        .ok_or(ForwardError::NoAuthority)?,
+                };
                 // Cold paths are boxed so the per-request future stays small (it is moved into a
                 // Box for every request; its size showed up as memmove in profiles).
                 let dest = Box::pin(d.resolve(&name)).await?;
-                (name, dest)
+                (name, dest, req)
             }
         };
         let ep = Box::pin(dest.pick(None)).await?;
         self.check_loop(&dst, &ep)?;
+        let cx = RequestContext {
+            destination: Some(&dst),
+            ..*cx
+        };
         if req.method() == Method::CONNECT {
+            let req = self.upstream_phase(req, &cx, &ep)?;
             return Box::pin(self.connect(req, &dst, &dest, &ep)).await;
         }
-        self.send(req, &dst, &ep, Some(&dest)).await
+        self.send(req, &dst, &ep, Some(&dest), &cx).await
+    }
+
+    /// Phase 3: the application's last look at the head before it leaves for `ep`.
+    fn upstream_phase<B>(
+        &self,
+        req: Request<B>,
+        cx: &RequestContext<'_>,
+        ep: &Endpoint,
+    ) -> Result<Request<B>, ForwardError> {
+        let cx = RequestContext {
+            endpoint: Some(ep.addr),
+            ..*cx
+        };
+        let (mut head, body) = req.into_parts();
+        crate::panics::catch_sync(|| self.hooks.on_upstream_request(&mut head, &cx))
+            .ok_or(ForwardError::HookPanicked)?;
+        Ok(Request::from_parts(head, body))
     }
 
     fn check_loop(&self, dst: &str, ep: &Endpoint) -> Result<(), ForwardError> {
@@ -280,16 +356,18 @@ impl Shared {
         dst: &str,
         ep: &Arc<Endpoint>,
         dest: Option<&Destination>,
+        cx: &RequestContext<'_>,
     ) -> Result<Response<Body>, ForwardError> {
         let mut req = req;
         upstream_uri(&mut req, ep.addr);
+        let req = self.upstream_phase(req, cx, ep)?;
         if req.headers().contains_key(header::UPGRADE) {
             return Box::pin(self.upgrade(req, dst, ep)).await;
         }
         let Some(dest) = dest else {
             // Inbound: the app is the only endpoint.
             return match ep.send(req.map(UpstreamBody::Plain)).await {
-                Ok(rsp) => Ok(rsp.map(|b| Either::Left(Scrubbed::new(b, self.rules.clone())))),
+                Ok(rsp) => Ok(self.answered(rsp, ep)),
                 Err(e) => Err(ForwardError::Endpoint {
                     dst: dst.to_string(),
                     source: e.error,
@@ -312,7 +390,7 @@ impl Shared {
             r
         });
         let err = match ep.send(req.map(UpstreamBody::Plain)).await {
-            Ok(rsp) => return Ok(rsp.map(|b| Either::Left(Scrubbed::new(b, self.rules.clone())))),
+            Ok(rsp) => return Ok(self.answered(rsp, ep)),
             Err(e) => e,
         };
         let endpoint_error = |source| ForwardError::Endpoint {
@@ -332,10 +410,18 @@ impl Shared {
         };
         self.check_loop(dst, &other)?;
         tracing::debug!(dst, error = %err.error, retry = %other.addr, "retrying on another endpoint");
+        let retry = self.upstream_phase(retry, cx, &other)?;
         match Box::pin(other.send(retry)).await {
-            Ok(rsp) => Ok(rsp.map(|b| Either::Left(Scrubbed::new(b, self.rules.clone())))),
+            Ok(rsp) => Ok(self.answered(rsp, &other)),
             Err(e) => Err(endpoint_error(e.error)),
         }
+    }
+
+    /// An upstream response, scrubbed, marked with the endpoint that sent it.
+    fn answered(&self, rsp: Response<hyper::body::Incoming>, ep: &Endpoint) -> Response<Body> {
+        let mut rsp = rsp.map(|b| Either::Left(Scrubbed::new(b, self.rules.clone())));
+        rsp.extensions_mut().insert(Answered(ep.addr));
+        rsp
     }
 
     /// `Upgrade` (WebSocket and friends): a dedicated upstream connection; after `101` both
@@ -379,7 +465,7 @@ impl Shared {
                     }
                 });
         }
-        Ok(rsp.map(|b| Either::Left(Scrubbed::new(b, self.rules.clone()))))
+        Ok(self.answered(rsp, ep))
     }
 
     /// `CONNECT host:port`: a TCP tunnel to the destination (opaque traffic, server-speaks-first

@@ -6,16 +6,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 
 use crate::drain::Drain;
 use crate::io::ServerIo;
-use crate::listener::Stack;
-
-/// A response body: the upstream's, streamed through, or one the proxy wrote itself.
-pub type Body = Either<crate::scrub::Scrubbed, Full<Bytes>>;
 
 /// HTTP/2 flow-control window per stream, both ways: 256 KiB moves 256 MB/s at 1 ms RTT.
 pub const STREAM_WINDOW: u32 = 256 * 1024;
@@ -32,7 +28,7 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
 /// A response written by the proxy. For gRPC callers it is a trailers-only response carrying
 /// `grpc-status` (so the client sees a gRPC error, not a protocol error); for everyone else an
 /// HTTP status with a one-line plain-text body.
-pub fn local_response(status: StatusCode, grpc: bool, message: &str) -> Response<Body> {
+pub fn local_response(status: StatusCode, grpc: bool, message: &str) -> Response<Full<Bytes>> {
     if grpc {
         let code = match status {
             StatusCode::BAD_REQUEST => "13", // INTERNAL: the request could not be routed
@@ -41,7 +37,7 @@ pub fn local_response(status: StatusCode, grpc: bool, message: &str) -> Response
             StatusCode::INTERNAL_SERVER_ERROR => "13", // INTERNAL
             _ => "14",                       // UNAVAILABLE
         };
-        let mut rsp = Response::new(Either::Right(Full::new(Bytes::new())));
+        let mut rsp = Response::new(Full::new(Bytes::new()));
         let h = rsp.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -53,9 +49,7 @@ pub fn local_response(status: StatusCode, grpc: bool, message: &str) -> Response
         }
         return rsp;
     }
-    let mut rsp = Response::new(Either::Right(Full::new(Bytes::from(format!(
-        "remora: {message}\n"
-    )))));
+    let mut rsp = Response::new(Full::new(Bytes::from(format!("remora: {message}\n"))));
     *rsp.status_mut() = status;
     rsp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -78,7 +72,14 @@ fn grpc_message(msg: &str) -> String {
 }
 
 /// Serves one HTTP/1.1 connection until it ends, or until the drain asks it to finish.
-pub async fn serve_h1(io: ServerIo, svc: Stack, drain: &Drain, header_timeout: Duration) {
+pub async fn serve_h1<S, B>(io: ServerIo, svc: S, drain: &Drain, header_timeout: Duration)
+where
+    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
@@ -99,7 +100,14 @@ pub async fn serve_h1(io: ServerIo, svc: Stack, drain: &Drain, header_timeout: D
 }
 
 /// Serves one HTTP/2 connection; on drain it sends a graceful GOAWAY and lets streams finish.
-pub async fn serve_h2(io: ServerIo, svc: Stack, drain: &Drain) {
+pub async fn serve_h2<S, B>(io: ServerIo, svc: S, drain: &Drain)
+where
+    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_concurrent_streams(1024)

@@ -279,9 +279,4 @@ impl IdentityStore {
             tokio::time::sleep(POLL).await;
         }
     }
-
-    /// Loads once, synchronously (startup, tests).
-    pub fn load_now(&self) -> Result<Arc<Loaded>, String> {
-        self.consider(&self.read())
-    }
 }

@@ -6,11 +6,18 @@ use crate::config::Config;
 use crate::drain::Drain;
 use crate::endpoint::Endpoint;
 use crate::forward::{Route, Shared};
+use crate::hooks::Hooks;
 use crate::listener::Listener;
 use crate::metrics::{Direction, Metrics};
 use crate::scrub::Rules;
 
-pub fn listener(cfg: &Config, metrics: Arc<Metrics>, drain: Drain, rules: Arc<Rules>) -> Listener {
+pub(crate) fn listener(
+    cfg: &Config,
+    metrics: Arc<Metrics>,
+    drain: Drain,
+    rules: Arc<Rules>,
+    hooks: Arc<dyn Hooks>,
+) -> Listener {
     let app = Arc::new(Endpoint::new(cfg.app_addr, 1, cfg.connect_timeout, None));
     let forward = Arc::new(Shared {
         direction: Direction::Inbound,
@@ -19,6 +26,7 @@ pub fn listener(cfg: &Config, metrics: Arc<Metrics>, drain: Drain, rules: Arc<Ru
         drain,
         own_addrs: Vec::new(),
         rules: rules.clone(),
+        hooks,
         local_ips: Vec::new(),
     });
     // The app's port decides: a server-speaks-first app must not wait for detection.

@@ -35,12 +35,6 @@ impl<T> ProxyIo<T> {
     }
 }
 
-impl<T> ProxyIo<T> {
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-}
-
 impl<T> Drop for ProxyIo<T> {
     fn drop(&mut self) {
         if let Some((read, written)) = &self.counters {

@@ -1,36 +1,67 @@
-//! remora's data plane, as a library: bind a [`Proxy`] from a [`Config`] and run it.
+//! remora's data plane as a library: run the sidecar's inbound and outbound proxies inside
+//! your own program — as its ingress, egress or in-process sidecar — with your own logic at
+//! named request phases ([`Hooks`]), your own endpoint sources ([`discover::Discover`]), and
+//! its metrics in your Prometheus registry.
 //!
 //! ```no_run
+//! use remora_proxy::{Hooks, Listen, Proxy, RequestContext};
+//!
+//! struct Tag;
+//! impl Hooks for Tag {
+//!     fn on_upstream_request(&self, req: &mut http::request::Parts, _: &RequestContext<'_>) {
+//!         req.headers.insert("x-served-by", http::HeaderValue::from_static("my-app"));
+//!     }
+//! }
+//!
 //! # async fn demo() -> Result<(), remora_proxy::Error> {
-//! let proxy = remora_proxy::Proxy::bind(remora_proxy::Config::default()).await?;
-//! println!("admin on {}", proxy.admin_addr());
-//! proxy.run(async { let _ = tokio::signal::ctrl_c().await; }).await;
-//! # Ok(()) }
+//! let mut registry = prometheus_client::registry::Registry::default();
+//! let proxy = Proxy::builder()
+//!     .app("127.0.0.1:8080".parse().unwrap()) // inbound traffic goes here
+//!     .inbound(Listen::Addr("0.0.0.0:4143".parse().unwrap()))
+//!     .outbound(Listen::Off) // this program makes no calls through remora
+//!     .admin(Listen::Off)
+//!     .hooks(Tag)
+//!     .registry(&mut registry) // remora_* metrics beside yours
+//!     .bind()
+//!     .await?;
+//! let running = proxy.spawn();
+//! running.ready().await;
+//! // … later: drain connections in flight, then stop.
+//! running.shutdown();
+//! let report = running.wait().await;
+//! # let _ = report; Ok(()) }
 //! ```
+//!
+//! Everything that is not re-exported here is private: the request path inside
+//! (detection, mTLS, scrubbing, balancing) is described in ARCHITECTURE.md.
 
-pub mod admin;
-pub mod balance;
-pub mod cli;
-pub mod config;
-pub mod control;
-pub mod decide;
-pub mod detect;
+mod admin;
+mod balance;
+mod config;
+mod control;
+mod decide;
+mod detect;
+mod direction;
 pub mod discover;
-pub mod drain;
-pub mod endpoint;
-pub mod forward;
-pub mod http;
-pub mod identity;
-pub mod inbound;
-pub mod io;
-pub mod job;
-pub mod listener;
-pub mod metrics;
-pub mod outbound;
-pub mod panics;
-pub mod replay;
-pub mod scrub;
-pub mod tls;
+mod drain;
+mod endpoint;
+mod forward;
+mod hooks;
+mod http;
+mod identity;
+mod inbound;
+mod io;
+mod listener;
+mod metrics;
+mod outbound;
+mod panics;
+mod replay;
+mod scrub;
+mod tls;
+
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,13 +71,21 @@ use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, EndpointSpec, MtlsMode, StaticDestination};
-pub use metrics::Metrics;
+pub use config::{
+    Config, ControlTarget, EndpointSpec, IdentityMode, MAX_WEIGHT, MtlsMode, StaticDestination,
+};
+pub use direction::Direction;
+pub use hooks::{Completion, Hooks, NoHooks, RequestContext};
+pub use panics::caught as panics_caught;
 
+/// Why a proxy could not be built.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// A knob has a value that cannot work; the message names it and the fix.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A listener could not bind.
     #[error("{knob} {addr}: cannot listen: {source}; choose a free port or stop what holds it")]
     Bind {
         knob: &'static str,
@@ -55,11 +94,12 @@ pub enum Error {
     },
 }
 
-/// Starts a shutdown from anywhere (another task, an embedding application).
+/// Starts a graceful shutdown from anywhere (another task, a signal handler).
 #[derive(Clone)]
 pub struct ShutdownHandle(CancellationToken);
 
 impl ShutdownHandle {
+    /// Starts draining: inbound first, then outbound, bounded by `Config::drain_timeout`.
     pub fn shutdown(&self) {
         self.0.cancel();
     }
@@ -67,40 +107,138 @@ impl ShutdownHandle {
 
 /// What a finished run reports.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct RunReport {
     /// Connections still open at the drain deadline, cut.
     pub cut: usize,
 }
 
-/// A bound, not yet running proxy.
-pub struct Proxy {
+/// How one of the proxy's listeners gets its socket.
+#[derive(Debug)]
+pub enum Listen {
+    /// Bind this address (port 0 picks a free port).
+    Addr(SocketAddr),
+    /// Serve a socket the caller bound (and may have handed down, e.g. by socket activation).
+    Listener(TcpListener),
+    /// No such listener.
+    Off,
+}
+
+/// Builds a [`Proxy`]: a [`Config`] (every `remora-proxy` knob as a typed value), plus what
+/// only a program can give — listeners, hooks, discovery sources and a metrics registry.
+pub struct Builder {
     cfg: Config,
-    inbound: TcpListener,
-    outbound: TcpListener,
-    admin: TcpListener,
-    addrs: [SocketAddr; 3],
-    admin_state: Arc<admin::AdminState>,
-    destinations: Arc<discover::Destinations>,
+    listen: [Option<Listen>; 3],
+    hooks: Arc<dyn Hooks>,
+    sources: Vec<discover::Source>,
+    dns_fallback: bool,
+    metrics: Arc<metrics::Metrics>,
 }
 
-async fn bind(knob: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
-    let l = TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { knob, addr, source })?;
-    let local = l
-        .local_addr()
-        .map_err(|source| Error::Bind { knob, addr, source })?;
-    Ok((l, local))
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            cfg: Config::default(),
+            listen: [None, None, None],
+            hooks: Arc::new(NoHooks),
+            sources: Vec::new(),
+            dns_fallback: true,
+            metrics: Arc::new(metrics::Metrics::new()),
+        }
+    }
 }
 
-impl Proxy {
-    /// Validates the configuration and binds every listener (port 0 picks a free port).
-    pub async fn bind(cfg: Config) -> Result<Proxy, Error> {
+impl Builder {
+    /// Replaces the whole configuration (listener addresses included, unless set with
+    /// [`Builder::inbound`] and friends).
+    pub fn config(mut self, cfg: Config) -> Self {
+        self.cfg = cfg;
+        self
+    }
+
+    /// Changes the configuration in place: `.configure(|c| c.mtls = MtlsMode::Strict)`.
+    pub fn configure(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(&mut self.cfg);
+        self
+    }
+
+    /// Where inbound requests go (`Config::app_addr`).
+    pub fn app(mut self, addr: SocketAddr) -> Self {
+        self.cfg.app_addr = addr;
+        self
+    }
+
+    /// A static destination (`Config::destinations`).
+    pub fn destination(mut self, d: StaticDestination) -> Self {
+        self.cfg.destinations.push(d);
+        self
+    }
+
+    /// The inbound listener (default: bind `Config::inbound_addr`).
+    pub fn inbound(mut self, l: Listen) -> Self {
+        self.listen[0] = Some(l);
+        self
+    }
+
+    /// The outbound listener (default: bind `Config::outbound_addr`).
+    pub fn outbound(mut self, l: Listen) -> Self {
+        self.listen[1] = Some(l);
+        self
+    }
+
+    /// The admin listener: `/ready`, `/live`, `/metrics`, `/shutdown` (default: bind
+    /// `Config::admin_addr`).
+    pub fn admin(mut self, l: Listen) -> Self {
+        self.listen[2] = Some(l);
+        self
+    }
+
+    /// The application's request phases (default: [`NoHooks`]).
+    pub fn hooks(mut self, hooks: impl Hooks) -> Self {
+        self.hooks = Arc::new(hooks);
+        self
+    }
+
+    /// Adds a discovery source, asked after static destinations and earlier sources, and
+    /// before the control plane. `label` names it in logs.
+    pub fn discover(mut self, label: &str, source: impl discover::Discover) -> Self {
+        self.sources.push(discover::Source {
+            label: label.to_string(),
+            source: Arc::new(source),
+        });
+        self
+    }
+
+    /// Whether names no source knows are looked up in DNS (default: yes). Off, they get 503.
+    pub fn dns_fallback(mut self, on: bool) -> Self {
+        self.dns_fallback = on;
+        self
+    }
+
+    /// Registers remora's metrics (`remora_*`) into `registry`, beside the application's own;
+    /// the admin listener, if any, serves them too.
+    pub fn registry(self, registry: &mut prometheus_client::registry::Registry) -> Self {
+        self.metrics
+            .register(registry.sub_registry_with_prefix("remora"));
+        self
+    }
+
+    /// Validates the configuration and binds the listeners.
+    pub async fn bind(self) -> Result<Proxy, Error> {
+        let Builder {
+            cfg,
+            listen,
+            hooks,
+            sources,
+            dns_fallback,
+            metrics,
+        } = self;
         cfg.validate().map_err(Error::Config)?;
-        let (inbound, i) = bind("REMORA_INBOUND_ADDR", cfg.inbound_addr).await?;
-        let (outbound, o) = bind("REMORA_OUTBOUND_ADDR", cfg.outbound_addr).await?;
-        let (admin, a) = bind("REMORA_ADMIN_ADDR", cfg.admin_addr).await?;
-        let metrics = Arc::new(Metrics::new());
+        let [i, o, a] = listen;
+        let inbound = listener("REMORA_INBOUND_ADDR", i.unwrap_or(Listen::Addr(cfg.inbound_addr))).await?;
+        let outbound =
+            listener("REMORA_OUTBOUND_ADDR", o.unwrap_or(Listen::Addr(cfg.outbound_addr))).await?;
+        let admin = listener("REMORA_ADMIN_ADDR", a.unwrap_or(Listen::Addr(cfg.admin_addr))).await?;
         let identity = cfg
             .identity_dir
             .as_deref()
@@ -118,12 +256,16 @@ impl Proxy {
                     )
                 }
             });
-        let mut destinations = discover::Destinations::new(
-            &cfg.destinations,
-            cfg.connect_timeout,
-            metrics.clone(),
-            identity.clone(),
-        );
+        // The chain: static destinations, the application's sources, the control plane.
+        let statics = Arc::new(discover::Static::default());
+        for d in &cfg.destinations {
+            statics.set(&d.name, d.endpoints.clone());
+        }
+        let mut chain = vec![discover::Source {
+            label: "static".into(),
+            source: statics.clone(),
+        }];
+        chain.extend(sources);
         if let (Some(target), Some(store)) = (&cfg.control, &identity) {
             let td = {
                 let store = Arc::downgrade(store);
@@ -134,9 +276,19 @@ impl Proxy {
             if let Some(c) = store.certifier() {
                 let _ = c.client.set(client.clone());
             }
-            destinations = destinations.with_control(client, cfg.discovery_idle_timeout);
+            chain.push(discover::Source {
+                label: format!("control plane {}", client.addr),
+                source: Arc::new(discover::ControlPlane::new(client, metrics.clone())),
+            });
         }
-        let destinations = Arc::new(destinations);
+        let destinations = Arc::new(discover::Destinations::new(
+            chain,
+            dns_fallback,
+            cfg.connect_timeout,
+            cfg.discovery_idle_timeout,
+            metrics.clone(),
+            identity.clone(),
+        ));
         let admin_state = Arc::new(admin::AdminState {
             metrics,
             identity,
@@ -149,36 +301,97 @@ impl Proxy {
             inbound,
             outbound,
             admin,
-            addrs: [i, o, a],
             admin_state,
             destinations,
+            statics,
+            hooks,
         })
     }
+}
 
-    pub fn inbound_addr(&self) -> SocketAddr {
-        self.addrs[0]
+async fn listener(knob: &'static str, l: Listen) -> Result<Option<(TcpListener, SocketAddr)>, Error> {
+    let (l, addr) = match l {
+        Listen::Off => return Ok(None),
+        Listen::Listener(l) => {
+            let addr = l.local_addr().map_err(|source| Error::Bind {
+                knob,
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source,
+            })?;
+            (l, addr)
+        }
+        Listen::Addr(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Bind { knob, addr, source })?;
+            (l, addr)
+        }
+    };
+    let local = l
+        .local_addr()
+        .map_err(|source| Error::Bind { knob, addr, source })?;
+    Ok(Some((l, local)))
+}
+
+/// A bound, not yet running proxy.
+pub struct Proxy {
+    cfg: Config,
+    inbound: Option<(TcpListener, SocketAddr)>,
+    outbound: Option<(TcpListener, SocketAddr)>,
+    admin: Option<(TcpListener, SocketAddr)>,
+    admin_state: Arc<admin::AdminState>,
+    destinations: Arc<discover::Destinations>,
+    statics: Arc<discover::Static>,
+    hooks: Arc<dyn Hooks>,
+}
+
+impl Proxy {
+    /// Starts building a proxy from [`Config::default`].
+    pub fn builder() -> Builder {
+        Builder::default()
     }
 
-    pub fn outbound_addr(&self) -> SocketAddr {
-        self.addrs[1]
+    /// Validates `cfg` and binds every listener: `Proxy::builder().config(cfg).bind()`.
+    pub async fn bind(cfg: Config) -> Result<Proxy, Error> {
+        Proxy::builder().config(cfg).bind().await
     }
 
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.addrs[2]
+    /// The inbound listener's address, when it has one.
+    pub fn inbound_addr(&self) -> Option<SocketAddr> {
+        self.inbound.as_ref().map(|l| l.1)
     }
 
-    pub fn metrics(&self) -> Arc<Metrics> {
-        self.admin_state.metrics.clone()
+    /// The outbound listener's address, when it has one.
+    pub fn outbound_addr(&self) -> Option<SocketAddr> {
+        self.outbound.as_ref().map(|l| l.1)
     }
 
-    /// The outbound destinations, to change static endpoint sets while the proxy runs (requests
-    /// in flight are not disturbed).
-    pub fn destinations(&self) -> Arc<discover::Destinations> {
-        self.destinations.clone()
+    /// The admin listener's address, when it has one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|l| l.1)
     }
 
+    /// The metrics in Prometheus text form (what `/metrics` serves).
+    pub fn encode_metrics(&self) -> String {
+        self.admin_state.metrics.encode()
+    }
+
+    /// The static destinations, to change endpoint sets while the proxy runs (requests in
+    /// flight are not disturbed).
+    pub fn statics(&self) -> Arc<discover::Static> {
+        self.statics.clone()
+    }
+
+    /// A handle that starts the graceful shutdown.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(self.admin_state.shutdown.clone())
+    }
+
+    /// Runs on the caller's runtime in a task of its own, until shut down.
+    pub fn spawn(self) -> Running {
+        let state = self.admin_state.clone();
+        let task = tokio::spawn(self.run(std::future::pending()));
+        Running { state, task }
     }
 
     /// Serves until `signal` resolves or a shutdown is requested, then drains: inbound first
@@ -190,8 +403,13 @@ impl Proxy {
         let rules = Arc::new(scrub::Rules::new(&self.cfg.strip_headers));
         let (in_drain, out_drain) = (drain::Drain::new(), drain::Drain::new());
         let mut identity_task = None;
-        let mut inbound =
-            inbound::listener(&self.cfg, metrics.clone(), in_drain.clone(), rules.clone());
+        let mut inbound = inbound::listener(
+            &self.cfg,
+            metrics.clone(),
+            in_drain.clone(),
+            rules.clone(),
+            self.hooks.clone(),
+        );
         if let Some(store) = &state.identity {
             inbound.tls = Some(listener::InboundTls {
                 store: store.clone(),
@@ -207,10 +425,25 @@ impl Proxy {
             metrics.clone(),
             out_drain.clone(),
             rules,
-            vec![self.addrs[1], self.addrs[2]],
+            [&self.outbound, &self.admin]
+                .into_iter()
+                .flatten()
+                .map(|l| l.1)
+                .collect(),
+            self.hooks.clone(),
         ));
-        tokio::spawn(inbound.serve(self.inbound, in_drain.clone()));
-        tokio::spawn(outbound.serve(self.outbound, out_drain.clone()));
+        let addr = |l: &Option<(TcpListener, SocketAddr)>| match l {
+            Some((_, a)) => a.to_string(),
+            None => "off".to_string(),
+        };
+        let (in_addr, out_addr, admin_addr) =
+            (addr(&self.inbound), addr(&self.outbound), addr(&self.admin));
+        if let Some((l, _)) = self.inbound {
+            tokio::spawn(inbound.serve(l, in_drain.clone()));
+        }
+        if let Some((l, _)) = self.outbound {
+            tokio::spawn(outbound.serve(l, out_drain.clone()));
+        }
         // Bursts (many connections, large bodies) leave freed heap in glibc's arenas; hand it
         // back to the system so RSS returns to idle after the burst (cheap on a small heap).
         #[cfg(target_env = "gnu")]
@@ -225,10 +458,12 @@ impl Proxy {
             }
         });
         let stop_admin = CancellationToken::new();
-        tokio::spawn(admin::serve(self.admin, state.clone(), stop_admin.clone()));
+        if let Some((l, _)) = self.admin {
+            tokio::spawn(admin::serve(l, state.clone(), stop_admin.clone()));
+        }
         state.ready.store(true, Ordering::Release);
         metrics.ready.set(1);
-        tracing::info!(inbound = %self.addrs[0], outbound = %self.addrs[1], admin = %self.addrs[2],
+        tracing::info!(inbound = %in_addr, outbound = %out_addr, admin = %admin_addr,
             app = %self.cfg.app_addr, "remora-proxy ready");
 
         tokio::select! {
@@ -280,5 +515,42 @@ impl Proxy {
             tracing::info!(elapsed = ?started.elapsed(), "drained");
         }
         RunReport { cut }
+    }
+}
+
+/// A proxy running in a task of its own ([`Proxy::spawn`]).
+pub struct Running {
+    state: Arc<admin::AdminState>,
+    task: tokio::task::JoinHandle<RunReport>,
+}
+
+impl Running {
+    /// Whether it is ready as `/ready` says: listeners up, an identity in service when one
+    /// is configured, not draining.
+    pub fn is_ready(&self) -> bool {
+        self.state.is_ready()
+    }
+
+    /// Waits until [`Running::is_ready`] (or the run has ended). Readiness can wait on the
+    /// first certificate from the control plane, so this polls the state every 10 ms.
+    pub async fn ready(&self) {
+        while !self.state.is_ready() && !self.task.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Starts the graceful shutdown.
+    pub fn shutdown(&self) {
+        self.state.shutdown.cancel();
+    }
+
+    /// A handle that starts the graceful shutdown from elsewhere.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.state.shutdown.clone())
+    }
+
+    /// Waits for the run to end (after a shutdown) and returns its report.
+    pub async fn wait(self) -> RunReport {
+        self.task.await.unwrap_or_default()
     }
 }

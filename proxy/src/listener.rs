@@ -1,7 +1,6 @@
 //! A proxy listener: accept, detect, then serve HTTP through the layered stack or forward
 //! opaque bytes. Inbound and outbound differ only in the [`Listener`] they build.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,7 +70,7 @@ impl Listener {
     ) -> Self {
         Listener {
             direction,
-            handles: Arc::new(RequestHandles::new(&metrics, direction)),
+            handles: Arc::new(RequestHandles::new(&metrics, direction, forward.hooks.clone())),
             forward,
             rules,
             detect_timeout,
@@ -104,9 +103,10 @@ impl Listener {
             Scrub::new(
                 Forward::new(self.forward.clone(), probe_only),
                 self.rules.clone(),
-                client_id,
+                client_id.clone(),
             ),
             self.handles.clone(),
+            client_id,
         )
     }
 
@@ -139,10 +139,25 @@ impl Listener {
                         Direction::Inbound => "inbound connection",
                         Direction::Outbound => "outbound connection",
                     };
-                    drain.spawn(what, Some(peer), async move {
-                        let _slot = slot;
-                        this.connection(tcp, peer, d).await
-                    });
+                    // One span per connection: its log lines carry direction, peer and (once
+                    // mTLS has verified it) the peer's identity, instead of repeating them.
+                    let span = tracing::info_span!(
+                        "conn",
+                        direction = this.direction.as_str(),
+                        %peer,
+                        identity = tracing::field::Empty,
+                    );
+                    drain.spawn(
+                        what,
+                        Some(peer),
+                        tracing::Instrument::instrument(
+                            async move {
+                                let _slot = slot;
+                                this.connection(tcp, d).await
+                            },
+                            span,
+                        ),
+                    );
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -188,14 +203,14 @@ impl Listener {
             .and_then(|t| t.store.current())
     }
 
-    async fn connection(self: Arc<Self>, mut tcp: TcpStream, peer: SocketAddr, drain: Drain) {
+    async fn connection(self: Arc<Self>, mut tcp: TcpStream, drain: Drain) {
         let _ = tcp.set_nodelay(true);
         self.open.inc();
         let _open = GaugeGuard(&self.open);
         if self.skip_detection {
             self.metrics
                 .detected(self.direction, DetectResult::OpaquePort);
-            return self.opaque_port(tcp, peer, drain).await;
+            return self.opaque_port(tcp, drain).await;
         }
         let mut initial = Vec::new();
         loop {
@@ -210,11 +225,11 @@ impl Listener {
                 Err(e) => {
                     self.metrics.detected(self.direction, DetectResult::Error);
                     self.metrics.error(self.direction, ErrorKind::ClientIo);
-                    tracing::debug!(%peer, error = %e, "reading the client failed during detection");
+                    tracing::debug!(error = %e, "reading the client failed during detection");
                     return;
                 }
             };
-            self.record(&detected, peer);
+            self.record(&detected);
             let first = self.first(&detected);
             let action = match self.direction {
                 Direction::Inbound => decide::inbound(self.mtls(), first),
@@ -237,12 +252,12 @@ impl Listener {
                     });
                     let io = ServerIo::Plain(ProxyIo::new(tcp, prefix, Some(self.bytes.clone())));
                     return self
-                        .serve_conn(protocol, io, None, probe_only, peer, &drain)
+                        .serve_conn(protocol, io, None, probe_only, &drain)
                         .await;
                 }
                 Action::Terminate => {
                     let io = ProxyIo::new(tcp, prefix, Some(self.bytes.clone()));
-                    return self.terminate(io, peer, drain, None).await;
+                    return self.terminate(io, drain, None).await;
                 }
                 Action::Opaque => {
                     if matches!(first, First::TlsOther | First::TlsOurs) {
@@ -250,10 +265,10 @@ impl Listener {
                     }
                     self.count_connection(Protocol::Opaque);
                     let io = ServerIo::Plain(ProxyIo::new(tcp, prefix, Some(self.bytes.clone())));
-                    return self.opaque(io, None, peer).await;
+                    return self.opaque(io, None).await;
                 }
                 Action::AwaitSpeaker => {
-                    let Some(up) = self.connect_app(peer).await else {
+                    let Some(up) = self.connect_app().await else {
                         return;
                     };
                     match io::first_speaker(&mut tcp, &up, MAX_DETECT_BYTES).await {
@@ -267,19 +282,19 @@ impl Listener {
                                 Bytes::new(),
                                 Some(self.bytes.clone()),
                             ));
-                            return self.opaque(io, Some(up), peer).await;
+                            return self.opaque(io, Some(up)).await;
                         }
                         Err(_) => return,
                     }
                 }
-                Action::Refuse(r) => return self.refuse(r, &mut tcp, peer).await,
+                Action::Refuse(r) => return self.refuse(r, &mut tcp).await,
                 Action::Close => return,
             }
         }
     }
 
     /// A port declared opaque: no HTTP detection, but mTLS as on every port.
-    async fn opaque_port(&self, mut tcp: TcpStream, peer: SocketAddr, drain: Drain) {
+    async fn opaque_port(&self, mut tcp: TcpStream, drain: Drain) {
         let mtls = self.mtls();
         let (first, prefix, upstream) = match mtls {
             Mtls::Off => (First::NotHttp, Bytes::new(), None),
@@ -295,7 +310,7 @@ impl Listener {
             // a client that speaks first with a ClientHello for us gets mTLS (the app's first
             // bytes, if any, wait in its socket), anything else is passed through.
             Mtls::Permissive => {
-                let Some(up) = self.connect_app(peer).await else {
+                let Some(up) = self.connect_app().await else {
                     return;
                 };
                 match io::first_speaker(&mut tcp, &up, MAX_DETECT_BYTES).await {
@@ -314,9 +329,9 @@ impl Listener {
         match decide::inbound_opaque_port(mtls, first) {
             Action::Terminate => {
                 let io = ProxyIo::new(tcp, prefix, Some(self.bytes.clone()));
-                self.terminate(io, peer, drain, upstream).await
+                self.terminate(io, drain, upstream).await
             }
-            Action::Refuse(r) => self.refuse(r, &mut tcp, peer).await,
+            Action::Refuse(r) => self.refuse(r, &mut tcp).await,
             Action::Close => {}
             _ => {
                 if self.tls.is_some() {
@@ -324,13 +339,13 @@ impl Listener {
                 }
                 self.count_connection(Protocol::Opaque);
                 let io = ServerIo::Plain(ProxyIo::new(tcp, prefix, Some(self.bytes.clone())));
-                self.opaque(io, upstream, peer).await
+                self.opaque(io, upstream).await
             }
         }
     }
 
     /// Records what detection saw (metrics, and a log line for what is closed).
-    fn record(&self, detected: &Detected, peer: SocketAddr) {
+    fn record(&self, detected: &Detected) {
         let result = match detected {
             Detected::Protocol(Protocol::Http1) => DetectResult::Http1,
             Detected::Protocol(Protocol::Http2) => DetectResult::Http2,
@@ -340,12 +355,12 @@ impl Listener {
             Detected::Tls { .. } => DetectResult::Tls,
             Detected::BadHello => {
                 self.metrics.tls(self.direction, TlsResult::BadHello);
-                tracing::info!(direction = self.direction.as_str(), %peer,
+                tracing::info!(
                     "TLS ClientHello truncated, stalled past the detect timeout, or malformed; closing");
                 DetectResult::Tls
             }
             Detected::Stalled => {
-                tracing::info!(direction = self.direction.as_str(), %peer, timeout = ?self.detect_timeout,
+                tracing::info!(timeout = ?self.detect_timeout,
                     "client sent a partial request and stalled past the detect timeout; closing");
                 DetectResult::Timeout
             }
@@ -355,21 +370,21 @@ impl Listener {
     }
 
     /// Turns a connection away, saying why in the log (and, for malformed HTTP, to the client).
-    async fn refuse<W: AsyncWrite + Unpin>(&self, why: Refusal, io: &mut W, peer: SocketAddr) {
+    async fn refuse<W: AsyncWrite + Unpin>(&self, why: Refusal, io: &mut W) {
         match why {
             Refusal::Plaintext => {
                 self.metrics
                     .tls(self.direction, TlsResult::RefusedPlaintext);
-                tracing::info!(%peer, "plaintext connection refused: REMORA_MTLS=strict accepts mTLS only (and HTTP/1.1 GET/HEAD probes to REMORA_PROBE_PATHS)");
+                tracing::info!("plaintext connection refused: REMORA_MTLS=strict accepts mTLS only (and HTTP/1.1 GET/HEAD probes to REMORA_PROBE_PATHS)");
             }
             Refusal::ForeignTls => {
                 self.metrics
                     .tls(self.direction, TlsResult::RefusedPlaintext);
-                tracing::info!(%peer, "TLS for another server name refused: REMORA_MTLS=strict accepts mTLS to this proxy only");
+                tracing::info!("TLS for another server name refused: REMORA_MTLS=strict accepts mTLS to this proxy only");
             }
             Refusal::Malformed => {
                 self.metrics.error(self.direction, ErrorKind::BadRequest);
-                tracing::info!(direction = self.direction.as_str(), %peer,
+                tracing::info!(
                     "malformed HTTP/1 request line refused (it could reach a lenient app server unscrubbed); if this port carries a non-HTTP protocol, list it in REMORA_OPAQUE_PORTS");
                 const BODY: &str = "remora: malformed HTTP/1 request line (RFC 9112: METHOD SP target SP HTTP/1.x CRLF)\n";
                 let rsp = format!(
@@ -384,7 +399,7 @@ impl Listener {
             }
             Refusal::NoDestination => {
                 self.metrics.error(self.direction, ErrorKind::NoDestination);
-                tracing::info!(direction = self.direction.as_str(), %peer,
+                tracing::info!(
                     "non-HTTP connection with no destination; tunnel opaque traffic with HTTP CONNECT host:port");
             }
         }
@@ -406,7 +421,6 @@ impl Listener {
         io: ServerIo,
         client_id: Option<HeaderValue>,
         probe_only: Option<Arc<Vec<String>>>,
-        peer: SocketAddr,
         drain: &Drain,
     ) {
         self.count_connection(protocol);
@@ -421,7 +435,7 @@ impl Listener {
                 .await
             }
             Protocol::Http2 => serve_h2(io, self.stack(client_id, probe_only), drain).await,
-            Protocol::Opaque => self.opaque(io, None, peer).await,
+            Protocol::Opaque => self.opaque(io, None).await,
         }
     }
 
@@ -431,7 +445,6 @@ impl Listener {
     async fn terminate(
         &self,
         io: ProxyIo,
-        peer: SocketAddr,
         drain: Drain,
         upstream: Option<UpstreamIo>,
     ) {
@@ -443,12 +456,12 @@ impl Listener {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 self.metrics.tls(self.direction, TlsResult::HandshakeFailed);
-                tracing::info!(%peer, error = %e, "mTLS handshake failed");
+                tracing::info!(error = %e, "mTLS handshake failed");
                 return;
             }
             Err(_) => {
                 self.metrics.tls(self.direction, TlsResult::HandshakeFailed);
-                tracing::info!(%peer, timeout = ?self.detect_timeout, "mTLS handshake timed out");
+                tracing::info!(timeout = ?self.detect_timeout, "mTLS handshake timed out");
                 return;
             }
         };
@@ -465,16 +478,19 @@ impl Listener {
             Ok(Ok(v)) => v,
             Ok(Err(_)) => {
                 self.metrics.tls(self.direction, TlsResult::BadIdentity);
-                tracing::info!(%peer, "mTLS peer identity is not a valid header value; closing");
+                tracing::info!("mTLS peer identity is not a valid header value; closing");
                 return;
             }
             Err(e) => {
                 self.metrics.tls(self.direction, TlsResult::BadIdentity);
-                tracing::info!(%peer, error = %e, "mTLS peer refused: its certificate chains to the trust bundle but carries no usable identity; issue it with one SPIFFE ID in this trust domain");
+                tracing::info!(error = %e, "mTLS peer refused: its certificate chains to the trust bundle but carries no usable identity; issue it with one SPIFFE ID in this trust domain");
                 return;
             }
         };
         self.metrics.tls(self.direction, TlsResult::Mtls);
+        if let Ok(id) = client_id.to_str() {
+            tracing::Span::current().record("identity", id);
+        }
         let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
         let mut stream = Box::new(stream);
         let mut initial = Vec::new();
@@ -498,13 +514,13 @@ impl Listener {
                     };
                     let io = ServerIo::Tls(ProxyIo::new(stream, prefix, None));
                     return self
-                        .serve_conn(protocol, io, Some(client_id), None, peer, &drain)
+                        .serve_conn(protocol, io, Some(client_id), None, &drain)
                         .await;
                 }
                 Action::AwaitSpeaker => {
                     let up = match upstream.take() {
                         Some(u) => u,
-                        None => match self.connect_app(peer).await {
+                        None => match self.connect_app().await {
                             Some(u) => u,
                             None => return,
                         },
@@ -517,17 +533,17 @@ impl Listener {
                         Ok(None) => {
                             self.count_connection(Protocol::Opaque);
                             let io = ServerIo::Tls(ProxyIo::new(stream, Bytes::new(), None));
-                            return self.opaque(io, Some(up), peer).await;
+                            return self.opaque(io, Some(up)).await;
                         }
                         Err(_) => return,
                     }
                 }
-                Action::Refuse(r) => return self.refuse(r, &mut stream, peer).await,
+                Action::Refuse(r) => return self.refuse(r, &mut stream).await,
                 Action::Close => return,
                 Action::Opaque | Action::Terminate => {
                     self.count_connection(Protocol::Opaque);
                     let io = ServerIo::Tls(ProxyIo::new(stream, prefix, None));
-                    return self.opaque(io, upstream, peer).await;
+                    return self.opaque(io, upstream).await;
                 }
             }
         }
@@ -541,23 +557,23 @@ impl Listener {
         }
     }
 
-    async fn connect_app(&self, peer: SocketAddr) -> Option<UpstreamIo> {
+    async fn connect_app(&self) -> Option<UpstreamIo> {
         let target = self.opaque_target.as_ref()?;
         match target.connect(None).await {
             Ok(u) => Some(u),
             Err(e) => {
                 self.metrics.error(self.direction, ErrorKind::ConnectFailed);
-                tracing::info!(direction = self.direction.as_str(), %peer, error = %e, "opaque connection failed");
+                tracing::info!(error = %e, "opaque connection failed");
                 None
             }
         }
     }
 
     /// Bytes both ways between the client and the app (`upstream`, or a new connection).
-    async fn opaque(&self, mut io: ServerIo, upstream: Option<UpstreamIo>, peer: SocketAddr) {
+    async fn opaque(&self, mut io: ServerIo, upstream: Option<UpstreamIo>) {
         let mut upstream = match upstream {
             Some(u) => u,
-            None => match self.connect_app(peer).await {
+            None => match self.connect_app().await {
                 Some(u) => u,
                 None => {
                     if self.opaque_target.is_none() {
@@ -569,7 +585,7 @@ impl Listener {
         };
         // Half-closes are forwarded in each direction; a tunnel silent both ways is closed.
         if let Err(e) = io::tunnel(&mut io, &mut upstream, io::TUNNEL_IDLE_TIMEOUT).await {
-            tracing::debug!(%peer, error = %e, "opaque connection ended with an error");
+            tracing::debug!(error = %e, "opaque connection ended with an error");
         }
     }
 }

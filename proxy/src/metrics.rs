@@ -22,22 +22,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::detect::Protocol;
-use crate::http::Body;
+use crate::hooks::{Answered, Completion, Hooks};
+use crate::scrub::Body;
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Direction {
-    Inbound,
-    Outbound,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        }
-    }
-}
+pub use crate::direction::Direction;
 
 /// Label values in snake_case, as Prometheus users expect (the derive would print `Inbound`).
 macro_rules! snake_case_labels {
@@ -72,7 +60,7 @@ snake_case_labels! {
     ErrorKind {
         NoEndpoints => "no_endpoints", ConnectFailed => "connect_failed",
         UpstreamReset => "upstream_reset", BadRequest => "bad_request", Loop => "loop",
-        NoDestination => "no_destination", ClientIo => "client_io",
+        NoDestination => "no_destination", ClientIo => "client_io", Hook => "hook",
     }
 }
 
@@ -159,6 +147,8 @@ pub enum ErrorKind {
     NoDestination,
     /// Reading the client failed during detection or serving.
     ClientIo,
+    /// A request hook of the embedding application panicked.
+    Hook,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -307,194 +297,72 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("remora");
-        let requests = Family::default();
-        registry.register(
-            "requests",
-            "HTTP requests completed, by direction, HTTP status and gRPC status",
-            requests.clone(),
-        );
-        let request_duration =
-            Family::<DirectionLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                latency_histogram,
-            );
-        registry.register(
-            "request_duration_seconds",
-            "Time from request received to response end, by direction",
-            request_duration.clone(),
-        );
-        let connections = Family::default();
-        registry.register(
-            "connections",
-            "Connections accepted, by direction and detected protocol",
-            connections.clone(),
-        );
-        let connections_refused = Family::default();
-        registry.register(
-            "connections_refused",
-            "Connections closed at accept because the listener's connection limit was reached",
-            connections_refused.clone(),
-        );
-        let open_connections = Family::default();
-        registry.register(
-            "open_connections",
-            "Connections currently open, by direction",
-            open_connections.clone(),
-        );
-        let detect = Family::default();
-        registry.register(
-            "detect",
-            "Protocol detection results, by direction",
-            detect.clone(),
-        );
-        let bytes = Family::default();
-        registry.register(
-            "transport_bytes",
-            "Bytes read from and written to accepted connections (counted when they close)",
-            bytes.clone(),
-        );
-        let errors = Family::default();
-        registry.register(
-            "errors",
-            "Requests answered or connections closed by the proxy because of an error, by kind",
-            errors.clone(),
-        );
-        let requests_in_flight = Family::default();
-        registry.register(
-            "requests_in_flight",
-            "Requests received and not yet answered in full, by direction",
-            requests_in_flight.clone(),
-        );
-        let drain_connections = Gauge::default();
-        registry.register(
-            "drain_start_connections",
-            "Connections open when the drain started",
-            drain_connections.clone(),
-        );
-        let drain_requests = Gauge::default();
-        registry.register(
-            "drain_start_requests",
-            "Requests in flight when the drain started",
-            drain_requests.clone(),
-        );
-        let drain_cut = Gauge::default();
-        registry.register(
-            "drain_cut_connections",
-            "Connections and tunnels still running at the drain deadline, cut",
-            drain_cut.clone(),
-        );
-        let tls = Family::default();
-        registry.register(
-            "tls_connections",
-            "Connections by how TLS went: inbound mtls/plaintext/passthrough/refused_plaintext/handshake_failed/bad_hello, outbound established/failed",
-            tls.clone(),
-        );
-        let identity_expiry = Gauge::default();
-        registry.register(
-            "identity_expiry_timestamp_seconds",
-            "When the certificate in service expires (Unix time)",
-            identity_expiry.clone(),
-        );
-        let identity_reloads = Counter::default();
-        registry.register(
-            "identity_reloads",
-            "Certificate sets validated and put in service",
-            identity_reloads.clone(),
-        );
-        let identity_reload_failures = Counter::default();
-        registry.register(
-            "identity_reload_failures",
-            "Certificate sets refused by validation (the previous set kept serving)",
-            identity_reload_failures.clone(),
-        );
-        let discovery_watches = Gauge::default();
-        registry.register(
-            "discovery_watches",
-            "Control-plane watches this proxy holds (one per destination name in use)",
-            discovery_watches.clone(),
-        );
-        let discovery_updates = Counter::default();
-        registry.register(
-            "discovery_updates",
-            "Snapshots and deltas applied from the control plane",
-            discovery_updates.clone(),
-        );
-        let discovery_stream_errors = Counter::default();
-        registry.register(
-            "discovery_stream_errors",
-            "Control-plane watches that failed or broke (endpoints kept, reconnecting)",
-            discovery_stream_errors.clone(),
-        );
-        let endpoints = Arc::new(EndpointFamilies::default());
-        registry.register(
-            "endpoint_requests",
-            "Requests sent to each endpoint of each destination",
-            endpoints.requests.clone(),
-        );
-        registry.register(
-            "endpoint_failures",
-            "Failed connects and requests, by endpoint",
-            endpoints.failures.clone(),
-        );
-        registry.register(
-            "endpoint_requests_in_flight",
-            "Requests waiting for a response head, by endpoint",
-            endpoints.in_flight.clone(),
-        );
-        registry.register(
-            "endpoint_latency_ewma_seconds",
-            "Peak-EWMA latency the balancer sees, by endpoint",
-            endpoints.latency.clone(),
-        );
-        registry.register(
-            "endpoint_ready",
-            "1 when the endpoint takes traffic, 0 while it backs off after failures",
-            endpoints.ready.clone(),
-        );
-        let panics = Counter::default();
-        registry.register(
-            "panics",
-            "Panics caught on the request path; every one is a bug, please report it",
-            panics.clone(),
-        );
-        let ready = Gauge::default();
-        registry.register("ready", "1 when the proxy reports ready", ready.clone());
-        let draining = Gauge::default();
-        registry.register("draining", "1 while the proxy drains", draining.clone());
-        let uptime = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        registry.register(
-            "uptime_seconds",
-            "Seconds since the proxy started",
-            uptime.clone(),
-        );
-        Metrics {
-            registry,
-            tls,
-            identity_expiry,
-            identity_reloads,
-            identity_reload_failures,
-            discovery_watches,
-            discovery_updates,
-            discovery_stream_errors,
-            requests,
-            request_duration,
-            connections,
-            open_connections,
-            connections_refused,
-            detect,
-            bytes,
-            errors,
-            requests_in_flight,
-            endpoints,
-            ready,
-            draining,
-            drain_connections,
-            drain_requests,
-            drain_cut,
-            panics,
+        let mut m = Metrics {
+            registry: Registry::default(),
+            tls: Family::default(),
+            identity_expiry: Gauge::default(),
+            identity_reloads: Counter::default(),
+            identity_reload_failures: Counter::default(),
+            discovery_watches: Gauge::default(),
+            discovery_updates: Counter::default(),
+            discovery_stream_errors: Counter::default(),
+            endpoints: Arc::new(EndpointFamilies::default()),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            connections: Family::default(),
+            open_connections: Family::default(),
+            connections_refused: Family::default(),
+            detect: Family::default(),
+            bytes: Family::default(),
+            errors: Family::default(),
+            requests_in_flight: Family::default(),
+            ready: Gauge::default(),
+            draining: Gauge::default(),
+            drain_connections: Gauge::default(),
+            drain_requests: Gauge::default(),
+            drain_cut: Gauge::default(),
+            panics: Counter::default(),
             started: Instant::now(),
-            uptime,
-        }
+            uptime: Gauge::default(),
+        };
+        let mut registry = Registry::with_prefix("remora");
+        m.register(&mut registry);
+        m.registry = registry;
+        m
+    }
+
+    /// Registers every metric (shared handles, not copies) into `r`, which an embedding
+    /// application passes to serve remora's metrics beside its own; the admin endpoint keeps
+    /// serving them too. Names are `remora_*` when `r` has no prefix of its own.
+    pub fn register(&self, r: &mut Registry) {
+        r.register("requests", "HTTP requests completed, by direction, HTTP status and gRPC status", self.requests.clone());
+        r.register("request_duration_seconds", "Time from request received to response end, by direction", self.request_duration.clone());
+        r.register("connections", "Connections accepted, by direction and detected protocol", self.connections.clone());
+        r.register("connections_refused", "Connections closed at accept because the listener's connection limit was reached", self.connections_refused.clone());
+        r.register("open_connections", "Connections currently open, by direction", self.open_connections.clone());
+        r.register("detect", "Protocol detection results, by direction", self.detect.clone());
+        r.register("transport_bytes", "Bytes read from and written to accepted connections (counted when they close)", self.bytes.clone());
+        r.register("errors", "Requests answered or connections closed by the proxy because of an error, by kind", self.errors.clone());
+        r.register("requests_in_flight", "Requests received and not yet answered in full, by direction", self.requests_in_flight.clone());
+        r.register("drain_start_connections", "Connections open when the drain started", self.drain_connections.clone());
+        r.register("drain_start_requests", "Requests in flight when the drain started", self.drain_requests.clone());
+        r.register("drain_cut_connections", "Connections and tunnels still running at the drain deadline, cut", self.drain_cut.clone());
+        r.register("tls_connections", "Connections by how TLS went: inbound mtls/plaintext/passthrough/refused_plaintext/handshake_failed/bad_hello, outbound established/failed", self.tls.clone());
+        r.register("identity_expiry_timestamp_seconds", "When the certificate in service expires (Unix time)", self.identity_expiry.clone());
+        r.register("identity_reloads", "Certificate sets validated and put in service", self.identity_reloads.clone());
+        r.register("identity_reload_failures", "Certificate sets refused by validation (the previous set kept serving)", self.identity_reload_failures.clone());
+        r.register("discovery_watches", "Control-plane watches this proxy holds (one per destination name in use)", self.discovery_watches.clone());
+        r.register("discovery_updates", "Snapshots and deltas applied from the control plane", self.discovery_updates.clone());
+        r.register("discovery_stream_errors", "Control-plane watches that failed or broke (endpoints kept, reconnecting)", self.discovery_stream_errors.clone());
+        r.register("endpoint_requests", "Requests sent to each endpoint of each destination", self.endpoints.requests.clone());
+        r.register("endpoint_failures", "Failed connects and requests, by endpoint", self.endpoints.failures.clone());
+        r.register("endpoint_requests_in_flight", "Requests waiting for a response head, by endpoint", self.endpoints.in_flight.clone());
+        r.register("endpoint_latency_ewma_seconds", "Peak-EWMA latency the balancer sees, by endpoint", self.endpoints.latency.clone());
+        r.register("endpoint_ready", "1 when the endpoint takes traffic, 0 while it backs off after failures", self.endpoints.ready.clone());
+        r.register("panics", "Panics caught on the request path; every one is a bug, please report it", self.panics.clone());
+        r.register("ready", "1 when the proxy reports ready", self.ready.clone());
+        r.register("draining", "1 while the proxy drains", self.draining.clone());
+        r.register("uptime_seconds", "Seconds since the proxy started", self.uptime.clone());
     }
 
     /// Prometheus text exposition.
@@ -545,11 +413,14 @@ impl Metrics {
 pub struct Observe<S> {
     inner: S,
     handles: Arc<RequestHandles>,
+    /// The connection's verified peer, for the completion hook.
+    client_id: Option<http::HeaderValue>,
 }
 
 /// Per-listener handles, looked up once.
 pub struct RequestHandles {
     direction: Direction,
+    hooks: Arc<dyn Hooks>,
     requests: Family<RequestLabels, Counter>,
     /// The commonest outcomes, resolved once: 200 without and with grpc-status 0 (a family
     /// lookup takes a lock and hashes the labels; profiling showed it on the hot path).
@@ -560,7 +431,7 @@ pub struct RequestHandles {
 }
 
 impl RequestHandles {
-    pub fn new(metrics: &Metrics, direction: Direction) -> Self {
+    pub fn new(metrics: &Metrics, direction: Direction, hooks: Arc<dyn Hooks>) -> Self {
         let ok = |grpc_status| {
             metrics.requests.get_or_create_owned(&RequestLabels {
                 direction,
@@ -570,6 +441,7 @@ impl RequestHandles {
         };
         RequestHandles {
             direction,
+            hooks,
             ok_http: ok(None),
             ok_grpc: ok(Some(0)),
             requests: metrics.requests.clone(),
@@ -584,8 +456,12 @@ impl RequestHandles {
 }
 
 impl<S> Observe<S> {
-    pub fn new(inner: S, handles: Arc<RequestHandles>) -> Self {
-        Observe { inner, handles }
+    pub fn new(inner: S, handles: Arc<RequestHandles>, client_id: Option<http::HeaderValue>) -> Self {
+        Observe {
+            inner,
+            handles,
+            client_id,
+        }
     }
 }
 
@@ -603,10 +479,13 @@ where
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         self.handles.in_flight.inc();
+        let request = (req.method().clone(), req.uri().clone());
         ObserveFuture {
             inner: self.inner.call(req),
             start: Instant::now(),
             in_flight: Some(InFlight(self.handles.clone())),
+            request: Some(request),
+            client_id: self.client_id.clone(),
         }
     }
 }
@@ -617,6 +496,8 @@ pin_project_lite::pin_project! {
         inner: F,
         start: Instant,
         in_flight: Option<InFlight>,
+        request: Option<(http::Method, http::Uri)>,
+        client_id: Option<http::HeaderValue>,
     }
 }
 
@@ -634,6 +515,11 @@ where
             start: *this.start,
             status: rsp.status().as_u16(),
             grpc_status: grpc_status(rsp.headers()),
+            request: this.request.take(),
+            client_id: this.client_id.take(),
+            endpoint: rsp.extensions().get::<Answered>().map(|a| a.0),
+            bytes: 0,
+            finished: http_body::Body::is_end_stream(rsp.body()),
         });
         Poll::Ready(Ok(rsp.map(|inner| ObservedBody { inner, recorder })))
     }
@@ -662,6 +548,11 @@ struct Recorder {
     start: Instant,
     status: u16,
     grpc_status: Option<u8>,
+    request: Option<(http::Method, http::Uri)>,
+    client_id: Option<http::HeaderValue>,
+    endpoint: Option<std::net::SocketAddr>,
+    bytes: u64,
+    finished: bool,
 }
 
 impl Drop for Recorder {
@@ -684,7 +575,27 @@ impl Drop for Recorder {
                     .inc();
             }
         }
-        h.duration.observe(self.start.elapsed().as_secs_f64());
+        let duration = self.start.elapsed();
+        h.duration.observe(duration.as_secs_f64());
+        let Some((method, uri)) = self.request.take() else {
+            return;
+        };
+        let done = Completion {
+            direction: h.direction,
+            method,
+            uri,
+            status: http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::OK),
+            grpc_status: self.grpc_status,
+            duration,
+            response_bytes: self.bytes,
+            client_identity: self
+                .client_id
+                .take()
+                .and_then(|v| v.to_str().ok().map(str::to_string)),
+            endpoint: self.endpoint,
+            finished: self.finished,
+        };
+        let _ = crate::panics::catch_sync(|| h.hooks.on_completion(&done));
     }
 }
 
@@ -705,18 +616,30 @@ impl http_body::Body for ObservedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        let mut this = self.project();
+        let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         match &frame {
             Some(Ok(f)) => {
-                if let (Some(trailers), Some(rec)) = (f.trailers_ref(), this.recorder.as_mut())
-                    && let Some(code) = grpc_status(trailers)
-                {
-                    rec.grpc_status = Some(code);
+                if let Some(rec) = this.recorder.as_mut() {
+                    if let Some(data) = f.data_ref() {
+                        rec.bytes += data.len() as u64;
+                    } else if let Some(trailers) = f.trailers_ref()
+                        && let Some(code) = grpc_status(trailers)
+                    {
+                        rec.grpc_status = Some(code);
+                    }
+                    if this.inner.is_end_stream() {
+                        rec.finished = true;
+                    }
                 }
             }
             // End of stream, or an error: either way the request is over.
-            _ => drop(this.recorder.take()),
+            None => {
+                if let Some(mut rec) = this.recorder.take() {
+                    rec.finished = true;
+                }
+            }
+            Some(Err(_)) => drop(this.recorder.take()),
         }
         Poll::Ready(frame)
     }

@@ -7,17 +7,19 @@ use crate::config::Config;
 use crate::discover::Destinations;
 use crate::drain::Drain;
 use crate::forward::{Route, Shared};
+use crate::hooks::Hooks;
 use crate::listener::Listener;
 use crate::metrics::{Direction, Metrics};
 use crate::scrub::Rules;
 
-pub fn listener(
+pub(crate) fn listener(
     cfg: &Config,
     destinations: Arc<Destinations>,
     metrics: Arc<Metrics>,
     drain: Drain,
     rules: Arc<Rules>,
     own_addrs: Vec<SocketAddr>,
+    hooks: Arc<dyn Hooks>,
 ) -> Listener {
     let forward = Arc::new(Shared {
         direction: Direction::Outbound,
@@ -26,6 +28,7 @@ pub fn listener(
         drain,
         own_addrs,
         rules: rules.clone(),
+        hooks,
         local_ips: crate::forward::local_addresses(),
     });
     // Outbound connections are always detected: a non-HTTP stream names no destination, so

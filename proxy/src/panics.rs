@@ -42,3 +42,18 @@ pub(crate) async fn catch<F: Future>(what: &'static str, fut: F) -> Option<F::Ou
         }
     }
 }
+
+/// Runs an embedding application's hook; a panic in it is logged and becomes `None`. Not
+/// counted in [`caught`]: that counts remora's own bugs.
+pub(crate) fn catch_sync<T>(hook: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(AssertUnwindSafe(hook)) {
+        Ok(out) => Some(out),
+        Err(payload) => {
+            tracing::error!(
+                panic = message(&*payload),
+                "a request hook panicked (a bug in the embedding application); the request got a 500"
+            );
+            None
+        }
+    }
+}

@@ -9,7 +9,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::http::Body;
+/// A response body: the upstream's, streamed through (and scrubbed), or one the proxy wrote
+/// itself.
+pub type Body = http_body_util::Either<Scrubbed, http_body_util::Full<bytes::Bytes>>;
 
 /// Remora's peer identity header (contract): set only from a verified client certificate.
 pub const CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("x-remora-client-id");
@@ -306,7 +308,8 @@ where
                 StatusCode::BAD_GATEWAY,
                 false,
                 "the app switched protocols without an Upgrade the proxy allows (WebSocket only)",
-            )));
+            )
+            .map(http_body_util::Either::Right)));
         }
         this.rules.response(&mut rsp);
         Poll::Ready(Ok(rsp))

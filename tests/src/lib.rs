@@ -52,23 +52,30 @@ pub struct TestProxy {
     pub admin: SocketAddr,
     pub shutdown: ShutdownHandle,
     pub task: Option<JoinHandle<remora_proxy::RunReport>>,
-    /// The proxy's registry, readable even after its admin server has stopped.
-    pub registry: Arc<remora_proxy::Metrics>,
-    /// The outbound destinations, to change endpoint sets while the proxy runs.
-    pub destinations: Arc<remora_proxy::discover::Destinations>,
+    /// The test's own Prometheus registry, with the proxy's metrics registered into it the way
+    /// an embedding application does it; readable after the proxy's admin server has stopped.
+    pub registry: Arc<prometheus_client::registry::Registry>,
+    /// The static destinations, to change endpoint sets while the proxy runs.
+    pub destinations: Arc<remora_proxy::discover::Static>,
 }
 
 impl TestProxy {
     pub async fn start(cfg: Config) -> TestProxy {
-        let proxy = Proxy::bind(cfg).await.expect("proxy binds");
+        let mut registry = prometheus_client::registry::Registry::default();
+        let proxy = Proxy::builder()
+            .config(cfg)
+            .registry(&mut registry)
+            .bind()
+            .await
+            .expect("proxy binds");
         let (inbound, outbound, admin) = (
-            proxy.inbound_addr(),
-            proxy.outbound_addr(),
-            proxy.admin_addr(),
+            proxy.inbound_addr().expect("inbound listener"),
+            proxy.outbound_addr().expect("outbound listener"),
+            proxy.admin_addr().expect("admin listener"),
         );
         let shutdown = proxy.shutdown_handle();
-        let registry = proxy.metrics();
-        let destinations = proxy.destinations();
+        let registry = Arc::new(registry);
+        let destinations = proxy.statics();
         let task = tokio::spawn(proxy.run(std::future::pending()));
         wait_ready(admin).await;
         TestProxy {
@@ -80,6 +87,13 @@ impl TestProxy {
             registry,
             destinations,
         }
+    }
+
+    /// The test registry in Prometheus text form (remora's metrics as the embedder sees them).
+    pub fn encode_registry(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encodes");
+        out
     }
 
     pub async fn metrics(&self) -> String {
@@ -106,7 +120,7 @@ impl Drop for TestProxy {
         // failure, whatever the test itself checked.
         if !std::thread::panicking() {
             assert_eq!(
-                remora_proxy::panics::caught(),
+                remora_proxy::panics_caught(),
                 0,
                 "a proxy in this test binary caught a panic on the request path (see the BUG log line)"
             );

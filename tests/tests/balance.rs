@@ -125,7 +125,7 @@ async fn removing_an_endpoint_leaves_its_streams_running() {
     .await;
     proxy.destinations.set(
         "echo.test:80",
-        &[EndpointSpec {
+        vec![EndpointSpec {
             addr: bs[1].addr,
             weight: 1,
             identity: None,

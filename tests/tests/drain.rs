@@ -164,8 +164,13 @@ async fn h2load_load_through_a_drain_loses_nothing_the_proxy_accepted() {
         .unwrap();
     // Read from the registry: the admin server stops with the proxy.
     let registry = proxy.registry.clone();
+    let encode = |r: &prometheus_client::registry::Registry| {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, r).expect("encodes");
+        out
+    };
     let report = proxy.stop().await;
-    let served = metric(&registry.encode(), "remora_requests_total", &ok);
+    let served = metric(&encode(&registry), "remora_requests_total", &ok);
     assert!(
         started.elapsed() < Duration::from_secs(31),
         "exits within the drain timeout + 1 s"

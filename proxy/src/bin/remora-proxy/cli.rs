@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::config::{Config, StaticDestination};
+use remora_proxy::{Config, StaticDestination};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LogFormat {
@@ -83,7 +83,7 @@ pub struct Args {
     /// endpoint discovery for destinations that are not static, and certificates in
     /// REMORA_IDENTITY_MODE=control.
     #[arg(long, env = "REMORA_CONTROL_ADDR")]
-    pub control_addr: Option<crate::config::ControlTarget>,
+    pub control_addr: Option<remora_proxy::ControlTarget>,
     /// Where the certificate comes from: `files` (REMORA_IDENTITY_DIR, written by someone
     /// else) or `control` (a CSR to the control plane, renewed automatically).
     #[arg(
@@ -149,11 +149,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 impl Args {
     pub fn config(&self) -> Result<Config, String> {
         let identity_mode = match (self.identity_mode, &self.identity) {
-            (IdentityModeArg::Files, _) => crate::config::IdentityMode::Files,
+            (IdentityModeArg::Files, _) => remora_proxy::IdentityMode::Files,
             (IdentityModeArg::Control, None) => {
                 return Err("REMORA_IDENTITY_MODE=control needs REMORA_IDENTITY (spiffe://<trust-domain>/ns/<ns>/sa/<sa>)".into());
             }
-            (IdentityModeArg::Control, Some(id)) => crate::config::IdentityMode::Control {
+            (IdentityModeArg::Control, Some(id)) => remora_proxy::IdentityMode::Control {
                 id: id
                     .parse()
                     .map_err(|e| format!("REMORA_IDENTITY `{id}`: {e}"))?,
@@ -180,9 +180,9 @@ impl Args {
                 .cloned()
                 .collect(),
             mtls: match self.mtls {
-                MtlsArg::Permissive => crate::config::MtlsMode::Permissive,
-                MtlsArg::Strict => crate::config::MtlsMode::Strict,
-                MtlsArg::Disabled => crate::config::MtlsMode::Disabled,
+                MtlsArg::Permissive => remora_proxy::MtlsMode::Permissive,
+                MtlsArg::Strict => remora_proxy::MtlsMode::Strict,
+                MtlsArg::Disabled => remora_proxy::MtlsMode::Disabled,
             },
             ..Config::default()
         })
@@ -275,7 +275,7 @@ pub fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let proxy = match crate::Proxy::bind(cfg).await {
+        let proxy = match remora_proxy::Proxy::bind(cfg).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("{e}");
@@ -300,7 +300,7 @@ mod tests {
     fn flag_defaults_match_the_library_defaults() {
         let args = Args::try_parse_from(["remora-proxy"]).unwrap();
         let (cli, lib) = (args.config().unwrap(), Config::default());
-        assert_eq!(cli.opaque_ports, crate::config::DEFAULT_OPAQUE_PORTS);
+        assert_eq!(cli.opaque_ports, Config::default().opaque_ports);
         assert_eq!(cli.strip_headers, lib.strip_headers);
         assert_eq!(cli.inbound_addr, lib.inbound_addr);
         assert_eq!(cli.drain_timeout, lib.drain_timeout);

@@ -1,0 +1,649 @@
+//! Where a destination's endpoints come from: a chain of [`Discover`] sources — static
+//! destinations first ([`Static`]), then the embedding application's sources, then the
+//! control plane (`REMORA_CONTROL_ADDR`) — and DNS for names no source knows.
+//!
+//! Discovery is lazy: the first request for an authority starts following it (one task per
+//! name) and waits (up to [`FIRST_ANSWER`]) for the first answer. The first source in the
+//! chain that says the name exists answers it, even with an empty set (callers then get 503,
+//! not DNS); a source that says "does not exist", or has not answered within
+//! [`FIRST_ANSWER`], passes the name to the next one, and keeps being listened to, so a later
+//! answer from it takes over. A name nobody has used for `discovery_idle_timeout` is dropped,
+//! and with it the sources' streams.
+
+mod control_plane;
+mod source;
+mod statics;
+
+pub(crate) use control_plane::ControlPlane;
+pub use source::{Closed, Discover, Target, Update, UpdateSender, Updates};
+pub use statics::Static;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::balance::Destination;
+use crate::config::EndpointSpec;
+use crate::endpoint::{Endpoint, EndpointTls};
+use crate::identity::IdentityStore;
+use crate::metrics::{EndpointMetrics, Metrics};
+
+/// How long a DNS answer is reused before resolving again.
+const DNS_TTL: Duration = Duration::from_secs(5);
+/// Bound on cached DNS destinations, so a client cycling through names cannot grow memory.
+const DNS_CACHE_MAX: usize = 1024;
+/// How long the first request for a name waits for the sources' first answer, and how long
+/// one source may take before the next one is asked.
+pub(crate) const FIRST_ANSWER: Duration = Duration::from_secs(3);
+/// Bound on followed names, so a client cycling through names cannot grow them.
+const WATCH_MAX: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ResolveError {
+    #[error("DNS lookup of {name} failed: {source}")]
+    Dns {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("{name} resolved to no address")]
+    Empty { name: String },
+    #[error("no discovery source knows {name}, and DNS fallback is off")]
+    Unknown { name: String },
+}
+
+/// A source in the chain, with the name its log lines use.
+pub(crate) struct Source {
+    pub(crate) label: String,
+    pub(crate) source: Arc<dyn Discover>,
+}
+
+pub(crate) struct Destinations {
+    sources: Arc<[Source]>,
+    /// `None`: names no source knows fail instead of going to DNS.
+    dns: Option<Mutex<HashMap<String, (Instant, Arc<Destination>)>>>,
+    connect_timeout: Duration,
+    factory: Arc<Factory>,
+    followed: Followed,
+    idle: Duration,
+    /// Ends every follow task when the proxy has stopped.
+    stop: tokio_util::sync::CancellationToken,
+}
+
+type Followed = Arc<Mutex<HashMap<String, Arc<Follow>>>>;
+
+/// What the chain says about a name so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Known {
+    /// No answer yet.
+    Waiting,
+    /// A source serves this name (its endpoints are in `dest`).
+    Service,
+    /// No source knows this name: use DNS.
+    NoSuchService,
+}
+
+/// One followed name: its destination (shared by every request) and what is known of it.
+struct Follow {
+    dest: Arc<Destination>,
+    known: watch::Sender<Known>,
+    /// Milliseconds since `epoch` of the last request, for dropping idle names.
+    last_used: std::sync::atomic::AtomicU64,
+    epoch: Instant,
+}
+
+impl Follow {
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_used
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = self.last_used.load(std::sync::atomic::Ordering::Relaxed);
+        self.epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
+}
+
+impl Destinations {
+    pub(crate) fn new(
+        sources: Vec<Source>,
+        dns_fallback: bool,
+        connect_timeout: Duration,
+        idle: Duration,
+        metrics: Arc<Metrics>,
+        identity: Option<Arc<IdentityStore>>,
+    ) -> Self {
+        Destinations {
+            sources: sources.into(),
+            dns: dns_fallback.then(Default::default),
+            connect_timeout,
+            factory: Arc::new(Factory {
+                connect_timeout,
+                metrics,
+                identity,
+            }),
+            followed: Default::default(),
+            idle,
+            stop: Default::default(),
+        }
+    }
+
+    /// Ends every follow task (the proxy has stopped).
+    pub(crate) fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// Makes room in a full table by dropping names unused for a minute; their tasks see they
+/// are no longer in the table and end. Returns whether there is room now.
+fn evict_idle(table: &mut HashMap<String, Arc<Follow>>) -> bool {
+    table.retain(|_, w| w.idle_for() < Duration::from_secs(60));
+    table.len() < WATCH_MAX
+}
+
+/// Whether `w` is still the table's entry for `name` (eviction may have dropped it).
+fn current(table: &Followed, name: &str, w: &Arc<Follow>) -> bool {
+    table
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(name)
+        .is_some_and(|x| Arc::ptr_eq(x, w))
+}
+
+/// Removes `w` from the table if it is idle, checked under the lock so a request that just
+/// picked it up keeps it alive. True when the follow task should end.
+fn retire_if_idle(table: &Followed, name: &str, w: &Arc<Follow>, idle: Duration) -> bool {
+    let mut map = table.lock().unwrap_or_else(|p| p.into_inner());
+    match map.get(name) {
+        Some(x) if Arc::ptr_eq(x, w) => {
+            if w.idle_for() >= idle {
+                map.remove(name);
+                true
+            } else {
+                false
+            }
+        }
+        // Evicted (or replaced): this task has nothing left to do.
+        _ => true,
+    }
+}
+
+/// Makes endpoints for discovered destinations (static and control plane alike).
+struct Factory {
+    connect_timeout: Duration,
+    metrics: Arc<Metrics>,
+    identity: Option<Arc<IdentityStore>>,
+}
+
+impl Factory {
+    /// The endpoint set `specs` for destination `name`, reusing endpoints in `current` that
+    /// stay (same address, weight and identity) so they keep their connections and metrics.
+    fn build(
+        &self,
+        name: &str,
+        current: &[Arc<Endpoint>],
+        specs: &[EndpointSpec],
+    ) -> Vec<Arc<Endpoint>> {
+        specs
+            .iter()
+            .map(|s| {
+                current
+                    .iter()
+                    .find(|e| {
+                        e.addr == s.addr
+                            && e.weight == s.weight
+                            && e.tls.as_ref().map(|t| &t.id) == s.identity.as_ref()
+                    })
+                    .cloned()
+                    .unwrap_or_else(|| self.endpoint(name, s))
+            })
+            .collect()
+    }
+
+    fn endpoint(&self, name: &str, s: &EndpointSpec) -> Arc<Endpoint> {
+        let tls = match (&s.identity, &self.identity) {
+            (Some(id), Some(store)) => Some(EndpointTls {
+                id: id.clone(),
+                store: store.clone(),
+                metrics: self.metrics.clone(),
+            }),
+            // Validation refuses identities without REMORA_IDENTITY_DIR; an embedding caller
+            // that skips it gets plaintext, and a warning.
+            (Some(id), None) => {
+                tracing::warn!(%id, addr = %s.addr, "endpoint has an identity but the proxy has none; using plaintext");
+                None
+            }
+            (None, _) => None,
+        };
+        Arc::new(
+            Endpoint::new(
+                s.addr,
+                s.weight,
+                self.connect_timeout,
+                Some(EndpointMetrics::new(&self.metrics, name, s.addr)),
+            )
+            .with_tls(tls),
+        )
+    }
+}
+
+impl Destinations {
+    /// `authority` is normalised `host:port`.
+    pub(crate) async fn resolve(&self, authority: &str) -> Result<Arc<Destination>, ResolveError> {
+        if let Some(d) = self.discover(authority).await {
+            return Ok(d);
+        }
+        let Some(dns) = &self.dns else {
+            return Err(ResolveError::Unknown {
+                name: authority.to_string(),
+            });
+        };
+        Box::pin(self.dns(dns, authority)).await
+    }
+
+    async fn dns(
+        &self,
+        dns: &Mutex<HashMap<String, (Instant, Arc<Destination>)>>,
+        authority: &str,
+    ) -> Result<Arc<Destination>, ResolveError> {
+        let previous = {
+            let cache = dns.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.get(authority) {
+                Some((at, d)) if at.elapsed() < DNS_TTL => return Ok(d.clone()),
+                Some((_, d)) => Some(d.clone()),
+                None => None,
+            }
+        };
+        let addrs: Vec<SocketAddr> = match (tokio::net::lookup_host(authority).await, previous) {
+            (Ok(a), _) => a.collect(),
+            // Keep serving the last answer when DNS is briefly unavailable.
+            (Err(_), Some(previous)) => return Ok(previous),
+            (Err(source), None) => {
+                return Err(ResolveError::Dns {
+                    name: authority.to_string(),
+                    source,
+                });
+            }
+        };
+        if addrs.is_empty() {
+            return Err(ResolveError::Empty {
+                name: authority.to_string(),
+            });
+        }
+        let specs: Vec<EndpointSpec> = addrs
+            .iter()
+            .map(|&addr| EndpointSpec {
+                addr,
+                weight: 1,
+                identity: None,
+            })
+            .collect();
+        let mut cache = dns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, d)) = cache.get_mut(authority) {
+            // A refresh: the same destination, its endpoint set updated in place.
+            let current = d.endpoints();
+            let next = specs
+                .iter()
+                .map(|s| {
+                    current
+                        .iter()
+                        .find(|e| e.addr == s.addr)
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            Arc::new(Endpoint::new(s.addr, 1, self.connect_timeout, None))
+                        })
+                })
+                .collect();
+            d.update(next);
+            *at = Instant::now();
+            return Ok(d.clone());
+        }
+        if cache.len() >= DNS_CACHE_MAX {
+            cache.retain(|_, (at, _)| at.elapsed() < DNS_TTL);
+            if cache.len() >= DNS_CACHE_MAX {
+                cache.clear();
+            }
+        }
+        // DNS destinations get no per-endpoint metrics: their names come from clients, and a
+        // label per name would let a client grow the registry.
+        let eps = specs
+            .iter()
+            .map(|s| Arc::new(Endpoint::new(s.addr, 1, self.connect_timeout, None)))
+            .collect();
+        let dest = Arc::new(Destination::new(authority.to_string(), eps));
+        cache.insert(authority.to_string(), (Instant::now(), dest.clone()));
+        Ok(dest)
+    }
+}
+
+
+impl Destinations {
+    /// The chain's destination for `authority`, or `None` to fall back to DNS.
+    async fn discover(&self, authority: &str) -> Option<Arc<Destination>> {
+        if self.sources.is_empty() {
+            return None;
+        }
+        let w = {
+            let mut table = self.followed.lock().unwrap_or_else(|p| p.into_inner());
+            match table.get(authority).cloned() {
+                Some(w) => w,
+                None if table.len() >= WATCH_MAX && !evict_idle(&mut table) => {
+                    tracing::warn!(%authority, "{WATCH_MAX} discovered names are in use and none is idle; using DNS for this name");
+                    return None;
+                }
+                None => {
+                    let w = Arc::new(Follow {
+                        dest: Arc::new(Destination::new(authority.to_string(), Vec::new())),
+                        known: watch::channel(Known::Waiting).0,
+                        last_used: Default::default(),
+                        epoch: Instant::now(),
+                    });
+                    table.insert(authority.to_string(), w.clone());
+                    let task = follow(
+                        self.sources.clone(),
+                        self.factory.clone(),
+                        self.followed.clone(),
+                        authority.to_string(),
+                        w.clone(),
+                        self.idle,
+                    );
+                    let stop = self.stop.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = task => {}
+                            _ = stop.cancelled() => {}
+                        }
+                    });
+                    w
+                }
+            }
+        };
+        w.touch();
+        // The common case, every request after the first: answered already, so no timer and
+        // no subscription on the request path.
+        let mut known = *w.known.borrow();
+        if known == Known::Waiting {
+            let mut rx = w.known.subscribe();
+            known = match tokio::time::timeout(FIRST_ANSWER, rx.wait_for(|k| *k != Known::Waiting))
+                .await
+            {
+                Ok(Ok(k)) => *k,
+                _ => Known::Waiting,
+            };
+        }
+        match known {
+            Known::Service => Some(w.dest.clone()),
+            Known::NoSuchService => None,
+            Known::Waiting => {
+                tracing::warn!(%authority, "no discovery source answered within {FIRST_ANSWER:?}; using DNS for this request");
+                None
+            }
+        }
+    }
+}
+
+/// What one source has said about a name.
+#[derive(Default)]
+enum Said {
+    /// Not asked (or no longer followed, because an earlier source answers).
+    #[default]
+    NotAsked,
+    /// Asked at the instant, no answer yet.
+    Waiting(Instant),
+    /// No answer within [`FIRST_ANSWER`]: the next source is asked; a late answer counts.
+    Late,
+    /// Does not know the name (a later `Reset` counts).
+    Missing,
+    /// Knows it, with these endpoints; `fresh` until published.
+    Known {
+        endpoints: BTreeMap<SocketAddr, EndpointSpec>,
+        fresh: bool,
+    },
+}
+
+#[derive(Default)]
+struct Slot {
+    stream: Option<Updates>,
+    said: Said,
+}
+
+impl Slot {
+    fn apply(&mut self, u: Update) {
+        let known = match std::mem::take(&mut self.said) {
+            Said::Known { endpoints, .. } => Some(endpoints),
+            _ => None,
+        };
+        self.said = match (u, known) {
+            (Update::Reset(list), _) => Said::Known {
+                endpoints: list.into_iter().map(|e| (e.addr, e)).collect(),
+                fresh: true,
+            },
+            (Update::Add(list), known) => {
+                let mut endpoints = known.unwrap_or_default();
+                endpoints.extend(list.into_iter().map(|e| (e.addr, e)));
+                Said::Known {
+                    endpoints,
+                    fresh: true,
+                }
+            }
+            (Update::Remove(addrs), Some(mut endpoints)) => {
+                for a in &addrs {
+                    endpoints.remove(a);
+                }
+                Said::Known {
+                    endpoints,
+                    fresh: true,
+                }
+            }
+            (Update::Remove(_), None) | (Update::DoesNotExist, _) => Said::Missing,
+        };
+    }
+}
+
+/// Follows one name through the chain until it has been idle for `idle`.
+async fn follow(
+    sources: Arc<[Source]>,
+    factory: Arc<Factory>,
+    table: Followed,
+    name: String,
+    w: Arc<Follow>,
+    idle: Duration,
+) {
+    let mut slots: Vec<Slot> = sources.iter().map(|_| Slot::default()).collect();
+    let mut answering: Option<usize> = None;
+    let mut idle_check = tokio::time::interval(
+        (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30)),
+    );
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // Ask sources in order until one knows the name or is still thinking.
+        let mut answer = None;
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if let Said::NotAsked = slot.said {
+                match sources[i].source.resolve(Target::Name(&name)) {
+                    Some(s) => {
+                        slot.stream = Some(s);
+                        slot.said = Said::Waiting(Instant::now());
+                    }
+                    None => slot.said = Said::Missing,
+                }
+            }
+            match slot.said {
+                Said::Waiting(_) => {
+                    answer = Some(None);
+                    break;
+                }
+                Said::Known { .. } => {
+                    answer = Some(Some(i));
+                    break;
+                }
+                _ => {}
+            }
+        }
+        // Sources after the answering one are not needed until it stops knowing the name.
+        if let Some(Some(i)) = answer {
+            for s in &mut slots[i + 1..] {
+                *s = Slot::default();
+            }
+        }
+        match answer {
+            Some(Some(i)) => {
+                if let Said::Known { endpoints, fresh } = &mut slots[i].said
+                    && (*fresh || answering != Some(i))
+                {
+                    *fresh = false;
+                    let list: Vec<EndpointSpec> = endpoints.values().cloned().collect();
+                    w.dest
+                        .update(factory.build(&name, &w.dest.endpoints(), &list));
+                    if answering != Some(i) {
+                        tracing::debug!(service = %name, source = %sources[i].label, "destination answered");
+                    }
+                    answering = Some(i);
+                    w.known.send_replace(Known::Service);
+                }
+            }
+            // Still waiting for a source: keep what was published.
+            Some(None) => {}
+            None => {
+                if answering.take().is_some() || *w.known.borrow() == Known::Waiting {
+                    w.dest.update(Vec::new());
+                    w.known.send_replace(Known::NoSuchService);
+                }
+            }
+        }
+        let deadline = slots
+            .iter()
+            .filter_map(|s| match s.said {
+                Said::Waiting(at) => Some(at + FIRST_ANSWER),
+                _ => None,
+            })
+            .min();
+        enum Event {
+            Update(usize, Option<Update>),
+            Late,
+            Tick,
+        }
+        let next = std::future::poll_fn(|cx| {
+            for (i, s) in slots.iter_mut().enumerate() {
+                if let Some(st) = s.stream.as_mut()
+                    && let Poll::Ready(item) = st.poll_next_unpin(cx)
+                {
+                    return Poll::Ready((i, item));
+                }
+            }
+            Poll::Pending
+        });
+        let event = tokio::select! {
+            (i, item) = next => Event::Update(i, item),
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => Event::Late,
+            _ = idle_check.tick() => Event::Tick,
+        };
+        match event {
+            Event::Update(i, Some(u)) => slots[i].apply(u),
+            Event::Update(i, None) => {
+                // The source ended the stream: what it said last stands.
+                slots[i].stream = None;
+                if let Said::Waiting(_) = slots[i].said {
+                    slots[i].said = Said::Missing;
+                }
+            }
+            Event::Late => {
+                let now = Instant::now();
+                for (i, s) in slots.iter_mut().enumerate() {
+                    if let Said::Waiting(at) = s.said
+                        && now >= at + FIRST_ANSWER
+                    {
+                        s.said = Said::Late;
+                        tracing::warn!(service = %name, source = %sources[i].label, "no answer within {FIRST_ANSWER:?}; asking the next source until it answers");
+                    }
+                }
+            }
+            Event::Tick => {
+                if retire_if_idle(&table, &name, &w, idle) || !current(&table, &name, &w) {
+                    break;
+                }
+            }
+        }
+    }
+    tracing::debug!(service = %name, "name idle; no longer followed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(name: &str, idle: Duration) -> Arc<Follow> {
+        Arc::new(Follow {
+            dest: Arc::new(Destination::new(name.into(), Vec::new())),
+            known: watch::channel(Known::Service).0,
+            last_used: Default::default(),
+            // The watch was made `idle` ago; touching it marks it used now.
+            epoch: Instant::now()
+                .checked_sub(idle)
+                .expect("uptime exceeds the test's idle"),
+        })
+    }
+
+    #[test]
+    fn a_full_watch_table_makes_room_only_from_idle_watches() {
+        let mut busy: HashMap<String, Arc<Follow>> = (0..WATCH_MAX)
+            .map(|i| {
+                let w = watch(&format!("n{i}:80"), Duration::from_secs(120));
+                w.touch();
+                (format!("n{i}:80"), w)
+            })
+            .collect();
+        assert!(!evict_idle(&mut busy), "watches in use were evicted");
+        assert_eq!(busy.len(), WATCH_MAX);
+        // Half of them untouched for two minutes: those go.
+        let mut mixed: HashMap<String, Arc<Follow>> = (0..WATCH_MAX)
+            .map(|i| {
+                let w = watch(&format!("n{i}:80"), Duration::from_secs(120));
+                if i % 2 == 0 {
+                    w.touch();
+                }
+                (format!("n{i}:80"), w)
+            })
+            .collect();
+        assert!(evict_idle(&mut mixed));
+        assert_eq!(mixed.len(), WATCH_MAX / 2);
+        assert!(mixed.contains_key("n0:80") && !mixed.contains_key("n1:80"));
+    }
+
+    #[test]
+    fn idle_retirement_spares_a_watch_just_used() {
+        let watches: Followed = Default::default();
+        let w = watch("web:80", Duration::from_secs(5));
+        watches.lock().unwrap().insert("web:80".into(), w.clone());
+        assert!(retire_if_idle(
+            &watches,
+            "web:80",
+            &w,
+            Duration::from_secs(1)
+        ));
+        assert!(watches.lock().unwrap().is_empty());
+        let w = watch("web:80", Duration::from_secs(5));
+        watches.lock().unwrap().insert("web:80".into(), w.clone());
+        w.touch();
+        assert!(!retire_if_idle(
+            &watches,
+            "web:80",
+            &w,
+            Duration::from_secs(1)
+        ));
+        assert!(current(&watches, "web:80", &w));
+    }
+}

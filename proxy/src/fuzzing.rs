@@ -1,0 +1,16 @@
+//! Internals the fuzz targets (`fuzz/`) drive directly. Only with the `fuzzing` feature; not
+//! part of the API.
+
+pub mod detect {
+    pub use crate::detect::*;
+}
+pub mod tls {
+    pub use crate::tls::*;
+}
+pub mod scrub {
+    pub use crate::scrub::*;
+}
+pub mod config {
+    pub use crate::config::*;
+}
+pub use crate::forward::request_authority;
