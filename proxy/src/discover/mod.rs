@@ -371,8 +371,11 @@ impl Destinations {
         // no subscription on the request path.
         let mut known = *w.known.borrow();
         if known == Known::Waiting {
+            // Each source gets FIRST_ANSWER before the next is asked; the follow task decides
+            // (and publishes) the moment the chain has answered, so this bound is a backstop.
+            let bound = FIRST_ANSWER * self.sources.len() as u32 + Duration::from_millis(100);
             let mut rx = w.known.subscribe();
-            known = match tokio::time::timeout(FIRST_ANSWER, rx.wait_for(|k| *k != Known::Waiting))
+            known = match tokio::time::timeout(bound, rx.wait_for(|k| *k != Known::Waiting))
                 .await
             {
                 Ok(Ok(k)) => *k,
@@ -383,7 +386,7 @@ impl Destinations {
             Known::Service => Some(w.dest.clone()),
             Known::NoSuchService => None,
             Known::Waiting => {
-                tracing::warn!(%authority, "no discovery source answered within {FIRST_ANSWER:?}; using DNS for this request");
+                tracing::warn!(%authority, "no discovery source answered in time; using DNS for this request");
                 None
             }
         }
@@ -645,5 +648,167 @@ mod tests {
             Duration::from_secs(1)
         ));
         assert!(current(&watches, "web:80", &w));
+    }
+
+    /// A test double of a discovery source (a fake: no registry behind it), whose streams
+    /// the test drives by hand.
+    #[derive(Default)]
+    struct Fake {
+        senders: Mutex<Vec<UpdateSender>>,
+    }
+
+    impl Discover for Fake {
+        fn resolve(&self, _: Target<'_>) -> Option<Updates> {
+            let (tx, rx) = Updates::channel(8);
+            self.senders.lock().unwrap().push(tx);
+            Some(rx)
+        }
+    }
+
+    impl Fake {
+        async fn send(&self, u: Update) {
+            let tx = self.senders.lock().unwrap().last().cloned().expect("asked");
+            tx.send(u).await.expect("followed");
+        }
+    }
+
+    fn chain(sources: Vec<(&str, Arc<dyn Discover>)>, dns: bool) -> Destinations {
+        Destinations::new(
+            sources
+                .into_iter()
+                .map(|(label, source)| Source {
+                    label: label.into(),
+                    source,
+                })
+                .collect(),
+            dns,
+            Duration::from_secs(1),
+            Duration::from_secs(600),
+            Arc::new(Metrics::new()),
+            None,
+        )
+    }
+
+    fn spec(port: u16) -> EndpointSpec {
+        EndpointSpec::new(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    fn ports(d: &Destination) -> Vec<u16> {
+        d.endpoints().iter().map(|e| e.addr.port()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_source_that_knows_a_name_answers_it() {
+        let (a, b) = (Arc::new(Fake::default()), Arc::new(Fake::default()));
+        let d = chain(vec![("a", a.clone()), ("b", b.clone())], false);
+        let first = tokio::spawn({
+            let (a, b) = (a.clone(), b.clone());
+            async move {
+                // `a` does not know it: `b` is asked, and answers.
+                while a.senders.lock().unwrap().is_empty() {
+                    tokio::task::yield_now().await;
+                }
+                a.send(Update::DoesNotExist).await;
+                while b.senders.lock().unwrap().is_empty() {
+                    tokio::task::yield_now().await;
+                }
+                b.send(Update::Reset(vec![spec(2)])).await;
+            }
+        });
+        let dest = d.resolve("web:80").await.expect("b answers");
+        first.await.unwrap();
+        assert_eq!(ports(&dest), [2]);
+        // `a` learns the name later: it comes first, so it takes over, in place.
+        a.send(Update::Reset(vec![spec(1)])).await;
+        tokio::time::timeout(FIRST_ANSWER, async {
+            while ports(&dest) != [1] {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("a took over");
+        // Deltas apply; `a` forgetting the name hands it back to `b`, asked again.
+        a.send(Update::Add(vec![spec(3)])).await;
+        a.send(Update::Remove(vec![spec(1).addr])).await;
+        tokio::time::timeout(FIRST_ANSWER, async {
+            while ports(&dest) != [3] {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("deltas applied");
+        let asked = b.senders.lock().unwrap().len();
+        a.send(Update::DoesNotExist).await;
+        tokio::time::timeout(FIRST_ANSWER, async {
+            while b.senders.lock().unwrap().len() == asked {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("b asked again");
+        b.send(Update::Reset(vec![spec(4)])).await;
+        tokio::time::timeout(FIRST_ANSWER, async {
+            while ports(&dest) != [4] {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("b answers again");
+        d.stop();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_source_is_skipped_after_the_first_answer_deadline() {
+        let silent = Arc::new(Fake::default());
+        let statics = Arc::new(Static::default());
+        statics.set("web:80", vec![spec(7)]);
+        let d = chain(vec![("silent", silent.clone()), ("static", statics)], false);
+        let started = Instant::now();
+        let dest = d.resolve("web:80").await.expect("the static source answers");
+        assert_eq!(ports(&dest), [7]);
+        // Not before the silent source had its full chance (the clock is paused: exact).
+        assert!(started.elapsed() >= FIRST_ANSWER, "{:?}", started.elapsed());
+        // A late answer from the first source wins.
+        silent.send(Update::Reset(vec![spec(8)])).await;
+        tokio::time::timeout(FIRST_ANSWER, async {
+            while ports(&dest) != [8] {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("late answer took over");
+        d.stop();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn names_no_source_knows_fail_without_dns_and_static_names_added_later_are_found() {
+        let statics = Arc::new(Static::default());
+        let d = chain(vec![("static", statics.clone())], false);
+        match d.resolve("web:80").await {
+            Err(ResolveError::Unknown { name }) => assert_eq!(name, "web:80"),
+            other => panic!("expected Unknown, got {:?}", other.map(|d| ports(&d))),
+        }
+        statics.set("web:80", vec![spec(9)]);
+        let dest = tokio::time::timeout(FIRST_ANSWER, async {
+            loop {
+                if let Ok(d) = d.resolve("web:80").await {
+                    return d;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("found once added");
+        assert_eq!(ports(&dest), [9]);
+        // An existing destination is updated in place (requests holding it see the change).
+        statics.set("web:80", vec![spec(9), spec(10)]);
+        tokio::time::timeout(FIRST_ANSWER, async {
+            while ports(&dest) != [9, 10] {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("updated in place");
+        d.stop();
     }
 }
