@@ -106,8 +106,8 @@ impl ForwardError {
     }
 }
 
-/// What a listener's forwarder shares across its connections.
-pub struct Shared {
+/// One listener's forwarding: where its requests go and what its connections share.
+pub struct Forwarder {
     pub direction: Direction,
     pub route: Route,
     pub metrics: Arc<Metrics>,
@@ -124,15 +124,15 @@ pub struct Shared {
 
 
 #[derive(Clone)]
-pub struct Forward {
-    shared: Arc<Shared>,
+pub struct ForwardService {
+    shared: Arc<Forwarder>,
     /// Strict mTLS, plaintext connection: only these probe paths (GET/HEAD) are served.
     probe_only: Option<Arc<Vec<String>>>,
 }
 
-impl Forward {
-    pub fn new(shared: Arc<Shared>, probe_only: Option<Arc<Vec<String>>>) -> Self {
-        Forward { shared, probe_only }
+impl ForwardService {
+    pub fn new(shared: Arc<Forwarder>, probe_only: Option<Arc<Vec<String>>>) -> Self {
+        ForwardService { shared, probe_only }
     }
 }
 
@@ -145,7 +145,7 @@ fn is_probe<B: http_body::Body>(req: &Request<B>, paths: &[String]) -> bool {
         && paths.iter().any(|p| p == req.uri().path())
 }
 
-impl tower::Service<Request<Scrubbed>> for Forward {
+impl tower::Service<Request<Scrubbed>> for ForwardService {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -272,7 +272,7 @@ pub fn request_authority<B>(req: &Request<B>) -> Result<Option<String>, String> 
         .ok_or_else(|| format!("authority {:?} names no usable host", auth.as_str()))
 }
 
-impl Shared {
+impl Forwarder {
     async fn forward(
         &self,
         req: Request<Scrubbed>,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::endpoint::Endpoint;
-use crate::forward::{Route, Shared};
+use crate::forward::{Route, Forwarder};
 use crate::hooks::Hooks;
 use crate::listener::Listener;
 use crate::metrics::{Direction, Metrics};
@@ -19,7 +19,7 @@ pub(crate) fn listener(
     hooks: Arc<dyn Hooks>,
 ) -> Listener {
     let app = Arc::new(Endpoint::new(cfg.app_addr, 1, cfg.connect_timeout, None));
-    let forward = Arc::new(Shared {
+    let forward = Arc::new(Forwarder {
         direction: Direction::Inbound,
         route: Route::App(app.clone()),
         metrics: metrics.clone(),

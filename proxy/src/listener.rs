@@ -16,7 +16,7 @@ use crate::decide::{self, Action, First, Mtls, Refusal};
 use crate::detect::{self, Detected, MAX_DETECT_BYTES, Protocol};
 use crate::drain::Drain;
 use crate::endpoint::Endpoint;
-use crate::forward::{Forward, Shared};
+use crate::forward::{ForwardService, Forwarder};
 use crate::http::{serve_h1, serve_h2};
 use crate::identity::{IdentityStore, Loaded};
 use crate::io::{self, ProxyIo, ServerIo, UpstreamIo};
@@ -27,11 +27,11 @@ use crate::metrics::{
 use crate::scrub::{Rules, Scrub};
 
 /// The request path, outermost first: metrics, header scrubbing, forwarding.
-pub type Stack = Observe<Scrub<Forward>>;
+pub type Stack = Observe<Scrub<ForwardService>>;
 
 pub struct Listener {
     pub direction: Direction,
-    pub forward: Arc<Shared>,
+    pub forward: Arc<Forwarder>,
     pub handles: Arc<RequestHandles>,
     pub rules: Arc<Rules>,
     pub detect_timeout: Duration,
@@ -61,7 +61,7 @@ impl Listener {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         direction: Direction,
-        forward: Arc<Shared>,
+        forward: Arc<Forwarder>,
         rules: Arc<Rules>,
         detect_timeout: Duration,
         skip_detection: bool,
@@ -101,7 +101,7 @@ impl Listener {
     fn stack(&self, client_id: Option<HeaderValue>, probe_only: Option<Arc<Vec<String>>>) -> Stack {
         Observe::new(
             Scrub::new(
-                Forward::new(self.forward.clone(), probe_only),
+                ForwardService::new(self.forward.clone(), probe_only),
                 self.rules.clone(),
                 client_id.clone(),
             ),

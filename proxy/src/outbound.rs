@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::discover::Destinations;
 use crate::drain::Drain;
-use crate::forward::{Route, Shared};
+use crate::forward::{Route, Forwarder};
 use crate::hooks::Hooks;
 use crate::listener::Listener;
 use crate::metrics::{Direction, Metrics};
@@ -21,7 +21,7 @@ pub(crate) fn listener(
     own_addrs: Vec<SocketAddr>,
     hooks: Arc<dyn Hooks>,
 ) -> Listener {
-    let forward = Arc::new(Shared {
+    let forward = Arc::new(Forwarder {
         direction: Direction::Outbound,
         route: Route::Destinations(destinations),
         metrics: metrics.clone(),
