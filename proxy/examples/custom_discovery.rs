@@ -115,7 +115,7 @@ pub async fn demo() -> Result<Report, BoxError> {
     registry.send_replace(vec![EndpointSpec::new(backends[1])]);
     let (answers, failed) = traffic.await??;
     running.shutdown();
-    running.wait().await;
+    running.wait().await?;
     Ok(Report {
         answers,
         switched_after,

@@ -26,19 +26,11 @@ struct Policy;
 impl Hooks for Policy {
     fn on_request(
         &self,
-        req: &mut request::Parts,
-        _: &RequestContext<'_>,
+        _: &mut request::Parts,
+        cx: &RequestContext<'_>,
     ) -> Option<Response<Bytes>> {
-        // Phase 1 has no `cx.destination` yet, so read the authority as remora will: the URI's
-        // (absolute form, as proxies get it), else Host; port 80 when none is written.
-        let host = (req.uri.authority().map(|a| a.as_str()))
-            .or_else(|| req.headers.get(header::HOST)?.to_str().ok())
-            .map(str::to_ascii_lowercase);
-        let dest = host.map(|h| match h.rsplit_once(':') {
-            Some((_, port)) if port.parse::<u16>().is_ok() => h,
-            _ => format!("{h}:80"),
-        });
-        if dest.is_some_and(|d| ALLOWED.contains(&d.as_str())) {
+        // `cx.destination` is the authority as remora routes it: normalised `host:port`.
+        if cx.destination.is_some_and(|d| ALLOWED.contains(&d)) {
             return None;
         }
         let mut rsp = Response::new(Bytes::from_static(
@@ -108,7 +100,7 @@ pub async fn demo() -> Result<Report, BoxError> {
         calls.push((host, status, body));
     }
     running.shutdown();
-    running.wait().await;
+    running.wait().await?;
     Ok(Report {
         calls,
         backend_saw: hosts.entries(),

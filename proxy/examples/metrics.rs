@@ -99,7 +99,7 @@ pub async fn demo() -> Result<Report, BoxError> {
     done.acquire_many(placed).await?.forget();
     let (_, scrape) = support::get(inbound, "/metrics", &host).await?;
     running.shutdown();
-    running.wait().await;
+    running.wait().await?;
     Ok(Report {
         orders: placed,
         scrape,

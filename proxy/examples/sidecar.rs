@@ -82,7 +82,7 @@ pub async fn demo() -> Result<Report, BoxError> {
     let host = [("host", "app.local")];
     let (blocked_status, blocked_body) = support::get(inbound, "/blocked", &host).await?;
     running.shutdown();
-    running.wait().await;
+    running.wait().await?;
 
     let hello_seen_by = (echoed.lines())
         .filter_map(|l| l.strip_prefix("x-seen-by: "))

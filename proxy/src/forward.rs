@@ -24,11 +24,11 @@ use crate::config::normalize_authority;
 use crate::discover::{Destinations, ResolveError};
 use crate::drain::Drain;
 use crate::endpoint::{Endpoint, EndpointError};
-use crate::http::{is_grpc, local_response};
-use crate::scrub::Body;
-use crate::metrics::{Direction, ErrorKind, Metrics};
 use crate::hooks::{Answered, Hooks, RequestContext};
+use crate::http::{is_grpc, local_response};
+use crate::metrics::{Direction, ErrorKind, Metrics};
 use crate::replay::UpstreamBody;
+use crate::scrub::Body;
 
 /// Where a listener's requests go.
 pub enum Route {
@@ -120,8 +120,10 @@ pub struct Forwarder {
     pub rules: Arc<Rules>,
     /// The embedding application's request phases ([`crate::hooks`]).
     pub hooks: Arc<dyn Hooks>,
+    /// False with [`crate::hooks::NoHooks`]: work done only for hooks (parsing the authority
+    /// before phase 1) is skipped.
+    pub hooks_active: bool,
 }
-
 
 #[derive(Clone)]
 pub struct ForwardService {
@@ -177,18 +179,25 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
             let grpc = is_grpc(&req);
             // Set by the `Scrub` layer from the verified peer (a client's own copy is gone).
             let client_id = req.headers().get(&CLIENT_ID_HEADER).cloned();
+            // Outbound hooks see where the request asks to go; the route itself is read again
+            // after `on_request`, which may change the head. Skipped without hooks.
+            let asked = match (&shared.route, shared.hooks_active) {
+                (Route::Destinations(_), true) => request_authority(&req).ok().flatten(),
+                _ => None,
+            };
             let cx = RequestContext {
                 direction: shared.direction,
                 client_identity: client_id.as_ref().and_then(|v| v.to_str().ok()),
-                destination: None,
+                destination: asked.as_deref(),
                 endpoint: None,
             };
             let (mut head, body) = req.into_parts();
-            let answered = match crate::panics::catch_sync(|| shared.hooks.on_request(&mut head, &cx)) {
-                Some(Some(local)) => Some(Ok(local.map(|b| Either::Right(Full::new(b))))),
-                Some(None) => None,
-                None => Some(Err(ForwardError::HookPanicked)),
-            };
+            let answered =
+                match crate::panics::catch_sync(|| shared.hooks.on_request(&mut head, &cx)) {
+                    Some(Some(local)) => Some(Ok(local.map(|b| Either::Right(Full::new(b))))),
+                    Some(None) => None,
+                    None => Some(Err(ForwardError::HookPanicked)),
+                };
             let req = Request::from_parts(head, body);
             let outcome = match answered {
                 Some(answer) => Some(answer),

@@ -32,7 +32,8 @@ pub struct RequestContext<'a> {
     pub direction: Direction,
     /// Inbound: the caller's verified SPIFFE ID (mTLS), if any.
     pub client_identity: Option<&'a str>,
-    /// The authority the request goes to (outbound: normalised `host:port`; inbound: `None`).
+    /// Outbound: the normalised `host:port` the request asks for (in phase 1, as the client
+    /// sent it; from phase 2 on, the one routed to). Inbound: `None`.
     pub destination: Option<&'a str>,
     /// The endpoint chosen, from phase 3 on.
     pub endpoint: Option<SocketAddr>,
@@ -115,7 +116,8 @@ pub trait Hooks: Send + Sync + 'static {
         let _ = (rsp, cx);
     }
 
-    /// Phase 5. The request is over.
+    /// Phase 5. The request is over. Its metrics (`remora_requests_total`, the duration
+    /// histogram) are recorded just before this runs.
     fn on_completion(&self, done: &Completion) {
         let _ = done;
     }

@@ -74,7 +74,10 @@ fn grpc_message(msg: &str) -> String {
 /// Serves one HTTP/1.1 connection until it ends, or until the drain asks it to finish.
 pub async fn serve_h1<S, B>(io: ServerIo, svc: S, drain: &Drain, header_timeout: Duration)
 where
-    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -102,7 +105,10 @@ where
 /// Serves one HTTP/2 connection; on drain it sends a graceful GOAWAY and lets streams finish.
 pub async fn serve_h2<S, B>(io: ServerIo, svc: S, drain: &Drain)
 where
-    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body<Data = Bytes> + Send + 'static,

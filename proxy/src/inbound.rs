@@ -5,8 +5,8 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::endpoint::Endpoint;
-use crate::forward::{Route, Forwarder};
-use crate::hooks::Hooks;
+use crate::forward::{Forwarder, Route};
+use crate::hooks::{Hooks, NoHooks};
 use crate::listener::Listener;
 use crate::metrics::{Direction, Metrics};
 use crate::scrub::Rules;
@@ -16,7 +16,7 @@ pub(crate) fn listener(
     metrics: Arc<Metrics>,
     drain: Drain,
     rules: Arc<Rules>,
-    hooks: Arc<dyn Hooks>,
+    hooks: Option<Arc<dyn Hooks>>,
 ) -> Listener {
     let app = Arc::new(Endpoint::new(cfg.app_addr, 1, cfg.connect_timeout, None));
     let forward = Arc::new(Forwarder {
@@ -26,7 +26,8 @@ pub(crate) fn listener(
         drain,
         own_addrs: Vec::new(),
         rules: rules.clone(),
-        hooks,
+        hooks_active: hooks.is_some(),
+        hooks: hooks.unwrap_or_else(|| Arc::new(NoHooks)),
         local_ips: Vec::new(),
     });
     // The app's port decides: a server-speaks-first app must not wait for detection.

@@ -129,7 +129,7 @@ pub enum Listen {
 pub struct Builder {
     cfg: Config,
     listen: [Option<Listen>; 3],
-    hooks: Arc<dyn Hooks>,
+    hooks: Option<Arc<dyn Hooks>>,
     sources: Vec<discover::Source>,
     dns_fallback: bool,
     metrics: Arc<metrics::Metrics>,
@@ -140,7 +140,7 @@ impl Default for Builder {
         Builder {
             cfg: Config::default(),
             listen: [None, None, None],
-            hooks: Arc::new(NoHooks),
+            hooks: None,
             sources: Vec::new(),
             dns_fallback: true,
             metrics: Arc::new(metrics::Metrics::new()),
@@ -195,7 +195,7 @@ impl Builder {
 
     /// The application's request phases (default: [`NoHooks`]).
     pub fn hooks(mut self, hooks: impl Hooks) -> Self {
-        self.hooks = Arc::new(hooks);
+        self.hooks = Some(Arc::new(hooks));
         self
     }
 
@@ -235,10 +235,21 @@ impl Builder {
         } = self;
         cfg.validate().map_err(Error::Config)?;
         let [i, o, a] = listen;
-        let inbound = listener("REMORA_INBOUND_ADDR", i.unwrap_or(Listen::Addr(cfg.inbound_addr))).await?;
-        let outbound =
-            listener("REMORA_OUTBOUND_ADDR", o.unwrap_or(Listen::Addr(cfg.outbound_addr))).await?;
-        let admin = listener("REMORA_ADMIN_ADDR", a.unwrap_or(Listen::Addr(cfg.admin_addr))).await?;
+        let inbound = listener(
+            "REMORA_INBOUND_ADDR",
+            i.unwrap_or(Listen::Addr(cfg.inbound_addr)),
+        )
+        .await?;
+        let outbound = listener(
+            "REMORA_OUTBOUND_ADDR",
+            o.unwrap_or(Listen::Addr(cfg.outbound_addr)),
+        )
+        .await?;
+        let admin = listener(
+            "REMORA_ADMIN_ADDR",
+            a.unwrap_or(Listen::Addr(cfg.admin_addr)),
+        )
+        .await?;
         let identity = cfg
             .identity_dir
             .as_deref()
@@ -309,7 +320,10 @@ impl Builder {
     }
 }
 
-async fn listener(knob: &'static str, l: Listen) -> Result<Option<(TcpListener, SocketAddr)>, Error> {
+async fn listener(
+    knob: &'static str,
+    l: Listen,
+) -> Result<Option<(TcpListener, SocketAddr)>, Error> {
     let (l, addr) = match l {
         Listen::Off => return Ok(None),
         Listen::Listener(l) => {
@@ -342,7 +356,7 @@ pub struct Proxy {
     admin_state: Arc<admin::AdminState>,
     destinations: Arc<discover::Destinations>,
     statics: Arc<discover::Static>,
-    hooks: Arc<dyn Hooks>,
+    hooks: Option<Arc<dyn Hooks>>,
 }
 
 impl Proxy {
@@ -549,8 +563,11 @@ impl Running {
         ShutdownHandle(self.state.shutdown.clone())
     }
 
-    /// Waits for the run to end (after a shutdown) and returns its report.
-    pub async fn wait(self) -> RunReport {
-        self.task.await.unwrap_or_default()
+    /// Waits for the run to end (after a shutdown) and returns its report; an error when the
+    /// run itself panicked (a bug, logged) or its task was aborted.
+    pub async fn wait(self) -> Result<RunReport, tokio::task::JoinError> {
+        self.task.await.inspect_err(|e| {
+            tracing::error!(error = %e, "BUG: the proxy's run ended abnormally; please report it");
+        })
     }
 }

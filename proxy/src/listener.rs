@@ -70,7 +70,11 @@ impl Listener {
     ) -> Self {
         Listener {
             direction,
-            handles: Arc::new(RequestHandles::new(&metrics, direction, forward.hooks.clone())),
+            handles: Arc::new(RequestHandles::new(
+                &metrics,
+                direction,
+                forward.hooks.clone(),
+            )),
             forward,
             rules,
             detect_timeout,
@@ -214,21 +218,16 @@ impl Listener {
         }
         let mut initial = Vec::new();
         loop {
-            let (detected, prefix) = match detect::detect_after(
-                &mut tcp,
-                self.detect_timeout,
-                initial,
-            )
-            .await
-            {
-                Ok(d) => d,
-                Err(e) => {
-                    self.metrics.detected(self.direction, DetectResult::Error);
-                    self.metrics.error(self.direction, ErrorKind::ClientIo);
-                    tracing::debug!(error = %e, "reading the client failed during detection");
-                    return;
-                }
-            };
+            let (detected, prefix) =
+                match detect::detect_after(&mut tcp, self.detect_timeout, initial).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.metrics.detected(self.direction, DetectResult::Error);
+                        self.metrics.error(self.direction, ErrorKind::ClientIo);
+                        tracing::debug!(error = %e, "reading the client failed during detection");
+                        return;
+                    }
+                };
             self.record(&detected);
             let first = self.first(&detected);
             let action = match self.direction {
@@ -356,7 +355,8 @@ impl Listener {
             Detected::BadHello => {
                 self.metrics.tls(self.direction, TlsResult::BadHello);
                 tracing::info!(
-                    "TLS ClientHello truncated, stalled past the detect timeout, or malformed; closing");
+                    "TLS ClientHello truncated, stalled past the detect timeout, or malformed; closing"
+                );
                 DetectResult::Tls
             }
             Detected::Stalled => {
@@ -375,17 +375,22 @@ impl Listener {
             Refusal::Plaintext => {
                 self.metrics
                     .tls(self.direction, TlsResult::RefusedPlaintext);
-                tracing::info!("plaintext connection refused: REMORA_MTLS=strict accepts mTLS only (and HTTP/1.1 GET/HEAD probes to REMORA_PROBE_PATHS)");
+                tracing::info!(
+                    "plaintext connection refused: REMORA_MTLS=strict accepts mTLS only (and HTTP/1.1 GET/HEAD probes to REMORA_PROBE_PATHS)"
+                );
             }
             Refusal::ForeignTls => {
                 self.metrics
                     .tls(self.direction, TlsResult::RefusedPlaintext);
-                tracing::info!("TLS for another server name refused: REMORA_MTLS=strict accepts mTLS to this proxy only");
+                tracing::info!(
+                    "TLS for another server name refused: REMORA_MTLS=strict accepts mTLS to this proxy only"
+                );
             }
             Refusal::Malformed => {
                 self.metrics.error(self.direction, ErrorKind::BadRequest);
                 tracing::info!(
-                    "malformed HTTP/1 request line refused (it could reach a lenient app server unscrubbed); if this port carries a non-HTTP protocol, list it in REMORA_OPAQUE_PORTS");
+                    "malformed HTTP/1 request line refused (it could reach a lenient app server unscrubbed); if this port carries a non-HTTP protocol, list it in REMORA_OPAQUE_PORTS"
+                );
                 const BODY: &str = "remora: malformed HTTP/1 request line (RFC 9112: METHOD SP target SP HTTP/1.x CRLF)\n";
                 let rsp = format!(
                     "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
@@ -400,7 +405,8 @@ impl Listener {
             Refusal::NoDestination => {
                 self.metrics.error(self.direction, ErrorKind::NoDestination);
                 tracing::info!(
-                    "non-HTTP connection with no destination; tunnel opaque traffic with HTTP CONNECT host:port");
+                    "non-HTTP connection with no destination; tunnel opaque traffic with HTTP CONNECT host:port"
+                );
             }
         }
     }
@@ -442,12 +448,7 @@ impl Listener {
     /// Terminates mTLS (the decision said the ClientHello is for this proxy), checks the
     /// peer's identity, and decides again on what is inside. `upstream` is a connection to the
     /// app made before the handshake (opaque ports), used for opaque bytes inside.
-    async fn terminate(
-        &self,
-        io: ProxyIo,
-        drain: Drain,
-        upstream: Option<UpstreamIo>,
-    ) {
+    async fn terminate(&self, io: ProxyIo, drain: Drain, upstream: Option<UpstreamIo>) {
         let Some(loaded) = self.loaded() else {
             return;
         };

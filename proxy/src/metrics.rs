@@ -335,34 +335,142 @@ impl Metrics {
     /// application passes to serve remora's metrics beside its own; the admin endpoint keeps
     /// serving them too. Names are `remora_*` when `r` has no prefix of its own.
     pub fn register(&self, r: &mut Registry) {
-        r.register("requests", "HTTP requests completed, by direction, HTTP status and gRPC status", self.requests.clone());
-        r.register("request_duration_seconds", "Time from request received to response end, by direction", self.request_duration.clone());
-        r.register("connections", "Connections accepted, by direction and detected protocol", self.connections.clone());
-        r.register("connections_refused", "Connections closed at accept because the listener's connection limit was reached", self.connections_refused.clone());
-        r.register("open_connections", "Connections currently open, by direction", self.open_connections.clone());
-        r.register("detect", "Protocol detection results, by direction", self.detect.clone());
-        r.register("transport_bytes", "Bytes read from and written to accepted connections (counted when they close)", self.bytes.clone());
-        r.register("errors", "Requests answered or connections closed by the proxy because of an error, by kind", self.errors.clone());
-        r.register("requests_in_flight", "Requests received and not yet answered in full, by direction", self.requests_in_flight.clone());
-        r.register("drain_start_connections", "Connections open when the drain started", self.drain_connections.clone());
-        r.register("drain_start_requests", "Requests in flight when the drain started", self.drain_requests.clone());
-        r.register("drain_cut_connections", "Connections and tunnels still running at the drain deadline, cut", self.drain_cut.clone());
+        r.register(
+            "requests",
+            "HTTP requests completed, by direction, HTTP status and gRPC status",
+            self.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time from request received to response end, by direction",
+            self.request_duration.clone(),
+        );
+        r.register(
+            "connections",
+            "Connections accepted, by direction and detected protocol",
+            self.connections.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed at accept because the listener's connection limit was reached",
+            self.connections_refused.clone(),
+        );
+        r.register(
+            "open_connections",
+            "Connections currently open, by direction",
+            self.open_connections.clone(),
+        );
+        r.register(
+            "detect",
+            "Protocol detection results, by direction",
+            self.detect.clone(),
+        );
+        r.register(
+            "transport_bytes",
+            "Bytes read from and written to accepted connections (counted when they close)",
+            self.bytes.clone(),
+        );
+        r.register(
+            "errors",
+            "Requests answered or connections closed by the proxy because of an error, by kind",
+            self.errors.clone(),
+        );
+        r.register(
+            "requests_in_flight",
+            "Requests received and not yet answered in full, by direction",
+            self.requests_in_flight.clone(),
+        );
+        r.register(
+            "drain_start_connections",
+            "Connections open when the drain started",
+            self.drain_connections.clone(),
+        );
+        r.register(
+            "drain_start_requests",
+            "Requests in flight when the drain started",
+            self.drain_requests.clone(),
+        );
+        r.register(
+            "drain_cut_connections",
+            "Connections and tunnels still running at the drain deadline, cut",
+            self.drain_cut.clone(),
+        );
         r.register("tls_connections", "Connections by how TLS went: inbound mtls/plaintext/passthrough/refused_plaintext/handshake_failed/bad_hello, outbound established/failed", self.tls.clone());
-        r.register("identity_expiry_timestamp_seconds", "When the certificate in service expires (Unix time)", self.identity_expiry.clone());
-        r.register("identity_reloads", "Certificate sets validated and put in service", self.identity_reloads.clone());
-        r.register("identity_reload_failures", "Certificate sets refused by validation (the previous set kept serving)", self.identity_reload_failures.clone());
-        r.register("discovery_watches", "Control-plane watches this proxy holds (one per destination name in use)", self.discovery_watches.clone());
-        r.register("discovery_updates", "Snapshots and deltas applied from the control plane", self.discovery_updates.clone());
-        r.register("discovery_stream_errors", "Control-plane watches that failed or broke (endpoints kept, reconnecting)", self.discovery_stream_errors.clone());
-        r.register("endpoint_requests", "Requests sent to each endpoint of each destination", self.endpoints.requests.clone());
-        r.register("endpoint_failures", "Failed connects and requests, by endpoint", self.endpoints.failures.clone());
-        r.register("endpoint_requests_in_flight", "Requests waiting for a response head, by endpoint", self.endpoints.in_flight.clone());
-        r.register("endpoint_latency_ewma_seconds", "Peak-EWMA latency the balancer sees, by endpoint", self.endpoints.latency.clone());
-        r.register("endpoint_ready", "1 when the endpoint takes traffic, 0 while it backs off after failures", self.endpoints.ready.clone());
-        r.register("panics", "Panics caught on the request path; every one is a bug, please report it", self.panics.clone());
-        r.register("ready", "1 when the proxy reports ready", self.ready.clone());
-        r.register("draining", "1 while the proxy drains", self.draining.clone());
-        r.register("uptime_seconds", "Seconds since the proxy started", self.uptime.clone());
+        r.register(
+            "identity_expiry_timestamp_seconds",
+            "When the certificate in service expires (Unix time)",
+            self.identity_expiry.clone(),
+        );
+        r.register(
+            "identity_reloads",
+            "Certificate sets validated and put in service",
+            self.identity_reloads.clone(),
+        );
+        r.register(
+            "identity_reload_failures",
+            "Certificate sets refused by validation (the previous set kept serving)",
+            self.identity_reload_failures.clone(),
+        );
+        r.register(
+            "discovery_watches",
+            "Control-plane watches this proxy holds (one per destination name in use)",
+            self.discovery_watches.clone(),
+        );
+        r.register(
+            "discovery_updates",
+            "Snapshots and deltas applied from the control plane",
+            self.discovery_updates.clone(),
+        );
+        r.register(
+            "discovery_stream_errors",
+            "Control-plane watches that failed or broke (endpoints kept, reconnecting)",
+            self.discovery_stream_errors.clone(),
+        );
+        r.register(
+            "endpoint_requests",
+            "Requests sent to each endpoint of each destination",
+            self.endpoints.requests.clone(),
+        );
+        r.register(
+            "endpoint_failures",
+            "Failed connects and requests, by endpoint",
+            self.endpoints.failures.clone(),
+        );
+        r.register(
+            "endpoint_requests_in_flight",
+            "Requests waiting for a response head, by endpoint",
+            self.endpoints.in_flight.clone(),
+        );
+        r.register(
+            "endpoint_latency_ewma_seconds",
+            "Peak-EWMA latency the balancer sees, by endpoint",
+            self.endpoints.latency.clone(),
+        );
+        r.register(
+            "endpoint_ready",
+            "1 when the endpoint takes traffic, 0 while it backs off after failures",
+            self.endpoints.ready.clone(),
+        );
+        r.register(
+            "panics",
+            "Panics caught on the request path; every one is a bug, please report it",
+            self.panics.clone(),
+        );
+        r.register(
+            "ready",
+            "1 when the proxy reports ready",
+            self.ready.clone(),
+        );
+        r.register(
+            "draining",
+            "1 while the proxy drains",
+            self.draining.clone(),
+        );
+        r.register(
+            "uptime_seconds",
+            "Seconds since the proxy started",
+            self.uptime.clone(),
+        );
     }
 
     /// Prometheus text exposition.
@@ -456,7 +564,11 @@ impl RequestHandles {
 }
 
 impl<S> Observe<S> {
-    pub fn new(inner: S, handles: Arc<RequestHandles>, client_id: Option<http::HeaderValue>) -> Self {
+    pub fn new(
+        inner: S,
+        handles: Arc<RequestHandles>,
+        client_id: Option<http::HeaderValue>,
+    ) -> Self {
         Observe {
             inner,
             handles,

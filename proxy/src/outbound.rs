@@ -6,8 +6,8 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::discover::Destinations;
 use crate::drain::Drain;
-use crate::forward::{Route, Forwarder};
-use crate::hooks::Hooks;
+use crate::forward::{Forwarder, Route};
+use crate::hooks::{Hooks, NoHooks};
 use crate::listener::Listener;
 use crate::metrics::{Direction, Metrics};
 use crate::scrub::Rules;
@@ -19,7 +19,7 @@ pub(crate) fn listener(
     drain: Drain,
     rules: Arc<Rules>,
     own_addrs: Vec<SocketAddr>,
-    hooks: Arc<dyn Hooks>,
+    hooks: Option<Arc<dyn Hooks>>,
 ) -> Listener {
     let forward = Arc::new(Forwarder {
         direction: Direction::Outbound,
@@ -28,7 +28,8 @@ pub(crate) fn listener(
         drain,
         own_addrs,
         rules: rules.clone(),
-        hooks,
+        hooks_active: hooks.is_some(),
+        hooks: hooks.unwrap_or_else(|| Arc::new(NoHooks)),
         local_ips: crate::forward::local_addresses(),
     });
     // Outbound connections are always detected: a non-HTTP stream names no destination, so

@@ -73,7 +73,9 @@ fn translate(update: remora_api::Update) -> Vec<Update> {
     use remora_api::update::Kind;
     match update.kind {
         Some(Kind::Snapshot(snap)) => {
-            vec![Update::Reset(snap.endpoints.iter().filter_map(spec).collect())]
+            vec![Update::Reset(
+                snap.endpoints.iter().filter_map(spec).collect(),
+            )]
         }
         Some(Kind::Delta(d)) => {
             let mut remove: Vec<SocketAddr> =

@@ -66,7 +66,7 @@ pub(crate) struct Source {
 pub(crate) struct Destinations {
     sources: Arc<[Source]>,
     /// `None`: names no source knows fail instead of going to DNS.
-    dns: Option<Mutex<HashMap<String, (Instant, Arc<Destination>)>>>,
+    dns: Option<DnsCache>,
     connect_timeout: Duration,
     factory: Arc<Factory>,
     followed: Followed,
@@ -76,6 +76,8 @@ pub(crate) struct Destinations {
 }
 
 type Followed = Arc<Mutex<HashMap<String, Arc<Follow>>>>;
+/// DNS answers by name, with when they were looked up.
+type DnsCache = Mutex<HashMap<String, (Instant, Arc<Destination>)>>;
 
 /// What the chain says about a name so far.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,11 +251,7 @@ impl Destinations {
         Box::pin(self.dns(dns, authority)).await
     }
 
-    async fn dns(
-        &self,
-        dns: &Mutex<HashMap<String, (Instant, Arc<Destination>)>>,
-        authority: &str,
-    ) -> Result<Arc<Destination>, ResolveError> {
+    async fn dns(&self, dns: &DnsCache, authority: &str) -> Result<Arc<Destination>, ResolveError> {
         let previous = {
             let cache = dns.lock().unwrap_or_else(|p| p.into_inner());
             match cache.get(authority) {
@@ -324,7 +322,6 @@ impl Destinations {
     }
 }
 
-
 impl Destinations {
     /// The chain's destination for `authority`, or `None` to fall back to DNS.
     async fn discover(&self, authority: &str) -> Option<Arc<Destination>> {
@@ -375,9 +372,7 @@ impl Destinations {
             // (and publishes) the moment the chain has answered, so this bound is a backstop.
             let bound = FIRST_ANSWER * self.sources.len() as u32 + Duration::from_millis(100);
             let mut rx = w.known.subscribe();
-            known = match tokio::time::timeout(bound, rx.wait_for(|k| *k != Known::Waiting))
-                .await
-            {
+            known = match tokio::time::timeout(bound, rx.wait_for(|k| *k != Known::Waiting)).await {
                 Ok(Ok(k)) => *k,
                 _ => Known::Waiting,
             };
@@ -764,7 +759,10 @@ mod tests {
         statics.set("web:80", vec![spec(7)]);
         let d = chain(vec![("silent", silent.clone()), ("static", statics)], false);
         let started = Instant::now();
-        let dest = d.resolve("web:80").await.expect("the static source answers");
+        let dest = d
+            .resolve("web:80")
+            .await
+            .expect("the static source answers");
         assert_eq!(ports(&dest), [7]);
         // Not before the silent source had its full chance (the clock is paused: exact).
         assert!(started.elapsed() >= FIRST_ANSWER, "{:?}", started.elapsed());

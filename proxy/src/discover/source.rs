@@ -98,9 +98,11 @@ impl Updates {
     /// bounds how many updates wait for the proxy before `send` waits.
     pub fn channel(capacity: usize) -> (UpdateSender, Updates) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|u| (u, rx))
-        });
+        let stream =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|u| (u, rx)) },
+            );
         (UpdateSender(tx), Updates::new(stream))
     }
 }
