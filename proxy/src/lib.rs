@@ -129,8 +129,7 @@ impl Proxy {
                 let store = Arc::downgrade(store);
                 Arc::new(move || store.upgrade().and_then(|s| s.trust_domain()))
             };
-            let client =
-                control::ControlClient::new(target, store.ca_path(), td).map_err(Error::Config)?;
+            let client = control::connect(target, store.ca_path(), td).map_err(Error::Config)?;
             if let Some(c) = store.certifier() {
                 let _ = c.client.set(client.clone());
             }
