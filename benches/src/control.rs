@@ -3,7 +3,7 @@
 //!
 //! `remora control` (release build) runs pinned to CPU 0; the 100 proxies run in this process
 //! on CPU 1, each with its own TLS connection, through the proxy's own control-plane client
-//! (`remora_proxy::control`), so the control plane sees exactly what real proxies send. CPU
+//! (`remora_api::client`), so the control plane sees exactly what real proxies send. CPU
 //! time and RSS are read from /proc for the control plane alone.
 //!
 //! Phases: load the table (RSS), 100 Certify calls, 2,000 Watch subscriptions (time until
@@ -17,8 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use remora_proxy::config::ControlTarget;
-use remora_proxy::control::ControlClient;
+use remora_api::client::ControlClient;
 
 use crate::{Guard, cpu_seconds, free_port, rss_kib, spawn, workspace};
 
@@ -88,14 +87,8 @@ pub fn run(quick: bool) -> Result<(), String> {
     let mut tokens = String::new();
     let mut fleet = Vec::new();
     let (port, admin) = (free_port(), free_port());
-    let target = ControlTarget {
-        addr: format!("127.0.0.1:{port}"),
-        identity: Some(
-            format!("spiffe://{TD}/ns/remora/sa/control")
-                .parse()
-                .map_err(|e| format!("{e}"))?,
-        ),
-    };
+    let cp_addr = format!("127.0.0.1:{port}");
+    let cp_id = remora_certs::identity::default_control_identity(TD)?;
     for p in 0..proxies {
         let id: remora_certs::SpiffeId = format!("spiffe://{TD}/ns/bench/sa/proxy-{p}")
             .parse()
@@ -103,7 +96,8 @@ pub fn run(quick: bool) -> Result<(), String> {
         let token = format!("bench-token-{p:04}-0123456789");
         let _ = writeln!(tokens, "{token} {id}");
         let client = ControlClient::new(
-            &target,
+            vec![cp_addr.clone()],
+            Some(cp_id.clone()),
             dir.join("ca/ca.crt"),
             Arc::new(|| Some(TD.to_string())),
         )?;
@@ -124,7 +118,7 @@ pub fn run(quick: bool) -> Result<(), String> {
             "--bootstrap-tokens",
             dir.join("tokens").to_str().unwrap_or(""),
             "--addr",
-            &target.addr,
+            &cp_addr,
             "--admin-addr",
             &format!("127.0.0.1:{admin}"),
         ],

@@ -129,9 +129,9 @@ pub fn run(quick: bool) -> Result<(), String> {
     // Handshakes per second into the server proxy's inbound (fresh TCP + TLS 1.3 each).
     let creds = remora_certs::validate::load_dir(&client_dir).map_err(|e| e.to_string())?;
     let anchors = Arc::new(remora_certs::validate::anchors(&creds.roots)?);
-    let cfg = remora_proxy::tls::client_config(&creds, anchors, web_id.clone(), b"h2")
+    let cfg = remora_certs::tls::client_config(&creds, anchors, web_id.clone(), b"h2")
         .map_err(|e| e.to_string())?;
-    let name = remora_proxy::tls::server_name(&web_id)?;
+    let name = remora_certs::tls::server_name(&web_id)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

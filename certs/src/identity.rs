@@ -83,6 +83,14 @@ impl SpiffeId {
     }
 }
 
+/// The control plane's identity in `trust_domain` when none is configured:
+/// `spiffe://<trust-domain>/ns/remora/sa/control`. The control plane serves with it by default
+/// and proxies expect it by default, so both take it from here.
+pub fn default_control_identity(trust_domain: &str) -> Result<SpiffeId, String> {
+    SpiffeId::workload(trust_domain, "remora", "control")
+        .map_err(|e| format!("trust domain {trust_domain:?}: {e}"))
+}
+
 impl FromStr for SpiffeId {
     type Err = ParseError;
 
@@ -148,6 +156,15 @@ mod tests {
             id,
             SpiffeId::workload("cluster.local", "default", "api").unwrap()
         );
+    }
+
+    #[test]
+    fn default_control_identity_is_remora_control() {
+        assert_eq!(
+            default_control_identity("cluster.local").map(|id| id.to_string()),
+            Ok("spiffe://cluster.local/ns/remora/sa/control".to_string())
+        );
+        assert!(default_control_identity("Not A Domain").is_err());
     }
 
     #[test]

@@ -215,7 +215,7 @@ pub fn main() -> ExitCode {
         "warn"
     };
     let filter = std::env::var("REMORA_LOG").unwrap_or_else(|_| default_log.into());
-    if let Err(e) = remora_proxy::cli::init_logging(&filter, remora_proxy::cli::LogFormat::Plain) {
+    if let Err(e) = init_logging(&filter) {
         eprintln!("remora: {e}");
         return ExitCode::from(2);
     }
@@ -233,13 +233,14 @@ pub fn main() -> ExitCode {
     match cli.command {
         cmd @ (Command::Ca(_) | Command::Cert(_)) => certs_command(cmd),
         Command::Control(args) => runtime.block_on(async move {
+            let stop = shutdown_signal();
             let cp = match (*args).options() {
                 Ok(o) => crate::server::ControlPlane::bind(o).await,
                 Err(e) => Err(e),
             };
             match cp {
                 Ok(cp) => {
-                    cp.run(remora_proxy::cli::shutdown_signal()).await;
+                    cp.run(stop).await;
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -258,5 +259,65 @@ pub fn main() -> ExitCode {
                 }
             }
         }),
+    }
+}
+
+// The two helpers below follow the proxy's (proxy/src/cli.rs), so both binaries log and stop
+// alike; they are copies rather than shared so the control plane needs the proxy library only
+// for `remora demo`, and remora-certs stays free of tracing-subscriber and tokio.
+
+/// Installs the global tracing subscriber. `filter` is a level or tracing directives.
+fn init_logging(filter: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| {
+        format!(
+            "REMORA_LOG `{filter}` is not a log filter ({e}); use a level such as info or debug"
+        )
+    })?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init()
+        .map_err(|e| format!("cannot install the logger: {e}"))
+}
+
+/// Installs the SIGTERM and SIGINT handlers at once and returns a future that resolves on the
+/// first of them; a second one exits the process at once. Called before the control plane
+/// binds: handlers installed only when the future is first polled (inside `run`, after the
+/// listeners are up) leave a moment where a SIGTERM sent as soon as /ready answers meets the
+/// default action and kills the process instead of stopping it (seen in tests/cli.rs).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let handlers = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
+        async move {
+            let (Ok(mut term), Ok(mut int)) = handlers else {
+                tracing::error!(
+                    "cannot install signal handlers; the control plane stops only when killed (SIGKILL)"
+                );
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                tracing::warn!("second signal received; exiting without waiting for the drain");
+                std::process::exit(130);
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

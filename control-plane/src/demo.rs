@@ -110,11 +110,15 @@ struct Running {
 
 async fn start_proxy(role: String, cfg: Config) -> Result<Running, String> {
     let proxy = Proxy::bind(cfg).await.map_err(|e| format!("{role}: {e}"))?;
+    // `Proxy::bind` binds all three listeners; a missing one would be a library bug.
+    let bound = |a: Option<SocketAddr>, which: &str| {
+        a.ok_or_else(|| format!("{role}: the {which} listener is not bound"))
+    };
     let running = Running {
+        inbound: bound(proxy.inbound_addr(), "inbound")?,
+        outbound: bound(proxy.outbound_addr(), "outbound")?,
+        admin: bound(proxy.admin_addr(), "admin")?,
         role,
-        inbound: proxy.inbound_addr(),
-        outbound: proxy.outbound_addr(),
-        admin: proxy.admin_addr(),
         shutdown: proxy.shutdown_handle(),
         task: tokio::spawn(proxy.run(std::future::pending())),
     };
@@ -274,11 +278,11 @@ fn random_token() -> Result<String, String> {
 /// Points `cfg` at the control plane for its certificate (identity `id`) and its endpoints.
 fn use_control(
     cfg: &mut Config,
-    control: &remora_proxy::config::ControlTarget,
+    control: &remora_proxy::ControlTarget,
     id: remora_certs::SpiffeId,
     dir: std::path::PathBuf,
 ) {
-    cfg.identity_mode = remora_proxy::config::IdentityMode::Control {
+    cfg.identity_mode = remora_proxy::IdentityMode::Control {
         id,
         token: dir.join("token"),
     };
@@ -289,7 +293,7 @@ fn use_control(
 /// The demo's control plane: file source (written once the backends' proxies are up),
 /// bootstrap tokens, the throwaway CA as issuer.
 struct DemoControl {
-    target: remora_proxy::config::ControlTarget,
+    target: remora_proxy::ControlTarget,
     registry: Arc<crate::registry::Registry>,
     endpoints: std::path::PathBuf,
     admin: SocketAddr,
@@ -311,7 +315,7 @@ impl DemoControl {
         o.bootstrap_tokens = Some(pki.dir.join("tokens"));
         o.cert_lifetime = Duration::from_secs(3600);
         let cp = crate::server::ControlPlane::bind(o).await?;
-        let target = remora_proxy::config::ControlTarget {
+        let target = remora_proxy::ControlTarget {
             addr: cp.addr().to_string(),
             identity: Some(cp.identity()),
         };

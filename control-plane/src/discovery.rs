@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use remora_api::{Delta, Endpoint, NoSuchService, Snapshot, Update, WatchRequest, update};
-use remora_proxy::EndpointSpec;
+use remora_certs::EndpointSpec;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -118,7 +118,7 @@ impl remora_api::discovery_server::Discovery for DiscoveryService {
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let req = request.into_inner();
-        let name = remora_proxy::config::normalize_authority(&req.service)
+        let name = remora_certs::normalize_authority(&req.service)
             .filter(|n| n.len() <= MAX_NAME)
             .ok_or_else(|| {
                 Status::invalid_argument(format!(

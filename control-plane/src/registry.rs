@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use remora_proxy::EndpointSpec;
+use remora_certs::EndpointSpec;
 use tokio::sync::watch;
 
 /// A service's endpoints, keyed by address. `None` in a channel means "no such service".

@@ -197,13 +197,6 @@ impl Options {
     }
 }
 
-/// The default identity of the control plane in `trust_domain`.
-pub fn default_identity(trust_domain: &str) -> Result<SpiffeId, String> {
-    format!("spiffe://{trust_domain}/ns/remora/sa/control")
-        .parse()
-        .map_err(|e| format!("trust domain {trust_domain:?}: {e}"))
-}
-
 async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, String> {
     let config = match kubeconfig {
         Some(path) => {
@@ -221,7 +214,7 @@ async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, Strin
 }
 
 fn server_config(creds: &Credentials) -> Result<Arc<rustls::ServerConfig>, String> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(remora_proxy::tls::provider())
+    let mut cfg = rustls::ServerConfig::builder_with_provider(remora_certs::crypto::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
@@ -395,7 +388,7 @@ impl ControlPlane {
         let metrics = Arc::new(Metrics::new());
         let identity = match opts.identity {
             Some(id) => id,
-            None => default_identity(&opts.trust_domain)?,
+            None => remora_certs::identity::default_control_identity(&opts.trust_domain)?,
         };
         if identity.trust_domain() != opts.trust_domain {
             return Err(format!(

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use remora_api::client::ControlClient;
 use remora_certs::SpiffeId;
 use remora_control_plane::server::{ControlPlane, Limits, Options, Source};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -93,10 +94,10 @@ async fn metric(cp: &Running, name: &str) -> f64 {
 /// A TLS connection to the gRPC port, as a proxy makes it (no client certificate, ALPN h2,
 /// the control plane's SPIFFE ID checked).
 async fn tls(cp: &Running) -> std::io::Result<TlsStream<TcpStream>> {
-    let anchors = remora_proxy::control::read_anchors(&cp.ca).map_err(std::io::Error::other)?;
-    let cfg = remora_proxy::tls::control_client_config(anchors, cp.identity.clone())
+    let anchors = remora_certs::tls::read_anchors(&cp.ca).map_err(std::io::Error::other)?;
+    let cfg = remora_certs::tls::control_client_config(anchors, cp.identity.clone())
         .map_err(std::io::Error::other)?;
-    let name = remora_proxy::tls::server_name(&cp.identity).map_err(std::io::Error::other)?;
+    let name = remora_certs::tls::server_name(&cp.identity).map_err(std::io::Error::other)?;
     let tcp = TcpStream::connect(cp.addr).await?;
     match tokio::time::timeout(
         WAIT,
@@ -109,23 +110,17 @@ async fn tls(cp: &Running) -> std::io::Result<TlsStream<TcpStream>> {
     }
 }
 
-fn client(cp: &Running) -> remora_proxy::control::ControlClient {
-    let target = remora_proxy::config::ControlTarget {
-        addr: cp.addr.to_string(),
-        identity: Some(cp.identity.clone()),
-    };
-    remora_proxy::control::ControlClient::new(
-        &target,
+fn client(cp: &Running) -> ControlClient {
+    ControlClient::new(
+        vec![cp.addr.to_string()],
+        Some(cp.identity.clone()),
         cp.ca.clone(),
         Arc::new(|| Some("cluster.local".to_string())),
     )
     .expect("control client")
 }
 
-async fn watch(
-    c: &remora_proxy::control::ControlClient,
-    service: &str,
-) -> tonic::Streaming<remora_api::Update> {
+async fn watch(c: &ControlClient, service: &str) -> tonic::Streaming<remora_api::Update> {
     let req = remora_api::WatchRequest {
         service: service.into(),
         client: String::new(),
@@ -215,7 +210,7 @@ async fn connections_beyond_the_per_peer_limit_are_closed_before_tls() {
     // watch on it (a new stream, no new connection) is answered.
     cp.registry.set(
         SERVICE,
-        Some(vec![remora_proxy::EndpointSpec {
+        Some(vec![remora_certs::EndpointSpec {
             addr: "10.0.0.2:80".parse().unwrap(),
             weight: 1,
             identity: None,

@@ -1,4 +1,4 @@
-//! `remora_proxy::config::normalize_authority` and `remora_proxy::forward::request_authority`
+//! `remora_certs::normalize_authority` and `remora_proxy::forward::request_authority`
 //! on fuzzed strings, used as the Host header and as the request URI.
 //!
 //! Invariants:
@@ -15,7 +15,7 @@ use arbitrary::Arbitrary;
 use http::uri::Authority;
 use http::{HeaderValue, Request, Uri};
 use libfuzzer_sys::fuzz_target;
-use remora_proxy::config::normalize_authority;
+use remora_certs::normalize_authority;
 use remora_proxy::forward::request_authority;
 
 #[derive(Arbitrary, Debug)]

@@ -13,9 +13,9 @@
 
 use clap::Parser;
 use libfuzzer_sys::fuzz_target;
-use remora_certs::SpiffeId;
+use remora_certs::{MAX_WEIGHT, SpiffeId, normalize_authority};
 use remora_proxy::cli::Args;
-use remora_proxy::config::{MAX_WEIGHT, StaticDestination, normalize_authority};
+use remora_proxy::config::StaticDestination;
 
 fn write_back(d: &StaticDestination) -> String {
     let eps: Vec<String> = d

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use remora_control_plane::source::file::parse;
-use remora_proxy::config::{MAX_WEIGHT, normalize_authority};
+use remora_certs::{MAX_WEIGHT, normalize_authority};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -6,6 +6,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// The endpoint model and authority normalisation live in remora-certs, shared with the
+/// control plane (which must not depend on the proxy for them): destination names here and
+/// service names there are normalised by the same function, weights bounded by the same limit.
+pub use remora_certs::EndpointSpec;
+pub(crate) use remora_certs::{MAX_WEIGHT, normalize_authority};
+
 /// Linkerd's default opaque ports: server-speaks-first protocols (SMTP, MySQL, PostgreSQL, Redis,
 /// Elasticsearch transport, memcached…) where waiting for the client to speak would hang.
 pub const DEFAULT_OPAQUE_PORTS: &[u16] = &[25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
@@ -210,29 +216,6 @@ pub struct StaticDestination {
     pub endpoints: Vec<EndpointSpec>,
 }
 
-/// An endpoint: its address, its weight (relative share of traffic, default 1), and the
-/// identity it must prove when it is a peer proxy (then the proxy speaks mTLS to it).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EndpointSpec {
-    pub addr: SocketAddr,
-    pub weight: u32,
-    pub identity: Option<remora_certs::SpiffeId>,
-}
-
-impl EndpointSpec {
-    /// An endpoint of weight 1 without identity (plaintext).
-    pub fn new(addr: SocketAddr) -> Self {
-        EndpointSpec {
-            addr,
-            weight: 1,
-            identity: None,
-        }
-    }
-}
-
-/// Largest accepted weight; keeps cost arithmetic well away from overflow.
-pub const MAX_WEIGHT: u32 = 10_000;
-
 impl StaticDestination {
     /// A destination whose endpoints all have weight 1.
     pub fn new(name: &str, addrs: &[SocketAddr]) -> Self {
@@ -300,20 +283,6 @@ impl std::str::FromStr for StaticDestination {
             endpoints: parsed,
         })
     }
-}
-
-/// Lower-cases an authority and checks it is `host:port` with a numeric port. `None` when it is
-/// not. Used for both destination names and request authorities so they compare equal.
-pub fn normalize_authority(a: &str) -> Option<String> {
-    let (host, port) = a.rsplit_once(':')?;
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        return None;
-    }
-    // Bracketed IPv6 hosts keep their brackets; anything with a stray ':' outside them is wrong.
-    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
-        return None;
-    }
-    Some(a.to_ascii_lowercase())
 }
 
 impl Config {

@@ -72,7 +72,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{
-    Config, ControlTarget, EndpointSpec, IdentityMode, MAX_WEIGHT, MtlsMode, StaticDestination,
+    Config, ControlTarget, EndpointSpec, IdentityMode, MtlsMode, StaticDestination,
 };
 pub use direction::Direction;
 pub use hooks::{Completion, Hooks, NoHooks, RequestContext};
@@ -282,8 +282,7 @@ impl Builder {
                 let store = Arc::downgrade(store);
                 Arc::new(move || store.upgrade().and_then(|s| s.trust_domain()))
             };
-            let client =
-                control::ControlClient::new(target, store.ca_path(), td).map_err(Error::Config)?;
+            let client = control::connect(target, store.ca_path(), td).map_err(Error::Config)?;
             if let Some(c) = store.certifier() {
                 let _ = c.client.set(client.clone());
             }

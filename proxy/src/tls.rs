@@ -1,23 +1,22 @@
-//! TLS between proxies: reading a ClientHello's server name without consuming it, the inbound
-//! server configuration (TLS 1.3, client certificate required and verified against the trust
-//! bundle), and the outbound client configuration that accepts a server only if it presents
-//! the expected SPIFFE identity.
+//! TLS between proxies: reading a ClientHello's server name without consuming it and the
+//! inbound server configuration (TLS 1.3, client certificate required and verified against the
+//! trust bundle). The outbound client configuration, which accepts a server only if it presents
+//! the expected SPIFFE identity, is `remora_certs::tls`, re-exported here.
 
 use std::sync::Arc;
 
-use remora_certs::{Credentials, SpiffeId};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use remora_certs::Credentials;
+use rustls::{RootCertStore, ServerConfig};
+
+/// The client side (a server must prove the expected SPIFFE ID) and the crypto provider live in
+/// remora-certs: the control plane, and the benches and tests that stand in for proxies, check
+/// servers the same way without depending on the proxy.
+pub(crate) use remora_certs::crypto::provider;
+pub(crate) use remora_certs::tls::{client_config, server_name};
 
 /// ALPN ids remora offers and accepts.
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
-
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 /// What the first bytes of a TLS connection say.
 #[derive(Debug, PartialEq, Eq)]
@@ -141,137 +140,11 @@ pub fn server_config(creds: &Credentials) -> Result<Arc<ServerConfig>, rustls::E
     Ok(Arc::new(cfg))
 }
 
-/// The outbound mTLS client configuration: our certificate, and a server that must prove
-/// `expected`.
-pub fn client_config(
-    creds: &Credentials,
-    anchors: Arc<Vec<TrustAnchor<'static>>>,
-    expected: SpiffeId,
-    alpn: &[u8],
-) -> Result<Arc<ClientConfig>, rustls::Error> {
-    let mut cfg = spiffe_client(anchors, expected)?.with_client_cert_resolver(Arc::new(
-        rustls::sign::SingleCertAndKey::from(creds.certified.clone()),
-    ));
-    if !alpn.is_empty() {
-        cfg.alpn_protocols = vec![alpn.to_vec()];
-    }
-    // No SNI between proxies: a ClientHello without a server name is always terminated by the
-    // peer proxy, so it presents its certificate and the verifier above can say exactly which
-    // identity it found (with SNI, a peer with another identity would pass the bytes to its
-    // app and the failure would read as a protocol error).
-    cfg.enable_sni = false;
-    Ok(Arc::new(cfg))
-}
-
-/// TLS 1.3 to a server that must chain to `anchors` and prove `expected`.
-fn spiffe_client(
-    anchors: Arc<Vec<TrustAnchor<'static>>>,
-    expected: SpiffeId,
-) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, rustls::Error> {
-    let provider = provider();
-    let verifier = SpiffeServerVerifier {
-        anchors,
-        expected,
-        provider: provider.clone(),
-    };
-    Ok(ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier)))
-}
-
-/// The client configuration for the control plane's APIs: no client certificate (a proxy may
-/// not have one yet: it is asking for it), a server that must prove `expected`, ALPN h2.
-pub fn control_client_config(
-    anchors: Arc<Vec<TrustAnchor<'static>>>,
-    expected: SpiffeId,
-) -> Result<Arc<ClientConfig>, rustls::Error> {
-    let mut cfg = spiffe_client(anchors, expected)?.with_no_client_auth();
-    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
-    cfg.enable_sni = false;
-    Ok(Arc::new(cfg))
-}
-
-/// The server name to ask for when connecting to `id`.
-pub fn server_name(id: &SpiffeId) -> Result<ServerName<'static>, String> {
-    ServerName::try_from(id.dns_name()).map_err(|e| format!("{id}: no usable TLS server name: {e}"))
-}
-
-/// Accepts a server whose chain verifies to the trust bundle and whose leaf carries exactly the
-/// expected SPIFFE ID. DNS names are not checked: SPIFFE identities are the names here.
-#[derive(Debug)]
-struct SpiffeServerVerifier {
-    anchors: Arc<Vec<TrustAnchor<'static>>>,
-    expected: SpiffeId,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let mut chain = vec![end_entity.clone()];
-        chain.extend(intermediates.iter().cloned());
-        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(now.as_secs());
-        remora_certs::validate::verify_chain(&chain, &self.anchors, now, true).map_err(|e| {
-            rustls::Error::General(format!("server certificate does not verify: {e}"))
-        })?;
-        match remora_certs::validate::spiffe_id(end_entity) {
-            Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
-            Some(id) => Err(rustls::Error::General(format!(
-                "server presented identity {id}, expected {}",
-                self.expected
-            ))),
-            None => Err(rustls::Error::General(format!(
-                "server presented no SPIFFE identity, expected {}",
-                self.expected
-            ))),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::ClientConfig;
+    use rustls::pki_types::ServerName;
 
     #[test]
     fn reads_sni_from_a_real_client_hello() {

@@ -13,7 +13,7 @@ use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use remora_control_plane::server::{ControlPlane, Options, Source};
 use remora_proxy::Config;
-use remora_proxy::config::{ControlTarget, IdentityMode};
+use remora_proxy::{ControlTarget, IdentityMode};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -489,7 +489,7 @@ impl Unready {
     pub async fn start(cfg: Config) -> Unready {
         let proxy = remora_proxy::Proxy::bind(cfg).await.expect("proxy binds");
         Unready {
-            admin: proxy.admin_addr(),
+            admin: proxy.admin_addr().expect("admin listener"),
             stop: proxy.shutdown_handle(),
             task: tokio::spawn(proxy.run(std::future::pending())),
         }

@@ -539,7 +539,7 @@ async fn unreachable_control_plane_falls_back_to_dns_once() {
     let app = NamedApp::start("app").await;
     let mut cfg = config(refused_addr().await);
     cfg.identity_dir = Some(pki.identity_dir("client"));
-    cfg.control = Some(remora_proxy::config::ControlTarget {
+    cfg.control = Some(remora_proxy::ControlTarget {
         addr: refused_addr().await.to_string(),
         identity: None,
     });

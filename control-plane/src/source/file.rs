@@ -19,8 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use remora_certs::SpiffeId;
-use remora_proxy::EndpointSpec;
+use remora_certs::{EndpointSpec, SpiffeId};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -63,7 +62,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
     })?;
     let mut table = HashMap::new();
     for s in file.service {
-        let name = remora_proxy::config::normalize_authority(s.name.get_ref())
+        let name = remora_certs::normalize_authority(s.name.get_ref())
             .filter(|n| {
                 n.rsplit_once(':')
                     .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
@@ -102,16 +101,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
             };
             let weight = match &e.weight {
                 None => 1,
-                Some(w) if (1..=remora_proxy::config::MAX_WEIGHT).contains(w.get_ref()) => {
-                    *w.get_ref()
-                }
+                Some(w) if (1..=remora_certs::MAX_WEIGHT).contains(w.get_ref()) => *w.get_ref(),
                 Some(w) => {
                     return Err(at(
                         w.span().start,
                         format!(
                             "weight {} is out of range 1..={}",
                             w.get_ref(),
-                            remora_proxy::config::MAX_WEIGHT
+                            remora_certs::MAX_WEIGHT
                         ),
                     ));
                 }

@@ -43,8 +43,7 @@ use kube::api::{Api, ListParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
-use remora_certs::SpiffeId;
-use remora_proxy::EndpointSpec;
+use remora_certs::{EndpointSpec, SpiffeId};
 use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
 
