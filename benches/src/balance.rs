@@ -300,8 +300,11 @@ fn added(p1: u16, p2: u16, p_new: u16, secs: u64) -> Result<(), String> {
             ..Default::default()
         };
         let proxy = remora_proxy::Proxy::bind(cfg).await.map_err(|e| e.to_string())?;
-        let (out, admin) = (proxy.outbound_addr(), proxy.admin_addr());
-        let dests = proxy.destinations();
+        let (out, admin) = (
+            proxy.outbound_addr().ok_or("no outbound listener")?,
+            proxy.admin_addr().ok_or("no admin listener")?,
+        );
+        let dests = proxy.statics();
         let stop = proxy.shutdown_handle();
         let task = tokio::spawn(proxy.run(std::future::pending()));
         let frame = std::env::temp_dir().join(format!("remora-grpc-add-{}.bin", std::process::id()));
@@ -324,7 +327,7 @@ fn added(p1: u16, p2: u16, p_new: u16, secs: u64) -> Result<(), String> {
             identity: None,
         };
         let added_at = Instant::now();
-        dests.set("echo.test:80", &[eps(p1), eps(p2), eps(p_new)]);
+        dests.set("echo.test:80", vec![eps(p1), eps(p2), eps(p_new)]);
         // Sample the new endpoint's share of each 100 ms window until it reaches 80 % of even.
         let mut took = None;
         let (mut last_total, mut last_new) = (0.0, 0.0);
