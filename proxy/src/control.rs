@@ -18,6 +18,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::config::ControlTarget;
 
+/// Backoff lives in [`crate::backoff`] now; the old path stays for the watch in
+/// [`crate::discover`].
+pub(crate) use crate::backoff::Backoff;
+
 /// How long one replica gets to accept a connection and finish the TLS handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -148,40 +152,5 @@ impl ControlClient {
 
     pub fn identity(&self) -> remora_api::identity_client::IdentityClient<Channel> {
         remora_api::identity_client::IdentityClient::new(self.channel.clone())
-    }
-}
-
-/// Exponential backoff with jitter, for reconnecting watches and retrying Certify.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            next: min,
-            min,
-            max,
-        }
-    }
-
-    pub fn reset(&mut self) {
-        self.next = self.min;
-    }
-
-    /// The next delay: doubling up to `max`, with ±25 % jitter so proxies that lost the
-    /// control plane together do not come back together.
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|t| t.subsec_nanos())
-            .unwrap_or(0);
-        let jitter = 0.75 + (nanos % 1000) as f64 / 2000.0;
-        d.mul_f64(jitter)
     }
 }

@@ -9,6 +9,7 @@
 //! ```
 
 pub mod admin;
+mod backoff;
 pub mod balance;
 pub mod cli;
 pub mod config;
@@ -28,6 +29,7 @@ pub mod listener;
 pub mod metrics;
 pub mod outbound;
 pub mod panics;
+mod random;
 pub mod replay;
 pub mod scrub;
 pub mod tls;
