@@ -14,7 +14,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, not std's: every time here feeds a decision (decay, readiness, refill), and
+// tests pause and advance it (`#[tokio::test(start_paused = true)]`). Outside a runtime it
+// reads the system's monotonic clock, as `std::time::Instant` does.
+use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 
@@ -130,18 +135,15 @@ pub struct Destination {
     pub name: String,
     pub budget: RetryBudget,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
-    rng: AtomicU64,
     saw_h2: AtomicBool,
 }
 
 impl Destination {
     pub fn new(name: String, endpoints: Vec<Arc<Endpoint>>) -> Self {
-        let seed = Instant::now().elapsed().as_nanos() as u64 ^ (name.len() as u64) << 32;
         Destination {
             name,
             budget: RetryBudget::default(),
             endpoints: ArcSwap::from_pointee(endpoints),
-            rng: AtomicU64::new(seed | 1),
             saw_h2: AtomicBool::new(false),
         }
     }
@@ -177,16 +179,6 @@ impl Destination {
         }
     }
 
-    fn random(&self) -> u64 {
-        // xorshift64*: good enough to pick two endpoints, and lock-free.
-        let mut x = self.rng.load(Ordering::Relaxed);
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng.store(x, Ordering::Relaxed);
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
     /// Picks an endpoint for one request, skipping `exclude` (an endpoint that just failed).
     /// When every endpoint is backing off, waits for the first to be retried if that is within
     /// [`FAILFAST`], and fails at once otherwise.
@@ -203,9 +195,10 @@ impl Destination {
         match ready.len() {
             1 => return Ok(ready[0].clone()),
             n if n >= 2 => {
+                // Two distinct candidates, uniformly: j is drawn from the n - 1 others.
                 let n = n as u64;
-                let i = (self.random() % n) as usize;
-                let mut j = (self.random() % (n - 1)) as usize;
+                let i = crate::random::below(n) as usize;
+                let mut j = crate::random::below(n - 1) as usize;
                 if j >= i {
                     j += 1;
                 }
@@ -373,5 +366,154 @@ mod tests {
         });
         stop.store(true, Ordering::Relaxed);
         let _ = flapper.join();
+    }
+
+    fn endpoints(weights: &[u32]) -> Vec<Arc<Endpoint>> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                Arc::new(Endpoint::new(
+                    SocketAddr::from(([127, 0, 0, 1], 2000 + i as u16)),
+                    *w,
+                    Duration::from_secs(1),
+                    None,
+                ))
+            })
+            .collect()
+    }
+
+    /// How often each endpoint is picked in `n` picks.
+    async fn shares(dest: &Destination, eps: &[Arc<Endpoint>], n: usize) -> Vec<usize> {
+        let mut counts = vec![0; eps.len()];
+        for _ in 0..n {
+            let e = dest.pick(None).await.unwrap();
+            let i = eps.iter().position(|x| Arc::ptr_eq(x, &e)).unwrap();
+            counts[i] += 1;
+        }
+        counts
+    }
+
+    /// The decay is on tokio's clock: one DECAY of idleness takes a sample to exactly 1/e.
+    #[tokio::test(start_paused = true)]
+    async fn peak_ewma_decays_on_the_paused_clock() {
+        let l = PeakEwma::default();
+        l.start();
+        l.finish(Duration::from_millis(100));
+        assert_eq!(l.rtt(), Duration::from_millis(100));
+        tokio::time::advance(DECAY).await;
+        let want = 100e6 * (-1f64).exp();
+        assert!(
+            (l.rtt().as_nanos() as f64 - want).abs() < 2.0,
+            "{:?}",
+            l.rtt()
+        );
+        // After a long quiet spell the old peak has decayed below a new, faster sample, which
+        // then replaces it outright.
+        tokio::time::advance(DECAY * 10).await;
+        l.start();
+        l.finish(Duration::from_millis(10));
+        assert_eq!(l.rtt(), Duration::from_millis(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pick_never_chooses_a_backed_off_endpoint_while_one_is_ready() {
+        let eps = endpoints(&[1, 1, 1, 1, 1]);
+        for e in &eps[..3] {
+            e.set_ready_for_test(false);
+        }
+        let dest = Destination::new("ready.test:80".into(), eps.clone());
+        let counts = shares(&dest, &eps, 10_000).await;
+        assert_eq!(&counts[..3], &[0, 0, 0], "{counts:?}");
+        // The two ready ones share the traffic (both unobserved: equal cost, ties go to the
+        // first drawn, which is uniform).
+        assert!(counts[3] > 4_000 && counts[4] > 4_000, "{counts:?}");
+        // Excluding the one that just failed leaves the other, even when it is the only one.
+        for _ in 0..100 {
+            let e = dest.pick(Some(&eps[3])).await.unwrap();
+            assert!(Arc::ptr_eq(&e, &eps[4]));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn weights_shift_the_share_toward_the_heavier() {
+        let even = endpoints(&[1, 1, 1]);
+        let dest = Destination::new("even.test:80".into(), even.clone());
+        let counts = shares(&dest, &even, 30_000).await;
+        for c in &counts {
+            // Each is 1/3 (10,000; sd ≈ 82).
+            assert!((9_000..11_000).contains(c), "{counts:?}");
+        }
+        // Weight 4 at equal load: cheaper in every pair it is part of, i.e. 2/3 of picks.
+        let skewed = endpoints(&[1, 1, 4]);
+        let dest = Destination::new("skewed.test:80".into(), skewed.clone());
+        let counts = shares(&dest, &skewed, 30_000).await;
+        assert!((19_000..21_000).contains(&counts[2]), "{counts:?}");
+        assert!(counts[0] > 4_000 && counts[1] > 4_000, "{counts:?}");
+    }
+
+    /// Every endpoint backing off: `pick` waits for the soonest when it is within FAILFAST
+    /// (exactly that long, on the paused clock), and fails at once when it is not.
+    #[tokio::test(start_paused = true)]
+    async fn pick_waits_for_the_soonest_retry_or_fails_fast() {
+        let eps = endpoints(&[1, 1]);
+        let dest = Destination::new("down.test:80".into(), eps.clone());
+        eps[0].set_retry_in_for_test(Duration::from_secs(2));
+        eps[1].set_retry_in_for_test(Duration::from_millis(1500));
+        let started = Instant::now();
+        let e = dest.pick(None).await.unwrap();
+        assert!(Arc::ptr_eq(&e, &eps[1]));
+        assert_eq!(started.elapsed(), Duration::from_millis(1500));
+
+        eps[0].set_retry_in_for_test(FAILFAST + Duration::from_secs(1));
+        eps[1].set_retry_in_for_test(FAILFAST * 2);
+        let started = Instant::now();
+        match dest.pick(None).await {
+            Err(PickError::Unavailable { n, retry_in, .. }) => {
+                assert_eq!(n, 2);
+                assert_eq!(retry_in, FAILFAST + Duration::from_secs(1));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        let empty = Destination::new("none.test:80".into(), Vec::new());
+        assert!(matches!(
+            empty.pick(None).await,
+            Err(PickError::Empty { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_budget_allows_a_share_and_refills_over_time() {
+        let b = RetryBudget::default();
+        // The per-second allowance is there from the start: 10 retries, then none.
+        for i in 0..10 {
+            assert!(b.withdraw(), "retry {i}");
+        }
+        assert!(!b.withdraw());
+        // Each request deposits a fifth of a retry: 5 requests buy one.
+        for _ in 0..5 {
+            b.deposit();
+        }
+        assert!(b.withdraw());
+        assert!(!b.withdraw());
+        // Refill: 10 a second, so half a second is worth 5.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        for i in 0..5 {
+            assert!(b.withdraw(), "refilled retry {i}");
+        }
+        assert!(!b.withdraw());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_budget_is_bounded() {
+        let b = RetryBudget::default();
+        // However much traffic or idle time went by, at most RETRY_MAX_TOKENS retries burst.
+        for _ in 0..10_000 {
+            b.deposit();
+        }
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        let granted = (0..1_000).take_while(|_| b.withdraw()).count();
+        assert_eq!(granted, RETRY_MAX_TOKENS as usize);
     }
 }

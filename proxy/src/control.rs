@@ -9,7 +9,6 @@
 //! and holds the backoff its callers retry with.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 pub(crate) use remora_api::client::ControlClient;
 use remora_api::client::TrustDomain;
@@ -27,37 +26,5 @@ pub(crate) fn connect(
         .map_err(|e| format!("REMORA_CONTROL_ADDR: {e}"))
 }
 
-/// Exponential backoff with jitter, for reconnecting watches and retrying Certify.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            next: min,
-            min,
-            max,
-        }
-    }
-
-    pub fn reset(&mut self) {
-        self.next = self.min;
-    }
-
-    /// The next delay: doubling up to `max`, with ±25 % jitter so proxies that lost the
-    /// control plane together do not come back together.
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|t| t.subsec_nanos())
-            .unwrap_or(0);
-        let jitter = 0.75 + (nanos % 1000) as f64 / 2000.0;
-        d.mul_f64(jitter)
-    }
-}
+/// Backoff lives in [`crate::backoff`]; callers that retry the control plane name it here.
+pub(crate) use crate::backoff::Backoff;

@@ -317,4 +317,164 @@ mod tests {
             );
         }
     }
+
+    use std::sync::Arc;
+    use tokio::io::{AsyncWriteExt, DuplexStream};
+    use tokio::time::Instant;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// A client that writes `parts`, each after its delay, then holds the connection open
+    /// (or closes it, with `close`); detection runs on the other end. Returns what detection
+    /// said, the bytes it handed back, and how long it took on the (paused) clock.
+    async fn run(parts: &[(Duration, &[u8])], close: bool) -> (Detected, Bytes, Duration) {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let parts: Vec<(Duration, Vec<u8>)> = parts.iter().map(|(d, b)| (*d, b.to_vec())).collect();
+        let writer = tokio::spawn(async move {
+            for (delay, bytes) in parts {
+                tokio::time::sleep(delay).await;
+                client.write_all(&bytes).await.unwrap();
+            }
+            if close {
+                drop(client);
+                None
+            } else {
+                Some(client)
+            }
+        });
+        let started = Instant::now();
+        let (d, bytes) = detect(&mut server, TIMEOUT).await.unwrap();
+        let took = started.elapsed();
+        // Keeps the client's end open until detection is done.
+        let _client: Option<DuplexStream> = writer.await.unwrap();
+        (d, bytes, took)
+    }
+
+    const NOW: Duration = Duration::ZERO;
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_is_idle_at_exactly_the_timeout() {
+        let (d, bytes, took) = run(&[], false).await;
+        assert_eq!(d, Detected::Idle);
+        assert!(bytes.is_empty());
+        assert_eq!(took, TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_line_in_two_parts_is_http1() {
+        let rest: &[u8] = b"ex.html HTTP/1.1\r\nHost: a\r\n\r\n";
+        let (d, bytes, took) =
+            run(&[(NOW, b"GET /ind"), (Duration::from_secs(2), rest)], false).await;
+        assert_eq!(d, Detected::Protocol(Protocol::Http1));
+        assert_eq!(&bytes[..], b"GET /index.html HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(took, Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timeout_counts_from_the_start_not_from_the_last_byte() {
+        // A byte every 4 s keeps no connection in detection past the timeout (slowloris).
+        let step = Duration::from_secs(4);
+        let (d, bytes, took) = run(
+            &[(NOW, b"G"), (step, b"E"), (step, b"T"), (step, b" ")],
+            false,
+        )
+        .await;
+        assert_eq!(d, Detected::Stalled);
+        assert_eq!(&bytes[..], b"GET");
+        assert_eq!(took, TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_h2_preface_in_pieces_is_http2() {
+        let (d, bytes, took) = run(
+            &[
+                (NOW, &H2_PREFACE[..5]),
+                (Duration::from_millis(300), &H2_PREFACE[5..]),
+            ],
+            false,
+        )
+        .await;
+        assert_eq!(d, Detected::Protocol(Protocol::Http2));
+        assert_eq!(&bytes[..], H2_PREFACE);
+        assert_eq!(took, Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endings_before_a_decision() {
+        let (d, _, took) = run(&[], true).await;
+        assert_eq!((d, took), (Detected::Closed, NOW));
+        // HTTP-shaped, then the end: refused, since a lenient server could take it.
+        let (d, bytes, _) = run(&[(NOW, b"GET /a")], true).await;
+        assert_eq!(d, Detected::Malformed);
+        assert_eq!(&bytes[..], b"GET /a");
+        // Binary, then the end: opaque bytes.
+        let (d, _, _) = run(&[(NOW, b"\x00\x01")], true).await;
+        assert_eq!(d, Detected::Protocol(Protocol::Opaque));
+        // Not HTTP-shaped as soon as the first bytes arrive: decided without waiting.
+        let (d, _, took) = run(&[(NOW, b"PING\r\n")], false).await;
+        assert_eq!((d, took), (Detected::Protocol(Protocol::Opaque), NOW));
+    }
+
+    fn client_hello_bytes() -> Vec<u8> {
+        let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("web.default.sa.mesh").unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+        let mut buf = Vec::new();
+        c.write_tls(&mut buf).unwrap();
+        buf
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_hello_in_pieces_is_read_whole() {
+        let hello = client_hello_bytes();
+        let (d, bytes, took) = run(
+            &[
+                (NOW, &hello[..3]),
+                (Duration::from_secs(1), &hello[3..40]),
+                (Duration::from_secs(1), &hello[40..]),
+            ],
+            false,
+        )
+        .await;
+        assert_eq!(
+            d,
+            Detected::Tls {
+                sni: Some("web.default.sa.mesh".into())
+            }
+        );
+        assert_eq!(&bytes[..], &hello[..]);
+        assert_eq!(took, Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_hello_that_stalls_or_ends_is_bad() {
+        let hello = client_hello_bytes();
+        let (d, bytes, took) = run(&[(NOW, &hello[..hello.len() - 1])], false).await;
+        assert_eq!((d, took), (Detected::BadHello, TIMEOUT));
+        assert_eq!(bytes.len(), hello.len() - 1);
+        let (d, _, _) = run(&[(NOW, &hello[..20])], true).await;
+        assert_eq!(d, Detected::BadHello);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn detection_continues_from_bytes_already_read() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        // Decided by what was read before: nothing more is read.
+        let (d, bytes) = detect_after(&mut server, TIMEOUT, b"GET / HTTP/1.1\r\n".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(d, Detected::Protocol(Protocol::Http1));
+        assert_eq!(&bytes[..], b"GET / HTTP/1.1\r\n");
+        // Undecided: the rest comes from the stream.
+        client.write_all(b" / HTTP/1.0\r\n").await.unwrap();
+        let (d, bytes) = detect_after(&mut server, TIMEOUT, b"GET".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(d, Detected::Protocol(Protocol::Http1));
+        assert_eq!(&bytes[..], b"GET / HTTP/1.0\r\n");
+    }
 }

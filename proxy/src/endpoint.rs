@@ -3,14 +3,18 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+// tokio's clock: latency samples, backoff and the shared-connect-failure window all feed
+// decisions, and tests pause and advance it.
+use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::balance::PeakEwma;
 use crate::identity::IdentityStore;
 use crate::io::UpstreamIo;
@@ -44,9 +48,14 @@ impl Stamp {
     }
 }
 
-/// Failure state: how many connects failed in a row, and when to try again.
+/// How long a failing endpoint is skipped: a ceiling doubling from 100 ms to 10 s with equal
+/// jitter ([`Backoff::with_floor`]: the delay is also what failfast judges, so it keeps half).
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Failure state: the backoff (how many connects failed in a row), and when to try again.
 struct Health {
-    failures: u32,
+    backoff: Backoff,
     retry_at: Instant,
     last_error: String,
 }
@@ -54,7 +63,7 @@ struct Health {
 impl Default for Health {
     fn default() -> Self {
         Health {
-            failures: 0,
+            backoff: Backoff::with_floor(BACKOFF_MIN, BACKOFF_MAX),
             retry_at: Instant::now(),
             last_error: String::new(),
         }
@@ -240,13 +249,11 @@ impl Endpoint {
             .store
             .current()
             .ok_or_else(|| fail("this proxy has no identity yet (REMORA_IDENTITY_DIR)".into()))?;
-        let cfg = crate::tls::client_config(
-            &loaded.creds,
-            loaded.anchors.clone(),
-            tls.id.clone(),
-            alpn.unwrap_or(b""),
-        )
-        .map_err(|e| fail(e.to_string()))?;
+        // Built once per credential set, peer and ALPN, so its session cache lets the next
+        // connection to this peer resume instead of running a full handshake.
+        let cfg = loaded
+            .client_config(&tls.id, alpn.unwrap_or(b""))
+            .map_err(|e| fail(e.to_string()))?;
         let name = crate::tls::server_name(&tls.id).map_err(fail)?;
         let connector = tokio_rustls::TlsConnector::from(cfg);
         match tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp)).await {
@@ -308,9 +315,9 @@ impl Endpoint {
 
     fn mark_up(&self) {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        if h.failures > 0 {
+        if h.backoff.attempts() > 0 {
             tracing::info!(addr = %self.addr, "endpoint reachable again");
-            h.failures = 0;
+            h.backoff.reset();
             if let Some(m) = &self.metrics {
                 m.ready.set(1);
             }
@@ -322,20 +329,28 @@ impl Endpoint {
     pub(crate) fn set_ready_for_test(&self, ready: bool) {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         h.retry_at = if ready {
-            Instant::now() - Duration::from_secs(1)
+            let now = Instant::now();
+            now.checked_sub(Duration::from_secs(1)).unwrap_or(now)
         } else {
             Instant::now() + Duration::from_secs(3600)
         };
     }
 
-    /// Backs off exponentially from 100 ms to 10 s; P2C skips the endpoint meanwhile.
+    /// Tests: an endpoint that failed and may be retried in `d`.
+    #[cfg(test)]
+    pub(crate) fn set_retry_in_for_test(&self, d: Duration) {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retry_at = Instant::now() + d;
+    }
+
+    /// Backs off exponentially ([`BACKOFF_MIN`] to [`BACKOFF_MAX`], jittered so proxies whose
+    /// endpoint failed for all of them at once do not all come back at once); P2C skips the
+    /// endpoint meanwhile.
     fn mark_down(&self, e: &EndpointError) {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        h.failures = h.failures.saturating_add(1);
-        let base = Duration::from_millis(100) * 2u32.saturating_pow(h.failures.min(7) - 1);
-        // Up to 25 % jitter so endpoints that failed together do not return together.
-        let jitter = (Instant::now().elapsed().subsec_nanos() % 256) as f64 / 1024.0;
-        let delay = base.min(Duration::from_secs(10)).mul_f64(1.0 + jitter);
+        let delay = h.backoff.next_delay();
         h.retry_at = Instant::now() + delay;
         h.last_error = e.to_string();
         if let Some(m) = &self.metrics {
@@ -743,5 +758,163 @@ impl Drop for Pending<'_> {
                 m.in_flight.dec();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn refused(a: SocketAddr) -> EndpointError {
+        EndpointError::Connect {
+            addr: a,
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        }
+    }
+
+    /// How long the endpoint is skipped from now.
+    fn wait(e: &Endpoint) -> Duration {
+        e.retry_at().saturating_duration_since(Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_endpoint_backs_off_and_returns_on_the_paused_clock() {
+        let e = Endpoint::new(addr(3000), 1, Duration::from_secs(1), None);
+        assert!(e.is_ready(Instant::now()));
+        e.mark_down(&refused(e.addr));
+        let first = wait(&e);
+        assert!(
+            first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN,
+            "{first:?}"
+        );
+        assert!(e.last_error().contains("refused"), "{}", e.last_error());
+        tokio::time::advance(first - Duration::from_nanos(1)).await;
+        assert!(!e.is_ready(Instant::now()));
+        tokio::time::advance(Duration::from_nanos(1)).await;
+        assert!(e.is_ready(Instant::now()));
+        // Failures in a row: the ceiling doubles to the cap, and half of it is always waited.
+        for k in 1..12u32 {
+            e.mark_down(&refused(e.addr));
+            let ceiling = (BACKOFF_MIN * 2u32.pow(k)).min(BACKOFF_MAX);
+            let w = wait(&e);
+            assert!(w >= ceiling / 2 && w <= ceiling, "failure {k}: {w:?}");
+            tokio::time::advance(w).await;
+        }
+        // A connect that works starts the backoff over.
+        e.mark_up();
+        e.mark_down(&refused(e.addr));
+        let again = wait(&e);
+        assert!(again <= BACKOFF_MIN, "{again:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endpoints_failing_together_come_back_at_different_times() {
+        // The same instant on the paused clock: only the jitter tells them apart.
+        let eps: Vec<Endpoint> = (0..50)
+            .map(|i| Endpoint::new(addr(4000 + i), 1, Duration::from_secs(1), None))
+            .collect();
+        let waits: std::collections::HashSet<Duration> = eps
+            .iter()
+            .map(|e| {
+                e.mark_down(&refused(e.addr));
+                wait(e)
+            })
+            .collect();
+        assert!(waits.len() > 45, "{} distinct of 50", waits.len());
+    }
+
+    use crate::identity::testing::Pki;
+
+    /// A peer proxy's mTLS listener (the store's current server configuration, as the
+    /// inbound listener uses it) that writes `ok` on each connection and reads to the close.
+    async fn peer(store: Arc<IdentityStore>) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind(addr(0)).await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = l.accept().await else {
+                    return;
+                };
+                let acceptor =
+                    tokio_rustls::TlsAcceptor::from(store.current().unwrap().server.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let _ = tls.write_all(b"ok").await;
+                    let mut rest = Vec::new();
+                    let _ = tls.read_to_end(&mut rest).await;
+                });
+            }
+        });
+        a
+    }
+
+    /// Connects through `e` and reads the peer's greeting (which also takes in the session
+    /// tickets the peer sent after the handshake); returns how the handshake went.
+    async fn handshake_kind(e: &Endpoint) -> rustls::HandshakeKind {
+        let io = e.connect(Some(crate::tls::ALPN_H2)).await.unwrap();
+        let UpstreamIo::Tls(mut tls) = io else {
+            panic!("a plain connection to an mTLS endpoint");
+        };
+        let mut greeting = [0u8; 2];
+        tls.read_exact(&mut greeting).await.unwrap();
+        assert_eq!(&greeting, b"ok");
+        tls.get_ref().1.handshake_kind().unwrap()
+    }
+
+    /// One client configuration per credential set and peer: the second connection reuses it
+    /// (and so resumes the TLS session), and a rotated set brings a new one (a full handshake
+    /// with the new certificate).
+    #[tokio::test]
+    async fn client_configs_are_cached_per_peer_and_replaced_on_rotation() {
+        let pki = Pki::new("cache");
+        let metrics = Arc::new(Metrics::new());
+        let server = IdentityStore::new(&pki.issue("server"), metrics.clone());
+        server.load_now().unwrap();
+        let client_dir = pki.issue("client");
+        let client = IdentityStore::new(&client_dir, metrics.clone());
+        let first_set = client.load_now().unwrap();
+        let e = Endpoint::new(peer(server).await, 1, Duration::from_secs(5), None).with_tls(Some(
+            EndpointTls {
+                id: Pki::id("server"),
+                store: client.clone(),
+                metrics,
+            },
+        ));
+        assert_eq!(handshake_kind(&e).await, rustls::HandshakeKind::Full);
+        let cfg = first_set
+            .client_config(&Pki::id("server"), crate::tls::ALPN_H2)
+            .unwrap();
+        assert_eq!(handshake_kind(&e).await, rustls::HandshakeKind::Resumed);
+        let again = first_set
+            .client_config(&Pki::id("server"), crate::tls::ALPN_H2)
+            .unwrap();
+        assert!(Arc::ptr_eq(&cfg, &again), "the same peer got a new config");
+        // Another ALPN or another peer is another configuration.
+        let h1 = first_set
+            .client_config(&Pki::id("server"), crate::tls::ALPN_HTTP1)
+            .unwrap();
+        assert!(!Arc::ptr_eq(&cfg, &h1));
+        let other = first_set
+            .client_config(&Pki::id("other"), crate::tls::ALPN_H2)
+            .unwrap();
+        assert!(!Arc::ptr_eq(&cfg, &other));
+
+        // Rotation: a new key and certificate for the client, loaded as a hot reload does.
+        pki.issue("client");
+        let second_set = client.load_now().unwrap();
+        assert!(!Arc::ptr_eq(&first_set, &second_set));
+        assert_eq!(handshake_kind(&e).await, rustls::HandshakeKind::Full);
+        let rotated = second_set
+            .client_config(&Pki::id("server"), crate::tls::ALPN_H2)
+            .unwrap();
+        assert!(!Arc::ptr_eq(&cfg, &rotated), "rotation kept the old config");
+        assert_eq!(handshake_kind(&e).await, rustls::HandshakeKind::Resumed);
     }
 }

@@ -15,18 +15,30 @@
 //! at 70 % of the remaining lifetime, with backoff on failure. A failed renewal keeps the
 //! current certificate while it is valid.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use remora_certs::{Credentials, SpiffeId};
 use rustls::pki_types::TrustAnchor;
 
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 
 /// How often the identity directory is read for changes.
 pub const POLL: Duration = Duration::from_millis(500);
+
+/// The three files of a credential set: `tls.crt`, `tls.key`, `ca.crt`.
+const FILES: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
+
+/// Client configurations kept per credential set before the cache starts over: far more
+/// peer identities × ALPNs than one proxy talks to, yet a bound on what discovery can grow.
+const MAX_CLIENT_CONFIGS: usize = 4096;
+
+/// Client configurations by the peer identity they expect and the ALPN they offer.
+type ClientConfigs = HashMap<(SpiffeId, Vec<u8>), Arc<rustls::ClientConfig>>;
 
 /// One validated credential set, with the TLS configurations built from it.
 pub struct Loaded {
@@ -35,11 +47,43 @@ pub struct Loaded {
     pub anchors: Arc<Vec<TrustAnchor<'static>>>,
     /// The TLS server name peers use to reach this proxy (and its DNS SAN).
     pub sni: String,
+    /// Outbound client configurations built from this set, by peer identity and ALPN. Each
+    /// keeps rustls's in-memory session cache, so reusing it is what lets the next connection
+    /// to a peer resume. It lives here, in the set, so a new set (rotation, a new bundle)
+    /// starts with none: rotated credentials apply at the next connection, and no session
+    /// made under the old ones is offered again.
+    clients: Mutex<ClientConfigs>,
 }
 
 impl Loaded {
     pub fn id(&self) -> &SpiffeId {
         &self.creds.id
+    }
+
+    /// The mTLS client configuration for a peer that must prove `peer`, offering `alpn`
+    /// (empty: none), built on first use and then shared.
+    pub(crate) fn client_config(
+        &self,
+        peer: &SpiffeId,
+        alpn: &[u8],
+    ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+        let key = (peer.clone(), alpn.to_vec());
+        if let Some(cfg) = self.lock_clients().get(&key) {
+            return Ok(cfg.clone());
+        }
+        // Built outside the lock (it is the slow part); when two connects to a new peer race,
+        // both use the one stored first, so they share its session cache.
+        let cfg = crate::tls::client_config(&self.creds, self.anchors.clone(), peer.clone(), alpn)?;
+        let mut clients = self.lock_clients();
+        if clients.len() >= MAX_CLIENT_CONFIGS && !clients.contains_key(&key) {
+            clients.clear();
+        }
+        Ok(clients.entry(key).or_insert(cfg).clone())
+    }
+
+    fn lock_clients(&self) -> std::sync::MutexGuard<'_, ClientConfigs> {
+        // A panic while holding it leaves a map that is still whole: keep using it.
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -107,9 +151,17 @@ impl IdentityStore {
         self.current.load_full()
     }
 
-    fn read(&self) -> [Vec<u8>; 3] {
-        ["tls.crt", "tls.key", "ca.crt"]
-            .map(|f| std::fs::read(self.dir.join(f)).unwrap_or_default())
+    /// Reads the set off the runtime's thread (`tokio::fs` runs the reads on the blocking
+    /// pool): the proxy runs on one thread, and a slow volume must not stall its traffic.
+    /// A missing or unreadable file reads as empty, which validation then explains.
+    async fn read(&self) -> [Vec<u8>; 3] {
+        let mut files: [Vec<u8>; 3] = Default::default();
+        for (f, name) in files.iter_mut().zip(FILES) {
+            *f = tokio::fs::read(self.dir.join(name))
+                .await
+                .unwrap_or_default();
+        }
+        files
     }
 
     /// Validates `files` and swaps them in, or explains why not.
@@ -151,6 +203,7 @@ impl IdentityStore {
             creds,
             server,
             anchors: Arc::new(anchors),
+            clients: Mutex::default(),
         });
         self.current.store(Some(loaded.clone()));
         Ok(loaded)
@@ -189,13 +242,13 @@ impl IdentityStore {
             .client
             .get()
             .ok_or("no control plane configured (REMORA_CONTROL_ADDR)")?;
-        let token = std::fs::read_to_string(&c.token).map_err(|e| {
+        let token = tokio::fs::read_to_string(&c.token).await.map_err(|e| {
             format!(
                 "token {}: cannot read: {e}; set REMORA_IDENTITY_TOKEN",
                 c.token.display()
             )
         })?;
-        let bundle = std::fs::read(self.ca_path()).unwrap_or_default();
+        let bundle = tokio::fs::read(self.ca_path()).await.unwrap_or_default();
         let (key, csr) = remora_certs::ca::new_key_and_csr(&c.id).map_err(|e| e.to_string())?;
         let request = remora_api::CertifyRequest {
             identity: c.id.to_string(),
@@ -224,16 +277,18 @@ impl IdentityStore {
     /// Keeps a control-plane certificate current: fetch at start, renew at 70 %, retry with
     /// backoff, and fetch again at once when the trust bundle changes.
     async fn certify_loop(&self, c: &Certifier) {
-        let mut backoff =
-            crate::control::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-        let mut next_attempt = SystemTime::now();
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        // The retry is timed on tokio's clock; renewal on the wall clock, since it is measured
+        // against the certificate's validity, which is wall-clock time.
+        let mut next_attempt = tokio::time::Instant::now();
         let mut renew = SystemTime::now();
-        let mut bundle = std::fs::read(self.ca_path()).unwrap_or_default();
+        let mut bundle = tokio::fs::read(self.ca_path()).await.unwrap_or_default();
         loop {
-            let now = SystemTime::now();
-            let b = std::fs::read(self.ca_path()).unwrap_or_default();
+            let b = tokio::fs::read(self.ca_path()).await.unwrap_or_default();
             let bundle_changed = b != bundle;
-            if (now >= renew || bundle_changed) && now >= next_attempt {
+            if (SystemTime::now() >= renew || bundle_changed)
+                && tokio::time::Instant::now() >= next_attempt
+            {
                 match self.certify(c).await {
                     Ok(l) => {
                         // Only a success settles a bundle change; a failure retries it.
@@ -245,7 +300,7 @@ impl IdentityStore {
                     Err(e) => {
                         self.metrics.identity_reload_failures.inc();
                         let delay = backoff.next_delay();
-                        next_attempt = SystemTime::now() + delay;
+                        next_attempt = tokio::time::Instant::now() + delay;
                         tracing::warn!(
                             "identity {}: cannot get a certificate: {e}; retrying in {delay:.1?}; {}",
                             c.id,
@@ -265,7 +320,7 @@ impl IdentityStore {
         }
         let mut last: Option<[Vec<u8>; 3]> = None;
         loop {
-            let files = self.read();
+            let files = self.read().await;
             if last.as_ref() != Some(&files) {
                 match self.consider(&files) {
                     Ok(l) => self.loaded(&l, &self.dir.display().to_string()),
@@ -278,5 +333,118 @@ impl IdentityStore {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+}
+
+/// A throwaway CA issuing identity directories, for tests here and in [`crate::endpoint`].
+#[cfg(test)]
+impl IdentityStore {
+    /// Loads once, synchronously (tests outside the watch loop).
+    pub(crate) fn load_now(&self) -> Result<Arc<Loaded>, String> {
+        let files = FILES.map(|f| std::fs::read(self.dir.join(f)).unwrap_or_default());
+        self.consider(&files)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use remora_certs::SpiffeId;
+
+    pub(crate) const TD: &str = "remora.test";
+
+    /// A CA and the identity directories it issued, under a fresh temporary directory that
+    /// is removed on drop.
+    pub(crate) struct Pki {
+        root: PathBuf,
+        issuer: remora_certs::ca::LoadedIssuer,
+    }
+
+    impl Pki {
+        pub(crate) fn new(name: &str) -> Pki {
+            let root = std::env::temp_dir().join(format!(
+                "remora-{name}-{}-{}",
+                std::process::id(),
+                crate::random::u64()
+            ));
+            let ca = root.join("ca");
+            remora_certs::ca::init_dir(&ca, TD).unwrap();
+            let issuer = remora_certs::ca::LoadedIssuer::from_dir(&ca).unwrap();
+            Pki { root, issuer }
+        }
+
+        pub(crate) fn id(sa: &str) -> SpiffeId {
+            SpiffeId::workload(TD, "default", sa).unwrap()
+        }
+
+        /// Issues a new key and leaf for `sa` into its directory, replacing any before.
+        pub(crate) fn issue(&self, sa: &str) -> PathBuf {
+            let dir = self.root.join(sa);
+            remora_certs::ca::issue_with_new_key(
+                &self.issuer,
+                &Pki::id(sa),
+                Duration::from_secs(3600),
+            )
+            .unwrap()
+            .write(&dir)
+            .unwrap();
+            dir
+        }
+    }
+
+    impl Drop for Pki {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Pki;
+    use super::*;
+
+    /// The watch loop (async reads) loads the directory, then a rotated set, whose client
+    /// configurations are new while the old set's stay as they were.
+    #[tokio::test]
+    async fn the_watch_loads_rotations_with_fresh_client_configs() {
+        let pki = Pki::new("identity-watch");
+        let dir = pki.issue("client");
+        let store = IdentityStore::new(&dir, Arc::new(Metrics::new()));
+        let watch = tokio::spawn(store.clone().watch());
+        let loaded_after = |previous: Option<Arc<Loaded>>| {
+            let store = store.clone();
+            async move {
+                for _ in 0..100 {
+                    if let Some(l) = store.current()
+                        && previous.as_ref().is_none_or(|p| !Arc::ptr_eq(p, &l))
+                    {
+                        return l;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                panic!("the watch loaded nothing new in 5 s");
+            }
+        };
+        let first = loaded_after(None).await;
+        let peer = Pki::id("server");
+        let cfg = first.client_config(&peer, b"h2").unwrap();
+        assert!(Arc::ptr_eq(
+            &cfg,
+            &first.client_config(&peer, b"h2").unwrap()
+        ));
+
+        pki.issue("client");
+        let second = loaded_after(Some(first.clone())).await;
+        let rotated = second.client_config(&peer, b"h2").unwrap();
+        assert!(!Arc::ptr_eq(&cfg, &rotated));
+        // Connections still on the old set keep its configuration.
+        assert!(Arc::ptr_eq(
+            &cfg,
+            &first.client_config(&peer, b"h2").unwrap()
+        ));
+        watch.abort();
     }
 }

@@ -36,6 +36,7 @@
 //! (detection, mTLS, scrubbing, balancing) is described in ARCHITECTURE.md.
 
 mod admin;
+mod backoff;
 mod balance;
 mod config;
 mod control;
@@ -55,6 +56,7 @@ mod listener;
 mod metrics;
 mod outbound;
 mod panics;
+mod random;
 mod replay;
 mod scrub;
 mod tls;
@@ -71,9 +73,7 @@ use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{
-    Config, ControlTarget, EndpointSpec, IdentityMode, MtlsMode, StaticDestination,
-};
+pub use config::{Config, ControlTarget, EndpointSpec, IdentityMode, MtlsMode, StaticDestination};
 pub use direction::Direction;
 pub use hooks::{Completion, Hooks, NoHooks, RequestContext};
 pub use panics::caught as panics_caught;

@@ -256,3 +256,167 @@ pub fn never_processed(e: &hyper::Error) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+    use http_body_util::{BodyExt, Empty, Full, StreamBody};
+    use hyper::body::Incoming;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::convert::Infallible;
+
+    /// A client's request body as the proxy receives it: a real `Incoming` from an HTTP/1.1
+    /// server over an in-memory stream, carrying `body`. The connections live as long as the
+    /// runtime (the server never answers: the tests only need the body).
+    async fn incoming<B>(body: B) -> Scrubbed
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (client_io, server_io) = tokio::io::duplex(16 * 1024);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Incoming>();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let _ = tx.send(req.into_body());
+                std::future::pending::<Result<http::Response<Empty<Bytes>>, Infallible>>()
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server_io), service)
+                .await;
+        });
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client_io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::post("/upload").body(body).unwrap();
+        tokio::spawn(async move {
+            let _ = sender.send_request(req).await;
+        });
+        Scrubbed::new(
+            rx.recv().await.unwrap(),
+            Arc::new(crate::scrub::Rules::default()),
+        )
+    }
+
+    fn payload(n: usize) -> Bytes {
+        (0..n).map(|i| (i % 251) as u8).collect::<Vec<_>>().into()
+    }
+
+    async fn read_all(b: UpstreamBody) -> Bytes {
+        b.collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_body_sent_in_full_is_replayed() {
+        let sent = payload(10_000);
+        let (body, replay) =
+            UpstreamBody::Plain(incoming(Full::new(sent.clone())).await).recording();
+        // The first attempt passes the body on whole (hyper reads it all), then fails.
+        assert_eq!(read_all(body).await, sent);
+        let again = replay.body().await.expect("replayable");
+        assert!(matches!(again, UpstreamBody::Replayed(_)));
+        assert_eq!(read_all(again).await, sent);
+    }
+
+    #[tokio::test]
+    async fn a_body_never_read_is_replayed_whole() {
+        // A stream refused at open: hyper drops the body without reading any of it.
+        let sent = payload(3_000);
+        let (body, replay) =
+            UpstreamBody::Plain(incoming(Full::new(sent.clone())).await).recording();
+        drop(body);
+        assert_eq!(
+            read_all(replay.body().await.expect("replayable")).await,
+            sent
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_read_in_part_replays_the_recording_then_the_rest() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((Ok::<_, Infallible>(Frame::data(chunk)), rx))
+        });
+        let (body, replay) =
+            UpstreamBody::Plain(incoming(StreamBody::new(chunks)).await).recording();
+        let mut body = body;
+        tx.send(Bytes::from_static(b"first ")).await.unwrap();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.data_ref().unwrap(), &Bytes::from_static(b"first "));
+        // The attempt fails after one chunk; the client is still sending.
+        drop(body);
+        let again = replay.body().await.expect("replayable");
+        tx.send(Bytes::from_static(b"second")).await.unwrap();
+        drop(tx);
+        assert_eq!(read_all(again).await, Bytes::from_static(b"first second"));
+    }
+
+    #[tokio::test]
+    async fn a_body_up_to_the_bound_is_replayed_and_beyond_it_is_not() {
+        let at = payload(MAX_REPLAY);
+        let (body, replay) = UpstreamBody::Plain(incoming(Full::new(at.clone())).await).recording();
+        assert_eq!(read_all(body).await, at);
+        assert_eq!(
+            read_all(replay.body().await.expect("at the bound")).await,
+            at
+        );
+
+        let over = payload(MAX_REPLAY + 1);
+        let (body, replay) =
+            UpstreamBody::Plain(incoming(Full::new(over.clone())).await).recording();
+        // Streamed on unchanged; only the copy is given up.
+        assert_eq!(read_all(body).await, over);
+        assert!(replay.body().await.is_none(), "replayed beyond MAX_REPLAY");
+    }
+
+    #[tokio::test]
+    async fn a_replayed_body_is_not_recorded_again() {
+        let sent = payload(100);
+        let (body, replay) =
+            UpstreamBody::Plain(incoming(Full::new(sent.clone())).await).recording();
+        drop(body);
+        let again = replay.body().await.expect("replayable");
+        let (third, replay) = again.recording();
+        assert_eq!(read_all(third).await, sent);
+        assert!(
+            replay.body().await.is_none(),
+            "a body is resent once at most"
+        );
+    }
+
+    /// An HTTP/2 server that resets every stream with `reason`, over an in-memory stream;
+    /// returns what the client's request ended with.
+    async fn reset_with(reason: h2::Reason) -> hyper::Error {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let Ok(mut conn) = h2::server::handshake(server_io).await else {
+                return;
+            };
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                respond.send_reset(reason);
+            }
+        });
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client_io))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("http://peer.test/")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        sender.send_request(req).await.unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn refused_streams_are_never_processed_and_other_resets_may_be() {
+        assert!(never_processed(
+            &reset_with(h2::Reason::REFUSED_STREAM).await
+        ));
+        assert!(!never_processed(
+            &reset_with(h2::Reason::INTERNAL_ERROR).await
+        ));
+        assert!(!never_processed(&reset_with(h2::Reason::CANCEL).await));
+    }
+}
