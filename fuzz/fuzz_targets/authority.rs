@@ -16,7 +16,7 @@ use http::uri::Authority;
 use http::{HeaderValue, Request, Uri};
 use libfuzzer_sys::fuzz_target;
 use remora_certs::normalize_authority;
-use remora_proxy::forward::request_authority;
+use remora_proxy::fuzzing::request_authority;
 
 #[derive(Arbitrary, Debug)]
 struct Input {

@@ -12,7 +12,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use remora_proxy::tls::{Hello, client_hello};
+use remora_proxy::fuzzing::tls::{Hello, client_hello};
 
 fuzz_target!(|rest: &[u8]| {
     let mut buf = Vec::with_capacity(rest.len() + 1);

@@ -14,8 +14,15 @@
 use clap::Parser;
 use libfuzzer_sys::fuzz_target;
 use remora_certs::{MAX_WEIGHT, SpiffeId, normalize_authority};
-use remora_proxy::cli::Args;
-use remora_proxy::config::StaticDestination;
+// The binary's own flag parsing, compiled in here (the CLI is not part of the library).
+#[allow(dead_code)]
+#[path = "../../proxy/src/bin/remora-proxy/cli.rs"]
+mod cli;
+#[allow(dead_code)]
+#[path = "../../proxy/src/bin/remora-proxy/job.rs"]
+mod job;
+use cli::Args;
+use remora_proxy::StaticDestination;
 
 fn write_back(d: &StaticDestination) -> String {
     let eps: Vec<String> = d

@@ -21,8 +21,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use remora_proxy::detect::{Detected, MAX_HELLO_BYTES, classify, detect};
-use remora_proxy::tls::{Hello, client_hello};
+use remora_proxy::fuzzing::detect::{Detected, MAX_HELLO_BYTES, classify, detect};
+use remora_proxy::fuzzing::tls::{Hello, client_hello};
 use tokio::io::{AsyncRead, ReadBuf};
 
 #[derive(Clone, Copy, Debug, PartialEq)]

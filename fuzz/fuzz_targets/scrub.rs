@@ -17,7 +17,7 @@ use arbitrary::Arbitrary;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use libfuzzer_sys::fuzz_target;
-use remora_proxy::scrub::Rules;
+use remora_proxy::fuzzing::scrub::Rules;
 
 const NAMES: &[&str] = &[
     "connection",

@@ -13,7 +13,7 @@
 //! an endpoint set is swapped whole (`ArcSwap`) without disturbing requests in flight.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 // tokio's clock, not std's: every time here feeds a decision (decay, readiness, refill), and
@@ -24,96 +24,11 @@ use tokio::time::Instant;
 use arc_swap::ArcSwap;
 
 use crate::endpoint::Endpoint;
+use crate::endpoint::load::DEFAULT_RTT;
+use crate::retry::RetryBudget;
 
-/// Latency assumed for an endpoint before it has answered anything.
-pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
-/// How fast old latency observations fade (see the module header for why 1 s).
-pub const DECAY: Duration = Duration::from_secs(1);
 /// How long a request may wait for an endpoint to come back before the proxy answers 503.
 pub const FAILFAST: Duration = Duration::from_secs(3);
-
-/// Peak-EWMA load of one endpoint.
-pub struct PeakEwma {
-    /// Nanoseconds; f64 bits in an atomic so readers never lock.
-    rtt_ns: AtomicU64,
-    /// When `rtt_ns` was last updated, as nanoseconds since `epoch`.
-    stamp: AtomicU64,
-    epoch: Instant,
-    pending: AtomicU64,
-    /// Has answered at least once; until then the destination lends it an estimate.
-    observed: AtomicBool,
-}
-
-impl Default for PeakEwma {
-    fn default() -> Self {
-        PeakEwma {
-            rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
-            stamp: AtomicU64::new(0),
-            epoch: Instant::now(),
-            pending: AtomicU64::new(0),
-            observed: AtomicBool::new(false),
-        }
-    }
-}
-
-impl PeakEwma {
-    /// The EWMA latency, decayed toward zero for the time since the last answer (as tower's
-    /// PeakEwma does), so an endpoint avoided for being slow is tried again after a while.
-    pub fn rtt(&self) -> Duration {
-        Duration::from_nanos(self.rtt_ns_now() as u64)
-    }
-
-    fn rtt_ns_now(&self) -> f64 {
-        let stored = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
-        let now = self.epoch.elapsed().as_nanos() as u64;
-        let idle = now.saturating_sub(self.stamp.load(Ordering::Relaxed)) as f64;
-        stored * (-idle / DECAY.as_nanos() as f64).exp()
-    }
-
-    pub fn pending(&self) -> u64 {
-        self.pending.load(Ordering::Relaxed)
-    }
-
-    pub fn observed(&self) -> bool {
-        self.observed.load(Ordering::Relaxed)
-    }
-
-    /// `rtt × (pending + 1)`: what P2C compares.
-    pub fn cost(&self) -> f64 {
-        self.cost_with(self.rtt_ns_now())
-    }
-
-    /// The cost with a given latency estimate (for endpoints not yet observed).
-    pub fn cost_with(&self, rtt_ns: f64) -> f64 {
-        rtt_ns * (self.pending() + 1) as f64
-    }
-
-    pub fn start(&self) {
-        self.pending.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Ends a request that took `rtt`. A slower-than-average sample replaces the average at
-    /// once (the peak); faster ones pull it down with weight decaying over [`DECAY`].
-    pub fn finish(&self, rtt: Duration) {
-        self.pending.fetch_sub(1, Ordering::Relaxed);
-        let now = self.epoch.elapsed().as_nanos() as u64;
-        let then = self.stamp.swap(now, Ordering::Relaxed);
-        let sample = rtt.as_nanos() as f64;
-        let old = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
-        let w = (-(now.saturating_sub(then) as f64) / DECAY.as_nanos() as f64).exp();
-        let next = if !self.observed.swap(true, Ordering::Relaxed) || sample > old * w {
-            sample
-        } else {
-            old * w + sample * (1.0 - w)
-        };
-        self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
-    }
-
-    /// Ends a request that produced no latency sample (it failed before a response).
-    pub fn abandon(&self) {
-        self.pending.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PickError {
@@ -254,49 +169,11 @@ impl Destination {
     }
 }
 
-/// Retries of requests that may have reached a backend are limited to a share of the traffic
-/// (20 %, plus 10 per second so light traffic can still retry), so retries cannot multiply the
-/// load on a struggling destination.
-pub struct RetryBudget {
-    state: std::sync::Mutex<(f64, Instant)>,
-}
-
-const RETRY_RATIO: f64 = 0.2;
-const RETRY_MIN_PER_SEC: f64 = 10.0;
-const RETRY_MAX_TOKENS: f64 = 100.0;
-
-impl Default for RetryBudget {
-    fn default() -> Self {
-        RetryBudget {
-            state: std::sync::Mutex::new((RETRY_MIN_PER_SEC, Instant::now())),
-        }
-    }
-}
-
-impl RetryBudget {
-    pub fn deposit(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.0 = (s.0 + RETRY_RATIO).min(RETRY_MAX_TOKENS);
-    }
-
-    pub fn withdraw(&self) -> bool {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let refill = now.duration_since(s.1).as_secs_f64() * RETRY_MIN_PER_SEC;
-        s.0 = (s.0 + refill).min(RETRY_MAX_TOKENS);
-        s.1 = now;
-        if s.0 >= 1.0 {
-            s.0 -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endpoint::load::{DECAY, PeakEwma};
+    use crate::retry::RETRY_MAX_TOKENS;
 
     #[test]
     fn peak_ewma_takes_peaks_and_decays() {

@@ -2,7 +2,7 @@
 //! part of the API.
 
 pub mod detect {
-    pub use crate::detect::*;
+    pub use crate::listener::detect::*;
 }
 pub mod tls {
     pub use crate::tls::*;
@@ -13,4 +13,4 @@ pub mod scrub {
 pub mod config {
     pub use crate::config::*;
 }
-pub use crate::forward::request_authority;
+pub use crate::http::forward::request_authority;

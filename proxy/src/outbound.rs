@@ -6,8 +6,8 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::discover::Destinations;
 use crate::drain::Drain;
-use crate::forward::{Forwarder, Route};
 use crate::hooks::{Hooks, NoHooks};
+use crate::http::forward::{Forwarder, Route};
 use crate::listener::Listener;
 use crate::metrics::{Direction, Metrics};
 use crate::scrub::Rules;
@@ -30,7 +30,7 @@ pub(crate) fn listener(
         rules: rules.clone(),
         hooks_active: hooks.is_some(),
         hooks: hooks.unwrap_or_else(|| Arc::new(NoHooks)),
-        local_ips: crate::forward::local_addresses(),
+        local_ips: crate::http::forward::local_addresses(),
     });
     // Outbound connections are always detected: a non-HTTP stream names no destination, so
     // opaque traffic arrives as an HTTP CONNECT tunnel.

@@ -304,7 +304,7 @@ where
             tracing::info!(
                 "the app answered 101 to a request without an allowed Upgrade; answering 502"
             );
-            return Poll::Ready(Ok(crate::http::local_response(
+            return Poll::Ready(Ok(crate::respond::local_response(
                 StatusCode::BAD_GATEWAY,
                 false,
                 "the app switched protocols without an Upgrade the proxy allows (WebSocket only)",

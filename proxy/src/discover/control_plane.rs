@@ -113,6 +113,8 @@ async fn follow(client: &ControlClient, metrics: &Metrics, name: &str, tx: &Upda
     let _dec = Dec(metrics);
     let mut backoff =
         crate::control::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    // What was sent, only to say in logs how many endpoints keep serving while it is away.
+    let mut known = std::collections::BTreeSet::new();
     loop {
         let request = remora_api::WatchRequest {
             service: name.to_string(),
@@ -127,6 +129,16 @@ async fn follow(client: &ControlClient, metrics: &Metrics, name: &str, tx: &Upda
                             backoff.reset();
                             metrics.discovery_updates.inc();
                             for u in translate(update) {
+                                match &u {
+                                    Update::Reset(l) => {
+                                        known = l.iter().map(|e| e.addr).collect();
+                                    }
+                                    Update::Add(l) => known.extend(l.iter().map(|e| e.addr)),
+                                    Update::Remove(l) => l.iter().for_each(|a| {
+                                        known.remove(a);
+                                    }),
+                                    Update::DoesNotExist => known.clear(),
+                                }
                                 if tx.send(u).await.is_err() {
                                     return;
                                 }
@@ -134,12 +146,12 @@ async fn follow(client: &ControlClient, metrics: &Metrics, name: &str, tx: &Upda
                         }
                         Ok(None) => {
                             metrics.discovery_stream_errors.inc();
-                            tracing::warn!(service = %name, "control plane {} ended the watch; keeping the known endpoints and reconnecting", client.addr);
+                            tracing::warn!(service = %name, "control plane {} ended the watch; keeping {} known endpoints and reconnecting", client.addr, known.len());
                             break;
                         }
                         Err(status) => {
                             metrics.discovery_stream_errors.inc();
-                            tracing::warn!(service = %name, "control plane {}: watch broke: {}: {}; keeping the known endpoints and reconnecting", client.addr, status.code(), status.message());
+                            tracing::warn!(service = %name, "control plane {}: watch broke: {}: {}; keeping {} known endpoints and reconnecting", client.addr, status.code(), status.message(), known.len());
                             break;
                         }
                     }
@@ -147,7 +159,7 @@ async fn follow(client: &ControlClient, metrics: &Metrics, name: &str, tx: &Upda
             }
             Err(status) => {
                 metrics.discovery_stream_errors.inc();
-                tracing::warn!(service = %name, "control plane {}: watch failed: {}: {}; keeping the known endpoints", client.addr, status.code(), status.message());
+                tracing::warn!(service = %name, "control plane {}: watch failed: {}: {}; keeping {} known endpoints", client.addr, status.code(), status.message(), known.len());
             }
         }
         tokio::time::sleep(backoff.next_delay()).await;

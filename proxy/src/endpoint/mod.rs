@@ -1,6 +1,8 @@
 //! Connections to one upstream address: a multiplexed HTTP/2 connection, a keep-alive pool of
 //! HTTP/1.1 connections, and plain TCP for opaque traffic and tunnels.
 
+pub(crate) mod load;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,11 +17,11 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
-use crate::balance::PeakEwma;
+use crate::endpoint::load::PeakEwma;
 use crate::identity::IdentityStore;
 use crate::io::UpstreamIo;
 use crate::metrics::{Direction, EndpointMetrics, Metrics, TlsResult};
-use crate::replay::{UpstreamBody, never_processed};
+use crate::retry::replay::{UpstreamBody, never_processed};
 use remora_certs::SpiffeId;
 
 /// When a request was handed to a connection (set again if it is resent).

@@ -247,6 +247,16 @@ fn http1_request_line(buf: &[u8]) -> Line {
     Line::Partial
 }
 
+impl From<Protocol> for crate::metrics::ProtocolLabel {
+    fn from(p: Protocol) -> Self {
+        match p {
+            Protocol::Http1 => crate::metrics::ProtocolLabel::Http1,
+            Protocol::Http2 => crate::metrics::ProtocolLabel::Http2,
+            Protocol::Opaque => crate::metrics::ProtocolLabel::Opaque,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,9 @@
 //! A proxy listener: accept, detect, then serve HTTP through the layered stack or forward
 //! opaque bytes. Inbound and outbound differ only in the [`Listener`] they build.
 
+pub(crate) mod decide;
+pub(crate) mod detect;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,19 +15,20 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::MtlsMode;
-use crate::decide::{self, Action, First, Mtls, Refusal};
-use crate::detect::{self, Detected, MAX_DETECT_BYTES, Protocol};
 use crate::drain::Drain;
 use crate::endpoint::Endpoint;
-use crate::forward::{ForwardService, Forwarder};
+use crate::http::forward::{ForwardService, Forwarder};
+use crate::http::observe::{Observe, RequestHandles};
 use crate::http::{serve_h1, serve_h2};
 use crate::identity::{IdentityStore, Loaded};
 use crate::io::{self, ProxyIo, ServerIo, UpstreamIo};
 use crate::metrics::{
-    ConnectionLabels, DetectResult, Direction, DirectionLabels, ErrorKind, Metrics, Observe,
-    ProtocolLabel, RequestHandles, TlsResult,
+    ConnectionLabels, DetectResult, Direction, DirectionLabels, ErrorKind, Metrics, ProtocolLabel,
+    TlsResult,
 };
 use crate::scrub::{Rules, Scrub};
+use decide::{Action, First, Mtls, Refusal};
+use detect::{Detected, MAX_DETECT_BYTES, Protocol};
 
 /// The request path, outermost first: metrics, header scrubbing, forwarding.
 pub type Stack = Observe<Scrub<ForwardService>>;

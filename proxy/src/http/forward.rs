@@ -15,7 +15,6 @@ use crate::scrub::{CLIENT_ID_HEADER, Rules, Scrubbed};
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper_util::rt::TokioIo;
 
@@ -27,7 +26,8 @@ use crate::endpoint::{Endpoint, EndpointError};
 use crate::hooks::{Answered, Hooks, RequestContext};
 use crate::http::{is_grpc, local_response};
 use crate::metrics::{Direction, ErrorKind, Metrics};
-use crate::replay::UpstreamBody;
+use crate::retry::SecondTry;
+use crate::retry::replay::UpstreamBody;
 use crate::scrub::Body;
 
 /// Where a listener's requests go.
@@ -387,17 +387,7 @@ impl Forwarder {
             dest.saw_h2();
         }
         dest.budget.deposit();
-        // A bodiless GET/HEAD/OPTIONS may be retried even after it reached a backend.
-        let idempotent = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
-            && req.body().is_end_stream();
-        let head = idempotent.then(|| {
-            let mut r = Request::new(());
-            *r.method_mut() = req.method().clone();
-            *r.uri_mut() = req.uri().clone();
-            *r.version_mut() = req.version();
-            *r.headers_mut() = req.headers().clone();
-            r
-        });
+        let second = SecondTry::new(&req);
         let err = match ep.send(req.map(UpstreamBody::Plain)).await {
             Ok(rsp) => return Ok(self.answered(rsp, ep)),
             Err(e) => e,
@@ -406,12 +396,8 @@ impl Forwarder {
             dst: dst.to_string(),
             source,
         };
-        let retry = match (err.unsent, head) {
-            // Never sent (no connection): another endpoint takes it, always safe.
-            (Some(req), _) => req,
-            // Sent, but safe to repeat, and the budget allows it.
-            (None, Some(head)) if dest.budget.withdraw() => head.map(|()| UpstreamBody::empty()),
-            _ => return Err(endpoint_error(err.error)),
+        let Some(retry) = second.after(err.unsent, &dest.budget) else {
+            return Err(endpoint_error(err.error));
         };
         let other = match Box::pin(dest.pick(Some(ep))).await {
             Ok(o) => o,
