@@ -62,7 +62,7 @@ pub mod update {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CertifyRequest {
-    /// The SPIFFE ID asked for: spiffe://<trust-domain>/ns/<ns>/sa/<sa>
+    /// The SPIFFE ID asked for: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`
     #[prost(string, tag = "1")]
     pub identity: ::prost::alloc::string::String,
     /// A Kubernetes ServiceAccount token (checked with a TokenReview) or a bootstrap token.

@@ -4,6 +4,11 @@
 //!   cargo run -p benches --release -- [compare|one-hop|rolling-restart|balance|mtls|control|soak|all] [--quick]
 //!   (`soak` is long: 30 min by default, `--duration`, `--quick` for 20 s; `all` runs it only with `--soak`)
 //!
+//! The remora-proxy measured is the workspace's release build, unless `--proxy-bin PATH` (or
+//! `REMORA_BENCH_PROXY=PATH`) names another binary. `one-hop` takes `--proxy-bin` more than once
+//! and measures every binary in the same run, repetitions interleaved, one row each
+//! (`--proxy-bin workspace` is the workspace's build), to compare two commits on one machine.
+//!
 //! Method: the proxy under test is pinned to CPU 0, the load generator and the backend to CPU 1
 //! (taskset), a warm-up run precedes the counted runs, CPU time is read from /proc/PID/stat of
 //! the proxy alone, and the median of the repetitions is reported. Envoy, nginx and haproxy rows
@@ -20,7 +25,21 @@ mod soak;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+/// The remora-proxy binaries given with `--proxy-bin` (or REMORA_BENCH_PROXY); empty: build the
+/// workspace's. Set once in main, before any scenario runs.
+static PROXY_BINS: OnceLock<Vec<ProxyBin>> = OnceLock::new();
+
+/// A remora-proxy binary to measure.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum ProxyBin {
+    /// The workspace's release build (built by the harness).
+    Workspace,
+    /// A binary built elsewhere, e.g. at another commit.
+    Path(PathBuf),
+}
 
 pub(crate) struct Guard(pub(crate) Child);
 
@@ -114,8 +133,26 @@ pub(crate) fn workspace() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// One proxy under test in `one-hop`.
+struct HopProxy {
+    label: String,
+    bin: PathBuf,
+    inbound: u16,
+    pid: u32,
+    idle_rss: u64,
+    _guard: Guard,
+}
+
 fn one_hop(quick: bool) -> Result<(), String> {
-    let proxy_bin = build_proxy()?;
+    // Which binaries: the workspace's build, or every `--proxy-bin` given, in that order.
+    let given = PROXY_BINS.get().cloned().unwrap_or_default();
+    let named = !given.is_empty();
+    let bins = if given.is_empty() {
+        vec![ProxyBin::Workspace]
+    } else {
+        given
+    };
+    let bins: Vec<PathBuf> = bins.iter().map(resolve_proxy).collect::<Result<_, _>>()?;
     let docroot = std::env::temp_dir().join(format!("remora-bench-{}", std::process::id()));
     std::fs::create_dir_all(&docroot).map_err(|e| e.to_string())?;
     std::fs::write(docroot.join("small"), vec![b'x'; 128]).map_err(|e| e.to_string())?;
@@ -133,22 +170,39 @@ fn one_hop(quick: bool) -> Result<(), String> {
         &[],
     )?;
     wait_port(backend)?;
-    let (inbound, outbound, admin) = (free_port(), free_port(), free_port());
-    let proxy = spawn(
-        "0",
-        proxy_bin.to_str().unwrap_or("remora-proxy"),
-        &[],
-        &[
-            ("REMORA_INBOUND_ADDR", format!("127.0.0.1:{inbound}")),
-            ("REMORA_OUTBOUND_ADDR", format!("127.0.0.1:{outbound}")),
-            ("REMORA_ADMIN_ADDR", format!("127.0.0.1:{admin}")),
-            ("REMORA_APP_ADDR", format!("127.0.0.1:{backend}")),
-            ("REMORA_LOG", "warn".into()),
-        ],
-    )?;
-    wait_port(inbound)?;
-    let pid = proxy.0.id();
-    let idle_rss = rss_kib(pid);
+    // Every proxy runs for the whole scenario, all pinned to CPU 0; only the one under load
+    // works at a time, and CPU is read per process.
+    let mut proxies = Vec::new();
+    for bin in &bins {
+        let (inbound, outbound, admin) = (free_port(), free_port(), free_port());
+        let guard = spawn(
+            "0",
+            bin.to_str().unwrap_or("remora-proxy"),
+            &[],
+            &[
+                ("REMORA_INBOUND_ADDR", format!("127.0.0.1:{inbound}")),
+                ("REMORA_OUTBOUND_ADDR", format!("127.0.0.1:{outbound}")),
+                ("REMORA_ADMIN_ADDR", format!("127.0.0.1:{admin}")),
+                ("REMORA_APP_ADDR", format!("127.0.0.1:{backend}")),
+                ("REMORA_LOG", "warn".into()),
+            ],
+        )?;
+        wait_port(inbound)?;
+        let pid = guard.0.id();
+        // The row names the binary whenever it is not just the workspace's default build.
+        let label = match named {
+            false => "remora (1 thread)".to_string(),
+            true => format!("remora (1 thread) {}", bin.display()),
+        };
+        proxies.push(HopProxy {
+            label,
+            bin: bin.clone(),
+            inbound,
+            pid,
+            idle_rss: rss_kib(pid),
+            _guard: guard,
+        });
+    }
 
     let (reps, n) = if quick { (3, 20_000) } else { (5, 200_000) };
     println!(
@@ -161,29 +215,84 @@ fn one_hop(quick: bool) -> Result<(), String> {
         .collect::<Result<_, _>>()?;
     let direct = median(direct);
     println!("| direct | {direct:.0} | 0 | – | – |");
-    h2load(inbound, n / 4)?;
-    let (mut rps, mut cpu, mut errors, mut peak) = (Vec::new(), Vec::new(), 0, 0);
-    for _ in 0..reps {
-        let before = cpu_seconds(pid);
-        let r = h2load(inbound, n)?;
-        cpu.push((cpu_seconds(pid) - before) * 1e6 / n as f64);
-        rps.push(r.rps);
-        errors += r.errors;
-        peak = peak.max(rss_kib(pid));
+    for p in &proxies {
+        h2load(p.inbound, n / 4)?;
     }
-    let rps = median(rps);
-    println!(
-        "| remora (1 thread) | {rps:.0} ({:.2}× direct) | {errors} | {:.1} | {:.1} MiB → {:.1} MiB |",
-        rps / direct.max(1.0),
-        median(cpu),
-        idle_rss as f64 / 1024.0,
-        peak as f64 / 1024.0
-    );
+    // Repetitions interleaved across the binaries (A B, B A, A B...), so drift on a shared
+    // machine lands on all of them alike.
+    let k = proxies.len();
+    let (mut rps, mut cpu) = (vec![Vec::new(); k], vec![Vec::new(); k]);
+    let (mut errors, mut peak) = (vec![0; k], vec![0; k]);
+    for rep in 0..reps {
+        for j in 0..k {
+            let i = if rep % 2 == 0 { j } else { k - 1 - j };
+            let p = &proxies[i];
+            let before = cpu_seconds(p.pid);
+            let r = h2load(p.inbound, n)?;
+            cpu[i].push((cpu_seconds(p.pid) - before) * 1e6 / n as f64);
+            rps[i].push(r.rps);
+            errors[i] += r.errors;
+            peak[i] = peak[i].max(rss_kib(p.pid));
+        }
+    }
+    let cpu_median: Vec<f64> = cpu.iter().map(|c| median(c.clone())).collect();
+    for (i, p) in proxies.iter().enumerate() {
+        let rps = median(rps[i].clone());
+        println!(
+            "| {} | {rps:.0} ({:.2}× direct) | {} | {:.1} | {:.1} MiB → {:.1} MiB |",
+            p.label,
+            rps / direct.max(1.0),
+            errors[i],
+            cpu_median[i],
+            p.idle_rss as f64 / 1024.0,
+            peak[i] as f64 / 1024.0
+        );
+    }
     println!(
         "\nh2load -c 16 -m 10 against nghttpd serving 128 bytes; proxy on CPU 0, load and backend on CPU 1."
     );
+    for (i, p) in proxies.iter().enumerate() {
+        println!("remora-proxy {}: {}", i + 1, describe_bin(&p.bin));
+    }
+    if k > 1 {
+        for (i, reps) in cpu.iter().enumerate() {
+            let each: Vec<String> = reps.iter().map(|c| format!("{c:.2}")).collect();
+            let vs = match i {
+                0 => String::new(),
+                _ => format!(
+                    ", {:+.1} % against remora-proxy 1",
+                    (cpu_median[i] / cpu_median[0].max(f64::MIN_POSITIVE) - 1.0) * 100.0
+                ),
+            };
+            println!(
+                "remora-proxy {}: CPU µs/request per repetition {}{vs}",
+                i + 1,
+                each.join(" ")
+            );
+        }
+    }
     let _ = std::fs::remove_dir_all(&docroot);
     Ok(())
+}
+
+/// A binary's path with the start of its SHA-256 (`sha256sum`, when there is one), so a result
+/// can be tied to the exact build.
+fn describe_bin(bin: &Path) -> String {
+    let sum = Command::new("sha256sum")
+        .arg(bin)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()
+                .map(|h| h.chars().take(12).collect::<String>())
+        });
+    match sum {
+        Some(h) => format!("{} (sha256 {h}…)", bin.display()),
+        None => bin.display().to_string(),
+    }
 }
 
 /// GET a path from an admin server; the body.
@@ -227,8 +336,37 @@ pub(crate) fn proxy_env(
     ]
 }
 
+/// The remora-proxy the scenarios run: the one `--proxy-bin` / REMORA_BENCH_PROXY names, or the
+/// workspace's release build. Only `one-hop` measures several binaries.
 pub(crate) fn build_proxy() -> Result<PathBuf, String> {
-    build_bin("remora-proxy")
+    match PROXY_BINS.get().map(Vec::as_slice).unwrap_or_default() {
+        [] => resolve_proxy(&ProxyBin::Workspace),
+        [one] => resolve_proxy(one),
+        more => Err(format!(
+            "{} remora-proxy binaries given; only one-hop compares several, the other scenarios take one",
+            more.len()
+        )),
+    }
+}
+
+/// The path of a binary to measure: built from the workspace, or checked to be there.
+pub(crate) fn resolve_proxy(bin: &ProxyBin) -> Result<PathBuf, String> {
+    match bin {
+        ProxyBin::Workspace => build_bin("remora-proxy"),
+        ProxyBin::Path(p) => {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(p)
+                .map_err(|e| format!("remora-proxy binary {}: {e}", p.display()))?;
+            if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+                return Err(format!(
+                    "remora-proxy binary {}: not an executable file",
+                    p.display()
+                ));
+            }
+            // Absolute, so the label in the output says which binary it was.
+            std::path::absolute(p).map_err(|e| format!("remora-proxy binary {}: {e}", p.display()))
+        }
+    }
 }
 
 /// Builds one of the workspace's release binaries and returns its path.
@@ -242,7 +380,50 @@ pub(crate) fn build_bin(name: &str) -> Result<PathBuf, String> {
     if !status.success() {
         return Err(format!("building {name} failed"));
     }
-    Ok(root.join("target/release").join(name))
+    // Where that cargo put it: CARGO_TARGET_DIR (or CARGO_BUILD_TARGET_DIR) when set, relative
+    // to the workspace like cargo's own reading of it, else the workspace's target/.
+    let target = ["CARGO_TARGET_DIR", "CARGO_BUILD_TARGET_DIR"]
+        .iter()
+        .find_map(|k| std::env::var_os(k).filter(|v| !v.is_empty()))
+        .map(|d| root.join(d))
+        .unwrap_or_else(|| root.join("target"));
+    let bin = target.join("release").join(name);
+    if !bin.is_file() {
+        return Err(format!(
+            "cargo built {name} but {} is not there",
+            bin.display()
+        ));
+    }
+    Ok(bin)
+}
+
+/// Takes `--proxy-bin PATH` / `--proxy-bin=PATH` (repeatable) out of the arguments; without
+/// any, REMORA_BENCH_PROXY. `workspace` stands for the workspace's build.
+fn take_proxy_bins(args: &mut Vec<String>) -> Result<Vec<ProxyBin>, String> {
+    let parse = |v: &str| match v {
+        "" => Err("--proxy-bin needs a path (or `workspace`)".to_string()),
+        "workspace" => Ok(ProxyBin::Workspace),
+        p => Ok(ProxyBin::Path(PathBuf::from(p))),
+    };
+    let mut bins = Vec::new();
+    let mut rest = Vec::new();
+    let mut it = std::mem::take(args).into_iter();
+    while let Some(a) = it.next() {
+        if a == "--proxy-bin" {
+            bins.push(parse(&it.next().unwrap_or_default())?);
+        } else if let Some(v) = a.strip_prefix("--proxy-bin=") {
+            bins.push(parse(v)?);
+        } else {
+            rest.push(a);
+        }
+    }
+    *args = rest;
+    if bins.is_empty()
+        && let Some(v) = std::env::var_os("REMORA_BENCH_PROXY").filter(|v| !v.is_empty())
+    {
+        bins.push(parse(&v.to_string_lossy())?);
+    }
+    Ok(bins)
 }
 
 /// Issue 6's benchmark: 1k rps of gRPC through a client proxy balancing over three backends,
@@ -371,7 +552,13 @@ fn rolling_restart(quick: bool) -> Result<(), String> {
 }
 
 fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    match take_proxy_bins(&mut args) {
+        Ok(bins) => {
+            let _ = PROXY_BINS.set(bins);
+        }
+        Err(e) => return report(Err(e)),
+    }
     let quick = args.iter().any(|a| a == "--quick");
     // Helper roles the harness runs as pinned child processes.
     match args.first().map(String::as_str) {
