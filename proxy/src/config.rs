@@ -212,7 +212,9 @@ impl Default for Config {
 /// endpoints that serve it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StaticDestination {
+    /// `host:port`, normalised (lower case, port written).
     pub name: String,
+    /// The endpoints; at least one.
     pub endpoints: Vec<EndpointSpec>,
 }
 

@@ -1,3 +1,4 @@
+#![allow(missing_docs)]
 //! Internals the fuzz targets (`fuzz/`) drive directly. Only with the `fuzzing` feature; not
 //! part of the API.
 

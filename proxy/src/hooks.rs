@@ -43,8 +43,11 @@ pub struct RequestContext<'a> {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct Completion {
+    /// Which listener the request came through.
     pub direction: Direction,
+    /// The request's method.
     pub method: http::Method,
+    /// The request's URI as the client sent it.
     pub uri: http::Uri,
     /// The HTTP status sent to the client.
     pub status: http::StatusCode,

@@ -35,6 +35,8 @@
 //! Everything that is not re-exported here is private: the request path inside
 //! (detection, mTLS, scrubbing, balancing) is described in ARCHITECTURE.md.
 
+#![warn(missing_docs)]
+
 mod admin;
 mod backoff;
 mod balance;
@@ -86,8 +88,11 @@ pub enum Error {
     /// A listener could not bind.
     #[error("{knob} {addr}: cannot listen: {source}; choose a free port or stop what holds it")]
     Bind {
+        /// The knob that names the address (`REMORA_INBOUND_ADDR`, …).
         knob: &'static str,
+        /// The address asked for.
         addr: SocketAddr,
+        /// What the operating system said.
         source: std::io::Error,
     },
 }
@@ -112,6 +117,21 @@ pub struct RunReport {
 }
 
 /// How one of the proxy's listeners gets its socket.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use remora_proxy::{Listen, Proxy};
+/// // An egress proxy on a socket this program bound itself; no inbound, no admin.
+/// let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let proxy = Proxy::builder()
+///     .outbound(Listen::Listener(socket))
+///     .inbound(Listen::Off)
+///     .admin(Listen::Off)
+///     .bind()
+///     .await?;
+/// assert!(proxy.inbound_addr().is_none());
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub enum Listen {
     /// Bind this address (port 0 picks a free port).
@@ -124,6 +144,23 @@ pub enum Listen {
 
 /// Builds a [`Proxy`]: a [`Config`] (every `remora-proxy` knob as a typed value), plus what
 /// only a program can give — listeners, hooks, discovery sources and a metrics registry.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use remora_proxy::{MtlsMode, Proxy, StaticDestination};
+/// let proxy = Proxy::builder()
+///     .configure(|c| {
+///         c.mtls = MtlsMode::Strict;
+///         c.identity_dir = Some("/var/run/remora/identity".into());
+///     })
+///     .destination("billing.internal:80=10.0.0.7:8080".parse::<StaticDestination>()?)
+///     .dns_fallback(false)
+///     .bind()
+///     .await?;
+/// let report = proxy.run(async { let _ = tokio::signal::ctrl_c().await; }).await;
+/// println!("{} connections cut at the drain deadline", report.cut);
+/// # Ok(()) }
+/// ```
 pub struct Builder {
     cfg: Config,
     listen: [Option<Listen>; 3],

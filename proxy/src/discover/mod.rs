@@ -3,10 +3,10 @@
 //! control plane (`REMORA_CONTROL_ADDR`) — and DNS for names no source knows.
 //!
 //! Discovery is lazy: the first request for an authority starts following it (one task per
-//! name) and waits (up to [`FIRST_ANSWER`]) for the first answer. The first source in the
+//! name) and waits (up to 3 s) for the first answer. The first source in the
 //! chain that says the name exists answers it, even with an empty set (callers then get 503,
 //! not DNS); a source that says "does not exist", or has not answered within
-//! [`FIRST_ANSWER`], passes the name to the next one, and keeps being listened to, so a later
+//! 3 s, passes the name to the next one, and keeps being listened to, so a later
 //! answer from it takes over. A name nobody has used for `discovery_idle_timeout` is dropped,
 //! and with it the sources' streams.
 
