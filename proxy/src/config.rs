@@ -290,6 +290,12 @@ impl std::str::FromStr for StaticDestination {
 impl Config {
     /// Checks what clap's types cannot: listeners that collide, an app address that would loop.
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_with(self.identity_dir.is_some())
+    }
+
+    /// `validate`, where `has_identity` says whether the proxy gets credentials (a directory,
+    /// or an embedding application's identity source).
+    pub(crate) fn validate_with(&self, has_identity: bool) -> Result<(), String> {
         let listeners = [
             ("REMORA_INBOUND_ADDR", self.inbound_addr),
             ("REMORA_OUTBOUND_ADDR", self.outbound_addr),
@@ -315,7 +321,7 @@ impl Config {
                 self.app_addr
             ));
         }
-        if self.mtls == MtlsMode::Strict && self.identity_dir.is_none() {
+        if self.mtls == MtlsMode::Strict && !has_identity {
             return Err("REMORA_MTLS=strict needs an identity: set REMORA_IDENTITY_DIR to a directory with tls.crt, tls.key and ca.crt".into());
         }
         if self.control.is_some() && self.identity_dir.is_none() {
@@ -334,7 +340,7 @@ impl Config {
         }
         let mut seen = std::collections::HashSet::new();
         for d in &self.destinations {
-            if self.identity_dir.is_none() && d.endpoints.iter().any(|e| e.identity.is_some()) {
+            if !has_identity && d.endpoints.iter().any(|e| e.identity.is_some()) {
                 return Err(format!(
                     "REMORA_DESTINATIONS gives `{}` an identity (#spiffe://…), which needs mTLS: set REMORA_IDENTITY_DIR",
                     d.name

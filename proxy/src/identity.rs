@@ -92,6 +92,57 @@ pub struct IdentityStore {
     current: ArcSwapOption<Loaded>,
     metrics: Arc<Metrics>,
     certifier: Option<Certifier>,
+    /// The embedding application's source, instead of the directory or the control plane.
+    source: Option<Arc<dyn IdentitySource>>,
+}
+
+/// One credential set as PEM, whole: it is validated (chain to the bundle, key matches, one
+/// SPIFFE ID, in its validity period) before it replaces the current set.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct CredentialSet {
+    /// The leaf first, then intermediates (`tls.crt`).
+    pub chain: Vec<u8>,
+    /// The leaf's private key (`tls.key`).
+    pub key: Vec<u8>,
+    /// The trust bundle: one or more roots (`ca.crt`).
+    pub bundle: Vec<u8>,
+}
+
+impl CredentialSet {
+    /// A set from the three PEM documents.
+    pub fn new(chain: Vec<u8>, key: Vec<u8>, bundle: Vec<u8>) -> Self {
+        CredentialSet { chain, key, bundle }
+    }
+}
+
+/// Where the proxy's workload credentials come from, when neither the identity directory nor
+/// the control plane fits: a secret store, an in-process CA, a test.
+///
+/// The proxy follows the stream for its whole run. Every set is validated whole; a bad one is
+/// logged, counted in `remora_identity_reload_failures_total` and ignored (the previous set
+/// keeps serving), exactly as with files.
+///
+/// ```
+/// use remora_proxy::{CredentialSet, IdentitySource};
+///
+/// /// Sets pushed by the application (e.g. after each rotation of its secret store).
+/// struct Pushed(std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<CredentialSet>>>);
+///
+/// impl IdentitySource for Pushed {
+///     fn credentials(&self) -> futures_util::stream::BoxStream<'static, CredentialSet> {
+///         let rx = self.0.lock().unwrap().take();
+///         Box::pin(futures_util::stream::unfold(rx, |rx| async move {
+///             let mut rx = rx?;
+///             let set = rx.recv().await?;
+///             Some((set, Some(rx)))
+///         }))
+///     }
+/// }
+/// ```
+pub trait IdentitySource: Send + Sync + 'static {
+    /// The credential sets, the first as soon as there is one, then each replacement.
+    fn credentials(&self) -> futures_util::stream::BoxStream<'static, CredentialSet>;
 }
 
 /// Certificates from the control plane instead of files.
@@ -118,6 +169,18 @@ impl IdentityStore {
             current: ArcSwapOption::empty(),
             metrics,
             certifier: None,
+            source: None,
+        })
+    }
+
+    /// A store fed by the embedding application's [`IdentitySource`].
+    pub(crate) fn with_source(metrics: Arc<Metrics>, source: Arc<dyn IdentitySource>) -> Arc<Self> {
+        Arc::new(IdentityStore {
+            dir: PathBuf::from("(identity source)"),
+            current: ArcSwapOption::empty(),
+            metrics,
+            certifier: None,
+            source: Some(source),
         })
     }
 
@@ -128,6 +191,7 @@ impl IdentityStore {
             current: ArcSwapOption::empty(),
             metrics,
             certifier: Some(certifier),
+            source: None,
         })
     }
 
@@ -317,6 +381,20 @@ impl IdentityStore {
     pub async fn watch(self: Arc<Self>) {
         if let Some(c) = &self.certifier {
             return self.certify_loop(c).await;
+        }
+        if let Some(source) = &self.source {
+            let mut sets = source.credentials();
+            while let Some(set) = futures_util::StreamExt::next(&mut sets).await {
+                match self.consider(&[set.chain, set.key, set.bundle]) {
+                    Ok(l) => self.loaded(&l, "the identity source"),
+                    Err(e) => {
+                        self.metrics.identity_reload_failures.inc();
+                        tracing::warn!("identity {e}; {}", self.keeping());
+                    }
+                }
+            }
+            tracing::info!("the identity source ended; keeping the current identity");
+            return;
         }
         let mut last: Option<[Vec<u8>; 3]> = None;
         loop {

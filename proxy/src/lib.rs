@@ -76,6 +76,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::{Config, ControlTarget, EndpointSpec, IdentityMode, MtlsMode, StaticDestination};
 pub use direction::Direction;
 pub use hooks::{Completion, Hooks, NoHooks, RequestContext};
+pub use identity::{CredentialSet, IdentitySource};
 pub use panics::caught as panics_caught;
 
 /// Why a proxy could not be built.
@@ -168,6 +169,7 @@ pub struct Builder {
     sources: Vec<discover::Source>,
     dns_fallback: bool,
     metrics: Arc<metrics::Metrics>,
+    identity: Option<Arc<dyn identity::IdentitySource>>,
 }
 
 impl Default for Builder {
@@ -179,6 +181,7 @@ impl Default for Builder {
             sources: Vec::new(),
             dns_fallback: true,
             metrics: Arc::new(metrics::Metrics::new()),
+            identity: None,
         }
     }
 }
@@ -250,6 +253,13 @@ impl Builder {
         self
     }
 
+    /// The proxy's credentials come from `source` instead of `Config::identity_dir` (which
+    /// then only supplies the control plane's trust bundle, if any).
+    pub fn identity(mut self, source: impl identity::IdentitySource) -> Self {
+        self.identity = Some(Arc::new(source));
+        self
+    }
+
     /// Registers remora's metrics (`remora_*`) into `registry`, beside the application's own;
     /// the admin listener, if any, serves them too.
     pub fn registry(self, registry: &mut prometheus_client::registry::Registry) -> Self {
@@ -267,8 +277,10 @@ impl Builder {
             sources,
             dns_fallback,
             metrics,
+            identity: source,
         } = self;
-        cfg.validate().map_err(Error::Config)?;
+        cfg.validate_with(cfg.identity_dir.is_some() || source.is_some())
+            .map_err(Error::Config)?;
         let [i, o, a] = listen;
         let inbound = listener(
             "REMORA_INBOUND_ADDR",
@@ -285,23 +297,31 @@ impl Builder {
             a.unwrap_or(Listen::Addr(cfg.admin_addr)),
         )
         .await?;
-        let identity = cfg
-            .identity_dir
-            .as_deref()
-            .map(|dir| match &cfg.identity_mode {
-                config::IdentityMode::Files => identity::IdentityStore::new(dir, metrics.clone()),
-                config::IdentityMode::Control { id, token } => {
-                    identity::IdentityStore::with_certifier(
-                        dir,
-                        metrics.clone(),
-                        identity::Certifier {
-                            id: id.clone(),
-                            token: token.clone(),
-                            client: Default::default(),
-                        },
-                    )
-                }
-            });
+        let identity = match source {
+            Some(source) => Some(identity::IdentityStore::with_source(
+                metrics.clone(),
+                source,
+            )),
+            None => cfg
+                .identity_dir
+                .as_deref()
+                .map(|dir| match &cfg.identity_mode {
+                    config::IdentityMode::Files => {
+                        identity::IdentityStore::new(dir, metrics.clone())
+                    }
+                    config::IdentityMode::Control { id, token } => {
+                        identity::IdentityStore::with_certifier(
+                            dir,
+                            metrics.clone(),
+                            identity::Certifier {
+                                id: id.clone(),
+                                token: token.clone(),
+                                client: Default::default(),
+                            },
+                        )
+                    }
+                }),
+        };
         // The chain: static destinations, the application's sources, the control plane.
         let statics = Arc::new(discover::Static::default());
         for d in &cfg.destinations {
@@ -317,7 +337,14 @@ impl Builder {
                 let store = Arc::downgrade(store);
                 Arc::new(move || store.upgrade().and_then(|s| s.trust_domain()))
             };
-            let client = control::connect(target, store.ca_path(), td).map_err(Error::Config)?;
+            // The bundle that verifies the control plane is the directory's (validation
+            // requires the directory with REMORA_CONTROL_ADDR), whatever supplies the leaf.
+            let ca = cfg
+                .identity_dir
+                .as_ref()
+                .map(|d| d.join("ca.crt"))
+                .unwrap_or_else(|| store.ca_path());
+            let client = control::connect(target, ca, td).map_err(Error::Config)?;
             if let Some(c) = store.certifier() {
                 let _ = c.client.set(client.clone());
             }

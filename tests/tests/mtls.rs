@@ -382,3 +382,95 @@ async fn opaque_tcp_rides_mtls_between_proxies() {
         "{m}"
     );
 }
+
+/// The embedding API's identity seam: credentials pushed by the application (here from a
+/// channel), validated whole like files, a bad set refused while the good one keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_source_supplies_and_rotates_credentials() {
+    use remora_proxy::{CredentialSet, IdentitySource};
+    struct Pushed(std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<CredentialSet>>>);
+    impl IdentitySource for Pushed {
+        fn credentials(&self) -> futures_util::stream::BoxStream<'static, CredentialSet> {
+            let rx = self.0.lock().unwrap().take();
+            Box::pin(futures_util::stream::unfold(rx, |rx| async move {
+                let mut rx = rx?;
+                let set = rx.recv().await?;
+                Some((set, Some(rx)))
+            }))
+        }
+    }
+    let read_set = |dir: &std::path::Path| {
+        let f = |n: &str| std::fs::read(dir.join(n)).expect("read");
+        CredentialSet::new(f("tls.crt"), f("tls.key"), f("ca.crt"))
+    };
+    let pki = Pki::new("cluster.local");
+    let app = EchoApp::start().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let mut cfg = config(app.addr);
+    cfg.mtls = MtlsMode::Strict;
+    let proxy = remora_proxy::Proxy::builder()
+        .config(cfg)
+        .identity(Pushed(std::sync::Mutex::new(Some(rx))))
+        .registry(&mut registry)
+        .bind()
+        .await
+        .expect("binds without an identity directory");
+    let inbound = proxy.inbound_addr().expect("inbound");
+    let running = proxy.spawn();
+    let counter = |name: &str| {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encodes");
+        metric(&out, name, &[])
+    };
+    // No credentials yet: not ready (strict mTLS could serve nobody).
+    assert!(!running.is_ready());
+    // A broken set is refused, and changes nothing.
+    let mut bad = read_set(&pki.identity_dir("web"));
+    bad.key = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".to_vec();
+    tx.send(bad).await.expect("sent");
+    wait_until("the bad set is refused", async || {
+        counter("remora_identity_reload_failures_total") == 1.0
+    })
+    .await;
+    assert!(!running.is_ready());
+    // A good set: ready, and peers are verified against its bundle.
+    tx.send(read_set(&pki.identity_dir("web")))
+        .await
+        .expect("sent");
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .expect("ready");
+    let client = id_files(&pki.identity_dir("client"));
+    let call = async || {
+        curl_mtls(
+            inbound,
+            WEB_SNI,
+            "/headers",
+            Some(&client),
+            &client.ca,
+            &["-D", "-"],
+        )
+        .await
+    };
+    let out = call().await;
+    assert_eq!(status(&out.stdout), 200, "{} {}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .contains("x-remora-client-id: spiffe://cluster.local/ns/default/sa/client"),
+        "{}",
+        out.stdout
+    );
+    // A rotation through the source: in service at once, still serving.
+    tx.send(read_set(&pki.identity_dir("web")))
+        .await
+        .expect("sent");
+    wait_until("the rotated set is loaded", async || {
+        counter("remora_identity_reloads_total") == 2.0
+    })
+    .await;
+    let out = call().await;
+    assert_eq!(status(&out.stdout), 200, "{} {}", out.stdout, out.stderr);
+    running.shutdown();
+    running.wait().await.expect("clean stop");
+}
