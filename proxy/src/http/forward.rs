@@ -178,7 +178,12 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
         Box::pin(async move {
             let grpc = is_grpc(&req);
             // Set by the `Scrub` layer from the verified peer (a client's own copy is gone).
-            let client_id = req.headers().get(&CLIENT_ID_HEADER).cloned();
+            // Everything below marked "hooks" is skipped with `NoHooks`, so a proxy without
+            // hooks pays one branch per phase.
+            let client_id = match shared.hooks_active {
+                true => req.headers().get(&CLIENT_ID_HEADER).cloned(),
+                false => None,
+            };
             // Outbound hooks see where the request asks to go; the route itself is read again
             // after `on_request`, which may change the head. Skipped without hooks.
             let asked = match (&shared.route, shared.hooks_active) {
@@ -191,14 +196,18 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
                 destination: asked.as_deref(),
                 endpoint: None,
             };
-            let (mut head, body) = req.into_parts();
-            let answered =
-                match crate::panics::catch_sync(|| shared.hooks.on_request(&mut head, &cx)) {
-                    Some(Some(local)) => Some(Ok(local.map(|b| Either::Right(Full::new(b))))),
-                    Some(None) => None,
-                    None => Some(Err(ForwardError::HookPanicked)),
-                };
-            let req = Request::from_parts(head, body);
+            let (req, answered) = if shared.hooks_active {
+                let (mut head, body) = req.into_parts();
+                let answered =
+                    match crate::panics::catch_sync(|| shared.hooks.on_request(&mut head, &cx)) {
+                        Some(Some(local)) => Some(Ok(local.map(|b| Either::Right(Full::new(b))))),
+                        Some(None) => None,
+                        None => Some(Err(ForwardError::HookPanicked)),
+                    };
+                (Request::from_parts(head, body), answered)
+            } else {
+                (req, None)
+            };
             let outcome = match answered {
                 Some(answer) => Some(answer),
                 None => crate::panics::catch("request", shared.forward(req, &cx)).await,
@@ -220,6 +229,9 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
                     .map(Either::Right)
                 }
             };
+            if !shared.hooks_active {
+                return Ok(rsp);
+            }
             let (mut head, body) = rsp.into_parts();
             let cx = RequestContext {
                 endpoint: head.extensions.get::<Answered>().map(|a| a.0),
@@ -295,10 +307,15 @@ impl Forwarder {
                 return self.send(req, "app", app, None, cx).await;
             }
             Route::Destinations(d) => {
-                let (head, body) = req.into_parts();
-                let chosen = crate::panics::catch_sync(|| self.hooks.choose_destination(&head, cx))
-                    .ok_or(ForwardError::HookPanicked)?;
-                let req = Request::from_parts(head, body);
+                let (req, chosen) = if self.hooks_active {
+                    let (head, body) = req.into_parts();
+                    let chosen =
+                        crate::panics::catch_sync(|| self.hooks.choose_destination(&head, cx))
+                            .ok_or(ForwardError::HookPanicked)?;
+                    (Request::from_parts(head, body), chosen)
+                } else {
+                    (req, None)
+                };
                 let name = match chosen {
                     Some(name) => normalize_authority(&name).ok_or_else(|| {
                         ForwardError::BadAuthority(format!(
@@ -335,6 +352,9 @@ impl Forwarder {
         cx: &RequestContext<'_>,
         ep: &Endpoint,
     ) -> Result<Request<B>, ForwardError> {
+        if !self.hooks_active {
+            return Ok(req);
+        }
         let cx = RequestContext {
             endpoint: Some(ep.addr),
             ..*cx
@@ -415,7 +435,9 @@ impl Forwarder {
     /// An upstream response, scrubbed, marked with the endpoint that sent it.
     fn answered(&self, rsp: Response<hyper::body::Incoming>, ep: &Endpoint) -> Response<Body> {
         let mut rsp = rsp.map(|b| Either::Left(Scrubbed::new(b, self.rules.clone())));
-        rsp.extensions_mut().insert(Answered(ep.addr));
+        if self.hooks_active {
+            rsp.extensions_mut().insert(Answered(ep.addr));
+        }
         rsp
     }
 

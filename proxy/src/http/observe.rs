@@ -33,7 +33,8 @@ pub struct Observe<S> {
 /// Per-listener handles, looked up once.
 pub struct RequestHandles {
     direction: Direction,
-    hooks: Arc<dyn Hooks>,
+    /// `None` without hooks: nothing is captured for the completion phase.
+    hooks: Option<Arc<dyn Hooks>>,
     requests: Family<RequestLabels, Counter>,
     /// The commonest outcomes, resolved once: 200 without and with grpc-status 0 (a family
     /// lookup takes a lock and hashes the labels; profiling showed it on the hot path).
@@ -44,7 +45,7 @@ pub struct RequestHandles {
 }
 
 impl RequestHandles {
-    pub fn new(metrics: &Metrics, direction: Direction, hooks: Arc<dyn Hooks>) -> Self {
+    pub fn new(metrics: &Metrics, direction: Direction, hooks: Option<Arc<dyn Hooks>>) -> Self {
         let ok = |grpc_status| {
             metrics.requests.get_or_create_owned(&RequestLabels {
                 direction,
@@ -96,13 +97,17 @@ where
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         self.handles.in_flight.inc();
-        let request = (req.method().clone(), req.uri().clone());
+        let request = self
+            .handles
+            .hooks
+            .is_some()
+            .then(|| (req.method().clone(), req.uri().clone()));
         ObserveFuture {
             inner: self.inner.call(req),
             start: Instant::now(),
             in_flight: Some(InFlight(self.handles.clone())),
-            request: Some(request),
-            client_id: self.client_id.clone(),
+            client_id: request.as_ref().and(self.client_id.clone()),
+            request,
         }
     }
 }
@@ -212,7 +217,9 @@ impl Drop for Recorder {
             endpoint: self.endpoint,
             finished: self.finished,
         };
-        let _ = crate::panics::catch_sync(|| h.hooks.on_completion(&done));
+        if let Some(hooks) = &h.hooks {
+            let _ = crate::panics::catch_sync(|| hooks.on_completion(&done));
+        }
     }
 }
 

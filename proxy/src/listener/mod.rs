@@ -77,7 +77,7 @@ impl Listener {
             handles: Arc::new(RequestHandles::new(
                 &metrics,
                 direction,
-                forward.hooks.clone(),
+                forward.hooks_active.then(|| forward.hooks.clone()),
             )),
             forward,
             rules,
