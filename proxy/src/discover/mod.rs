@@ -151,6 +151,17 @@ fn evict_idle(table: &mut HashMap<String, Arc<Follow>>) -> bool {
     table.len() < WATCH_MAX
 }
 
+/// Drops the entry used longest ago.
+fn evict_least_recent(table: &mut HashMap<String, Arc<Follow>>) {
+    if let Some(oldest) = table
+        .iter()
+        .max_by_key(|(_, w)| w.idle_for())
+        .map(|(n, _)| n.clone())
+    {
+        table.remove(&oldest);
+    }
+}
+
 /// Whether `w` is still the table's entry for `name` (eviction may have dropped it).
 fn current(table: &Followed, name: &str, w: &Arc<Follow>) -> bool {
     table
@@ -332,11 +343,14 @@ impl Destinations {
             let mut table = self.followed.lock().unwrap_or_else(|p| p.into_inner());
             match table.get(authority).cloned() {
                 Some(w) => w,
-                None if table.len() >= WATCH_MAX && !evict_idle(&mut table) => {
-                    tracing::warn!(%authority, "{WATCH_MAX} discovered names are in use and none is idle; using DNS for this name");
-                    return None;
-                }
                 None => {
+                    if table.len() >= WATCH_MAX && !evict_idle(&mut table) {
+                        // Every name is in use: the least recently used one goes (it is
+                        // followed again at its next request), so names cycled by a client
+                        // cannot keep static or discovered names out of the table.
+                        evict_least_recent(&mut table);
+                        tracing::debug!(%authority, "{WATCH_MAX} discovered names in use; dropped the least recently used");
+                    }
                     let w = Arc::new(Follow {
                         dest: Arc::new(Destination::new(authority.to_string(), Vec::new())),
                         known: watch::channel(Known::Waiting).0,
@@ -619,6 +633,12 @@ mod tests {
         assert!(evict_idle(&mut mixed));
         assert_eq!(mixed.len(), WATCH_MAX / 2);
         assert!(mixed.contains_key("n0:80") && !mixed.contains_key("n1:80"));
+        // All busy: the one used longest ago makes room.
+        let old = watch("old:80", Duration::from_secs(30));
+        busy.insert("old:80".into(), old);
+        evict_least_recent(&mut busy);
+        assert_eq!(busy.len(), WATCH_MAX);
+        assert!(!busy.contains_key("old:80"));
     }
 
     #[test]
