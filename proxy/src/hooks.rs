@@ -109,7 +109,9 @@ pub trait Hooks: Send + Sync + 'static {
         None
     }
 
-    /// Phase 3. The head as it is about to be sent to `cx.endpoint`.
+    /// Phase 3. The head as it is about to be sent to `cx.endpoint`. On a retry on another
+    /// endpoint it runs again on the head as the previous try sent it (with this hook's earlier
+    /// changes): set headers with `insert`, not `append`.
     fn on_upstream_request(&self, req: &mut request::Parts, cx: &RequestContext<'_>) {
         let _ = (req, cx);
     }

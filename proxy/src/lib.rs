@@ -297,6 +297,16 @@ impl Builder {
             a.unwrap_or(Listen::Addr(cfg.admin_addr)),
         )
         .await?;
+        // Checked again against what was bound: a pre-bound socket or an explicit address can
+        // be the app's own port, and the inbound listener would then forward to itself.
+        if let Some((_, local)) = &inbound
+            && http::forward::same_listener(local, &cfg.app_addr, &[])
+        {
+            return Err(Error::Config(format!(
+                "REMORA_APP_ADDR {} is the inbound listener itself ({local}), so every request would loop; point it at the application's port",
+                cfg.app_addr
+            )));
+        }
         let identity = match source {
             Some(source) => Some(identity::IdentityStore::with_source(
                 metrics.clone(),
@@ -354,6 +364,7 @@ impl Builder {
             });
         }
         let destinations = Arc::new(discover::Destinations::new(
+            Some(statics.clone()),
             chain,
             dns_fallback,
             cfg.connect_timeout,
@@ -630,5 +641,36 @@ impl Running {
         self.task.await.inspect_err(|e| {
             tracing::error!(error = %e, "BUG: the proxy's run ended abnormally; please report it");
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_pre_bound_inbound_socket_on_the_app_port_is_refused() {
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = socket.local_addr().unwrap();
+        let err = Proxy::builder()
+            .app(app)
+            .inbound(Listen::Listener(socket))
+            .outbound(Listen::Off)
+            .admin(Listen::Off)
+            .bind()
+            .await
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("would loop"), "{err}");
+        // With no inbound listener at all, nothing can loop.
+        let proxy = Proxy::builder()
+            .app(app)
+            .inbound(Listen::Off)
+            .outbound(Listen::Addr("127.0.0.1:0".parse().unwrap()))
+            .admin(Listen::Off)
+            .bind()
+            .await
+            .expect("binds");
+        assert!(proxy.inbound_addr().is_none() && proxy.outbound_addr().is_some());
     }
 }

@@ -65,6 +65,8 @@ pub(crate) struct Source {
 
 pub(crate) struct Destinations {
     sources: Arc<[Source]>,
+    /// The static source (also in `sources`), whose names are never evicted.
+    statics: Option<Arc<Static>>,
     /// `None`: names no source knows fail instead of going to DNS.
     dns: Option<DnsCache>,
     connect_timeout: Duration,
@@ -97,6 +99,10 @@ struct Follow {
     /// Milliseconds since `epoch` of the last request, for dropping idle names.
     last_used: std::sync::atomic::AtomicU64,
     epoch: Instant,
+    /// A static name: never evicted to make room.
+    pinned: bool,
+    /// Ends this name's follow task (eviction, retirement, the proxy stopping).
+    cancel: tokio_util::sync::CancellationToken,
 }
 
 impl Follow {
@@ -116,6 +122,7 @@ impl Follow {
 
 impl Destinations {
     pub(crate) fn new(
+        statics: Option<Arc<Static>>,
         sources: Vec<Source>,
         dns_fallback: bool,
         connect_timeout: Duration,
@@ -124,6 +131,7 @@ impl Destinations {
         identity: Option<Arc<IdentityStore>>,
     ) -> Self {
         Destinations {
+            statics,
             sources: sources.into(),
             dns: dns_fallback.then(Default::default),
             connect_timeout,
@@ -147,19 +155,14 @@ impl Destinations {
 /// Makes room in a full table by dropping names unused for a minute; their tasks see they
 /// are no longer in the table and end. Returns whether there is room now.
 fn evict_idle(table: &mut HashMap<String, Arc<Follow>>) -> bool {
-    table.retain(|_, w| w.idle_for() < Duration::from_secs(60));
+    table.retain(|_, w| {
+        let keep = w.pinned || w.idle_for() < Duration::from_secs(60);
+        if !keep {
+            w.cancel.cancel();
+        }
+        keep
+    });
     table.len() < WATCH_MAX
-}
-
-/// Drops the entry used longest ago.
-fn evict_least_recent(table: &mut HashMap<String, Arc<Follow>>) {
-    if let Some(oldest) = table
-        .iter()
-        .max_by_key(|(_, w)| w.idle_for())
-        .map(|(n, _)| n.clone())
-    {
-        table.remove(&oldest);
-    }
 }
 
 /// Whether `w` is still the table's entry for `name` (eviction may have dropped it).
@@ -179,6 +182,7 @@ fn retire_if_idle(table: &Followed, name: &str, w: &Arc<Follow>, idle: Duration)
         Some(x) if Arc::ptr_eq(x, w) => {
             if w.idle_for() >= idle {
                 map.remove(name);
+                w.cancel.cancel();
                 true
             } else {
                 false
@@ -344,18 +348,20 @@ impl Destinations {
             match table.get(authority).cloned() {
                 Some(w) => w,
                 None => {
-                    if table.len() >= WATCH_MAX && !evict_idle(&mut table) {
-                        // Every name is in use: the least recently used one goes (it is
-                        // followed again at its next request), so names cycled by a client
-                        // cannot keep static or discovered names out of the table.
-                        evict_least_recent(&mut table);
-                        tracing::debug!(%authority, "{WATCH_MAX} discovered names in use; dropped the least recently used");
+                    // Static names are few (configuration) and never evicted: names a client
+                    // cycles through cannot push them out, nor take their place.
+                    let pinned = self.statics.as_ref().is_some_and(|s| s.contains(authority));
+                    if table.len() >= WATCH_MAX && !evict_idle(&mut table) && !pinned {
+                        tracing::warn!(%authority, "{WATCH_MAX} discovered names are in use and none is idle; using DNS for this name");
+                        return None;
                     }
                     let w = Arc::new(Follow {
                         dest: Arc::new(Destination::new(authority.to_string(), Vec::new())),
                         known: watch::channel(Known::Waiting).0,
                         last_used: Default::default(),
                         epoch: Instant::now(),
+                        pinned,
+                        cancel: self.stop.child_token(),
                     });
                     table.insert(authority.to_string(), w.clone());
                     let task = follow(
@@ -366,12 +372,29 @@ impl Destinations {
                         w.clone(),
                         self.idle,
                     );
-                    let stop = self.stop.clone();
+                    let (table, name, w2) =
+                        (self.followed.clone(), authority.to_string(), w.clone());
                     tokio::spawn(async move {
                         tokio::select! {
-                            _ = task => {}
-                            _ = stop.cancelled() => {}
+                            // A panicking source must not leave the name waiting forever.
+                            _ = crate::panics::catch("discovery", task) => {}
+                            // Evicted, retired, or the proxy stopped.
+                            _ = w2.cancel.cancelled() => {}
                         }
+                        // However it ended, the name no longer has a follower: the next request
+                        // follows it afresh, and requests waiting now go on.
+                        let mut map = table.lock().unwrap_or_else(|p| p.into_inner());
+                        if map.get(&name).is_some_and(|x| Arc::ptr_eq(x, &w2)) {
+                            map.remove(&name);
+                        }
+                        drop(map);
+                        w2.known.send_if_modified(|k| {
+                            let waiting = *k == Known::Waiting;
+                            if waiting {
+                                *k = Known::NoSuchService;
+                            }
+                            waiting
+                        });
                     });
                     w
                 }
@@ -606,6 +629,8 @@ mod tests {
             epoch: Instant::now()
                 .checked_sub(idle)
                 .expect("uptime exceeds the test's idle"),
+            pinned: false,
+            cancel: Default::default(),
         })
     }
 
@@ -633,12 +658,17 @@ mod tests {
         assert!(evict_idle(&mut mixed));
         assert_eq!(mixed.len(), WATCH_MAX / 2);
         assert!(mixed.contains_key("n0:80") && !mixed.contains_key("n1:80"));
-        // All busy: the one used longest ago makes room.
-        let old = watch("old:80", Duration::from_secs(30));
-        busy.insert("old:80".into(), old);
-        evict_least_recent(&mut busy);
-        assert_eq!(busy.len(), WATCH_MAX);
-        assert!(!busy.contains_key("old:80"));
+        // Evicted followers are told to stop at once (their tasks hold streams and watches).
+        let gone = watch("gone:80", Duration::from_secs(120));
+        let mut one = HashMap::from([("gone:80".to_string(), gone.clone())]);
+        assert!(evict_idle(&mut one));
+        assert!(gone.cancel.is_cancelled());
+        // A static name is never evicted, however idle.
+        let mut pinned = watch("static:80", Duration::from_secs(120));
+        Arc::get_mut(&mut pinned).unwrap().pinned = true;
+        let mut one = HashMap::from([("static:80".to_string(), pinned)]);
+        evict_idle(&mut one);
+        assert!(one.contains_key("static:80"));
     }
 
     #[test]
@@ -689,6 +719,7 @@ mod tests {
 
     fn chain(sources: Vec<(&str, Arc<dyn Discover>)>, dns: bool) -> Destinations {
         Destinations::new(
+            None,
             sources
                 .into_iter()
                 .map(|(label, source)| Source {

@@ -575,7 +575,11 @@ fn upstream_uri<B>(req: &mut Request<B>, fallback: SocketAddr) {
 /// True when connecting to `target` would reach `listener`: the same port on the listener's
 /// own address, on an unspecified address (`0.0.0.0` / `::` connect to this host), on loopback,
 /// or on any address of this host's interfaces (`local`).
-fn same_listener(listener: &SocketAddr, target: &SocketAddr, local: &[std::net::IpAddr]) -> bool {
+pub(crate) fn same_listener(
+    listener: &SocketAddr,
+    target: &SocketAddr,
+    local: &[std::net::IpAddr],
+) -> bool {
     let ip = target.ip().to_canonical();
     listener.port() == target.port()
         && (ip == listener.ip().to_canonical()
