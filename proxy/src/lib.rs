@@ -279,7 +279,23 @@ impl Builder {
             metrics,
             identity: source,
         } = self;
-        cfg.validate_with(cfg.identity_dir.is_some() || source.is_some())
+        // Validated with the addresses the builder will bind: a listener set with
+        // `Listen::Addr` replaces the config's, and one that is off or pre-bound has none here
+        // (port 0: no clash; the bound socket is checked after binding).
+        let mut check = cfg.clone();
+        for (slot, addr) in listen.iter().zip([
+            &mut check.inbound_addr,
+            &mut check.outbound_addr,
+            &mut check.admin_addr,
+        ]) {
+            match slot {
+                None => {}
+                Some(Listen::Addr(a)) => *addr = *a,
+                Some(_) => *addr = SocketAddr::from(([0, 0, 0, 0], 0)),
+            }
+        }
+        check
+            .validate_with(cfg.identity_dir.is_some() || source.is_some())
             .map_err(Error::Config)?;
         let [i, o, a] = listen;
         let inbound = listener(
@@ -662,9 +678,9 @@ mod tests {
             .err()
             .expect("refused");
         assert!(err.to_string().contains("would loop"), "{err}");
-        // With no inbound listener at all, nothing can loop.
+        // With no inbound listener at all, nothing can loop, even on the default inbound port.
         let proxy = Proxy::builder()
-            .app(app)
+            .app(Config::default().inbound_addr)
             .inbound(Listen::Off)
             .outbound(Listen::Addr("127.0.0.1:0".parse().unwrap()))
             .admin(Listen::Off)

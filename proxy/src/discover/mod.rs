@@ -545,8 +545,15 @@ async fn follow(
                     w.known.send_replace(Known::Service);
                 }
             }
-            // Still waiting for a source: keep what was published.
-            Some(None) => {}
+            // Waiting for a source. If the one that answered no longer knows the name, nobody
+            // does for now: its endpoints must not keep serving while the next one thinks.
+            Some(None) => {
+                if answering.is_some_and(|i| !matches!(slots[i].said, Said::Known { .. })) {
+                    answering = None;
+                    w.dest.update(Vec::new());
+                    w.known.send_replace(Known::NoSuchService);
+                }
+            }
             None => {
                 if answering.take().is_some() || *w.known.borrow() == Known::Waiting {
                     w.dest.update(Vec::new());
@@ -792,6 +799,18 @@ mod tests {
         })
         .await
         .expect("b asked again");
+        // While b thinks, nobody knows the name: a's old endpoints no longer serve.
+        tokio::time::timeout(FIRST_ANSWER, async {
+            while !ports(&dest).is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("a's endpoints withdrawn");
+        assert!(matches!(
+            d.resolve("web:80").await,
+            Err(ResolveError::Unknown { .. })
+        ));
         b.send(Update::Reset(vec![spec(4)])).await;
         tokio::time::timeout(FIRST_ANSWER, async {
             while ports(&dest) != [4] {
