@@ -43,7 +43,7 @@ pub enum CaCommand {
 pub enum CertCommand {
     /// Issue a workload certificate into DIR as tls.crt, tls.key and ca.crt.
     Issue {
-        /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>
+        /// spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT
         #[arg(long)]
         identity: String,
         /// A directory made by `remora ca init`.
@@ -104,7 +104,7 @@ pub struct ControlArgs {
     pub issuer: std::path::PathBuf,
     #[arg(long, env = "REMORA_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
-    /// The control plane's own SPIFFE ID [default: spiffe://<trust-domain>/ns/remora/sa/control].
+    /// The control plane's own SPIFFE ID [default: spiffe://TRUST_DOMAIN/ns/remora/sa/control].
     #[arg(long)]
     pub identity: Option<String>,
     /// Serve endpoints from this TOML file (hot reloaded) instead of Kubernetes.
