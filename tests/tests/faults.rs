@@ -308,7 +308,7 @@ const PROBE_ID: &str = "x-remora-client-id: spiffe://cluster.local/ns/default/sa
 // 1. A backend killed mid-load.
 
 /// 1000 HTTP/2 GETs over two endpoints, one killed (listener and connections) once it has
-/// served 100: the GETs it held are retried on the other endpoint (they are idempotent), the
+/// served 20: the GETs it held are retried on the other endpoint (they are idempotent), the
 /// ones not yet sent go to the other endpoint, so none fails; the dead endpoint is marked not
 /// ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,7 +318,10 @@ async fn killed_backend_fails_no_get() {
     let proxy = outbound_to(&[a.addr, b.addr]).await;
     let outbound = proxy.outbound;
     let load = tokio::spawn(async move { h2_gets(outbound, "echo.test:80", 1000, 8).await });
-    wait_until("a to serve 100 requests", async || a.served() >= 100).await;
+    // Kill a while it holds requests. Which endpoint a cold start favours is random (P2C
+    // draws real random numbers now, and the slower first answer is avoided for a while), so
+    // the trigger is a small share, not a tenth of the load.
+    wait_until("a to serve 20 requests", async || a.served() >= 20).await;
     a.kill().await;
     let b_at_kill = b.served();
     let results = tokio::time::timeout(WAIT * 2, load)
