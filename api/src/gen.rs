@@ -8,6 +8,22 @@ pub struct WatchRequest {
     /// Who asks, for the control plane's logs only.
     #[prost(string, tag = "2")]
     pub client: ::prost::alloc::string::String,
+    /// The caller's namespace, when it has one. A name is then looked up the way the caller's
+    /// resolv.conf search path would expand it (`web:80` -> `web.<namespace>.svc.<domain>:80`,
+    /// `web.shop:80` -> `web.shop.svc.<domain>:80`); the first expansion that is a service
+    /// answers. A name ending in "." is taken as written.
+    #[prost(string, tag = "3")]
+    pub namespace: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WatchAddrRequest {
+    /// "ip:port"
+    #[prost(string, tag = "1")]
+    pub addr: ::prost::alloc::string::String,
+    /// Who asks, for the control plane's logs only.
+    #[prost(string, tag = "2")]
+    pub client: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -21,6 +37,10 @@ pub struct Endpoint {
     /// Relative weight, at least 1.
     #[prost(uint32, tag = "3")]
     pub weight: u32,
+    /// The port carries a non-HTTP or server-speaks-first protocol (a Kubernetes Service port's
+    /// appProtocol such as `mysql` or `tcp`): callers skip protocol detection for it.
+    #[prost(bool, tag = "4")]
+    pub opaque: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -40,10 +60,18 @@ pub struct Delta {
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NoSuchService {}
+/// The service is another name (a Kubernetes ExternalName Service): the caller resolves
+/// `name:<the port it asked for>` through DNS.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Alias {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Update {
-    #[prost(oneof = "update::Kind", tags = "1, 2, 3")]
+    #[prost(oneof = "update::Kind", tags = "1, 2, 3, 4")]
     pub kind: ::core::option::Option<update::Kind>,
 }
 /// Nested message and enum types in `Update`.
@@ -57,6 +85,8 @@ pub mod update {
         Delta(super::Delta),
         #[prost(message, tag = "3")]
         NoSuchService(super::NoSuchService),
+        #[prost(message, tag = "4")]
+        Alias(super::Alias),
     }
 }
 #[allow(clippy::all)]
@@ -166,8 +196,9 @@ pub mod discovery_client {
             self
         }
         /// Streams the endpoints of one service ("host:port"). The first message is always a
-        /// Snapshot (the full set, possibly empty) or NoSuchService; then Deltas follow. If a service
-        /// that did not exist appears later, a Snapshot follows NoSuchService, and the reverse.
+        /// Snapshot (the full set, possibly empty), an Alias or NoSuchService; then Deltas follow. If
+        /// a service that did not exist appears later, a Snapshot follows NoSuchService, and the
+        /// reverse.
         pub async fn watch(
             &mut self,
             request: impl tonic::IntoRequest<super::WatchRequest>,
@@ -189,6 +220,34 @@ pub mod discovery_client {
             );
             let mut req = request.into_request();
             req.extensions_mut().insert(GrpcMethod::new("remora.v1.Discovery", "Watch"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// The same stream for an address a caller connected to ("ip:port", e.g. a Kubernetes
+        /// Service's ClusterIP and port). NoSuchService means "not a service": the caller passes
+        /// the connection through to that address. Kept apart from Watch so that a name can never
+        /// be taken for an address or the reverse.
+        pub async fn watch_addr(
+            &mut self,
+            request: impl tonic::IntoRequest<super::WatchAddrRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::Update>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/remora.v1.Discovery/WatchAddr",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("remora.v1.Discovery", "WatchAddr"));
             self.inner.server_streaming(req, path, codec).await
         }
     }
@@ -213,12 +272,27 @@ pub mod discovery_server {
             + std::marker::Send
             + 'static;
         /// Streams the endpoints of one service ("host:port"). The first message is always a
-        /// Snapshot (the full set, possibly empty) or NoSuchService; then Deltas follow. If a service
-        /// that did not exist appears later, a Snapshot follows NoSuchService, and the reverse.
+        /// Snapshot (the full set, possibly empty), an Alias or NoSuchService; then Deltas follow. If
+        /// a service that did not exist appears later, a Snapshot follows NoSuchService, and the
+        /// reverse.
         async fn watch(
             &self,
             request: tonic::Request<super::WatchRequest>,
         ) -> std::result::Result<tonic::Response<Self::WatchStream>, tonic::Status>;
+        /// Server streaming response type for the WatchAddr method.
+        type WatchAddrStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::Update, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// The same stream for an address a caller connected to ("ip:port", e.g. a Kubernetes
+        /// Service's ClusterIP and port). NoSuchService means "not a service": the caller passes
+        /// the connection through to that address. Kept apart from Watch so that a name can never
+        /// be taken for an address or the reverse.
+        async fn watch_addr(
+            &self,
+            request: tonic::Request<super::WatchAddrRequest>,
+        ) -> std::result::Result<tonic::Response<Self::WatchAddrStream>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct DiscoveryServer<T> {
@@ -327,6 +401,52 @@ pub mod discovery_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = WatchSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/remora.v1.Discovery/WatchAddr" => {
+                    #[allow(non_camel_case_types)]
+                    struct WatchAddrSvc<T: Discovery>(pub Arc<T>);
+                    impl<
+                        T: Discovery,
+                    > tonic::server::ServerStreamingService<super::WatchAddrRequest>
+                    for WatchAddrSvc<T> {
+                        type Response = super::Update;
+                        type ResponseStream = T::WatchAddrStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::WatchAddrRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Discovery>::watch_addr(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = WatchAddrSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -203,6 +203,7 @@ pub fn run(quick: bool) -> Result<(), String> {
                     let req = remora_api::WatchRequest {
                         service: service(s),
                         client: format!("proxy-{p}"),
+                        namespace: String::new(),
                     };
                     let Ok(rsp) = client.discovery().watch(req).await else {
                         return;

@@ -442,6 +442,7 @@ pub async fn run(args: DemoArgs) -> Result<Report, String> {
             addr: p.inbound,
             weight: 1,
             identity,
+            opaque: false,
         });
         proxies.push(p);
     }

@@ -8,22 +8,28 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use remora_api::{Delta, Endpoint, NoSuchService, Snapshot, Update, WatchRequest, update};
+use remora_api::{
+    Alias, Delta, Endpoint, NoSuchService, Snapshot, Update, WatchAddrRequest, WatchRequest, update,
+};
 use remora_certs::EndpointSpec;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
-use crate::registry::{EndpointSet, Registry};
+use crate::registry::{Published, Registry};
 
 pub struct DiscoveryService {
     pub registry: Arc<Registry>,
+    /// ClusterIP:port → the Service's endpoints (`WatchAddr`).
+    pub by_addr: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     /// True once the source has published its first full table. Until then a watch sends
     /// nothing: "no such service" from a control plane that has not listed anything yet would
     /// make every reconnecting proxy drop its endpoints.
     pub synced: tokio::sync::watch::Receiver<bool>,
+    /// The cluster's DNS domain, for expanding names the way a pod's search path does.
+    pub cluster_domain: String,
     /// One permit per open watch, across every connection: the per-connection stream limit
     /// alone would let many connections hold millions of watches (about 12 KB each).
     watch_permits: Arc<Semaphore>,
@@ -41,16 +47,136 @@ impl DiscoveryService {
     ) -> Self {
         DiscoveryService {
             registry,
+            by_addr: Registry::new(),
             metrics,
             synced,
+            cluster_domain: crate::source::kubernetes::DEFAULT_CLUSTER_DOMAIN.to_string(),
             watch_permits: Arc::new(Semaphore::new(max_watches.min(Semaphore::MAX_PERMITS))),
             max_watches,
         }
+    }
+
+    /// Serves `WatchAddr` from `by_addr` (the Kubernetes source's ClusterIP table).
+    pub fn with_addresses(mut self, by_addr: Arc<Registry>) -> Self {
+        self.by_addr = by_addr;
+        self
+    }
+
+    /// Expands names with `cluster_domain` (default `cluster.local`).
+    pub fn with_cluster_domain(mut self, cluster_domain: &str) -> Self {
+        self.cluster_domain = cluster_domain.trim_end_matches('.').to_ascii_lowercase();
+        self
+    }
+
+    fn permit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        self.watch_permits.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.watches_refused.inc();
+            Status::resource_exhausted(format!(
+                "{} discovery watches are open on this control plane (its limit, --max-watches); retry later or on another replica",
+                self.max_watches
+            ))
+        })
+    }
+
+    /// Streams what the first of `names` that is known publishes, following all of them (an
+    /// earlier name appearing later takes over, as it would in the caller's resolver).
+    fn stream(&self, registry: &Arc<Registry>, names: Vec<String>) -> Result<WatchStream, Status> {
+        let permit = self.permit()?;
+        let (tx, out) = mpsc::channel::<Result<Update, Status>>(1);
+        let metrics = self.metrics.clone();
+        metrics.watches.inc();
+        let mut guard = WatchGuard {
+            rxs: names.iter().map(|n| registry.subscribe(n)).collect(),
+            metrics: metrics.clone(),
+            registry: registry.clone(),
+            names,
+            _permit: permit,
+        };
+        let mut synced = self.synced.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                r = synced.wait_for(|s| *s) => if r.is_err() { return },
+                _ = tx.closed() => return,
+            }
+            let mut sent: Option<Option<Published>> = None;
+            loop {
+                let mut now = None;
+                for rx in guard.rxs.iter_mut() {
+                    let v = rx.borrow_and_update().clone();
+                    if now.is_none() {
+                        now = v;
+                    }
+                }
+                if let Some(msg) = diff(sent.as_ref(), &now) {
+                    // Waits while the proxy is slow; meanwhile changes collapse in `rxs`.
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                    metrics.updates_sent.inc();
+                }
+                sent = Some(now);
+                let changed = futures_util::future::select_all(
+                    guard.rxs.iter_mut().map(|rx| Box::pin(rx.changed())),
+                );
+                tokio::select! {
+                    (changed, _, _) = changed => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)))
     }
 }
 
 /// Longest service name accepted (a DNS name and a port).
 const MAX_NAME: usize = 260;
+
+/// The names `name` (normalised `host:port`) stands for from a pod in `namespace`, in the
+/// order its resolver tries them: Kubernetes writes `search <ns>.svc.<domain> svc.<domain>
+/// <domain>` and `ndots:5` into every pod's resolv.conf, so a name with fewer than 5 dots is
+/// tried with each suffix before as written. A trailing dot means "as written only". IP
+/// literals are never expanded.
+pub fn candidates(name: &str, namespace: Option<&str>, cluster_domain: &str) -> Vec<String> {
+    let Some((host, port)) = name.rsplit_once(':') else {
+        return vec![name.to_string()];
+    };
+    if let Some(absolute) = host.strip_suffix('.') {
+        return vec![format!("{absolute}:{port}")];
+    }
+    if host.starts_with('[') || host.parse::<std::net::IpAddr>().is_ok() {
+        return vec![name.to_string()];
+    }
+    let mut search = Vec::with_capacity(3);
+    if let Some(ns) = namespace.filter(|n| !n.is_empty()) {
+        search.push(format!("{host}.{ns}.svc.{cluster_domain}:{port}"));
+    }
+    search.push(format!("{host}.svc.{cluster_domain}:{port}"));
+    search.push(format!("{host}.{cluster_domain}:{port}"));
+    let mut out = Vec::with_capacity(4);
+    if host.matches('.').count() >= 5 {
+        out.push(name.to_string());
+    }
+    out.extend(search.into_iter().filter(|n| n.len() <= MAX_NAME));
+    if !out.iter().any(|n| n == name) {
+        out.push(name.to_string());
+    }
+    // An ExternalName Service without ports answers every port of its name: `<host>:*`.
+    let svc_suffix = format!(".svc.{cluster_domain}");
+    let mut all = Vec::with_capacity(out.len() * 2);
+    for n in out {
+        let wild = n
+            .rsplit_once(':')
+            .filter(|(h, _)| {
+                // Only `<svc>.<ns>.svc.<domain>` names a Service.
+                h.strip_suffix(svc_suffix.as_str())
+                    .is_some_and(|rest| rest.matches('.').count() == 1)
+            })
+            .map(|(h, _)| format!("{h}:*"));
+        all.push(n);
+        all.extend(wild);
+    }
+    all
+}
 
 fn endpoint(e: &EndpointSpec) -> Endpoint {
     Endpoint {
@@ -61,13 +187,14 @@ fn endpoint(e: &EndpointSpec) -> Endpoint {
             .map(|i| i.to_string())
             .unwrap_or_default(),
         weight: e.weight,
+        opaque: e.opaque,
     }
 }
 
 /// The message that takes a subscriber from `sent` to `now`; `None` when nothing changed.
-pub fn diff(sent: Option<&Option<EndpointSet>>, now: &Option<EndpointSet>) -> Option<Update> {
+pub fn diff(sent: Option<&Option<Published>>, now: &Option<Published>) -> Option<Update> {
     let kind = match (sent, now) {
-        (Some(Some(old)), Some(new)) => {
+        (Some(Some(Published::Endpoints(old))), Some(Published::Endpoints(new))) => {
             let add: Vec<Endpoint> = new
                 .values()
                 .filter(|e| old.get(&e.addr) != Some(e))
@@ -84,7 +211,11 @@ pub fn diff(sent: Option<&Option<EndpointSet>>, now: &Option<EndpointSet>) -> Op
             update::Kind::Delta(Delta { add, remove })
         }
         (Some(None), None) => return None,
-        (_, Some(new)) => update::Kind::Snapshot(Snapshot {
+        (Some(Some(Published::Alias(a))), Some(Published::Alias(b))) if a == b => return None,
+        (_, Some(Published::Alias(name))) => update::Kind::Alias(Alias {
+            name: name.to_string(),
+        }),
+        (_, Some(Published::Endpoints(new))) => update::Kind::Snapshot(Snapshot {
             endpoints: new.values().map(endpoint).collect(),
         }),
         (_, None) => update::Kind::NoSuchService(NoSuchService {}),
@@ -92,21 +223,23 @@ pub fn diff(sent: Option<&Option<EndpointSet>>, now: &Option<EndpointSet>) -> Op
     Some(Update { kind: Some(kind) })
 }
 
-/// Owns a watch's registry subscription; when the watch ends, however it ends, it drops the
-/// subscription *first*, then lets the registry forget an unknown name nobody follows.
+/// Owns a watch's registry subscriptions; when the watch ends, however it ends, it drops the
+/// subscriptions *first*, then lets the registry forget unknown names nobody follows.
 struct WatchGuard {
-    rx: Option<tokio::sync::watch::Receiver<Option<EndpointSet>>>,
+    rxs: Vec<tokio::sync::watch::Receiver<Option<Published>>>,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
-    name: String,
+    names: Vec<String>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for WatchGuard {
     fn drop(&mut self) {
-        self.rx = None;
+        self.rxs.clear();
         self.metrics.watches.dec();
-        self.registry.release(&self.name);
+        for name in &self.names {
+            self.registry.release(name);
+        }
     }
 }
 
@@ -115,6 +248,7 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<Update, Status>> + Send>>;
 #[tonic::async_trait]
 impl remora_api::discovery_server::Discovery for DiscoveryService {
     type WatchStream = WatchStream;
+    type WatchAddrStream = WatchStream;
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let req = request.into_inner();
@@ -126,51 +260,32 @@ impl remora_api::discovery_server::Discovery for DiscoveryService {
                     req.service.chars().take(MAX_NAME).collect::<String>()
                 ))
             })?;
-        let Ok(permit) = self.watch_permits.clone().try_acquire_owned() else {
-            self.metrics.watches_refused.inc();
-            return Err(Status::resource_exhausted(format!(
-                "{} discovery watches are open on this control plane (its limit, --max-watches); retry later or on another replica",
-                self.max_watches
-            )));
-        };
-        tracing::debug!(service = %name, client = %req.client, "watch");
-        let (tx, out) = mpsc::channel::<Result<Update, Status>>(1);
-        let metrics = self.metrics.clone();
-        metrics.watches.inc();
-        let mut guard = WatchGuard {
-            rx: Some(self.registry.subscribe(&name)),
-            metrics: metrics.clone(),
-            registry: self.registry.clone(),
-            name,
-            _permit: permit,
-        };
-        let mut synced = self.synced.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                r = synced.wait_for(|s| *s) => if r.is_err() { return },
-                _ = tx.closed() => return,
-            }
-            let Some(rx) = guard.rx.as_mut() else { return };
-            let mut sent: Option<Option<EndpointSet>> = None;
-            loop {
-                let now = rx.borrow_and_update().clone();
-                if let Some(msg) = diff(sent.as_ref(), &now) {
-                    // Waits while the proxy is slow; meanwhile changes collapse in `rx`.
-                    if tx.send(Ok(msg)).await.is_err() {
-                        return;
-                    }
-                    metrics.updates_sent.inc();
-                }
-                sent = Some(now);
-                tokio::select! {
-                    changed = rx.changed() => if changed.is_err() { return },
-                    _ = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(out),
-        )))
+        let ns = req.namespace.to_ascii_lowercase();
+        // A namespace is one DNS label; anything else would expand into names nobody wrote.
+        let ns = (!ns.is_empty()
+            && ns.len() <= 63
+            && ns.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        .then_some(ns);
+        let names = candidates(&name, ns.as_deref(), &self.cluster_domain);
+        tracing::debug!(service = %name, client = %req.client, ?names, "watch");
+        Ok(Response::new(self.stream(&self.registry, names)?))
+    }
+
+    async fn watch_addr(
+        &self,
+        request: Request<WatchAddrRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let req = request.into_inner();
+        let addr: std::net::SocketAddr = req.addr.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "address {:?} is not ip:port",
+                req.addr.chars().take(MAX_NAME).collect::<String>()
+            ))
+        })?;
+        tracing::debug!(%addr, client = %req.client, "watch by address");
+        Ok(Response::new(
+            self.stream(&self.by_addr, vec![addr.to_string()])?,
+        ))
     }
 }
 
@@ -179,8 +294,8 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn set(addrs: &[(&str, u32)]) -> Option<EndpointSet> {
-        Some(Arc::new(
+    fn set(addrs: &[(&str, u32)]) -> Option<Published> {
+        Some(Published::Endpoints(Arc::new(
             addrs
                 .iter()
                 .map(|(a, w)| {
@@ -191,11 +306,12 @@ mod tests {
                             addr,
                             weight: *w,
                             identity: None,
+                            opaque: false,
                         },
                     )
                 })
                 .collect::<BTreeMap<_, _>>(),
-        ))
+        )))
     }
 
     fn kind(u: Option<Update>) -> Option<update::Kind> {
@@ -211,6 +327,7 @@ mod tests {
         let req = Request::new(WatchRequest {
             service: "web.shop.svc.cluster.local:8080".into(),
             client: String::new(),
+            namespace: String::new(),
         });
         let mut stream = svc.watch(req).await.unwrap().into_inner();
         // Still listing: a "no such service" now would make proxies drop good endpoints.
@@ -226,6 +343,7 @@ mod tests {
                 addr: "10.0.0.1:8080".parse().unwrap(),
                 weight: 1,
                 identity: None,
+                opaque: false,
             }]),
         );
         synced_tx.send(true).unwrap();
@@ -246,6 +364,7 @@ mod tests {
             let req = Request::new(WatchRequest {
                 service: format!("junk-{i}.example:80"),
                 client: String::new(),
+                namespace: String::new(),
             });
             let mut stream = svc.watch(req).await.unwrap().into_inner();
             let first = tokio_stream::StreamExt::next(&mut stream).await;
@@ -265,6 +384,7 @@ mod tests {
         let long = Request::new(WatchRequest {
             service: format!("{}:80", "a".repeat(300)),
             client: String::new(),
+            namespace: String::new(),
         });
         assert_eq!(
             svc.watch(long).await.err().map(|s| s.code()),
@@ -283,6 +403,7 @@ mod tests {
             Request::new(WatchRequest {
                 service: format!("web-{i}.shop:80"),
                 client: String::new(),
+                namespace: String::new(),
             })
         };
         let mut open = Vec::new();
@@ -346,5 +467,203 @@ mod tests {
             kind(diff(Some(&None), &b)),
             Some(update::Kind::Snapshot(_))
         ));
+    }
+
+    #[test]
+    fn names_expand_as_a_pods_search_path_would() {
+        let cd = "cluster.local";
+        let table: &[(&str, Option<&str>, &[&str])] = &[
+            // Short name from a pod in `shop`.
+            (
+                "web:80",
+                Some("shop"),
+                &[
+                    "web.shop.svc.cluster.local:80",
+                    "web.shop.svc.cluster.local:*",
+                    "web.svc.cluster.local:80",
+                    "web.cluster.local:80",
+                    "web:80",
+                ],
+            ),
+            // `<svc>.<ns>` from anywhere.
+            (
+                "web.shop:80",
+                Some("other"),
+                &[
+                    "web.shop.other.svc.cluster.local:80",
+                    "web.shop.svc.cluster.local:80",
+                    "web.shop.svc.cluster.local:*",
+                    "web.shop.cluster.local:80",
+                    "web.shop:80",
+                ],
+            ),
+            (
+                "web.shop.svc:80",
+                None,
+                &[
+                    "web.shop.svc.svc.cluster.local:80",
+                    "web.shop.svc.cluster.local:80",
+                    "web.shop.svc.cluster.local:*",
+                    "web.shop.svc:80",
+                ],
+            ),
+            // A full name is also tried first with the suffixes (4 dots < ndots 5), then as is.
+            (
+                "web.shop.svc.cluster.local:80",
+                None,
+                &[
+                    "web.shop.svc.cluster.local.svc.cluster.local:80",
+                    "web.shop.svc.cluster.local.cluster.local:80",
+                    "web.shop.svc.cluster.local:80",
+                    "web.shop.svc.cluster.local:*",
+                ],
+            ),
+            // Absolute and IP names are taken as written.
+            (
+                "web.shop.svc.cluster.local.:80",
+                Some("shop"),
+                &["web.shop.svc.cluster.local:80"],
+            ),
+            ("10.0.0.1:80", Some("shop"), &["10.0.0.1:80"]),
+            ("[fd00::1]:80", Some("shop"), &["[fd00::1]:80"]),
+            // Five dots or more: as written first.
+            (
+                "a.b.c.d.e.f:80",
+                None,
+                &[
+                    "a.b.c.d.e.f:80",
+                    "a.b.c.d.e.f.svc.cluster.local:80",
+                    "a.b.c.d.e.f.cluster.local:80",
+                ],
+            ),
+        ];
+        for (name, ns, want) in table {
+            assert_eq!(candidates(name, *ns, cd), *want, "{name} from {ns:?}");
+        }
+    }
+
+    async fn first(svc: &DiscoveryService, service: &str, namespace: &str) -> Option<update::Kind> {
+        use remora_api::discovery_server::Discovery;
+        let req = Request::new(WatchRequest {
+            service: service.into(),
+            client: String::new(),
+            namespace: namespace.into(),
+        });
+        let mut s = svc.watch(req).await.unwrap().into_inner();
+        tokio_stream::StreamExt::next(&mut s)
+            .await
+            .and_then(|r| r.ok())
+            .and_then(|u| u.kind)
+    }
+
+    #[tokio::test]
+    async fn short_names_find_services_in_the_callers_namespace_and_addresses_apart() {
+        use remora_api::discovery_server::Discovery;
+        let registry = Registry::new();
+        let by_addr = Registry::new();
+        let (_synced_tx, synced) = tokio::sync::watch::channel(true);
+        let svc = DiscoveryService::new(registry.clone(), Arc::new(Metrics::new()), synced, 100)
+            .with_addresses(by_addr.clone());
+        registry.publish(
+            "web.shop.svc.cluster.local:80",
+            set(&[("10.0.0.1:8080", 1)]),
+        );
+        registry.publish(
+            "ext.shop.svc.cluster.local:*",
+            Some(Published::Alias("db.example.org".into())),
+        );
+        by_addr.publish("198.18.0.10:80", set(&[("10.0.0.1:8080", 1)]));
+        let snap = |k: Option<update::Kind>| match k {
+            Some(update::Kind::Snapshot(s)) => s
+                .endpoints
+                .iter()
+                .map(|e| e.addr.clone())
+                .collect::<Vec<_>>(),
+            other => panic!("expected a snapshot, got {other:?}"),
+        };
+        assert_eq!(snap(first(&svc, "web:80", "shop").await), ["10.0.0.1:8080"]);
+        assert_eq!(
+            snap(first(&svc, "web.shop:80", "other").await),
+            ["10.0.0.1:8080"]
+        );
+        assert_eq!(
+            snap(first(&svc, "Web.Shop.svc.cluster.local:80", "").await),
+            ["10.0.0.1:8080"]
+        );
+        // From another namespace the short name is not this Service.
+        assert!(matches!(
+            first(&svc, "web:80", "other").await,
+            Some(update::Kind::NoSuchService(_))
+        ));
+        // A bad namespace is ignored, never expanded.
+        assert!(matches!(
+            first(&svc, "web:80", "shop.svc.cluster.local#").await,
+            Some(update::Kind::NoSuchService(_))
+        ));
+        assert!(matches!(first(&svc, "ext:5432", "shop").await,
+            Some(update::Kind::Alias(a)) if a.name == "db.example.org"));
+        // Addresses are looked up apart from names: the ClusterIP is not a name, nor the reverse.
+        assert!(matches!(
+            first(&svc, "198.18.0.10:80", "shop").await,
+            Some(update::Kind::NoSuchService(_))
+        ));
+        let by = |addr: &str| {
+            svc.watch_addr(Request::new(WatchAddrRequest {
+                addr: addr.into(),
+                client: String::new(),
+            }))
+        };
+        let mut s = by("198.18.0.10:80").await.unwrap().into_inner();
+        let k = tokio_stream::StreamExt::next(&mut s)
+            .await
+            .and_then(|r| r.ok())
+            .and_then(|u| u.kind);
+        assert_eq!(snap(k), ["10.0.0.1:8080"]);
+        let mut s = by("198.18.0.99:80").await.unwrap().into_inner();
+        let k = tokio_stream::StreamExt::next(&mut s)
+            .await
+            .and_then(|r| r.ok())
+            .and_then(|u| u.kind);
+        assert!(
+            matches!(k, Some(update::Kind::NoSuchService(_))),
+            "not a service: {k:?}"
+        );
+        assert_eq!(
+            by("web:80").await.err().map(|s| s.code()),
+            Some(tonic::Code::InvalidArgument)
+        );
+
+        // A Service created later in the caller's namespace takes over the short name.
+        let mut s = svc
+            .watch(Request::new(WatchRequest {
+                service: "api:80".into(),
+                client: String::new(),
+                namespace: "shop".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        async fn next(s: &mut WatchStream) -> Option<update::Kind> {
+            tokio_stream::StreamExt::next(s)
+                .await
+                .and_then(|r| r.ok())
+                .and_then(|u| u.kind)
+        }
+        assert!(matches!(
+            next(&mut s).await,
+            Some(update::Kind::NoSuchService(_))
+        ));
+        registry.publish("api.cluster.local:80", set(&[("10.0.9.9:80", 1)]));
+        let k = next(&mut s).await;
+        assert_eq!(snap(k), ["10.0.9.9:80"]);
+        registry.publish("api.shop.svc.cluster.local:80", set(&[("10.0.0.5:80", 1)]));
+        let Some(update::Kind::Delta(d)) = next(&mut s).await else {
+            panic!("expected a delta")
+        };
+        assert_eq!(
+            d.add.iter().map(|e| e.addr.as_str()).collect::<Vec<_>>(),
+            ["10.0.0.5:80"]
+        );
+        assert_eq!(d.remove, ["10.0.9.9:80"]);
     }
 }

@@ -1,5 +1,6 @@
 //! The service table every source writes and every `Watch` reads: service name (`host:port`)
-//! → its endpoints, or "no such service".
+//! → its endpoints (or, for a Kubernetes ExternalName Service, another name to resolve through
+//! DNS), or "no such service". The same type keys ClusterIP:port addresses in a second table.
 //!
 //! Each service is a `tokio::sync::watch` channel: a subscriber always sees the latest set and
 //! never a queue of stale ones, so a slow proxy cannot make the control plane buffer without
@@ -12,15 +13,45 @@ use std::sync::{Arc, Mutex};
 use remora_certs::EndpointSpec;
 use tokio::sync::watch;
 
-/// A service's endpoints, keyed by address. `None` in a channel means "no such service".
+/// A service's endpoints, keyed by address.
 pub type EndpointSet = Arc<BTreeMap<SocketAddr, EndpointSpec>>;
 
-/// What one source knows: service name → endpoints.
-pub type Table = HashMap<String, Vec<EndpointSpec>>;
+/// What a known name stands for. `None` in a channel means "no such service".
+#[derive(Clone, Debug, PartialEq)]
+pub enum Published {
+    Endpoints(EndpointSet),
+    /// Another name, resolved by the caller through DNS (an ExternalName Service).
+    Alias(Arc<str>),
+}
+
+impl Published {
+    pub fn endpoints(eps: Vec<EndpointSpec>) -> Self {
+        Published::Endpoints(to_set(eps))
+    }
+
+    /// The endpoint set, or `None` for an alias.
+    pub fn set(&self) -> Option<&EndpointSet> {
+        match self {
+            Published::Endpoints(s) => Some(s),
+            Published::Alias(_) => None,
+        }
+    }
+}
+
+impl From<Vec<EndpointSpec>> for Published {
+    fn from(eps: Vec<EndpointSpec>) -> Self {
+        Published::endpoints(eps)
+    }
+}
+
+/// What one source knows: service name → what it publishes.
+pub type Table = HashMap<String, Published>;
+
+type Channels = HashMap<String, watch::Sender<Option<Published>>>;
 
 #[derive(Default)]
 pub struct Registry {
-    services: Mutex<HashMap<String, watch::Sender<Option<EndpointSet>>>>,
+    services: Mutex<Channels>,
 }
 
 fn to_set(eps: Vec<EndpointSpec>) -> EndpointSet {
@@ -32,15 +63,13 @@ impl Registry {
         Arc::new(Registry::default())
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<Option<EndpointSet>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Channels> {
         self.services.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Follows `name` (normalised `host:port`); the receiver holds `None` while the service
     /// does not exist.
-    pub fn subscribe(&self, name: &str) -> watch::Receiver<Option<EndpointSet>> {
+    pub fn subscribe(&self, name: &str) -> watch::Receiver<Option<Published>> {
         let mut map = self.lock();
         match map.get(name) {
             Some(tx) => tx.subscribe(),
@@ -54,7 +83,11 @@ impl Registry {
 
     /// Sets one service (`None` deletes it). Subscribers are woken only if something changed.
     pub fn set(&self, name: &str, endpoints: Option<Vec<EndpointSpec>>) {
-        let next = endpoints.map(to_set);
+        self.publish(name, endpoints.map(Published::endpoints));
+    }
+
+    /// Sets one name to what it publishes (`None` deletes it).
+    pub fn publish(&self, name: &str, next: Option<Published>) {
         let mut map = self.lock();
         match map.get(name) {
             Some(tx) => {
@@ -81,7 +114,7 @@ impl Registry {
     pub fn replace_all(&self, mut table: Table) {
         let mut map = self.lock();
         map.retain(|name, tx| {
-            let next = table.remove(name).map(to_set);
+            let next = table.remove(name);
             tx.send_if_modified(|cur| {
                 if *cur == next {
                     return false;
@@ -92,8 +125,8 @@ impl Registry {
             // Forget unknown names nobody follows, so lookups of junk names cannot grow memory.
             tx.borrow().is_some() || tx.receiver_count() > 0
         });
-        for (name, eps) in table {
-            map.insert(name, watch::channel(Some(to_set(eps))).0);
+        for (name, published) in table {
+            map.insert(name, watch::channel(Some(published)).0);
         }
     }
 
@@ -123,6 +156,11 @@ impl Registry {
 
     /// The current set of `name` (tests, `remora check`).
     pub fn get(&self, name: &str) -> Option<EndpointSet> {
+        self.lookup(name).and_then(|p| p.set().cloned())
+    }
+
+    /// What `name` publishes now.
+    pub fn lookup(&self, name: &str) -> Option<Published> {
         self.lock().get(name).and_then(|tx| tx.borrow().clone())
     }
 }
@@ -136,6 +174,7 @@ mod tests {
             addr: a.parse().unwrap(),
             weight: 1,
             identity: None,
+            opaque: false,
         }
     }
 
@@ -146,7 +185,15 @@ mod tests {
         assert!(rx.borrow_and_update().is_none());
         r.set("a:80", Some(vec![ep("10.0.0.1:80")]));
         rx.changed().await.unwrap();
-        assert_eq!(rx.borrow_and_update().as_ref().unwrap().len(), 1);
+        assert_eq!(
+            rx.borrow_and_update()
+                .as_ref()
+                .unwrap()
+                .set()
+                .unwrap()
+                .len(),
+            1
+        );
         // Setting the same set again does not wake anyone.
         r.set("a:80", Some(vec![ep("10.0.0.1:80")]));
         assert!(!rx.has_changed().unwrap());

@@ -363,6 +363,7 @@ pub struct ControlPlane {
     admin: TcpListener,
     addrs: [SocketAddr; 2],
     registry: Arc<Registry>,
+    by_addr: Arc<Registry>,
     metrics: Arc<Metrics>,
     issuer: Arc<Issuer>,
     auth: Arc<Authenticator>,
@@ -441,6 +442,7 @@ impl ControlPlane {
             admin,
             addrs: [a, b],
             registry,
+            by_addr: Registry::new(),
             metrics,
             issuer,
             auth,
@@ -465,6 +467,11 @@ impl ControlPlane {
         self.registry.clone()
     }
 
+    /// ClusterIP:port → endpoints (Kubernetes source only).
+    pub fn addresses(&self) -> Arc<Registry> {
+        self.by_addr.clone()
+    }
+
     pub fn identity(&self) -> SpiffeId {
         self.issuer.identity.clone()
     }
@@ -476,6 +483,7 @@ impl ControlPlane {
         let stop = tokio_util::sync::CancellationToken::new();
         let (synced_tx, synced) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
+        let mut domain = crate::source::kubernetes::DEFAULT_CLUSTER_DOMAIN.to_string();
         match (self.file.take(), self.source.take()) {
             (Some(f), _) => {
                 let _ = synced_tx.send(true);
@@ -489,12 +497,13 @@ impl ControlPlane {
                 }),
             ) => match kube_client(kubeconfig.as_ref()).await {
                 Ok(client) => {
+                    domain.clone_from(&cluster_domain);
                     let src = KubeSource {
                         client,
                         cluster_domain,
                         trust_domain: self.issuer.trust_domain.clone(),
                     };
-                    tasks.spawn(src.run(self.registry.clone(), synced_tx));
+                    tasks.spawn(src.run(self.registry.clone(), self.by_addr.clone(), synced_tx));
                 }
                 Err(e) => {
                     tracing::error!("{e}; no endpoints will be served");
@@ -527,12 +536,16 @@ impl ControlPlane {
                     }),
             );
         }
-        let discovery = remora_api::discovery_server::DiscoveryServer::new(DiscoveryService::new(
-            self.registry.clone(),
-            self.metrics.clone(),
-            synced.clone(),
-            self.limits.watches,
-        ));
+        let discovery = remora_api::discovery_server::DiscoveryServer::new(
+            DiscoveryService::new(
+                self.registry.clone(),
+                self.metrics.clone(),
+                synced.clone(),
+                self.limits.watches,
+            )
+            .with_addresses(self.by_addr.clone())
+            .with_cluster_domain(&domain),
+        );
         let identity = remora_api::identity_server::IdentityServer::new(IdentityService {
             issuer: self.issuer.clone(),
             auth: self.auth.clone(),

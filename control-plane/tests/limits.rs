@@ -124,6 +124,7 @@ async fn watch(c: &ControlClient, service: &str) -> tonic::Streaming<remora_api:
     let req = remora_api::WatchRequest {
         service: service.into(),
         client: String::new(),
+        namespace: String::new(),
     };
     let mut s = tokio::time::timeout(WAIT, c.discovery().watch(req))
         .await
@@ -214,6 +215,7 @@ async fn connections_beyond_the_per_peer_limit_are_closed_before_tls() {
             addr: "10.0.0.2:80".parse().unwrap(),
             weight: 1,
             identity: None,
+            opaque: false,
         }]),
     );
     let update = tokio::time::timeout(WAIT, first.message()).await;

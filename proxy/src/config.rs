@@ -229,6 +229,7 @@ impl StaticDestination {
                     addr,
                     weight: 1,
                     identity: None,
+                    opaque: false,
                 })
                 .collect(),
         }
@@ -275,6 +276,7 @@ impl std::str::FromStr for StaticDestination {
                 addr,
                 weight,
                 identity,
+                opaque: false,
             });
         }
         if parsed.is_empty() {

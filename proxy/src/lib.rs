@@ -374,9 +374,31 @@ impl Builder {
             if let Some(c) = store.certifier() {
                 let _ = c.client.set(client.clone());
             }
+            // The namespace names expand in, as the pod's resolver would: the one in the
+            // proxy's identity, else the pod's service-account namespace file. No knob.
+            let namespace: discover::Namespace = {
+                let store = Arc::downgrade(store);
+                let asked = match &cfg.identity_mode {
+                    IdentityMode::Control { id, .. } => id.namespace_and_account(),
+                    IdentityMode::Files => None,
+                }
+                .map(|(ns, _)| ns.to_string());
+                Arc::new(move || {
+                    store
+                        .upgrade()
+                        .and_then(|s| s.current())
+                        .and_then(|l| l.id().namespace_and_account().map(|(ns, _)| ns.to_string()))
+                        .or_else(|| asked.clone())
+                        .or_else(pod_namespace)
+                })
+            };
             chain.push(discover::Source {
                 label: format!("control plane {}", client.addr),
-                source: Arc::new(discover::ControlPlane::new(client, metrics.clone())),
+                source: Arc::new(discover::ControlPlane::new(
+                    client,
+                    metrics.clone(),
+                    namespace,
+                )),
             });
         }
         let destinations = Arc::new(discover::Destinations::new(
@@ -689,4 +711,13 @@ mod tests {
             .expect("binds");
         assert!(proxy.inbound_addr().is_none() && proxy.outbound_addr().is_some());
     }
+}
+
+/// The pod's namespace as Kubernetes mounts it beside the ServiceAccount token; `None` off
+/// Kubernetes. Read when asked (at each discovery watch), so it is never stale.
+fn pod_namespace() -> Option<String> {
+    const PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+    let ns = std::fs::read_to_string(PATH).ok()?;
+    let ns = ns.trim();
+    (!ns.is_empty() && ns.len() <= 63).then(|| ns.to_string())
 }

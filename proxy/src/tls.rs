@@ -17,6 +17,10 @@ pub(crate) use remora_certs::tls::{client_config, server_name};
 /// ALPN ids remora offers and accepts.
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// Offered by an outbound proxy tunnelling to a port published as opaque (a Kubernetes
+/// `appProtocol` such as `mysql`): the inbound skips detection, so a server-speaks-first
+/// protocol gets its first bytes at once instead of after the detection timeout.
+pub const ALPN_OPAQUE: &[u8] = b"remora-opaque";
 
 /// What the first bytes of a TLS connection say.
 #[derive(Debug, PartialEq, Eq)]
@@ -136,7 +140,7 @@ pub fn server_config(creds: &Credentials) -> Result<Arc<ServerConfig>, rustls::E
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
             creds.certified.clone(),
         )));
-    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_OPAQUE.to_vec()];
     Ok(Arc::new(cfg))
 }
 

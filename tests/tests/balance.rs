@@ -129,6 +129,7 @@ async fn removing_an_endpoint_leaves_its_streams_running() {
             addr: bs[1].addr,
             weight: 1,
             identity: None,
+            opaque: false,
         }],
     );
     // New calls go to the new set at once…

@@ -1,5 +1,7 @@
-//! The Kubernetes source against a real API server (`shared/kube/apiserver.sh`): EndpointSlice
-//! changes reach the registry within 1 s, and a fresh watch lists the current state.
+//! The Kubernetes source against a real API server (`tests/kube/cluster.sh`): EndpointSlice
+//! changes reach the registry within 1 s, and a fresh watch lists the current state. These
+//! tests give each Service a port equal to its target port, so the names are the same as the
+//! slices' port numbers; Service-port mapping, short names and ClusterIPs are in services.rs.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,7 +48,7 @@ async fn start_source(server: &ApiServer) -> Running {
         cluster_domain: "cluster.local".into(),
         trust_domain: "cluster.local".into(),
     };
-    let task = tokio::spawn(source.run(registry.clone(), tx));
+    let task = tokio::spawn(source.run(registry.clone(), Registry::new(), tx));
     tokio::time::timeout(INITIAL_SYNC, synced.wait_for(|s| *s))
         .await
         .expect("the source did not report its first list within 30 s")
@@ -88,6 +90,54 @@ async fn expect(
     }
 }
 
+/// Creates or replaces Service `ns/name` with one TCP port named `http`, `port` → `port`.
+pub fn apply_service(server: &ApiServer, ns: &str, name: &str, port: u16) {
+    let body = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"ports": [{"name": "http", "port": port, "targetPort": port, "protocol": "TCP"}]},
+    });
+    let (code, text) = server.request(
+        "PATCH",
+        &format!("/api/v1/namespaces/{ns}/services/{name}?fieldManager=remora-tests&force=true"),
+        Some("application/apply-patch+yaml"),
+        Some(&body.to_string()),
+    );
+    assert!(
+        code == 200 || code == 201,
+        "applying Service {ns}/{name}: HTTP {code}: {text}"
+    );
+}
+
+fn delete_service(server: &ApiServer, ns: &str, name: &str) {
+    let (code, text) = server.request(
+        "DELETE",
+        &format!("/api/v1/namespaces/{ns}/services/{name}"),
+        None,
+        None,
+    );
+    assert!(
+        code == 200 || code == 202,
+        "deleting Service {ns}/{name}: HTTP {code}: {text}"
+    );
+}
+
+/// Namespaces are real objects on this API server: Services need theirs.
+fn namespace(server: &ApiServer, ns: &str) {
+    let body =
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+    let (code, text) = server.request(
+        "PATCH",
+        &format!("/api/v1/namespaces/{ns}?fieldManager=remora-tests&force=true"),
+        Some("application/apply-patch+yaml"),
+        Some(&body.to_string()),
+    );
+    assert!(
+        code == 200 || code == 201,
+        "applying Namespace {ns}: HTTP {code}: {text}"
+    );
+}
+
 fn eps<'a>(addrs: &[&'a str]) -> Vec<(&'a str, bool, bool)> {
     addrs.iter().map(|a| (*a, true, false)).collect()
 }
@@ -95,7 +145,11 @@ fn eps<'a>(addrs: &[&'a str]) -> Vec<(&'a str, bool, bool)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_slice_changes_reach_the_registry_within_a_second() {
     let server = ApiServer::start();
-    // Any namespace name works: the API server has no Namespace objects to check against.
+    for ns in ["other", "shop"] {
+        namespace(&server, ns);
+    }
+    apply_service(&server, "other", "api", 9000);
+    apply_service(&server, "shop", "web", 8080);
     server.apply_slice("other", "api-abc", "api", 9000, &eps(&["10.1.0.1"]));
     const API: &str = "api.other.svc.cluster.local:9000";
 
@@ -110,7 +164,11 @@ async fn endpoint_slice_changes_reach_the_registry_within_a_second() {
         "initial list",
     )
     .await;
-    assert_eq!(addrs(r, WEB), None, "no slices for web yet");
+    assert_eq!(
+        addrs(r, WEB),
+        Some(vec![]),
+        "no slices for web yet: no endpoints"
+    );
 
     let t = Instant::now();
     server.apply_slice(
@@ -200,7 +258,12 @@ async fn endpoint_slice_changes_reach_the_registry_within_a_second() {
         "fresh watch",
     )
     .await;
-    assert_eq!(fresh.registry.services(), 2);
+    // Ours, and the API server's own `kubernetes` Service (default/kubernetes:443).
+    assert_eq!(fresh.registry.services(), 3);
+    assert_eq!(
+        addrs(&fresh.registry, "kubernetes.default.svc.cluster.local:443"),
+        Some(vec![])
+    );
 
     // No usable endpoint: the service still exists, with nothing to reach.
     let t = Instant::now();
@@ -214,9 +277,16 @@ async fn endpoint_slice_changes_reach_the_registry_within_a_second() {
     server.delete_slice("shop", "web-1");
     server.delete_slice("other", "api-abc");
     for reg in [r, &fresh.registry] {
-        expect(reg, WEB, None, t, CHANGE, "all slices deleted").await;
-        expect(reg, API, None, t, CHANGE, "all slices deleted").await;
-        assert_eq!(reg.services(), 0);
+        expect(reg, WEB, Some(&[]), t, CHANGE, "all slices deleted").await;
+        expect(reg, API, Some(&[]), t, CHANGE, "all slices deleted").await;
+    }
+    let t = Instant::now();
+    delete_service(&server, "shop", "web");
+    delete_service(&server, "other", "api");
+    for reg in [r, &fresh.registry] {
+        expect(reg, WEB, None, t, CHANGE, "Services deleted").await;
+        expect(reg, API, None, t, CHANGE, "Services deleted").await;
+        assert_eq!(reg.services(), 1, "only `kubernetes` is left");
     }
 }
 
@@ -252,6 +322,8 @@ async fn endpoint_slice_changes_reach_a_proxy_with_zero_failed_requests() {
     .await;
     let outbound = proxy.outbound;
     let web = format!("web.shop.svc.cluster.local:{port}");
+    namespace(&server, "shop");
+    apply_service(&server, "shop", "web", port);
 
     // Created: both ready endpoints answer within a second of the write.
     let start = Instant::now();
@@ -413,9 +485,10 @@ async fn endpoint_slice_changes_reach_a_proxy_with_zero_failed_requests() {
     eprintln!("{ok} requests through every change, none failed");
 
     // Deleted: the name is unknown again within a second (then DNS, which cannot resolve it).
-    let t = Instant::now();
     server.delete_slice("shop", "web-1");
     server.delete_slice("shop", "web-2");
+    let t = Instant::now();
+    delete_service(&server, "shop", "web");
     loop {
         assert!(
             t.elapsed() < CHANGE,

@@ -23,7 +23,7 @@ use remora_certs::{EndpointSpec, SpiffeId};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::registry::{Registry, Table};
+use crate::registry::{Published, Registry, Table};
 
 /// How often the file is read for changes.
 pub const POLL: Duration = Duration::from_millis(500);
@@ -39,6 +39,9 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct Service {
     name: Spanned<String>,
+    /// The port carries a non-HTTP or server-speaks-first protocol: callers skip detection.
+    #[serde(default)]
+    opaque: bool,
     #[serde(default)]
     endpoints: Vec<Endpoint>,
 }
@@ -117,9 +120,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
                 addr,
                 weight,
                 identity,
+                opaque: s.opaque,
             });
         }
-        if table.insert(name.clone(), endpoints).is_some() {
+        if table
+            .insert(name.clone(), Published::endpoints(endpoints))
+            .is_some()
+        {
             return Err(at(
                 s.name.span().start,
                 format!("service {name} is defined twice"),
@@ -187,7 +194,11 @@ impl FileSource {
                 Some(Ok((table, recovered))) => {
                     tracing::info!(
                         services = table.len(),
-                        endpoints = table.values().map(Vec::len).sum::<usize>(),
+                        endpoints = table
+                            .values()
+                            .filter_map(Published::set)
+                            .map(|s| s.len())
+                            .sum::<usize>(),
                         "endpoints loaded from {}{}",
                         follow.path.display(),
                         if recovered {
@@ -278,14 +289,20 @@ endpoints = [
 name = "empty:80"
 "#)
         .unwrap();
-        let web = &t["web.shop.svc.cluster.local:8080"];
+        let web: Vec<_> = t["web.shop.svc.cluster.local:8080"]
+            .set()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
         assert_eq!(web.len(), 2);
         assert_eq!(
             web[0].identity.as_ref().unwrap().to_string(),
             "spiffe://cluster.local/ns/shop/sa/web"
         );
         assert_eq!(web[1].weight, 2);
-        assert!(t["empty:80"].is_empty());
+        assert!(!web[0].opaque);
+        assert!(t["empty:80"].set().unwrap().is_empty());
     }
 
     #[test]

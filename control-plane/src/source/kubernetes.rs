@@ -1,35 +1,44 @@
-//! Kubernetes EndpointSlices as a source: every `discovery.k8s.io/v1` EndpointSlice carrying a
-//! `kubernetes.io/service-name` label, in all namespaces, becomes part of the [`Registry`].
+//! Kubernetes as a source: `core/v1` Services joined with the `discovery.k8s.io/v1`
+//! EndpointSlices that carry their `kubernetes.io/service-name` label, in all namespaces, and
+//! Pods for identities. What it publishes is what an app in a pod can reach by name:
 //!
-//! - **Names.** Slices are grouped by namespace + `kubernetes.io/service-name`. Each distinct TCP
-//!   port number in a service's slices publishes `<svc>.<ns>.svc.<cluster-domain>:<port>`, with
-//!   that slice's endpoints. Port *names* are not published: only a numeric port is a valid
-//!   `host:port` authority. Without Service objects (this source reads EndpointSlices only) the
-//!   authority port is the *endpoint* (target) port, not the Service's port; and when slices of
-//!   one service carry different numbers for the same port name (a rollout changing the target
-//!   port), each number is published with its own slices' endpoints.
-//! - **"No endpoints" vs "no such service".** A service whose slices exist but hold no usable
-//!   endpoint publishes an empty set; when its last slice is deleted its names are deleted, so
-//!   callers can tell an outage from a typo.
+//! - **Names.** Each TCP port of a Service publishes `<svc>.<ns>.svc.<cluster-domain>:<port>`
+//!   under the *Service* port number. Its endpoints are the slice endpoints of the slice port
+//!   with the same name (as the endpointslice controller writes them; the unnamed port is
+//!   `""`), each at `ip:<that slice's port number>` — a named `targetPort` can be 8080 on some
+//!   pods and 8081 on others, and the caller never needs to know. The shorter names a pod's
+//!   resolv.conf search path expands (`web:80` from the same namespace, `web.shop:80`,
+//!   `web.shop.svc:80`) are expanded by the Discovery service, so only full names are stored.
+//! - **ClusterIP:port** of a Service with a cluster IP publishes the same set in a second table
+//!   ([`Registry`] `by_addr`), for callers that only know the address they connected to.
+//! - **Headless Services** (`clusterIP: None`) publish the service name like any other (per
+//!   request balancing over all ready endpoints), and each endpoint that has a `hostname` (a
+//!   StatefulSet pod) also under `<hostname>.<svc>.<ns>.svc.<domain>:<port>`: that pod only.
+//! - **ExternalName Services** publish an alias to their external name (resolved by the caller
+//!   through DNS), under each declared port, or `<name>:*` when none is declared.
+//! - **Opaque ports.** A Service port whose `appProtocol` names a non-HTTP or
+//!   server-speaks-first protocol ([`opaque_protocol`]) publishes its endpoints as opaque.
+//! - **No Service, no name.** Slices without a Service are not published (kube-proxy ignores
+//!   them too); a Service without slices publishes empty sets ("no endpoints", not "no such
+//!   service"), so callers can tell an outage from a typo. Deleting the Service deletes its
+//!   names, and callers go back to DNS.
 //! - **Which endpoints.** Only `ready` ones (a missing condition means ready, as the API says);
 //!   `terminating` ones are left out even if still `serving`, so they get no new requests. Only
 //!   IPv4/IPv6 slices (FQDN slices have no defined semantics); every address of an endpoint.
-//! - **Re-lists.** The watcher (with backoff, so it reconnects) starts over with `Init` after a
+//! - **Re-lists.** Each watcher (with backoff, so it reconnects) starts over with `Init` after a
 //!   `410 Gone` or on start; those events are buffered and swapped in whole at `InitDone`
 //!   (`Registry::replace_all`), so a re-list never shows a half-listed table. `Apply`/`Delete`
-//!   recompute only the service they touch (`Registry::set`). `synced` turns true after the
-//!   first table is published.
+//!   recompute only the services they touch (`Registry::publish`). `synced` turns true after the
+//!   first table is published, which waits for Services, slices and (when followed) Pods.
 //! - **Identity.** When Pods can be read, an endpoint whose `targetRef` is a Pod is expected to
 //!   present `spiffe://<trust-domain>/ns/<ns>/sa/<pod's service account>`; proxies then reach it
 //!   with mTLS and refuse any other identity. Pods are followed with a reflector store (stripped
-//!   to their service account, to keep memory small), and the table is first published only once
-//!   the Pod list is in, so a restart never publishes meshed endpoints without their identity. A
-//!   Pod endpoint whose Pod is not (yet) known, or is in another namespace, is withheld rather
-//!   than published without an identity (that would be a silent downgrade to plaintext); the
-//!   services referring to a Pod are recomputed when it appears. Endpoints without a Pod `targetRef` (external addresses)
-//!   have no identity. When Pods cannot be read (RBAC, or an API server that does not serve
-//!   them), one warning says so and endpoints get no identity. The test API server serves no
-//!   Pods, so the Pod path is covered by unit tests here only.
+//!   to their service account, to keep memory small). A Pod endpoint whose Pod is not (yet)
+//!   known, or is in another namespace, is withheld rather than published without an identity
+//!   (that would be a silent downgrade to plaintext); the services referring to a Pod are
+//!   recomputed when it appears. Endpoints without a Pod `targetRef` (external addresses) have
+//!   no identity. When Pods cannot be read (RBAC), one warning says so and endpoints get no
+//!   identity.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -37,7 +46,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Pod, PodSpec, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use kube::api::{Api, ListParams};
 use kube::runtime::WatchStreamExt;
@@ -47,12 +56,15 @@ use remora_certs::{EndpointSpec, SpiffeId};
 use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
 
-use crate::registry::{Registry, Table};
+use crate::registry::{Published, Registry, Table};
 
 /// The label the EndpointSlice controller puts on every slice it manages.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// Watches EndpointSlices (and, when allowed, Pods) and keeps a [`Registry`] in step.
+/// The cluster DNS domain when none is configured.
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Watches Services, EndpointSlices (and, when allowed, Pods) and keeps the registries in step.
 pub struct KubeSource {
     pub client: kube::Client,
     /// The cluster's DNS domain, usually `cluster.local`.
@@ -63,8 +75,8 @@ pub struct KubeSource {
 
 /// `(namespace, service name)`.
 pub type ServiceKey = (String, String);
-/// `(namespace, slice name)`; ordered so that one namespace's slices are a contiguous range.
-type SliceKey = (String, String);
+/// `(namespace, object name)`; ordered so that one namespace's objects are a contiguous range.
+type ObjectKey = (String, String);
 
 type EventStream<K> = Pin<Box<dyn Stream<Item = Result<Event<K>, watcher::Error>> + Send>>;
 
@@ -79,9 +91,21 @@ pub enum Expect {
     Withhold,
 }
 
+/// Where one source writes: names, and ClusterIP:port addresses.
+pub struct Sink<'a> {
+    pub names: &'a Registry,
+    pub addrs: &'a Registry,
+    pub synced: &'a watch::Sender<bool>,
+}
+
 impl KubeSource {
     /// Runs until the task is dropped; watch errors are logged and retried with backoff.
-    pub async fn run(self, registry: Arc<Registry>, synced: watch::Sender<bool>) {
+    pub async fn run(
+        self,
+        registry: Arc<Registry>,
+        by_addr: Arc<Registry>,
+        synced: watch::Sender<bool>,
+    ) {
         let identities = self.identities().await;
         let mut state = State::new(
             self.cluster_domain
@@ -94,14 +118,19 @@ impl KubeSource {
                 listed: false,
             }),
         );
+        let sink = Sink {
+            names: &registry,
+            addrs: &by_addr,
+            synced: &synced,
+        };
         let mut pods = state.identities.is_some().then(|| pod_events(&self.client));
         let mut slices = slice_events(&self.client);
+        let mut services = service_events(&self.client);
         loop {
             tokio::select! {
                 ev = slices.next() => match ev {
-                    Some(Ok(ev)) => state.on_slice(ev, &registry, &synced),
-                    Some(Err(e)) => tracing::warn!(error = %describe_watch(&e),
-                        "EndpointSlice watch failed; retrying with backoff"),
+                    Some(Ok(ev)) => state.on_slice(ev, &sink),
+                    Some(Err(e)) => warn_watch("EndpointSlice", "endpointslices", "discovery.k8s.io", &e),
                     None => {
                         // The watcher retries forever, so this is not expected; start over.
                         tracing::warn!("EndpointSlice watch ended; starting it again");
@@ -109,10 +138,18 @@ impl KubeSource {
                         slices = slice_events(&self.client);
                     }
                 },
+                ev = services.next() => match ev {
+                    Some(Ok(ev)) => state.on_service(ev, &sink),
+                    Some(Err(e)) => warn_watch("Service", "services", "", &e),
+                    None => {
+                        tracing::warn!("Service watch ended; starting it again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        services = service_events(&self.client);
+                    }
+                },
                 ev = next_or_pending(&mut pods) => match ev {
-                    Some(Ok(ev)) => state.on_pod(ev, &registry, &synced),
-                    Some(Err(e)) => tracing::warn!(error = %describe_watch(&e),
-                        "Pod watch failed; retrying with backoff"),
+                    Some(Ok(ev)) => state.on_pod(ev, &sink),
+                    Some(Err(e)) => warn_watch("Pod", "pods", "", &e),
                     None => {
                         tracing::warn!("Pod watch ended; starting it again");
                         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -170,6 +207,44 @@ fn slice_events(client: &kube::Client) -> EventStream<EndpointSlice> {
             .modify(|s| s.metadata.managed_fields = None)
             .default_backoff(),
     )
+}
+
+fn service_events(client: &kube::Client) -> EventStream<Service> {
+    let config = watcher::Config {
+        bookmarks: true,
+        ..watcher::Config::default()
+    };
+    Box::pin(
+        watcher::watcher(Api::<Service>::all(client.clone()), config)
+            // Only the spec is read; kubectl's last-applied copy doubles an object's size.
+            .modify(|s| {
+                s.metadata.managed_fields = None;
+                s.metadata.annotations = None;
+                s.metadata.labels = None;
+                s.status = None;
+            })
+            .default_backoff(),
+    )
+}
+
+/// One warning per failed watch attempt, with the permission to add when the API server said
+/// 403 (the watcher retries with backoff, so a fixed RBAC rule is picked up without a restart).
+fn warn_watch(kind: &str, resource: &str, group: &str, e: &watcher::Error) {
+    let api = match e {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => Some(e),
+        _ => None,
+    };
+    let verb = match e {
+        watcher::Error::InitialListFailed(_) => "list",
+        _ => "watch",
+    };
+    if let Some(hint) = api.and_then(|e| super::permission::hint(e, verb, group, resource)) {
+        tracing::warn!("{hint}");
+        return;
+    }
+    tracing::warn!(error = %describe_watch(e), "{kind} watch failed; retrying with backoff");
 }
 
 fn pod_events(client: &kube::Client) -> EventStream<Pod> {
@@ -288,18 +363,123 @@ impl Identities {
     }
 }
 
+/// Objects of one kind as last seen, with a re-list buffered until it is complete.
+struct Cache<T> {
+    items: BTreeMap<ObjectKey, T>,
+    /// A re-list in progress (`Init` … `InitDone`).
+    relist: Option<BTreeMap<ObjectKey, T>>,
+    listed: bool,
+}
+
+impl<T> Default for Cache<T> {
+    fn default() -> Self {
+        Cache {
+            items: BTreeMap::new(),
+            relist: None,
+            listed: false,
+        }
+    }
+}
+
+/// What an event changed.
+enum Changed {
+    Nothing,
+    /// A list completed: everything may have changed.
+    All,
+    /// These services (before and after the event) need recomputing.
+    Services(Vec<ServiceKey>),
+}
+
+impl<T> Cache<T> {
+    /// Applies one watcher event; `owner` names the service an object belongs to (`None`:
+    /// not ours, not kept).
+    fn apply(
+        &mut self,
+        ev: Event<T>,
+        key: impl Fn(&T) -> Option<ObjectKey>,
+        owner: impl Fn(&T) -> Option<ServiceKey>,
+    ) -> Changed {
+        match ev {
+            Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                Changed::Nothing
+            }
+            Event::InitApply(o) => {
+                if let (Some(buf), Some(k)) = (&mut self.relist, key(&o))
+                    && owner(&o).is_some()
+                {
+                    buf.insert(k, o);
+                }
+                Changed::Nothing
+            }
+            Event::InitDone => {
+                if let Some(listed) = self.relist.take() {
+                    self.items = listed;
+                }
+                self.listed = true;
+                Changed::All
+            }
+            Event::Apply(o) => {
+                let Some(k) = key(&o) else {
+                    return Changed::Nothing;
+                };
+                let old = self.items.get(&k).and_then(&owner);
+                let new = owner(&o);
+                // An object whose label went away is no longer one of ours.
+                match new {
+                    Some(_) => self.items.insert(k, o),
+                    None => self.items.remove(&k),
+                };
+                Changed::Services(old.into_iter().chain(new).collect())
+            }
+            Event::Delete(o) => {
+                let Some(k) = key(&o) else {
+                    return Changed::Nothing;
+                };
+                let old = self
+                    .items
+                    .remove(&k)
+                    .and_then(|o| owner(&o))
+                    .or_else(|| owner(&o));
+                Changed::Services(old.into_iter().collect())
+            }
+        }
+    }
+
+    /// The objects of one namespace.
+    fn in_namespace<'a>(&'a self, ns: &'a str) -> impl Iterator<Item = &'a T> + 'a {
+        self.items
+            .range((ns.to_string(), String::new())..)
+            .take_while(move |((n, _), _)| n == ns)
+            .map(|(_, o)| o)
+    }
+}
+
+fn object_key<K: kube::Resource>(o: &K) -> Option<ObjectKey> {
+    let meta = o.meta();
+    Some((meta.namespace.clone()?, meta.name.clone()?))
+}
+
+fn service_key(s: &Service) -> Option<ServiceKey> {
+    object_key(s).filter(|(ns, n)| !ns.is_empty() && !n.is_empty())
+}
+
+/// The names and addresses one service published last, so that those it no longer has are
+/// deleted.
+#[derive(Default)]
+struct Names {
+    names: BTreeSet<String>,
+    addrs: BTreeSet<String>,
+}
+
 /// The source's state between events.
 struct State {
     cluster_domain: String,
     identities: Option<Identities>,
-    /// Every slice with a service label, as last seen.
-    slices: BTreeMap<SliceKey, EndpointSlice>,
-    /// A re-list in progress (`Init` … `InitDone`).
-    relist: Option<BTreeMap<SliceKey, EndpointSlice>>,
-    /// The names each service published last, so that names it no longer has are deleted.
-    published: HashMap<ServiceKey, BTreeSet<String>>,
-    slices_listed: bool,
-    /// The registry follows the cache (slices listed, and Pods too when they are followed).
+    slices: Cache<EndpointSlice>,
+    services: Cache<Service>,
+    published: HashMap<ServiceKey, Names>,
+    /// The registry follows the caches (all listed).
     live: bool,
 }
 
@@ -308,10 +488,9 @@ impl State {
         State {
             cluster_domain,
             identities,
-            slices: BTreeMap::new(),
-            relist: None,
+            slices: Cache::default(),
+            services: Cache::default(),
             published: HashMap::new(),
-            slices_listed: false,
             live: false,
         }
     }
@@ -323,59 +502,46 @@ impl State {
         }
     }
 
-    fn on_slice(
-        &mut self,
-        ev: Event<EndpointSlice>,
-        registry: &Registry,
-        synced: &watch::Sender<bool>,
-    ) {
-        match ev {
-            Event::Init => self.relist = Some(BTreeMap::new()),
-            Event::InitApply(s) => {
-                if let (Some(buf), Some(key)) = (&mut self.relist, slice_key(&s))
-                    && service_of(&s).is_some()
-                {
-                    buf.insert(key, s);
-                }
-            }
-            Event::InitDone => {
-                if let Some(listed) = self.relist.take() {
-                    self.slices = listed;
-                }
-                if !self.slices_listed {
-                    tracing::info!(slices = self.slices.len(), "EndpointSlices listed");
-                }
-                self.slices_listed = true;
+    fn on_slice(&mut self, ev: Event<EndpointSlice>, sink: &Sink<'_>) {
+        let first = matches!(ev, Event::InitDone) && !self.slices.listed;
+        let changed = self.slices.apply(ev, object_key, service_of);
+        if first {
+            tracing::info!(slices = self.slices.items.len(), "EndpointSlices listed");
+        }
+        self.changed(changed, sink);
+    }
+
+    fn on_service(&mut self, ev: Event<Service>, sink: &Sink<'_>) {
+        let first = matches!(ev, Event::InitDone) && !self.services.listed;
+        let changed = self.services.apply(ev, service_key, service_key);
+        if first {
+            tracing::info!(services = self.services.items.len(), "Services listed");
+        }
+        self.changed(changed, sink);
+    }
+
+    fn changed(&mut self, changed: Changed, sink: &Sink<'_>) {
+        match changed {
+            Changed::Nothing => {}
+            Changed::All => {
                 let was_live = self.live;
-                self.go_live(registry, synced);
+                self.go_live(sink);
                 if was_live {
-                    self.publish_all(registry);
+                    self.publish_all(sink);
                 }
             }
-            Event::Apply(s) => {
-                let Some(key) = slice_key(&s) else { return };
-                let old = self.slices.get(&key).and_then(service_of);
-                let new = service_of(&s);
-                // A slice whose label went away is no longer one of ours.
-                match new {
-                    Some(_) => self.slices.insert(key, s),
-                    None => self.slices.remove(&key),
-                };
-                self.recompute_changed(old, new, registry);
-            }
-            Event::Delete(s) => {
-                let Some(key) = slice_key(&s) else { return };
-                let old = self
-                    .slices
-                    .remove(&key)
-                    .and_then(|s| service_of(&s))
-                    .or_else(|| service_of(&s));
-                self.recompute_changed(old, None, registry);
+            Changed::Services(keys) => {
+                if self.live {
+                    let keys: BTreeSet<ServiceKey> = keys.into_iter().collect();
+                    for key in keys {
+                        self.recompute(&key, sink);
+                    }
+                }
             }
         }
     }
 
-    fn on_pod(&mut self, ev: Event<Pod>, registry: &Registry, synced: &watch::Sender<bool>) {
+    fn on_pod(&mut self, ev: Event<Pod>, sink: &Sink<'_>) {
         let Some(ids) = &mut self.identities else {
             return;
         };
@@ -400,17 +566,12 @@ impl State {
                     );
                 }
                 ids.listed = true;
-                let was_live = self.live;
-                self.go_live(registry, synced);
-                // A re-list may have brought Pods missed while the watch was down.
-                if was_live {
-                    self.publish_all(registry);
-                }
+                self.changed(Changed::All, sink);
             }
             Event::Apply(_) if self.live => {
                 if let Some((ns, pod)) = appeared {
                     for key in self.services_referring_to(&ns, &pod) {
-                        self.recompute(&key, registry);
+                        self.recompute(&key, sink);
                     }
                 }
             }
@@ -419,59 +580,62 @@ impl State {
     }
 
     /// Publishes the whole table the first time everything needed is listed.
-    fn go_live(&mut self, registry: &Registry, synced: &watch::Sender<bool>) {
+    fn go_live(&mut self, sink: &Sink<'_>) {
         let pods_listed = self.identities.as_ref().is_none_or(|i| i.listed);
-        if self.live || !self.slices_listed || !pods_listed {
-            if self.slices_listed && !pods_listed {
+        let listed = self.slices.listed && self.services.listed;
+        if self.live || !listed || !pods_listed {
+            if listed && !pods_listed {
                 tracing::info!(
-                    "EndpointSlices listed; waiting for the Pod list before publishing, so endpoints carry their identity"
+                    "Services and EndpointSlices listed; waiting for the Pod list before publishing, so endpoints carry their identity"
                 );
             }
             return;
         }
         self.live = true;
-        self.publish_all(registry);
-        tracing::info!(services = self.published.len(), "EndpointSlices published");
-        synced.send_replace(true);
+        self.publish_all(sink);
+        tracing::info!(services = self.published.len(), "Services published");
+        sink.synced.send_replace(true);
     }
 
-    fn publish_all(&mut self, registry: &Registry) {
-        let (table, published) = table(self.slices.values(), &self.cluster_domain, |ns, ep| {
-            self.expect(ns, ep)
-        });
+    /// The slices of every service, by service.
+    fn slices_by_service(&self) -> BTreeMap<ServiceKey, Vec<&EndpointSlice>> {
+        let mut by: BTreeMap<ServiceKey, Vec<&EndpointSlice>> = BTreeMap::new();
+        for s in self.slices.items.values() {
+            if let Some(k) = service_of(s) {
+                by.entry(k).or_default().push(s);
+            }
+        }
+        by
+    }
+
+    fn publish_all(&mut self, sink: &Sink<'_>) {
+        let by = self.slices_by_service();
+        let mut names = Table::new();
+        let mut addrs = Table::new();
+        let mut published = HashMap::new();
+        for (key, svc) in &self.services.items {
+            let slices = by.get(key).map(Vec::as_slice).unwrap_or_default();
+            let t = service_table(svc, slices, &self.cluster_domain, |ns, ep| {
+                self.expect(ns, ep)
+            });
+            published.insert(
+                key.clone(),
+                Names {
+                    names: t.names.keys().cloned().collect(),
+                    addrs: t.addrs.keys().cloned().collect(),
+                },
+            );
+            names.extend(t.names);
+            addrs.extend(t.addrs);
+        }
         self.published = published;
-        registry.replace_all(table);
-    }
-
-    fn recompute_changed(
-        &mut self,
-        old: Option<ServiceKey>,
-        new: Option<ServiceKey>,
-        registry: &Registry,
-    ) {
-        if !self.live {
-            return;
-        }
-        if let Some(old) = &old {
-            self.recompute(old, registry);
-        }
-        if let Some(new) = new
-            && Some(&new) != old.as_ref()
-        {
-            self.recompute(&new, registry);
-        }
-    }
-
-    /// The slices of one namespace.
-    fn in_namespace<'a>(&'a self, ns: &'a str) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
-        self.slices
-            .range((ns.to_string(), String::new())..)
-            .take_while(move |((n, _), _)| n == ns)
-            .map(|(_, s)| s)
+        sink.names.replace_all(names);
+        sink.addrs.replace_all(addrs);
     }
 
     fn services_referring_to(&self, ns: &str, pod: &str) -> BTreeSet<ServiceKey> {
-        self.in_namespace(ns)
+        self.slices
+            .in_namespace(ns)
             .filter(|s| {
                 s.endpoints.iter().any(|ep| {
                     ep.target_ref.as_ref().is_some_and(|t| {
@@ -483,37 +647,43 @@ impl State {
             .collect()
     }
 
-    /// Publishes one service from the cache, deleting the names it no longer has.
-    fn recompute(&mut self, key: &ServiceKey, registry: &Registry) {
-        let (ns, svc) = key;
-        let slices: Vec<&EndpointSlice> = self
-            .in_namespace(ns)
-            .filter(|s| service_of(s).is_some_and(|(_, n)| &n == svc))
-            .collect();
-        let exists = !slices.is_empty();
-        let table = service_table(ns, svc, slices, &self.cluster_domain, |ns, ep| {
-            self.expect(ns, ep)
-        });
-        let names: BTreeSet<String> = table.keys().cloned().collect();
-        for gone in self
-            .published
-            .remove(key)
-            .unwrap_or_default()
-            .difference(&names)
-        {
-            registry.set(gone, None);
+    /// Publishes one service from the caches, deleting the names it no longer has.
+    fn recompute(&mut self, key: &ServiceKey, sink: &Sink<'_>) {
+        let (ns, name) = key;
+        let t = match self.services.items.get(key) {
+            Some(svc) => {
+                let slices: Vec<&EndpointSlice> = self
+                    .slices
+                    .in_namespace(ns)
+                    .filter(|s| service_of(s).is_some_and(|(_, n)| &n == name))
+                    .collect();
+                service_table(svc, &slices, &self.cluster_domain, |ns, ep| {
+                    self.expect(ns, ep)
+                })
+            }
+            None => ServiceTables::default(),
+        };
+        let old = self.published.remove(key).unwrap_or_default();
+        for gone in old.names.iter().filter(|n| !t.names.contains_key(*n)) {
+            sink.names.publish(gone, None);
         }
-        for (name, eps) in table {
-            registry.set(&name, Some(eps));
+        for gone in old.addrs.iter().filter(|n| !t.addrs.contains_key(*n)) {
+            sink.addrs.publish(gone, None);
         }
-        if exists {
-            self.published.insert(key.clone(), names);
+        let now = Names {
+            names: t.names.keys().cloned().collect(),
+            addrs: t.addrs.keys().cloned().collect(),
+        };
+        for (n, p) in t.names {
+            sink.names.publish(&n, Some(p));
+        }
+        for (a, p) in t.addrs {
+            sink.addrs.publish(&a, Some(p));
+        }
+        if self.services.items.contains_key(key) {
+            self.published.insert(key.clone(), now);
         }
     }
-}
-
-fn slice_key(s: &EndpointSlice) -> Option<SliceKey> {
-    Some((s.metadata.namespace.clone()?, s.metadata.name.clone()?))
 }
 
 /// The service a slice belongs to.
@@ -539,96 +709,197 @@ fn takes_traffic(ep: &Endpoint) -> bool {
     c.and_then(|c| c.ready).unwrap_or(true) && !c.and_then(|c| c.terminating).unwrap_or(false)
 }
 
-/// The TCP port numbers of a slice; unset ports ("all ports") and other protocols carry no
-/// `host:port` the proxy can serve.
-fn tcp_ports(s: &EndpointSlice) -> BTreeSet<u16> {
-    s.ports
-        .iter()
-        .flatten()
-        .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
-        .filter_map(|p| u16::try_from(p.port?).ok().filter(|&p| p != 0))
-        .collect()
+/// TCP, which is also what an unset protocol means.
+fn is_tcp(protocol: Option<&str>) -> bool {
+    protocol.is_none_or(|p| p == "TCP")
 }
 
-/// The names one service's slices publish, each with its endpoints (sorted, one per address).
-/// A port with no usable endpoint maps to an empty list.
-pub fn service_table<'a>(
-    ns: &str,
-    svc: &str,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+/// A DNS label (RFC 1123), as Kubernetes requires of hostnames and namespace names.
+fn is_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A DNS name (labels joined by dots; a trailing dot allowed), as ExternalName requires.
+fn is_dns_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_label)
+}
+
+/// Whether an `appProtocol` names a protocol that detection must not wait on: the client
+/// does not speak first (MySQL, SMTP…), or it is not HTTP at all. Kubernetes leaves the
+/// values free-form besides `kubernetes.io/h2c`, `kubernetes.io/ws` and `kubernetes.io/wss`
+/// (all HTTP: detected as usual); a prefix such as `linkerd.io/` or `remora.io/` is ignored.
+/// Unknown values keep detection, which is correct for any client-speaks-first protocol.
+pub fn opaque_protocol(app_protocol: Option<&str>) -> bool {
+    let Some(p) = app_protocol else {
+        return false;
+    };
+    let p = p.to_ascii_lowercase();
+    let bare = p.rsplit('/').next().unwrap_or(&p);
+    matches!(
+        bare,
+        "tcp"
+            | "opaque"
+            | "tls"
+            | "https"
+            | "mysql"
+            | "mysqlx"
+            | "mariadb"
+            | "postgres"
+            | "postgresql"
+            | "redis"
+            | "nats"
+            | "mongo"
+            | "mongodb"
+            | "amqp"
+            | "amqps"
+            | "kafka"
+            | "memcache"
+            | "memcached"
+            | "smtp"
+            | "smtps"
+            | "ftp"
+            | "cql"
+            | "cassandra"
+            | "zookeeper"
+            | "mqtt"
+            | "ldap"
+            | "ldaps"
+            | "ssh"
+    )
+}
+
+/// What one Service publishes: names, and ClusterIP:port addresses.
+#[derive(Debug, Default)]
+pub struct ServiceTables {
+    pub names: Table,
+    pub addrs: Table,
+}
+
+/// The names and addresses one Service publishes from its slices, each with its endpoints (one
+/// per address). A port with no usable endpoint maps to an empty set.
+pub fn service_table(
+    svc: &Service,
+    slices: &[&EndpointSlice],
     cluster_domain: &str,
     expect: impl Fn(&str, &Endpoint) -> Expect,
-) -> Table {
-    let mut sets: BTreeMap<u16, BTreeMap<SocketAddr, EndpointSpec>> = BTreeMap::new();
-    for slice in slices {
-        let ports = tcp_ports(slice);
-        for &port in &ports {
-            sets.entry(port).or_default();
+) -> ServiceTables {
+    let mut out = ServiceTables::default();
+    let (Some((ns, name)), Some(spec)) = (service_key(svc), svc.spec.as_ref()) else {
+        return out;
+    };
+    let host = format!("{name}.{ns}.svc.{cluster_domain}").to_ascii_lowercase();
+    let ports: Vec<_> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| is_tcp(p.protocol.as_deref()))
+        .filter_map(|p| {
+            let n = u16::try_from(p.port).ok().filter(|&n| n != 0)?;
+            Some((n, p.name.clone().unwrap_or_default(), p))
+        })
+        .collect();
+    if spec.type_.as_deref() == Some("ExternalName") {
+        let Some(ext) = spec.external_name.as_deref().map(str::to_ascii_lowercase) else {
+            return out;
+        };
+        if !is_dns_name(&ext) {
+            tracing::warn!(service = %format!("{ns}/{name}"), external_name = %ext,
+                "ExternalName is not a DNS name; the Service publishes nothing");
+            return out;
         }
-        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-            continue;
+        let alias: Arc<str> = ext.trim_end_matches('.').into();
+        if ports.is_empty() {
+            out.names
+                .insert(format!("{host}:*"), Published::Alias(alias.clone()));
         }
-        for ep in slice.endpoints.iter().filter(|ep| takes_traffic(ep)) {
-            let identity = match expect(ns, ep) {
-                Expect::Plain => None,
-                Expect::Identity(id) => Some(id),
-                Expect::Withhold => continue,
+        for (port, _, _) in &ports {
+            out.names
+                .insert(format!("{host}:{port}"), Published::Alias(alias.clone()));
+        }
+        return out;
+    }
+    let headless = spec.cluster_ip.as_deref() == Some("None");
+    let cluster_ips: BTreeSet<IpAddr> = if headless {
+        BTreeSet::new()
+    } else {
+        spec.cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse().ok())
+            .collect()
+    };
+    for (port, port_name, sp) in &ports {
+        let opaque = opaque_protocol(sp.app_protocol.as_deref());
+        let mut set: BTreeMap<SocketAddr, EndpointSpec> = BTreeMap::new();
+        let mut per_pod: BTreeMap<String, Vec<EndpointSpec>> = BTreeMap::new();
+        for slice in slices {
+            if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+                continue;
+            }
+            // The slice port carrying this Service port: same name, as the controller writes.
+            let Some(target) = slice
+                .ports
+                .iter()
+                .flatten()
+                .filter(|p| is_tcp(p.protocol.as_deref()))
+                .find(|p| p.name.as_deref().unwrap_or("") == port_name)
+                .and_then(|p| u16::try_from(p.port?).ok())
+                .filter(|&p| p != 0)
+            else {
+                continue;
             };
-            for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
-                for &port in &ports {
-                    let addr = SocketAddr::new(ip, port);
-                    sets.entry(port).or_default().insert(
+            for ep in slice.endpoints.iter().filter(|ep| takes_traffic(ep)) {
+                let identity = match expect(&ns, ep) {
+                    Expect::Plain => None,
+                    Expect::Identity(id) => Some(id),
+                    Expect::Withhold => continue,
+                };
+                let hostname = ep.hostname.as_deref().filter(|h| headless && is_label(h));
+                for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+                    let addr = SocketAddr::new(ip, target);
+                    let spec = EndpointSpec {
                         addr,
-                        EndpointSpec {
-                            addr,
-                            weight: 1,
-                            identity: identity.clone(),
-                        },
-                    );
+                        weight: 1,
+                        identity: identity.clone(),
+                        opaque,
+                    };
+                    if let Some(h) = hostname {
+                        per_pod.entry(h.to_string()).or_default().push(spec.clone());
+                    }
+                    set.insert(addr, spec);
                 }
             }
         }
-    }
-    sets.into_iter()
-        .map(|(port, eps)| {
-            (
-                authority(ns, svc, cluster_domain, port),
-                eps.into_values().collect(),
-            )
-        })
-        .collect()
-}
-
-/// The whole table from a set of slices, and the names each service published.
-pub fn table<'a>(
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
-    cluster_domain: &str,
-    expect: impl Fn(&str, &Endpoint) -> Expect,
-) -> (Table, HashMap<ServiceKey, BTreeSet<String>>) {
-    let mut by_service: BTreeMap<ServiceKey, Vec<&EndpointSlice>> = BTreeMap::new();
-    for s in slices {
-        if let Some(key) = service_of(s) {
-            by_service.entry(key).or_default().push(s);
+        let set = Published::endpoints(set.into_values().collect());
+        for ip in &cluster_ips {
+            out.addrs
+                .insert(SocketAddr::new(*ip, *port).to_string(), set.clone());
+        }
+        out.names.insert(format!("{host}:{port}"), set);
+        for (h, eps) in per_pod {
+            out.names
+                .insert(format!("{h}.{host}:{port}"), Published::endpoints(eps));
         }
     }
-    let mut all = Table::new();
-    let mut published = HashMap::new();
-    for ((ns, svc), slices) in by_service {
-        let t = service_table(&ns, &svc, slices, cluster_domain, &expect);
-        published.insert((ns, svc), t.keys().cloned().collect());
-        all.extend(t);
-    }
-    (all, published)
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::ObjectReference;
+    use k8s_openapi::api::core::v1::{ObjectReference, ServicePort, ServiceSpec};
     use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-    const WEB: &str = "web.shop.svc.cluster.local:8080";
+    const WEB: &str = "web.shop.svc.cluster.local:80";
+    const CD: &str = "cluster.local";
 
     fn ep(addr: &str, ready: Option<bool>, terminating: Option<bool>) -> Endpoint {
         Endpoint {
@@ -654,7 +925,13 @@ mod tests {
         }
     }
 
-    fn slice(name: &str, svc: &str, ports: &[i32], endpoints: Vec<Endpoint>) -> EndpointSlice {
+    /// A slice of `svc` whose ports are `(name, number)`.
+    fn slice(
+        name: &str,
+        svc: &str,
+        ports: &[(&str, i32)],
+        endpoints: Vec<Endpoint>,
+    ) -> EndpointSlice {
         EndpointSlice {
             metadata: ObjectMeta {
                 name: Some(name.into()),
@@ -667,8 +944,8 @@ mod tests {
             ports: Some(
                 ports
                     .iter()
-                    .map(|&p| EndpointPort {
-                        name: Some(format!("p{p}")),
+                    .map(|&(n, p)| EndpointPort {
+                        name: Some(n.into()),
                         port: Some(p),
                         protocol: Some("TCP".into()),
                         app_protocol: None,
@@ -678,8 +955,45 @@ mod tests {
         }
     }
 
+    /// A ClusterIP Service with ports `(name, port, appProtocol)`.
+    fn service(name: &str, cluster_ip: &str, ports: &[(&str, i32, Option<&str>)]) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("shop".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(cluster_ip.into()),
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|&(n, p, app)| ServicePort {
+                            name: Some(n.into()),
+                            port: p,
+                            protocol: Some("TCP".into()),
+                            app_protocol: app.map(String::from),
+                            ..ServicePort::default()
+                        })
+                        .collect(),
+                ),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn web() -> Service {
+        service("web", "198.18.0.10", &[("http", 80, None)])
+    }
+
     fn addrs(t: &Table, name: &str) -> Vec<String> {
-        t[name].iter().map(|e| e.addr.to_string()).collect()
+        t[name]
+            .set()
+            .unwrap_or_else(|| panic!("{name} is not an endpoint set"))
+            .keys()
+            .map(|a| a.to_string())
+            .collect()
     }
 
     fn plain(_: &str, _: &Endpoint) -> Expect {
@@ -687,21 +1001,51 @@ mod tests {
     }
 
     #[test]
-    fn ready_endpoints_times_ports() {
-        let s = slice(
-            "web-1",
+    fn a_service_port_reaches_each_endpoint_on_its_own_target_port() {
+        // targetPort `http` is 8080 on some pods and 8081 on others (two slices).
+        let a = slice(
+            "web-a",
             "web",
-            &[8080, 9090],
-            vec![ep("10.0.0.1", Some(true), None), ep("10.0.0.2", None, None)],
+            &[("http", 8080), ("metrics", 9090)],
+            vec![ep("10.0.0.1", None, None)],
         );
-        let (t, published) = table([&s], "cluster.local", plain);
-        assert_eq!(addrs(&t, WEB), ["10.0.0.1:8080", "10.0.0.2:8080"]);
+        let b = slice(
+            "web-b",
+            "web",
+            &[("http", 8081)],
+            vec![ep("10.0.0.2", None, None)],
+        );
+        let t = service_table(&web(), &[&a, &b], CD, plain);
+        assert_eq!(addrs(&t.names, WEB), ["10.0.0.1:8080", "10.0.0.2:8081"]);
+        // Only Service ports are names; the slice's `metrics` port is not a Service port.
+        assert_eq!(t.names.len(), 1, "{:?}", t.names.keys());
         assert_eq!(
-            addrs(&t, "web.shop.svc.cluster.local:9090"),
-            ["10.0.0.1:9090", "10.0.0.2:9090"]
+            addrs(&t.addrs, "198.18.0.10:80"),
+            ["10.0.0.1:8080", "10.0.0.2:8081"]
         );
-        assert!(t[WEB].iter().all(|e| e.weight == 1 && e.identity.is_none()));
-        assert_eq!(published[&("shop".into(), "web".into())].len(), 2);
+        assert_eq!(t.addrs.len(), 1);
+        // Dual-stack: every cluster IP answers.
+        let mut dual = web();
+        if let Some(spec) = dual.spec.as_mut() {
+            spec.cluster_ips = Some(vec!["198.18.0.10".into(), "fd00::10".into()]);
+        }
+        let t = service_table(&dual, &[&a], CD, plain);
+        let mut keys: Vec<_> = t.addrs.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["198.18.0.10:80", "[fd00::10]:80"]);
+    }
+
+    #[test]
+    fn unnamed_ports_match_unnamed_slice_ports() {
+        let svc = service("web", "198.18.0.10", &[("", 80, None)]);
+        let s = slice(
+            "web-a",
+            "web",
+            &[("", 8080)],
+            vec![ep("10.0.0.1", None, None)],
+        );
+        let t = service_table(&svc, &[&s], CD, plain);
+        assert_eq!(addrs(&t.names, WEB), ["10.0.0.1:8080"]);
     }
 
     #[test]
@@ -709,7 +1053,7 @@ mod tests {
         let s = slice(
             "web-1",
             "web",
-            &[8080],
+            &[("http", 8080)],
             vec![
                 ep("10.0.0.1", Some(true), Some(false)),
                 ep("10.0.0.2", Some(false), None),
@@ -722,82 +1066,169 @@ mod tests {
                 },
             ],
         );
-        let (t, _) = table([&s], "cluster.local", plain);
+        let t = service_table(&web(), &[&s], CD, plain);
         assert_eq!(
-            addrs(&t, WEB),
+            addrs(&t.names, WEB),
             ["10.0.0.1:8080", "10.0.0.4:8080", "10.0.0.5:8080"]
         );
     }
 
     #[test]
-    fn no_usable_endpoint_is_an_empty_set_not_a_missing_service() {
-        let s = slice(
+    fn a_service_without_usable_endpoints_is_an_empty_set_not_a_missing_service() {
+        let down = slice(
             "web-1",
             "web",
-            &[8080],
+            &[("http", 8080)],
             vec![ep("10.0.0.2", Some(false), None)],
         );
-        let (t, _) = table([&s], "cluster.local", plain);
-        assert!(t[WEB].is_empty());
+        for slices in [vec![], vec![&down]] {
+            let t = service_table(&web(), &slices, CD, plain);
+            assert!(addrs(&t.names, WEB).is_empty());
+            assert!(addrs(&t.addrs, "198.18.0.10:80").is_empty());
+        }
     }
 
     #[test]
-    fn slices_of_one_service_are_joined_each_with_its_own_ports() {
-        let a = slice("web-1", "web", &[8080], vec![ep("10.0.0.1", None, None)]);
-        let b = slice(
-            "web-2",
-            "web",
-            &[8080],
-            vec![ep("10.0.0.2", None, None), ep("10.0.0.1", None, None)],
-        );
-        // A rollout to a new target port: its endpoints publish under their own number.
-        let c = slice("web-3", "web", &[8081], vec![ep("10.0.0.3", None, None)]);
-        let other = slice("api-1", "api", &[8080], vec![ep("10.0.1.1", None, None)]);
-        let (t, _) = table([&a, &b, &c, &other], "cluster.local", plain);
-        assert_eq!(addrs(&t, WEB), ["10.0.0.1:8080", "10.0.0.2:8080"]);
+    fn headless_services_name_each_pod_with_a_hostname() {
+        let svc = service("db", "None", &[("cql", 9042, Some("cql"))]);
+        let mut a = pod_ep("10.0.0.1", "db-0");
+        a.hostname = Some("db-0".into());
+        let mut b = pod_ep("10.0.0.2", "db-1");
+        b.hostname = Some("db-1".into());
+        let mut bad = pod_ep("10.0.0.3", "x");
+        bad.hostname = Some("Not_A_Label".into());
+        let s = slice("db-a", "db", &[("cql", 9042)], vec![a, b, bad]);
+        let t = service_table(&svc, &[&s], CD, plain);
         assert_eq!(
-            addrs(&t, "web.shop.svc.cluster.local:8081"),
-            ["10.0.0.3:8081"]
+            addrs(&t.names, "db.shop.svc.cluster.local:9042"),
+            ["10.0.0.1:9042", "10.0.0.2:9042", "10.0.0.3:9042"]
         );
         assert_eq!(
-            addrs(&t, "api.shop.svc.cluster.local:8080"),
-            ["10.0.1.1:8080"]
+            addrs(&t.names, "db-0.db.shop.svc.cluster.local:9042"),
+            ["10.0.0.1:9042"]
         );
-        assert_eq!(t.len(), 3);
+        assert_eq!(
+            addrs(&t.names, "db-1.db.shop.svc.cluster.local:9042"),
+            ["10.0.0.2:9042"]
+        );
+        assert_eq!(t.names.len(), 3, "{:?}", t.names.keys());
+        assert!(t.addrs.is_empty(), "a headless Service has no ClusterIP");
+        // `cql` is not HTTP: published as opaque.
+        assert!(
+            t.names
+                .values()
+                .all(|p| p.set().unwrap().values().all(|e| e.opaque))
+        );
+        // Hostnames of a ClusterIP Service's endpoints get no names (as in cluster DNS).
+        let mut c = ep("10.0.0.4", None, None);
+        c.hostname = Some("web-0".into());
+        let s = slice("web-a", "web", &[("http", 8080)], vec![c]);
+        assert_eq!(service_table(&web(), &[&s], CD, plain).names.len(), 1);
+    }
+
+    #[test]
+    fn external_names_are_aliases() {
+        let mut ext = service("ext", "", &[("https", 443, None)]);
+        if let Some(spec) = ext.spec.as_mut() {
+            spec.type_ = Some("ExternalName".into());
+            spec.cluster_ip = None;
+            spec.external_name = Some("API.Example.org.".into());
+        }
+        let t = service_table(&ext, &[], CD, plain);
+        assert_eq!(
+            t.names["ext.shop.svc.cluster.local:443"],
+            Published::Alias("api.example.org".into())
+        );
+        assert!(t.addrs.is_empty());
+        // Without ports: every port of the name.
+        if let Some(spec) = ext.spec.as_mut() {
+            spec.ports = None;
+        }
+        let t = service_table(&ext, &[], CD, plain);
+        assert_eq!(
+            t.names.keys().collect::<Vec<_>>(),
+            ["ext.shop.svc.cluster.local:*"]
+        );
+        // Not a DNS name: nothing, rather than an alias nobody can resolve.
+        if let Some(spec) = ext.spec.as_mut() {
+            spec.external_name = Some("not a name".into());
+        }
+        assert!(service_table(&ext, &[], CD, plain).names.is_empty());
+    }
+
+    #[test]
+    fn app_protocols_that_are_not_client_first_http_are_opaque() {
+        for (p, opaque) in [
+            (None, false),
+            (Some("http"), false),
+            (Some("kubernetes.io/h2c"), false),
+            (Some("kubernetes.io/ws"), false),
+            (Some("grpc"), false),
+            (Some("something-new"), false),
+            (Some("tcp"), true),
+            (Some("TCP"), true),
+            (Some("mysql"), true),
+            (Some("linkerd.io/opaque"), true),
+            (Some("remora.io/opaque"), true),
+            (Some("nats"), true),
+            (Some("postgresql"), true),
+        ] {
+            assert_eq!(opaque_protocol(p), opaque, "{p:?}");
+        }
+        let svc = service(
+            "db",
+            "198.18.0.11",
+            &[("sql", 3306, Some("mysql")), ("http", 80, Some("http"))],
+        );
+        let s = slice(
+            "db-a",
+            "db",
+            &[("sql", 3306), ("http", 8080)],
+            vec![ep("10.0.0.1", None, None)],
+        );
+        let t = service_table(&svc, &[&s], CD, plain);
+        let opaque = |n: &str| t.names[n].set().unwrap().values().all(|e| e.opaque);
+        assert!(opaque("db.shop.svc.cluster.local:3306"));
+        assert!(!opaque("db.shop.svc.cluster.local:80"));
     }
 
     #[test]
     fn fqdn_slices_other_protocols_and_bad_data_are_skipped() {
-        let mut fqdn = slice("web-1", "web", &[8080], vec![ep("example.com", None, None)]);
-        fqdn.address_type = "FQDN".into();
-        let mut udp = slice("dns-1", "dns", &[53], vec![ep("10.0.0.9", None, None)]);
-        udp.ports.as_mut().unwrap()[0].protocol = Some("UDP".into());
-        let mut no_port = slice("x-1", "x", &[], vec![ep("10.0.0.8", None, None)]);
-        no_port
-            .ports
-            .as_mut()
-            .unwrap()
-            .push(EndpointPort::default());
-        let v6 = EndpointSlice {
-            address_type: "IPv6".into(),
-            ..slice(
-                "v6-1",
-                "v6",
-                &[80, 70000],
-                vec![ep("fd00::1", None, None), ep("not-an-ip", None, None)],
-            )
-        };
-        let mut unlabelled = slice("y-1", "y", &[80], vec![ep("10.0.0.7", None, None)]);
-        unlabelled.metadata.labels = None;
-        let (t, _) = table(
-            [&fqdn, &udp, &no_port, &v6, &unlabelled],
-            "cluster.local",
-            plain,
+        let mut fqdn = slice(
+            "web-1",
+            "web",
+            &[("http", 8080)],
+            vec![ep("example.com", None, None)],
         );
-        // The FQDN slice still says the service exists, with nothing to reach.
-        assert!(t[WEB].is_empty());
-        assert_eq!(addrs(&t, "v6.shop.svc.cluster.local:80"), ["[fd00::1]:80"]);
-        assert_eq!(t.len(), 2, "{t:?}");
+        fqdn.address_type = "FQDN".into();
+        let mut udp = slice(
+            "web-2",
+            "web",
+            &[("http", 8080)],
+            vec![ep("10.0.0.9", None, None)],
+        );
+        udp.ports.as_mut().unwrap()[0].protocol = Some("UDP".into());
+        let big = slice(
+            "web-3",
+            "web",
+            &[("http", 70000)],
+            vec![ep("10.0.0.8", None, None)],
+        );
+        let bad_ip = slice(
+            "web-4",
+            "web",
+            &[("http", 8080)],
+            vec![ep("not-an-ip", None, None)],
+        );
+        let t = service_table(&web(), &[&fqdn, &udp, &big, &bad_ip], CD, plain);
+        assert!(addrs(&t.names, WEB).is_empty(), "{t:?}");
+        // UDP Service ports publish nothing.
+        let dns = service("dns", "198.18.0.12", &[("dns", 53, None)]);
+        let mut dns = dns;
+        if let Some(p) = dns.spec.as_mut().and_then(|s| s.ports.as_mut()) {
+            p[0].protocol = Some("UDP".into());
+        }
+        assert!(service_table(&dns, &[], CD, plain).names.is_empty());
     }
 
     #[test]
@@ -805,7 +1236,7 @@ mod tests {
         let s = slice(
             "web-1",
             "web",
-            &[8080],
+            &[("http", 8080)],
             vec![
                 pod_ep("10.0.0.1", "known"),
                 pod_ep("10.0.0.2", "unknown"),
@@ -813,7 +1244,7 @@ mod tests {
             ],
         );
         let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
-        let (t, _) = table([&s], "cluster.local", |ns, ep| {
+        let t = service_table(&web(), &[&s], CD, |ns, ep| {
             assert_eq!(ns, "shop");
             match ep.target_ref.as_ref().and_then(|t| t.name.as_deref()) {
                 Some("known") => Expect::Identity(id.clone()),
@@ -821,26 +1252,36 @@ mod tests {
                 None => Expect::Plain,
             }
         });
-        assert_eq!(addrs(&t, WEB), ["10.0.0.1:8080", "10.0.0.3:8080"]);
-        assert_eq!(t[WEB][0].identity.as_ref(), Some(&id));
-        assert_eq!(t[WEB][1].identity, None);
+        assert_eq!(addrs(&t.names, WEB), ["10.0.0.1:8080", "10.0.0.3:8080"]);
+        let set = t.names[WEB].set().unwrap();
+        assert_eq!(
+            set[&"10.0.0.1:8080".parse().unwrap()].identity.as_ref(),
+            Some(&id)
+        );
+        assert_eq!(set[&"10.0.0.3:8080".parse().unwrap()].identity, None);
     }
 
-    fn synced() -> watch::Sender<bool> {
-        watch::channel(false).0
+    struct Sinks {
+        names: Arc<Registry>,
+        addrs: Arc<Registry>,
+        synced: watch::Sender<bool>,
     }
 
-    fn listed(
-        state: &mut State,
-        r: &Registry,
-        tx: &watch::Sender<bool>,
-        slices: Vec<EndpointSlice>,
-    ) {
-        state.on_slice(Event::Init, r, tx);
-        for s in slices {
-            state.on_slice(Event::InitApply(s), r, tx);
+    impl Sinks {
+        fn new() -> Self {
+            Sinks {
+                names: Registry::new(),
+                addrs: Registry::new(),
+                synced: watch::channel(false).0,
+            }
         }
-        state.on_slice(Event::InitDone, r, tx);
+        fn sink(&self) -> Sink<'_> {
+            Sink {
+                names: &self.names,
+                addrs: &self.addrs,
+                synced: &self.synced,
+            }
+        }
     }
 
     fn registry_addrs(r: &Registry, name: &str) -> Option<Vec<String>> {
@@ -848,31 +1289,71 @@ mod tests {
             .map(|s| s.keys().map(|a| a.to_string()).collect())
     }
 
+    fn listed(state: &mut State, k: &Sinks, services: Vec<Service>, slices: Vec<EndpointSlice>) {
+        let sink = k.sink();
+        state.on_service(Event::Init, &sink);
+        for s in services {
+            state.on_service(Event::InitApply(s), &sink);
+        }
+        state.on_service(Event::InitDone, &sink);
+        state.on_slice(Event::Init, &sink);
+        for s in slices {
+            state.on_slice(Event::InitApply(s), &sink);
+        }
+        state.on_slice(Event::InitDone, &sink);
+    }
+
     #[test]
     fn events_update_only_what_they_touch_and_relists_replace_everything() {
-        let r = Registry::new();
-        let tx = synced();
-        let mut state = State::new("cluster.local".into(), None);
-        let web = slice("web-1", "web", &[8080], vec![ep("10.0.0.1", None, None)]);
-        listed(&mut state, &r, &tx, vec![web.clone()]);
-        assert!(*tx.borrow());
-        assert_eq!(registry_addrs(&r, WEB).unwrap(), ["10.0.0.1:8080"]);
-
-        // The port changes: the old name is deleted, the new one published.
-        state.on_slice(
-            Event::Apply(slice(
-                "web-1",
-                "web",
-                &[9090],
-                vec![ep("10.0.0.1", None, None)],
-            )),
-            &r,
-            &tx,
+        let k = Sinks::new();
+        let sink = k.sink();
+        let mut state = State::new(CD.into(), None);
+        let web_slice = slice(
+            "web-1",
+            "web",
+            &[("http", 8080)],
+            vec![ep("10.0.0.1", None, None)],
         );
-        assert!(r.get(WEB).is_none());
+        // A slice without its Service publishes nothing.
+        let orphan = slice(
+            "api-1",
+            "api",
+            &[("http", 8080)],
+            vec![ep("10.0.1.1", None, None)],
+        );
+        listed(&mut state, &k, vec![web()], vec![web_slice.clone(), orphan]);
+        assert!(*k.synced.borrow());
+        assert_eq!(registry_addrs(&k.names, WEB).unwrap(), ["10.0.0.1:8080"]);
         assert_eq!(
-            registry_addrs(&r, "web.shop.svc.cluster.local:9090").unwrap(),
-            ["10.0.0.1:9090"]
+            registry_addrs(&k.addrs, "198.18.0.10:80").unwrap(),
+            ["10.0.0.1:8080"]
+        );
+        assert_eq!(k.names.services(), 1);
+
+        // The api Service appears: its slice, already there, is published at once.
+        state.on_service(
+            Event::Apply(service("api", "198.18.0.11", &[("http", 81, None)])),
+            &sink,
+        );
+        assert_eq!(
+            registry_addrs(&k.names, "api.shop.svc.cluster.local:81").unwrap(),
+            ["10.0.1.1:8080"]
+        );
+
+        // The Service port is renumbered: the old name and address go, the new ones come.
+        state.on_service(
+            Event::Apply(service("web", "198.18.0.10", &[("http", 90, None)])),
+            &sink,
+        );
+        assert!(k.names.get(WEB).is_none());
+        assert!(k.addrs.get("198.18.0.10:80").is_none());
+        assert_eq!(
+            registry_addrs(&k.names, "web.shop.svc.cluster.local:90").unwrap(),
+            ["10.0.0.1:8080"]
+        );
+        assert_eq!(
+            registry_addrs(&k.addrs, "198.18.0.10:90").unwrap(),
+            ["10.0.0.1:8080"]
         );
 
         // Not ready: empty but present.
@@ -880,14 +1361,13 @@ mod tests {
             Event::Apply(slice(
                 "web-1",
                 "web",
-                &[9090],
+                &[("http", 8080)],
                 vec![ep("10.0.0.1", Some(false), None)],
             )),
-            &r,
-            &tx,
+            &sink,
         );
         assert_eq!(
-            registry_addrs(&r, "web.shop.svc.cluster.local:9090").unwrap(),
+            registry_addrs(&k.names, "web.shop.svc.cluster.local:90").unwrap(),
             Vec::<String>::new()
         );
 
@@ -896,43 +1376,82 @@ mod tests {
             Event::Apply(slice(
                 "web-1",
                 "api",
-                &[9090],
+                &[("http", 8082)],
                 vec![ep("10.0.0.1", None, None)],
             )),
-            &r,
-            &tx,
+            &sink,
         );
-        assert!(r.get("web.shop.svc.cluster.local:9090").is_none());
         assert_eq!(
-            registry_addrs(&r, "api.shop.svc.cluster.local:9090").unwrap(),
-            ["10.0.0.1:9090"]
+            registry_addrs(&k.names, "web.shop.svc.cluster.local:90").unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            registry_addrs(&k.names, "api.shop.svc.cluster.local:81").unwrap(),
+            ["10.0.0.1:8082", "10.0.1.1:8080"]
         );
 
-        // Deleted: no such service.
-        state.on_slice(
-            Event::Delete(slice("web-1", "api", &[9090], vec![])),
-            &r,
-            &tx,
-        );
-        assert!(r.get("api.shop.svc.cluster.local:9090").is_none());
-        assert_eq!(r.services(), 0);
+        // The Service is deleted: no such service (callers go back to DNS).
+        state.on_service(Event::Delete(service("api", "198.18.0.11", &[])), &sink);
+        assert!(k.names.get("api.shop.svc.cluster.local:81").is_none());
+        assert!(k.addrs.get("198.18.0.11:81").is_none());
 
-        // A re-list (after 410 Gone) swaps the table in whole.
-        state.on_slice(Event::Apply(web.clone()), &r, &tx);
-        let other = slice("db-1", "db", &[5432], vec![ep("10.0.2.1", None, None)]);
-        state.on_slice(Event::Init, &r, &tx);
-        state.on_slice(Event::InitApply(other), &r, &tx);
+        // A re-list (after 410 Gone) swaps the tables in whole.
+        let db = service("db", "198.18.0.12", &[("sql", 5432, Some("postgresql"))]);
+        let db_slice = slice(
+            "db-1",
+            "db",
+            &[("sql", 5432)],
+            vec![ep("10.0.2.1", None, None)],
+        );
+        state.on_service(Event::Init, &sink);
+        state.on_service(Event::InitApply(db), &sink);
         // Nothing changes until the list is complete.
-        assert!(r.get(WEB).is_some());
-        state.on_slice(Event::InitDone, &r, &tx);
-        assert!(r.get(WEB).is_none());
+        assert!(k.names.get("web.shop.svc.cluster.local:90").is_some());
+        state.on_service(Event::InitDone, &sink);
+        assert!(k.names.get("web.shop.svc.cluster.local:90").is_none());
+        assert!(k.addrs.get("198.18.0.10:90").is_none());
         assert_eq!(
-            registry_addrs(&r, "db.shop.svc.cluster.local:5432").unwrap(),
+            registry_addrs(&k.names, "db.shop.svc.cluster.local:5432").unwrap(),
+            Vec::<String>::new()
+        );
+        state.on_slice(Event::Apply(db_slice), &sink);
+        assert_eq!(
+            registry_addrs(&k.names, "db.shop.svc.cluster.local:5432").unwrap(),
             ["10.0.2.1:5432"]
         );
-        // Deleting a slice that was listed by the re-list works off the new cache.
-        state.on_slice(Event::Delete(slice("db-1", "db", &[], vec![])), &r, &tx);
-        assert_eq!(r.services(), 0);
+        state.on_slice(Event::Delete(slice("db-1", "db", &[], vec![])), &sink);
+        assert_eq!(
+            registry_addrs(&k.names, "db.shop.svc.cluster.local:5432").unwrap(),
+            Vec::<String>::new()
+        );
+        state.on_service(Event::Delete(service("db", "", &[])), &sink);
+        assert_eq!(k.names.services(), 0);
+        assert_eq!(k.addrs.services(), 0);
+    }
+
+    #[test]
+    fn nothing_is_published_until_services_and_slices_are_both_listed() {
+        let k = Sinks::new();
+        let sink = k.sink();
+        let mut state = State::new(CD.into(), None);
+        state.on_slice(Event::Init, &sink);
+        state.on_slice(
+            Event::InitApply(slice(
+                "web-1",
+                "web",
+                &[("http", 8080)],
+                vec![ep("10.0.0.1", None, None)],
+            )),
+            &sink,
+        );
+        state.on_slice(Event::InitDone, &sink);
+        assert!(!*k.synced.borrow());
+        assert!(k.names.get(WEB).is_none());
+        state.on_service(Event::Init, &sink);
+        state.on_service(Event::InitApply(web()), &sink);
+        state.on_service(Event::InitDone, &sink);
+        assert!(*k.synced.borrow());
+        assert_eq!(registry_addrs(&k.names, WEB).unwrap(), ["10.0.0.1:8080"]);
     }
 
     fn pod(name: &str, sa: Option<&str>) -> Pod {
@@ -952,11 +1471,11 @@ mod tests {
 
     #[test]
     fn pods_give_endpoints_their_identity() {
-        let r = Registry::new();
-        let tx = synced();
+        let k = Sinks::new();
+        let sink = k.sink();
         let (store, writer) = reflector::store();
         let mut state = State::new(
-            "cluster.local".into(),
+            CD.into(),
             Some(Identities {
                 store,
                 writer,
@@ -967,7 +1486,7 @@ mod tests {
         let s = slice(
             "web-1",
             "web",
-            &[8080],
+            &[("http", 8080)],
             vec![
                 pod_ep("10.0.0.1", "web-a"),
                 pod_ep("10.0.0.2", "web-b"),
@@ -979,17 +1498,17 @@ mod tests {
         if let Some(t) = elsewhere.target_ref.as_mut() {
             t.namespace = Some("kube-system".into());
         }
-        let s2 = slice("web-2", "web", &[8080], vec![elsewhere]);
-        listed(&mut state, &r, &tx, vec![s, s2]);
-        // Slices are in, Pods are not: nothing is published yet, and not ready.
-        assert!(r.get(WEB).is_none());
-        assert!(!*tx.borrow());
+        let s2 = slice("web-2", "web", &[("http", 8080)], vec![elsewhere]);
+        listed(&mut state, &k, vec![web()], vec![s, s2]);
+        // Services and slices are in, Pods are not: nothing is published yet, and not ready.
+        assert!(k.names.get(WEB).is_none());
+        assert!(!*k.synced.borrow());
 
-        state.on_pod(Event::Init, &r, &tx);
-        state.on_pod(Event::InitApply(pod("web-a", Some("web"))), &r, &tx);
-        state.on_pod(Event::InitDone, &r, &tx);
-        assert!(*tx.borrow());
-        let set = r.get(WEB).unwrap();
+        state.on_pod(Event::Init, &sink);
+        state.on_pod(Event::InitApply(pod("web-a", Some("web"))), &sink);
+        state.on_pod(Event::InitDone, &sink);
+        assert!(*k.synced.borrow());
+        let set = k.names.get(WEB).unwrap();
         // web-b's Pod is unknown: withheld, not published without identity.
         assert_eq!(set.len(), 2);
         let a = &set[&"10.0.0.1:8080".parse().unwrap()];
@@ -998,10 +1517,12 @@ mod tests {
             "spiffe://example.org/ns/shop/sa/web"
         );
         assert!(set[&"10.0.0.3:8080".parse().unwrap()].identity.is_none());
+        // The ClusterIP table carries the same identities.
+        assert_eq!(k.addrs.get("198.18.0.10:80").unwrap(), set);
 
         // web-b appears (no service account named: `default`) and its endpoint follows.
-        state.on_pod(Event::Apply(pod("web-b", None)), &r, &tx);
-        let set = r.get(WEB).unwrap();
+        state.on_pod(Event::Apply(pod("web-b", None)), &sink);
+        let set = k.names.get(WEB).unwrap();
         let b = &set[&"10.0.0.2:8080".parse().unwrap()];
         assert_eq!(
             b.identity.as_ref().unwrap().to_string(),

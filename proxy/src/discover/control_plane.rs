@@ -1,6 +1,9 @@
 //! The control plane (`REMORA_CONTROL_ADDR`) as a discovery source: one `Discovery.Watch`
-//! per name, reconnected with backoff when it breaks. While it is broken nothing is sent, so
-//! the proxy keeps the last endpoints it knew.
+//! per name (with the proxy's namespace, so the control plane expands `web:80` the way the
+//! pod's resolver would), one `Discovery.WatchAddr` per `ip:port` authority (a Service's
+//! ClusterIP), reconnected with backoff when it breaks. While it is broken nothing is sent, so
+//! the proxy keeps the last endpoints it knew. An alias (an ExternalName Service) is resolved
+//! here through DNS and refreshed while the alias stands.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,29 +14,60 @@ use crate::config::EndpointSpec;
 use crate::control::ControlClient;
 use crate::metrics::Metrics;
 
+/// How often an alias's DNS answer is refreshed (the proxy's own DNS cache lifetime).
+const ALIAS_REFRESH: Duration = Duration::from_secs(30);
+
+/// The proxy's namespace, asked at each watch (the identity may arrive after start).
+pub(crate) type Namespace = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// Endpoints from remora's control plane.
 pub(crate) struct ControlPlane {
     client: ControlClient,
     metrics: Arc<Metrics>,
+    namespace: Namespace,
 }
 
 impl ControlPlane {
-    pub(crate) fn new(client: ControlClient, metrics: Arc<Metrics>) -> Self {
-        ControlPlane { client, metrics }
+    pub(crate) fn new(client: ControlClient, metrics: Arc<Metrics>, namespace: Namespace) -> Self {
+        ControlPlane {
+            client,
+            metrics,
+            namespace,
+        }
+    }
+}
+
+/// What one follower asks for.
+#[derive(Clone)]
+enum Asked {
+    Name(String),
+    Addr(SocketAddr),
+}
+
+impl std::fmt::Display for Asked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Asked::Name(n) => f.write_str(n),
+            Asked::Addr(a) => write!(f, "{a}"),
+        }
     }
 }
 
 impl Discover for ControlPlane {
     fn resolve(&self, target: Target<'_>) -> Option<Updates> {
-        // Discovery by address is the Kubernetes service-model work; names only for now.
-        let Target::Name(name) = target else {
-            return None;
+        let asked = match target {
+            Target::Name(n) => Asked::Name(n.to_string()),
+            Target::Addr(a) => Asked::Addr(a),
         };
         let (tx, updates) = Updates::channel(16);
-        let (client, metrics, name) = (self.client.clone(), self.metrics.clone(), name.to_string());
+        let (client, metrics, ns) = (
+            self.client.clone(),
+            self.metrics.clone(),
+            self.namespace.clone(),
+        );
         tokio::spawn(async move {
             tokio::select! {
-                _ = follow(&client, &metrics, &name, &tx) => {}
+                _ = follow(&client, &metrics, &ns, &asked, &tx) => {}
                 _ = tx.closed() => {}
             }
         });
@@ -64,14 +98,22 @@ fn spec(e: &remora_api::Endpoint) -> Option<EndpointSpec> {
         addr,
         weight: e.weight.clamp(1, crate::config::MAX_WEIGHT),
         identity,
+        opaque: e.opaque,
     })
+}
+
+/// One control-plane message, translated: updates to send, or an alias to resolve.
+#[derive(Debug, PartialEq)]
+enum Translated {
+    Updates(Vec<Update>),
+    Alias(String),
 }
 
 /// Translates one control-plane message. An entry that cannot be used is sent as a removal,
 /// so its old version does not linger.
-fn translate(update: remora_api::Update) -> Vec<Update> {
+fn translate(update: remora_api::Update) -> Translated {
     use remora_api::update::Kind;
-    match update.kind {
+    Translated::Updates(match update.kind {
         Some(Kind::Snapshot(snap)) => {
             vec![Update::Reset(
                 snap.endpoints.iter().filter_map(spec).collect(),
@@ -97,12 +139,36 @@ fn translate(update: remora_api::Update) -> Vec<Update> {
             out
         }
         Some(Kind::NoSuchService(_)) => vec![Update::DoesNotExist],
+        Some(Kind::Alias(a)) => return Translated::Alias(a.name),
         None => Vec::new(),
+    })
+}
+
+/// The endpoints of `alias` at the port `asked` names, through the system resolver; `None`
+/// when it does not resolve (the caller keeps what it had).
+async fn resolve_alias(asked: &Asked, alias: &str) -> Option<Vec<EndpointSpec>> {
+    let Asked::Name(name) = asked else {
+        return None;
+    };
+    let port = name.rsplit_once(':').map(|(_, p)| p)?;
+    let target = format!("{alias}:{port}");
+    match tokio::net::lookup_host(&target).await {
+        Ok(addrs) => Some(addrs.map(EndpointSpec::new).collect()),
+        Err(e) => {
+            tracing::warn!(service = %name, %alias, error = %e, "the alias (ExternalName) of this service does not resolve; keeping its last addresses");
+            None
+        }
     }
 }
 
-/// Follows `name` until the proxy drops the stream.
-async fn follow(client: &ControlClient, metrics: &Metrics, name: &str, tx: &UpdateSender) {
+/// Follows `asked` until the proxy drops the stream.
+async fn follow(
+    client: &ControlClient,
+    metrics: &Metrics,
+    namespace: &Namespace,
+    asked: &Asked,
+    tx: &UpdateSender,
+) {
     metrics.discovery_watches.inc();
     struct Dec<'a>(&'a Metrics);
     impl Drop for Dec<'_> {
@@ -115,20 +181,70 @@ async fn follow(client: &ControlClient, metrics: &Metrics, name: &str, tx: &Upda
         crate::control::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     // What was sent, only to say in logs how many endpoints keep serving while it is away.
     let mut known = std::collections::BTreeSet::new();
+    let mut alias: Option<String> = None;
     loop {
-        let request = remora_api::WatchRequest {
-            service: name.to_string(),
-            client: String::new(),
+        let mut discovery = client.discovery();
+        let stream = match asked {
+            Asked::Name(name) => {
+                discovery
+                    .watch(remora_api::WatchRequest {
+                        service: name.clone(),
+                        client: String::new(),
+                        namespace: namespace().unwrap_or_default(),
+                    })
+                    .await
+            }
+            Asked::Addr(addr) => {
+                discovery
+                    .watch_addr(remora_api::WatchAddrRequest {
+                        addr: addr.to_string(),
+                        client: String::new(),
+                    })
+                    .await
+            }
         };
-        match client.discovery().watch(request).await {
+        match stream {
             Ok(s) => {
                 let mut s = s.into_inner();
                 loop {
-                    match s.message().await {
+                    let refresh = async {
+                        match &alias {
+                            Some(_) => tokio::time::sleep(ALIAS_REFRESH).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    let message = tokio::select! {
+                        m = s.message() => m,
+                        _ = refresh => {
+                            if let Some(a) = &alias
+                                && let Some(list) = resolve_alias(asked, a).await
+                            {
+                                known = list.iter().map(|e| e.addr).collect();
+                                if tx.send(Update::Reset(list)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            continue;
+                        }
+                    };
+                    match message {
                         Ok(Some(update)) => {
                             backoff.reset();
                             metrics.discovery_updates.inc();
-                            for u in translate(update) {
+                            let updates = match translate(update) {
+                                Translated::Updates(u) => {
+                                    alias = None;
+                                    u
+                                }
+                                Translated::Alias(a) => {
+                                    let list = resolve_alias(asked, &a).await;
+                                    alias = Some(a);
+                                    // Unresolvable at first: no endpoints rather than stale
+                                    // ones from before the Service became an alias.
+                                    vec![Update::Reset(list.unwrap_or_default())]
+                                }
+                            };
+                            for u in updates {
                                 match &u {
                                     Update::Reset(l) => {
                                         known = l.iter().map(|e| e.addr).collect();
@@ -146,12 +262,12 @@ async fn follow(client: &ControlClient, metrics: &Metrics, name: &str, tx: &Upda
                         }
                         Ok(None) => {
                             metrics.discovery_stream_errors.inc();
-                            tracing::warn!(service = %name, "control plane {} ended the watch; keeping {} known endpoints and reconnecting", client.addr, known.len());
+                            tracing::warn!(service = %asked, "control plane {} ended the watch; keeping {} known endpoints and reconnecting", client.addr, known.len());
                             break;
                         }
                         Err(status) => {
                             metrics.discovery_stream_errors.inc();
-                            tracing::warn!(service = %name, "control plane {}: watch broke: {}: {}; keeping {} known endpoints and reconnecting", client.addr, status.code(), status.message(), known.len());
+                            tracing::warn!(service = %asked, "control plane {}: watch broke: {}: {}; keeping {} known endpoints and reconnecting", client.addr, status.code(), status.message(), known.len());
                             break;
                         }
                     }
@@ -159,7 +275,7 @@ async fn follow(client: &ControlClient, metrics: &Metrics, name: &str, tx: &Upda
             }
             Err(status) => {
                 metrics.discovery_stream_errors.inc();
-                tracing::warn!(service = %name, "control plane {}: watch failed: {}: {}; keeping {} known endpoints", client.addr, status.code(), status.message(), known.len());
+                tracing::warn!(service = %asked, "control plane {}: watch failed: {}: {}; keeping {} known endpoints", client.addr, status.code(), status.message(), known.len());
             }
         }
         tokio::time::sleep(backoff.next_delay()).await;
@@ -176,6 +292,7 @@ mod tests {
             addr: addr.into(),
             weight: 1,
             identity: String::new(),
+            opaque: false,
         }
     }
 
@@ -190,10 +307,10 @@ mod tests {
         let out = translate(u);
         assert_eq!(
             out,
-            vec![
+            Translated::Updates(vec![
                 Update::Remove(vec!["10.0.0.2:80".parse().unwrap()]),
                 Update::Add(vec![EndpointSpec::new("10.0.0.1:80".parse().unwrap())]),
-            ]
+            ])
         );
         let mut bad_id = ep("10.0.0.3:80");
         bad_id.identity = "not a spiffe id".into();
@@ -205,7 +322,13 @@ mod tests {
         };
         assert_eq!(
             translate(u),
-            vec![Update::Remove(vec!["10.0.0.3:80".parse().unwrap()])]
+            Translated::Updates(vec![Update::Remove(vec!["10.0.0.3:80".parse().unwrap()])])
         );
+        let alias = remora_api::Update {
+            kind: Some(Kind::Alias(remora_api::Alias {
+                name: "db.example.org".into(),
+            })),
+        };
+        assert_eq!(translate(alias), Translated::Alias("db.example.org".into()));
     }
 }

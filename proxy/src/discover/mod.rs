@@ -14,7 +14,7 @@ mod control_plane;
 mod source;
 mod statics;
 
-pub(crate) use control_plane::ControlPlane;
+pub(crate) use control_plane::{ControlPlane, Namespace};
 pub use source::{Closed, Discover, Target, Update, UpdateSender, Updates};
 pub use statics::Static;
 
@@ -202,7 +202,7 @@ struct Factory {
 
 impl Factory {
     /// The endpoint set `specs` for destination `name`, reusing endpoints in `current` that
-    /// stay (same address, weight and identity) so they keep their connections and metrics.
+    /// stay (same address, weight, identity and protocol) so they keep their connections and metrics.
     fn build(
         &self,
         name: &str,
@@ -217,6 +217,7 @@ impl Factory {
                     .find(|e| {
                         e.addr == s.addr
                             && e.weight == s.weight
+                            && e.opaque == s.opaque
                             && e.tls.as_ref().map(|t| &t.id) == s.identity.as_ref()
                     })
                     .cloned()
@@ -247,7 +248,8 @@ impl Factory {
                 self.connect_timeout,
                 Some(EndpointMetrics::new(&self.metrics, name, s.addr)),
             )
-            .with_tls(tls),
+            .with_tls(tls)
+            .with_opaque(s.opaque),
         )
     }
 }
@@ -297,6 +299,7 @@ impl Destinations {
                 addr,
                 weight: 1,
                 identity: None,
+                opaque: false,
             })
             .collect();
         let mut cache = dns.lock().unwrap_or_else(|p| p.into_inner());
@@ -503,7 +506,13 @@ async fn follow(
         let mut answer = None;
         for (i, slot) in slots.iter_mut().enumerate() {
             if let Said::NotAsked = slot.said {
-                match sources[i].source.resolve(Target::Name(&name)) {
+                // An `ip:port` authority is an address the app dialled (a ClusterIP), asked
+                // for as such: sources answer names and addresses apart.
+                let target = match name.parse::<SocketAddr>() {
+                    Ok(addr) => Target::Addr(addr),
+                    Err(_) => Target::Name(&name),
+                };
+                match sources[i].source.resolve(target) {
                     Some(s) => {
                         slot.stream = Some(s);
                         slot.said = Said::Waiting(Instant::now());

@@ -173,6 +173,9 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub tls: Option<EndpointTls>,
     pub weight: u32,
+    /// The port carries an opaque protocol (discovery said so): tunnels to it over mTLS
+    /// offer [`crate::tls::ALPN_OPAQUE`] so the peer proxy skips detection.
+    pub opaque: bool,
     pub load: PeakEwma,
     health: Mutex<Health>,
     metrics: Option<EndpointMetrics>,
@@ -205,6 +208,7 @@ impl Endpoint {
         Endpoint {
             addr,
             tls: None,
+            opaque: false,
             weight: weight.max(1),
             load: PeakEwma::default(),
             health: Mutex::new(Health::default()),
@@ -291,6 +295,11 @@ impl Endpoint {
     /// Connects with mTLS, expecting the peer to prove `tls.id`.
     pub fn with_tls(mut self, tls: Option<EndpointTls>) -> Self {
         self.tls = tls;
+        self
+    }
+
+    pub fn with_opaque(mut self, opaque: bool) -> Self {
+        self.opaque = opaque;
         self
     }
 

@@ -494,13 +494,14 @@ impl Forwarder {
         dest: &Destination,
         ep: &Arc<Endpoint>,
     ) -> Result<Response<Body>, ForwardError> {
-        let tcp = match ep.connect(None).await {
+        let alpn = |e: &Endpoint| e.opaque.then_some(crate::tls::ALPN_OPAQUE);
+        let tcp = match ep.connect(alpn(ep)).await {
             Ok(t) => t,
             Err(error) => match dest.pick(Some(ep)).await {
                 Ok(other) => {
                     self.check_loop(dst, &other)?;
                     other
-                        .connect(None)
+                        .connect(alpn(&other))
                         .await
                         .map_err(|source| ForwardError::Endpoint {
                             dst: dst.to_string(),

@@ -506,6 +506,8 @@ impl Listener {
                 _ if opaque_port => (First::NotHttp, Bytes::new()),
                 Some(crate::tls::ALPN_H2) => (First::Http2, Bytes::new()),
                 Some(crate::tls::ALPN_HTTP1) => (First::Http1, Bytes::new()),
+                // The caller's proxy knows the port is opaque (discovery said so).
+                Some(crate::tls::ALPN_OPAQUE) => (First::NotHttp, Bytes::new()),
                 _ => match detect::detect_after(&mut stream, self.detect_timeout, initial).await {
                     Ok((d, prefix)) => (self.first_inside(&d), prefix),
                     Err(_) => return,
