@@ -682,6 +682,15 @@ impl Running {
     }
 }
 
+/// The pod's namespace as Kubernetes mounts it beside the ServiceAccount token; `None` off
+/// Kubernetes. Read when asked (at each discovery watch), so it is never stale.
+fn pod_namespace() -> Option<String> {
+    const PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+    let ns = std::fs::read_to_string(PATH).ok()?;
+    let ns = ns.trim();
+    (!ns.is_empty() && ns.len() <= 63).then(|| ns.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -711,13 +720,4 @@ mod tests {
             .expect("binds");
         assert!(proxy.inbound_addr().is_none() && proxy.outbound_addr().is_some());
     }
-}
-
-/// The pod's namespace as Kubernetes mounts it beside the ServiceAccount token; `None` off
-/// Kubernetes. Read when asked (at each discovery watch), so it is never stale.
-fn pod_namespace() -> Option<String> {
-    const PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
-    let ns = std::fs::read_to_string(PATH).ok()?;
-    let ns = ns.trim();
-    (!ns.is_empty() && ns.len() <= 63).then(|| ns.to_string())
 }
