@@ -18,7 +18,8 @@ use crate::config::EndpointSpec;
 pub enum Target<'a> {
     /// `host:port`, lower case, the port always written (`web.shop:80`).
     Name(&'a str),
-    /// An `ip:port` the caller connected to.
+    /// An `ip:port` the app addressed: an IP-literal authority (`198.18.0.10:80`, a
+    /// Service's ClusterIP), or the original destination of an intercepted connection.
     Addr(SocketAddr),
 }
 

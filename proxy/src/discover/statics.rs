@@ -76,10 +76,11 @@ enum State {
 
 impl Discover for Static {
     fn resolve(&self, target: Target<'_>) -> Option<Updates> {
-        let Target::Name(name) = target else {
-            return None;
+        // A static destination may be named by an address (`10.0.0.1:80`): answer it either way.
+        let name = match target {
+            Target::Name(n) => n.to_string(),
+            Target::Addr(a) => a.to_string(),
         };
-        let name = name.to_string();
         let names = self.names.lock().unwrap_or_else(|p| p.into_inner());
         let state = match names.get(&name) {
             Some(tx) => State::Known(tx.subscribe(), true),
