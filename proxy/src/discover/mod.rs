@@ -759,6 +759,39 @@ mod tests {
         d.endpoints().iter().map(|e| e.addr.port()).collect()
     }
 
+    /// A fake that records what it was asked and knows nothing.
+    #[derive(Default)]
+    struct Recorder {
+        asked: Mutex<Vec<String>>,
+    }
+
+    impl Discover for Recorder {
+        fn resolve(&self, t: Target<'_>) -> Option<Updates> {
+            let kind = match t {
+                Target::Name(_) => "name",
+                Target::Addr(_) => "addr",
+            };
+            self.asked.lock().unwrap().push(format!("{kind} {t}"));
+            Some(Updates::once(Update::DoesNotExist))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ip_port_authorities_are_asked_as_addresses_and_names_as_names() {
+        let r = Arc::new(Recorder::default());
+        let d = chain(vec![("r", r.clone())], false);
+        for authority in ["web:80", "198.18.0.10:80", "[fd00::1]:443"] {
+            assert!(
+                d.resolve(authority).await.is_err(),
+                "nobody knows {authority}"
+            );
+        }
+        assert_eq!(
+            *r.asked.lock().unwrap(),
+            ["name web:80", "addr 198.18.0.10:80", "addr [fd00::1]:443"]
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_first_source_that_knows_a_name_answers_it() {
         let (a, b) = (Arc::new(Fake::default()), Arc::new(Fake::default()));
