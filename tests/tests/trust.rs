@@ -285,6 +285,51 @@ async fn inside_mtls_without_alpn_no_identity_can_be_forged() {
     assert!(!reply.contains(FORGED), "{r}");
 }
 
+/// The opaque-port hint (ALPN `remora-opaque`, offered by a caller's proxy for Kubernetes
+/// ports with an opaque `appProtocol`) only skips the wait: a peer that offers it and then
+/// sends HTTP, at once or after a silence, is still detected, scrubbed and given its verified
+/// identity — it cannot carry a forged `x-remora-client-id` to an HTTP app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_opaque_alpn_hint_cannot_carry_http_past_scrubbing() {
+    let app = python_server("lenient_app.py", &[]).await;
+    let pki = Pki::new("cluster.local");
+    for mode in [MtlsMode::Permissive, MtlsMode::Strict] {
+        let proxy = TestProxy::start(mtls_config(app.addr, &pki.identity_dir("web"), mode)).await;
+        let client = id_files(&pki.identity_dir("client"));
+        let request = format!(
+            "GET /ok HTTP/1.1\r\nHost: web\r\nx-remora-client-id: {FORGED}\r\nConnection: close\r\n\r\n"
+        );
+        for delay_ms in ["0", "300"] {
+            let hex: String = request.bytes().map(|b| format!("{b:02x}")).collect();
+            let port = proxy.inbound.port().to_string();
+            let out = tokio::process::Command::new("python3")
+                .arg(py("tls_send.py"))
+                .args([
+                    "127.0.0.1",
+                    &port,
+                    &client.ca,
+                    &client.crt,
+                    &client.key,
+                    &hex,
+                ])
+                .env("TLS_SEND_ALPN", "remora-opaque")
+                .env("TLS_SEND_DELAY_MS", delay_ms)
+                .output()
+                .await
+                .expect("run tls_send.py");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let r: serde_json::Value = serde_json::from_str(stdout.trim())
+                .unwrap_or_else(|e| panic!("tls_send.py: {e}: {stdout}"));
+            let reply = r["reply"].as_str().unwrap_or_default();
+            assert!(
+                reply.contains("client-id: spiffe://cluster.local/ns/default/sa/client"),
+                "{mode:?}, {delay_ms} ms: {r}"
+            );
+            assert!(!reply.contains(FORGED), "{mode:?}, {delay_ms} ms: {r}");
+        }
+    }
+}
+
 /// Finding 3: strict means mTLS on opaque ports too, and mTLS works there (it used to hang:
 /// the ClientHello went to the app).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -506,8 +506,11 @@ impl Listener {
                 _ if opaque_port => (First::NotHttp, Bytes::new()),
                 Some(crate::tls::ALPN_H2) => (First::Http2, Bytes::new()),
                 Some(crate::tls::ALPN_HTTP1) => (First::Http1, Bytes::new()),
-                // The caller's proxy knows the port is opaque (discovery said so).
-                Some(crate::tls::ALPN_OPAQUE) => (First::NotHttp, Bytes::new()),
+                // The caller's proxy says the port is opaque (discovery did): don't wait for
+                // the client, let the first speaker decide at once. Only a hint: a client that
+                // speaks first is still detected, so a peer offering this ALPN cannot carry
+                // HTTP to the app past scrubbing and identity.
+                Some(crate::tls::ALPN_OPAQUE) if initial.is_empty() => (First::Idle, Bytes::new()),
                 _ => match detect::detect_after(&mut stream, self.detect_timeout, initial).await {
                     Ok((d, prefix)) => (self.first_inside(&d), prefix),
                     Err(_) => return,
