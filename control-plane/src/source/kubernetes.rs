@@ -126,11 +126,16 @@ impl KubeSource {
         let mut pods = state.identities.is_some().then(|| pod_events(&self.client));
         let mut slices = slice_events(&self.client);
         let mut services = service_events(&self.client);
+        // Resources whose missing permission was logged; logged again only after it worked.
+        let mut hinted = Hinted::default();
         loop {
             tokio::select! {
                 ev = slices.next() => match ev {
-                    Some(Ok(ev)) => state.on_slice(ev, &sink),
-                    Some(Err(e)) => warn_watch("EndpointSlice", "endpointslices", "discovery.k8s.io", &e),
+                    Some(Ok(ev)) => {
+                        hinted.ok("endpointslices");
+                        state.on_slice(ev, &sink);
+                    }
+                    Some(Err(e)) => hinted.warn("EndpointSlice", "endpointslices", "discovery.k8s.io", &e),
                     None => {
                         // The watcher retries forever, so this is not expected; start over.
                         tracing::warn!("EndpointSlice watch ended; starting it again");
@@ -139,8 +144,11 @@ impl KubeSource {
                     }
                 },
                 ev = services.next() => match ev {
-                    Some(Ok(ev)) => state.on_service(ev, &sink),
-                    Some(Err(e)) => warn_watch("Service", "services", "", &e),
+                    Some(Ok(ev)) => {
+                        hinted.ok("services");
+                        state.on_service(ev, &sink);
+                    }
+                    Some(Err(e)) => hinted.warn("Service", "services", "", &e),
                     None => {
                         tracing::warn!("Service watch ended; starting it again");
                         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -148,8 +156,11 @@ impl KubeSource {
                     }
                 },
                 ev = next_or_pending(&mut pods) => match ev {
-                    Some(Ok(ev)) => state.on_pod(ev, &sink),
-                    Some(Err(e)) => warn_watch("Pod", "pods", "", &e),
+                    Some(Ok(ev)) => {
+                        hinted.ok("pods");
+                        state.on_pod(ev, &sink);
+                    }
+                    Some(Err(e)) => hinted.warn("Pod", "pods", "", &e),
                     None => {
                         tracing::warn!("Pod watch ended; starting it again");
                         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -227,24 +238,36 @@ fn service_events(client: &kube::Client) -> EventStream<Service> {
     )
 }
 
-/// One warning per failed watch attempt, with the permission to add when the API server said
-/// 403 (the watcher retries with backoff, so a fixed RBAC rule is picked up without a restart).
-fn warn_watch(kind: &str, resource: &str, group: &str, e: &watcher::Error) {
-    let api = match e {
-        watcher::Error::InitialListFailed(e)
-        | watcher::Error::WatchStartFailed(e)
-        | watcher::Error::WatchFailed(e) => Some(e),
-        _ => None,
-    };
-    let verb = match e {
-        watcher::Error::InitialListFailed(_) => "list",
-        _ => "watch",
-    };
-    if let Some(hint) = api.and_then(|e| super::permission::hint(e, verb, group, resource)) {
-        tracing::warn!("{hint}");
-        return;
+/// Watch failures, logged with the permission to add when the API server said 403: that hint
+/// once per resource until the watch works again (the watcher retries with backoff, so a fixed
+/// RBAC rule is picked up without a restart); other failures at every attempt.
+#[derive(Default)]
+struct Hinted(BTreeSet<&'static str>);
+
+impl Hinted {
+    fn ok(&mut self, resource: &'static str) {
+        self.0.remove(resource);
     }
-    tracing::warn!(error = %describe_watch(e), "{kind} watch failed; retrying with backoff");
+
+    fn warn(&mut self, kind: &str, resource: &'static str, group: &str, e: &watcher::Error) {
+        let api = match e {
+            watcher::Error::InitialListFailed(e)
+            | watcher::Error::WatchStartFailed(e)
+            | watcher::Error::WatchFailed(e) => Some(e),
+            _ => None,
+        };
+        let verb = match e {
+            watcher::Error::InitialListFailed(_) => "list",
+            _ => "watch",
+        };
+        match api.and_then(|e| super::permission::hint(e, verb, group, resource)) {
+            Some(hint) if self.0.insert(resource) => tracing::warn!("{hint}"),
+            Some(hint) => tracing::debug!("{hint}"),
+            None => {
+                tracing::warn!(error = %describe_watch(e), "{kind} watch failed; retrying with backoff")
+            }
+        }
+    }
 }
 
 fn pod_events(client: &kube::Client) -> EventStream<Pod> {
