@@ -150,6 +150,21 @@ impl TestControl {
         .await
     }
 
+    /// Options for a control plane on loopback with `pki` as its issuer and `source`; change
+    /// them, then [`TestControl::start_options`].
+    pub fn options(pki: &Pki, source: Source) -> Options {
+        let mut o = Options::new(pki.dir.clone(), source);
+        o.addr = loopback0();
+        o.admin_addr = loopback0();
+        o.trust_domain = pki.trust_domain.clone();
+        o
+    }
+
+    /// Starts with any options (see [`TestControl::options`]); ready when it returns.
+    pub async fn start_options(o: Options) -> TestControl {
+        Self::run(o, PathBuf::new()).await
+    }
+
     async fn start_source(
         addr: SocketAddr,
         pki: &Pki,
@@ -233,7 +248,19 @@ pub fn proxy_config(
     sa: &str,
     token: &str,
 ) -> Config {
-    let dir = scratch(&format!("ca-only-{sa}"));
+    proxy_config_for(app, pki, control, &pki.id(sa), token)
+}
+
+/// [`proxy_config`] for any identity (another namespace than `default`).
+pub fn proxy_config_for(
+    app: SocketAddr,
+    pki: &Pki,
+    control: &ControlTarget,
+    id: &remora_certs::SpiffeId,
+    token: &str,
+) -> Config {
+    let (ns, sa) = id.namespace_and_account().unwrap_or(("", "id"));
+    let dir = scratch(&format!("ca-only-{ns}-{sa}"));
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::copy(pki.dir.join("ca.crt"), dir.join("ca.crt")).expect("copy ca.crt");
     let tok = dir.join("token");
@@ -242,7 +269,7 @@ pub fn proxy_config(
     cfg.identity_dir = Some(dir);
     cfg.control = Some(control.clone());
     cfg.identity_mode = IdentityMode::Control {
-        id: pki.id(sa),
+        id: id.clone(),
         token: tok,
     };
     cfg
@@ -346,9 +373,10 @@ impl std::io::Write for LogWriter {
     }
 }
 
-/// A FAKE Kubernetes API serving only `POST /apis/authentication.k8s.io/v1/tokenreviews`: the
-/// test API server (apiextensions-apiserver) does not serve TokenReview and no kube-apiserver
-/// can run here. It answers like the real one: the token's user and audiences, or
+/// A FAKE Kubernetes API serving only `POST /apis/authentication.k8s.io/v1/tokenreviews`, for
+/// answers a real API server cannot be made to give (a user that is no service account, in a
+/// test that needs no cluster); the real TokenReview path is tested on kube-apiserver in
+/// `tests/kube_identity.rs`. It answers like the real one: the token's user and audiences, or
 /// `authenticated: false` with an error. Plain HTTP; [`FakeTokenReview::kubeconfig`] points a
 /// kube client at it.
 pub struct FakeTokenReview {

@@ -1,4 +1,4 @@
-//! The Kubernetes source against a real API server (`shared/kube/apiserver.sh`): EndpointSlice
+//! The Kubernetes source against a real API server (`tests/kube/cluster.sh`): EndpointSlice
 //! changes reach the registry within 1 s, and a fresh watch lists the current state.
 
 use std::sync::Arc;
@@ -95,7 +95,7 @@ fn eps<'a>(addrs: &[&'a str]) -> Vec<(&'a str, bool, bool)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_slice_changes_reach_the_registry_within_a_second() {
     let server = ApiServer::start();
-    // Any namespace name works: the API server has no Namespace objects to check against.
+    // `apply_slice` creates the namespace first, as the API server requires.
     server.apply_slice("other", "api-abc", "api", 9000, &eps(&["10.1.0.1"]));
     const API: &str = "api.other.svc.cluster.local:9000";
 
