@@ -455,7 +455,8 @@ impl Drop for ApiServer {
             .arg("stop")
             .arg(&self.dir)
             .output();
-        // `stop` only signals; wait for the processes to exit before removing their files.
+        // `stop` waits for its own exit, but a pid file it could not read is not waited on:
+        // make sure both processes are gone before removing their files.
         let running = |pid: &u32| {
             std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
                 !s.rsplit_once(')')
