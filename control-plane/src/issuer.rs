@@ -178,9 +178,8 @@ pub fn parse_tokens(path: &Path, text: &str) -> Result<HashMap<String, SpiffeId>
 /// Decides whether a token proves an identity.
 pub struct Authenticator {
     pub bootstrap: Option<Arc<BootstrapTokens>>,
-    /// A client for TokenReview, and the audiences tokens must be for (empty: the API
-    /// server's default).
-    pub token_review: Option<(kube::Client, Vec<String>)>,
+    /// TokenReviews, when ServiceAccount tokens are accepted.
+    pub token_review: Option<crate::tokenreview::Reviewer>,
     pub trust_domain: String,
 }
 
@@ -250,7 +249,7 @@ impl Authenticator {
                 Err(format!("this bootstrap token is for {allowed}, not {id}"))
             };
         }
-        let Some((client, audiences)) = &self.token_review else {
+        let Some(reviewer) = &self.token_review else {
             return Err(match &self.bootstrap {
                 Some(b) => format!(
                     "the token is not in the bootstrap tokens ({})",
@@ -259,7 +258,8 @@ impl Authenticator {
                 None => "no way to check tokens is configured on the control plane".into(),
             });
         };
-        let user = crate::tokenreview::review(client, token, audiences)
+        let user = reviewer
+            .review(token)
             .await
             .map_err(|e| format!("TokenReview: {e}"))?;
         let proven = crate::tokenreview::service_account_identity(&user, &self.trust_domain)

@@ -417,7 +417,7 @@ impl ControlPlane {
             None => None,
         };
         let token_review = match &opts.token_review {
-            Some(kc) => Some((
+            Some(kc) => Some(crate::tokenreview::Reviewer::new(
                 kube_client(kc.as_ref()).await?,
                 opts.token_audiences.clone(),
             )),

@@ -7,14 +7,73 @@ use kube::api::{Api, PostParams};
 use remora_certs::SpiffeId;
 
 use crate::source::kubernetes::describe;
+use crate::source::permission::{self, Reported};
+
+/// TokenReviews through one client, for the audiences tokens must be for (empty: the API
+/// server's default).
+pub struct Reviewer {
+    pub client: kube::Client,
+    pub audiences: Vec<String>,
+    /// A 403 is logged with its fix once, not on every Certify a proxy retries.
+    forbidden: Reported,
+}
+
+impl Reviewer {
+    pub fn new(client: kube::Client, audiences: Vec<String>) -> Reviewer {
+        Reviewer {
+            client,
+            audiences,
+            forbidden: Reported::default(),
+        }
+    }
+
+    /// Whose `token` is: the username (`system:serviceaccount:<ns>:<sa>`), or why not. When the
+    /// control plane's account may not create TokenReviews, the rule to add is logged (once per
+    /// outage) and the caller is told the control plane lacks a permission.
+    pub async fn review(&self, token: &str) -> Result<String, String> {
+        match review(&self.client, token, &self.audiences).await {
+            Ok(user) => {
+                self.forbidden.cleared();
+                Ok(user)
+            }
+            // The API server answered the review: the permission is there.
+            Err(Failed::Refused(why)) => {
+                self.forbidden.cleared();
+                Err(why)
+            }
+            Err(Failed::Request(e)) => {
+                let why = format!("the TokenReview request failed: {}", describe(&e));
+                match permission::hint(&e, "create", "authentication.k8s.io", "tokenreviews") {
+                    Some(hint) => {
+                        if self.forbidden.first() {
+                            tracing::error!("{hint}");
+                        }
+                        Err(format!(
+                            "{why} (the control plane's account may not create TokenReviews; its log names the ClusterRole rule to add)"
+                        ))
+                    }
+                    None => Err(why),
+                }
+            }
+        }
+    }
+}
+
+/// Why a review did not prove a user.
+enum Failed {
+    /// The request itself failed (transport, or an API error such as 403).
+    Request(kube::Error),
+    /// The API server answered: the token proves nothing usable, for this reason.
+    Refused(String),
+}
 
 /// Asks the API server whose `token` is. `audiences`, when not empty, must include one the
 /// token was issued for. Returns the username (`system:serviceaccount:<ns>:<sa>`), or why not.
-pub async fn review(
+async fn review(
     client: &kube::Client,
     token: &str,
     audiences: &[String],
-) -> Result<String, String> {
+) -> Result<String, Failed> {
     let request = TokenReview {
         spec: TokenReviewSpec {
             token: Some(token.to_string()),
@@ -25,21 +84,15 @@ pub async fn review(
     let reviewed = Api::<TokenReview>::all(client.clone())
         .create(&PostParams::default(), &request)
         .await
-        .map_err(|e| {
-            let hint = match &e {
-                kube::Error::Api(s) if s.code == 403 => {
-                    " (grant the control plane `create` on tokenreviews.authentication.k8s.io)"
-                }
-                _ => "",
-            };
-            format!("the TokenReview request failed: {}{hint}", describe(&e))
-        })?;
+        .map_err(Failed::Request)?;
     let status = reviewed.status.unwrap_or_default();
     if status.authenticated != Some(true) {
-        return Err(match status.error.filter(|e| !e.is_empty()) {
-            Some(why) => format!("the token is not authenticated: {why}"),
-            None => "the token is not authenticated".to_string(),
-        });
+        return Err(Failed::Refused(
+            match status.error.filter(|e| !e.is_empty()) {
+                Some(why) => format!("the token is not authenticated: {why}"),
+                None => "the token is not authenticated".to_string(),
+            },
+        ));
     }
     // The API says a client that asks for audiences must check that one came back: an
     // authenticator that ignores audiences would otherwise accept a token meant for another
@@ -47,16 +100,18 @@ pub async fn review(
     if !audiences.is_empty() {
         let granted = status.audiences.unwrap_or_default();
         if !granted.iter().any(|a| audiences.contains(a)) {
-            return Err(format!(
+            return Err(Failed::Refused(format!(
                 "the token is not for this audience: asked for {audiences:?}, the API server granted {granted:?}"
-            ));
+            )));
         }
     }
     status
         .user
         .and_then(|u| u.username)
         .filter(|u| !u.is_empty())
-        .ok_or_else(|| "the token is authenticated but the review names no user".to_string())
+        .ok_or_else(|| {
+            Failed::Refused("the token is authenticated but the review names no user".to_string())
+        })
 }
 
 /// `system:serviceaccount:<ns>:<sa>` → `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`; `None` for any

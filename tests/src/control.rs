@@ -123,7 +123,7 @@ impl TestControl {
         o.trust_domain = pki.trust_domain.clone();
         o.token_review = Some(Some(kubeconfig.to_path_buf()));
         o.token_audiences = audiences.iter().map(|a| a.to_string()).collect();
-        Self::run(o, eps).await
+        Self::run(o, eps, true).await
     }
 
     /// Starts on the Kubernetes source (EndpointSlices from the API server in `kubeconfig`).
@@ -150,6 +150,27 @@ impl TestControl {
         .await
     }
 
+    /// Options for a control plane on loopback with `pki` as its issuer and `source`; change
+    /// them, then [`TestControl::start_options`].
+    pub fn options(pki: &Pki, source: Source) -> Options {
+        let mut o = Options::new(pki.dir.clone(), source);
+        o.addr = loopback0();
+        o.admin_addr = loopback0();
+        o.trust_domain = pki.trust_domain.clone();
+        o
+    }
+
+    /// Starts with any options (see [`TestControl::options`]); ready when it returns.
+    pub async fn start_options(o: Options) -> TestControl {
+        Self::run(o, PathBuf::new(), true).await
+    }
+
+    /// Starts with any options and returns without waiting for `/ready` (a source that cannot
+    /// sync, e.g. forbidden by RBAC).
+    pub async fn start_unready(o: Options) -> TestControl {
+        Self::run(o, PathBuf::new(), false).await
+    }
+
     async fn start_source(
         addr: SocketAddr,
         pki: &Pki,
@@ -164,10 +185,10 @@ impl TestControl {
         o.trust_domain = pki.trust_domain.clone();
         o.bootstrap_tokens = tokens;
         o.cert_lifetime = lifetime;
-        Self::run(o, endpoints).await
+        Self::run(o, endpoints, true).await
     }
 
-    async fn run(o: Options, endpoints: PathBuf) -> TestControl {
+    async fn run(o: Options, endpoints: PathBuf, ready: bool) -> TestControl {
         let cp = ControlPlane::bind(o).await.expect("control plane binds");
         let (addr, admin, identity, registry) =
             (cp.addr(), cp.admin_addr(), cp.identity(), cp.registry());
@@ -175,7 +196,9 @@ impl TestControl {
         let task = tokio::spawn(cp.run(async move {
             let _ = rx.await;
         }));
-        crate::wait_ready(admin).await;
+        if ready {
+            crate::wait_ready(admin).await;
+        }
         TestControl {
             addr,
             admin,
@@ -233,7 +256,19 @@ pub fn proxy_config(
     sa: &str,
     token: &str,
 ) -> Config {
-    let dir = scratch(&format!("ca-only-{sa}"));
+    proxy_config_for(app, pki, control, &pki.id(sa), token)
+}
+
+/// [`proxy_config`] for any identity (another namespace than `default`).
+pub fn proxy_config_for(
+    app: SocketAddr,
+    pki: &Pki,
+    control: &ControlTarget,
+    id: &remora_certs::SpiffeId,
+    token: &str,
+) -> Config {
+    let (ns, sa) = id.namespace_and_account().unwrap_or(("", "id"));
+    let dir = scratch(&format!("ca-only-{ns}-{sa}"));
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::copy(pki.dir.join("ca.crt"), dir.join("ca.crt")).expect("copy ca.crt");
     let tok = dir.join("token");
@@ -242,7 +277,7 @@ pub fn proxy_config(
     cfg.identity_dir = Some(dir);
     cfg.control = Some(control.clone());
     cfg.identity_mode = IdentityMode::Control {
-        id: pki.id(sa),
+        id: id.clone(),
         token: tok,
     };
     cfg
@@ -346,9 +381,10 @@ impl std::io::Write for LogWriter {
     }
 }
 
-/// A FAKE Kubernetes API serving only `POST /apis/authentication.k8s.io/v1/tokenreviews`: the
-/// test API server (apiextensions-apiserver) does not serve TokenReview and no kube-apiserver
-/// can run here. It answers like the real one: the token's user and audiences, or
+/// A FAKE Kubernetes API serving only `POST /apis/authentication.k8s.io/v1/tokenreviews`, for
+/// answers a real API server cannot be made to give (a user that is no service account, in a
+/// test that needs no cluster); the real TokenReview path is tested on kube-apiserver in
+/// `tests/kube_identity.rs`. It answers like the real one: the token's user and audiences, or
 /// `authenticated: false` with an error. Plain HTTP; [`FakeTokenReview::kubeconfig`] points a
 /// kube client at it.
 pub struct FakeTokenReview {

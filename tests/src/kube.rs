@@ -1,6 +1,11 @@
-//! A real Kubernetes API server for tests (`tests/kube/apiserver.sh`: etcd + the upstream
-//! apiextensions-apiserver, serving `discovery.k8s.io/v1` EndpointSlices only), and helpers to
-//! write EndpointSlices to it with curl and the admin client certificate.
+//! A real Kubernetes API server for tests (`tests/kube/cluster.sh`: etcd + upstream
+//! kube-apiserver v1.20.2 with RBAC on, core kinds, TokenRequest/TokenReview, and
+//! `discovery.k8s.io/v1` EndpointSlices as a CRD), and helpers to write objects to it with curl
+//! and the admin client certificate (`system:masters`), or with a ServiceAccount token.
+//!
+//! No controllers run: a test writes what the endpointslice controller and the kubelet would
+//! (slices, pod statuses), and creates the namespaces its objects live in (the helpers that
+//! write namespaced objects do that for it).
 //!
 //! A missing script or a server that does not start is a panic, never a skipped test: a test
 //! that passes without its API server proves nothing.
@@ -8,10 +13,11 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// One etcd + API server on free loopback ports, in its own temporary directory; stopped and
 /// removed on drop.
@@ -21,16 +27,43 @@ pub struct ApiServer {
     /// `https://127.0.0.1:<port>`.
     pub url: String,
     script: PathBuf,
+    /// Namespaces known to exist (created here or found), so writes do not ask every time.
+    namespaces: Mutex<std::collections::HashSet<String>>,
 }
 
 static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
 
-/// `REMORA_APISERVER_SH`, else the copy in this repository (`tests/kube/apiserver.sh`).
+/// `REMORA_CLUSTER_SH`, else the copy in this repository (`tests/kube/cluster.sh`).
 fn script() -> PathBuf {
-    if let Some(p) = std::env::var_os("REMORA_APISERVER_SH") {
+    if let Some(p) = std::env::var_os("REMORA_CLUSTER_SH") {
         return PathBuf::from(p);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("kube/apiserver.sh")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("kube/cluster.sh")
+}
+
+/// The repository root (for manifests under `deploy/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is inside the workspace")
+        .to_path_buf()
+}
+
+/// `/api/v1` for core, `/apis/<group>/<version>` otherwise.
+fn api_prefix(api_version: &str) -> String {
+    if api_version.contains('/') {
+        format!("/apis/{api_version}")
+    } else {
+        format!("/api/{api_version}")
+    }
+}
+
+/// The plural resource name of `kind`, for the kinds tests write.
+fn plural(kind: &str) -> String {
+    match kind {
+        "Endpoints" => "endpoints".into(),
+        k => format!("{}s", k.to_ascii_lowercase()),
+    }
 }
 
 /// Three distinct free loopback ports (held together while picking so they differ).
@@ -55,8 +88,8 @@ impl ApiServer {
         let script = script();
         assert!(
             script.exists(),
-            "the Kubernetes API server script is missing: {} does not exist. Set REMORA_APISERVER_SH \
-             to tests/kube/apiserver.sh, and run `apiserver.sh build` once per machine",
+            "the Kubernetes API server script is missing: {} does not exist. Set REMORA_CLUSTER_SH \
+             to tests/kube/cluster.sh, and run `cluster.sh build` once per machine",
             script.display()
         );
         let mut last_error = String::new();
@@ -84,6 +117,7 @@ impl ApiServer {
                 url: format!("https://127.0.0.1:{kube}"),
                 dir,
                 script: script.clone(),
+                namespaces: Mutex::default(),
             };
             if out.status.success() && server.kubeconfig.exists() {
                 return server;
@@ -117,11 +151,41 @@ impl ApiServer {
         content_type: Option<&str>,
         body: Option<&str>,
     ) -> (u16, String) {
+        let auth = [
+            "--cert".to_string(),
+            self.pki("admin.crt"),
+            "--key".to_string(),
+            self.pki("admin.key"),
+        ];
+        self.curl(&auth, method, path, content_type, body)
+    }
+
+    /// One request with a bearer `token` (a ServiceAccount's): `(HTTP status, body)`. For
+    /// checking what an account may do, as the API server's authorizer sees it.
+    pub fn request_as(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, String) {
+        let auth = ["-H".to_string(), format!("Authorization: Bearer {token}")];
+        self.curl(&auth, method, path, content_type, body)
+    }
+
+    fn curl(
+        &self,
+        auth: &[String],
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, String) {
         let mut cmd = Command::new("curl");
         cmd.args(["-sS", "--max-time", "10", "-X", method])
             .args(["--cacert", &self.pki("ca.crt")])
-            .args(["--cert", &self.pki("admin.crt")])
-            .args(["--key", &self.pki("admin.key")])
+            .args(auth)
             .args(["-w", "\n%{http_code}"]);
         if let Some(ct) = content_type {
             cmd.args(["-H", &format!("Content-Type: {ct}")]);
@@ -142,6 +206,169 @@ impl ApiServer {
             )
         });
         (code, body.to_string())
+    }
+
+    /// GETs `path` as the admin; panics naming it unless 200.
+    pub fn get(&self, path: &str) -> Value {
+        let (code, text) = self.request("GET", path, None, None);
+        assert_eq!(code, 200, "GET {path} failed: HTTP {code}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {text}"))
+    }
+
+    /// Creates namespace `ns` unless it exists (the API server refuses objects in a namespace
+    /// that does not exist, and no controller makes one).
+    pub fn create_namespace(&self, ns: &str) {
+        if self
+            .namespaces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(ns)
+        {
+            return;
+        }
+        let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+        let (code, text) = self.request(
+            "POST",
+            "/api/v1/namespaces",
+            Some("application/json"),
+            Some(&body.to_string()),
+        );
+        assert!(
+            code == 201 || code == 409,
+            "creating namespace {ns} failed: HTTP {code}: {text}"
+        );
+        self.namespaces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ns.to_string());
+    }
+
+    /// Creates or replaces object `name` in the collection at `path_collection` (e.g.
+    /// `/api/v1/namespaces/shop/services`) by server-side apply, creating its namespace first.
+    /// `json` is the whole object, with `apiVersion`, `kind` and `metadata.name`.
+    pub fn apply(&self, path_collection: &str, name: &str, json: &Value) {
+        let in_path = path_collection
+            .split_once("/namespaces/")
+            .and_then(|(_, rest)| rest.split('/').next());
+        if let Some(ns) = in_path.or(json["metadata"]["namespace"].as_str()) {
+            self.create_namespace(ns);
+        }
+        let kind = json["kind"].as_str().unwrap_or("object");
+        // JSON is YAML, so the apply-patch content type takes it as is.
+        let (code, text) = self.request(
+            "PATCH",
+            &format!("{path_collection}/{name}?fieldManager=remora-tests&force=true"),
+            Some("application/apply-patch+yaml"),
+            Some(&json.to_string()),
+        );
+        assert!(
+            code == 200 || code == 201,
+            "applying {kind} {name} at {path_collection} failed: HTTP {code}: {text}"
+        );
+    }
+
+    /// [`ApiServer::apply`] with the collection path worked out from the object's
+    /// `apiVersion`, `kind` and `metadata.namespace`.
+    pub fn apply_object(&self, json: &Value) {
+        let api_version = json["apiVersion"]
+            .as_str()
+            .unwrap_or_else(|| panic!("object without apiVersion: {json}"));
+        let kind = json["kind"]
+            .as_str()
+            .unwrap_or_else(|| panic!("object without kind: {json}"));
+        let name = json["metadata"]["name"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{kind} without metadata.name: {json}"));
+        let ns = json["metadata"]["namespace"].as_str();
+        self.apply(&collection(api_version, kind, ns), name, json);
+    }
+
+    /// Applies every document of the YAML manifest at `path` (relative to the repository root,
+    /// e.g. `deploy/control-plane-rbac.yaml`), in order; returns them as JSON.
+    pub fn apply_manifest(&self, path: &str) -> Vec<Value> {
+        let docs = manifest(path);
+        for doc in &docs {
+            self.apply_object(doc);
+        }
+        docs
+    }
+
+    /// Deletes the object at `path` (e.g. `/api/v1/namespaces/shop/serviceaccounts/web`); panics
+    /// naming it unless the API server accepted the deletion.
+    pub fn delete(&self, path: &str) {
+        let (code, text) = self.request("DELETE", path, None, None);
+        assert!(
+            code == 200 || code == 202,
+            "deleting {path} failed: HTTP {code}: {text}"
+        );
+    }
+
+    /// Sets Pod `ns/name`'s `status` (the `/status` subresource, which only the kubelet writes
+    /// in a real cluster), e.g. `{"phase": "Running", "podIP": "10.0.0.7", "conditions": […]}`.
+    pub fn set_pod_status(&self, ns: &str, name: &str, status: &Value) {
+        let path = format!("/api/v1/namespaces/{ns}/pods/{name}/status");
+        let (code, text) = self.request(
+            "PATCH",
+            &path,
+            Some("application/merge-patch+json"),
+            Some(&json!({ "status": status }).to_string()),
+        );
+        assert_eq!(
+            code, 200,
+            "setting the status of Pod {ns}/{name} failed: HTTP {code}: {text}"
+        );
+    }
+
+    /// Creates ServiceAccount `ns/name` (and its namespace) unless it exists.
+    pub fn create_service_account(&self, ns: &str, name: &str) {
+        self.apply(
+            &format!("/api/v1/namespaces/{ns}/serviceaccounts"),
+            name,
+            &json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}}),
+        );
+    }
+
+    /// A token for ServiceAccount `ns/sa` from the API server's TokenRequest (one hour,
+    /// `audience`), as the kubelet would mount it. The account must exist.
+    pub fn token(&self, ns: &str, sa: &str, audience: &str) -> String {
+        let body = json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": 3600},
+        });
+        let (code, text) = self.request(
+            "POST",
+            &format!("/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token"),
+            Some("application/json"),
+            Some(&body.to_string()),
+        );
+        assert_eq!(
+            code, 201,
+            "TokenRequest for ServiceAccount {ns}/{sa} failed: HTTP {code}: {text}"
+        );
+        let answer: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("TokenRequest for {ns}/{sa}: not JSON ({e}): {text}"));
+        answer["status"]["token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("TokenRequest for {ns}/{sa} has no status.token: {text}"))
+            .to_string()
+    }
+
+    /// Writes a kubeconfig that reaches this server with bearer `token` (the cluster's CA, no
+    /// client certificate), as an in-cluster client would; returns its path.
+    pub fn kubeconfig_for_token(&self, token: &str) -> PathBuf {
+        let path = self.dir.join(format!(
+            "kubeconfig-token-{}",
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster: {{server: \"{}\", certificate-authority: \"{}\"}}\nusers:\n- name: token\n  user: {{token: \"{token}\"}}\ncontexts:\n- name: local\n  context: {{cluster: local, user: token}}\ncurrent-context: local\n",
+            self.url,
+            self.pki("ca.crt"),
+        );
+        std::fs::write(&path, text)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        path
     }
 
     /// Creates or replaces (server-side apply) EndpointSlice `ns/name` for `service`: IPv4, one
@@ -169,18 +396,16 @@ impl ApiServer {
                 "conditions": {"ready": ready, "serving": *ready || *terminating, "terminating": terminating},
             })).collect::<Vec<_>>(),
         });
-        // JSON is YAML, so the apply-patch content type takes it as is.
-        let (code, text) = self.request(
-            "PATCH",
-            &format!(
-                "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices/{name}?fieldManager=remora-tests&force=true"
-            ),
-            Some("application/apply-patch+yaml"),
-            Some(&body.to_string()),
-        );
-        assert!(
-            code == 200 || code == 201,
-            "applying EndpointSlice {ns}/{name} failed: HTTP {code}: {text}"
+        self.apply_slice_json(ns, name, &body);
+    }
+
+    /// Creates or replaces (server-side apply) EndpointSlice `ns/name` from the whole object
+    /// `json` (for fields `apply_slice` does not write: `targetRef`, `hostname`, several ports).
+    pub fn apply_slice_json(&self, ns: &str, name: &str, json: &Value) {
+        self.apply(
+            &format!("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"),
+            name,
+            json,
         );
     }
 
@@ -199,6 +424,25 @@ impl ApiServer {
     }
 }
 
+/// The collection path of `kind` in `api_version`, namespaced when `ns` is given.
+pub fn collection(api_version: &str, kind: &str, ns: Option<&str>) -> String {
+    let prefix = api_prefix(api_version);
+    match ns {
+        Some(ns) => format!("{prefix}/namespaces/{ns}/{}", plural(kind)),
+        None => format!("{prefix}/{}", plural(kind)),
+    }
+}
+
+/// The documents of the YAML manifest at `path` (relative to the repository root), as JSON.
+pub fn manifest(path: &str) -> Vec<Value> {
+    let file = repo_root().join(path);
+    let text = std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("cannot read the manifest {}: {e}", file.display()));
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
+        .unwrap_or_else(|e| panic!("the manifest {} is not YAML: {e}", file.display()));
+    docs.into_iter().filter(|d| !d.is_null()).collect()
+}
+
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let pids: Vec<u32> = ["apiserver.pid", "etcd.pid"]
@@ -211,7 +455,8 @@ impl Drop for ApiServer {
             .arg("stop")
             .arg(&self.dir)
             .output();
-        // `stop` only signals; wait for the processes to exit before removing their files.
+        // `stop` waits for its own exit, but a pid file it could not read is not waited on:
+        // make sure both processes are gone before removing their files.
         let running = |pid: &u32| {
             std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
                 !s.rsplit_once(')')

@@ -38,7 +38,7 @@
 //!   (that would be a silent downgrade to plaintext); the services referring to a Pod are
 //!   recomputed when it appears. Endpoints without a Pod `targetRef` (external addresses) have
 //!   no identity. When Pods cannot be read (RBAC), one warning says so and endpoints get no
-//!   identity.
+//!   identity. A watch refused with 403 logs the RBAC rule to add ([`super::permission`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -250,17 +250,7 @@ impl Hinted {
     }
 
     fn warn(&mut self, kind: &str, resource: &'static str, group: &str, e: &watcher::Error) {
-        let api = match e {
-            watcher::Error::InitialListFailed(e)
-            | watcher::Error::WatchStartFailed(e)
-            | watcher::Error::WatchFailed(e) => Some(e),
-            _ => None,
-        };
-        let verb = match e {
-            watcher::Error::InitialListFailed(_) => "list",
-            _ => "watch",
-        };
-        match api.and_then(|e| super::permission::hint(e, verb, group, resource)) {
+        match super::permission::hint_for_watch(e, group, resource) {
             Some(hint) if self.0.insert(resource) => tracing::warn!("{hint}"),
             Some(hint) => tracing::debug!("{hint}"),
             None => {
