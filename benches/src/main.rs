@@ -1,7 +1,8 @@
 //! remora's benchmark harness. Scenario so far: one hop, h2c, small responses from nghttpd,
 //! fixed concurrency — direct (the baseline row) against remora's inbound.
 //!
-//!   cargo run -p benches --release -- [compare|one-hop|rolling-restart|balance|mtls|control|soak|all] [--quick]
+//!   cargo run -p benches --release -- [compare|one-hop|rolling-restart|balance|mtls|control|kube-scale|soak|all] [--quick]
+//!   (`kube-scale` needs the real API server of tests/kube/cluster.sh; `all` does not run it)
 //!   (`soak` is long: 30 min by default, `--duration`, `--quick` for 20 s; `all` runs it only with `--soak`)
 //!
 //! The remora-proxy measured is the workspace's release build, unless `--proxy-bin PATH` (or
@@ -17,6 +18,7 @@
 mod balance;
 mod compare;
 mod control;
+mod kube_scale;
 mod load;
 mod mtls;
 mod peers;
@@ -585,6 +587,7 @@ fn main() -> std::process::ExitCode {
         Some("mtls") => mtls::run(quick),
         Some("compare") => compare::run(quick),
         Some("control") => control::run(quick),
+        Some("kube-scale") => kube_scale::run(quick),
         Some("soak") => soak::run(quick, &args[1..]),
         Some("all") | Some("--quick") | None => compare::run(quick)
             .and_then(|()| rolling_restart(quick))
@@ -596,7 +599,7 @@ fn main() -> std::process::ExitCode {
                 false => Ok(()),
             }),
         Some(other) => Err(format!(
-            "unknown scenario `{other}`; scenarios: compare, one-hop, rolling-restart, balance, mtls, control, soak, all"
+            "unknown scenario `{other}`; scenarios: compare, one-hop, rolling-restart, balance, mtls, control, kube-scale, soak, all"
         )),
     };
     report(result)
