@@ -2,7 +2,8 @@
 //! fixed concurrency — direct (the baseline row) against remora's inbound.
 //!
 //!   cargo run -p benches --release -- [compare|one-hop|rolling-restart|balance|mtls|control|kube-scale|soak|all] [--quick]
-//!   (`kube-scale` needs the real API server of tests/kube/cluster.sh; `all` does not run it)
+//!   (`kube-scale` needs the real API server of tests/kube/cluster.sh; `all` does not run it,
+//!   CI runs it on its own)
 //!   (`soak` is long: 30 min by default, `--duration`, `--quick` for 20 s; `all` runs it only with `--soak`)
 //!
 //! The remora-proxy measured is the workspace's release build, unless `--proxy-bin PATH` (or
