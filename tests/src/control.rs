@@ -542,3 +542,54 @@ impl Unready {
         let _ = tokio::time::timeout(crate::WAIT, self.task).await;
     }
 }
+
+/// The answers (app names) of a request loop, with when each came.
+pub type Answers = tokio::sync::mpsc::UnboundedReceiver<(std::time::Instant, String)>;
+
+/// How long after `since` the first answer from `app` came.
+pub async fn first_answer_from(
+    answers: &mut Answers,
+    since: std::time::Instant,
+    app: &str,
+) -> Duration {
+    loop {
+        let (at, b) = tokio::time::timeout(crate::WAIT, answers.recv())
+            .await
+            .expect("answers keep coming")
+            .expect("load running");
+        if b == app && at >= since {
+            return at.duration_since(since);
+        }
+    }
+}
+
+/// Waits until `cond` holds for `streak` answers in a row after `since`; returns how long
+/// after `since` that streak began.
+pub async fn settle(
+    answers: &mut Answers,
+    since: std::time::Instant,
+    streak: usize,
+    cond: impl Fn(&str) -> bool,
+) -> Duration {
+    let mut began: Option<std::time::Instant> = None;
+    let mut n = 0;
+    loop {
+        let (at, b) = tokio::time::timeout(crate::WAIT, answers.recv())
+            .await
+            .expect("answers keep coming")
+            .expect("load running");
+        if at < since {
+            continue;
+        }
+        if cond(&b) {
+            began.get_or_insert(at);
+            n += 1;
+            if n >= streak {
+                return began.map(|s| s.duration_since(since)).unwrap_or_default();
+            }
+        } else {
+            began = None;
+            n = 0;
+        }
+    }
+}

@@ -294,7 +294,9 @@ async fn endpoint_slice_changes_reach_the_registry_within_a_second() {
 /// → a proxy's outbound, with a request loop running through every change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_slice_changes_reach_a_proxy_with_zero_failed_requests() {
-    use remora_tests::control::{NamedApp, TestControl, get_via, proxy_config};
+    use remora_tests::control::{
+        NamedApp, TestControl, first_answer_from, get_via, proxy_config, settle,
+    };
     use remora_tests::{Pki, TestProxy, refused_addr};
 
     let server = ApiServer::start();
@@ -371,50 +373,6 @@ async fn endpoint_slice_changes_reach_a_proxy_with_zero_failed_requests() {
             (ok, failed)
         })
     };
-    // How long after `since` the first answer from `app` came.
-    async fn first_answer_from(
-        bodies: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, String)>,
-        since: Instant,
-        app: &str,
-    ) -> Duration {
-        loop {
-            let (at, b) = tokio::time::timeout(Duration::from_secs(30), bodies.recv())
-                .await
-                .expect("answers keep coming")
-                .expect("load running");
-            if b == app && at >= since {
-                return at.duration_since(since);
-            }
-        }
-    }
-    // Waits until `cond` holds for 20 answers in a row; returns when the streak began.
-    async fn settle(
-        bodies: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, String)>,
-        since: Instant,
-        cond: impl Fn(&str) -> bool,
-    ) -> Duration {
-        let mut streak: Option<Instant> = None;
-        let mut n = 0;
-        loop {
-            let (at, b) = tokio::time::timeout(Duration::from_secs(30), bodies.recv())
-                .await
-                .expect("answers keep coming")
-                .expect("load running");
-            if at < since {
-                continue;
-            }
-            if cond(&b) {
-                streak.get_or_insert(at);
-                n += 1;
-                if n >= 20 {
-                    return streak.map(|s| s.duration_since(since)).unwrap_or_default();
-                }
-            } else {
-                streak = None;
-                n = 0;
-            }
-        }
-    }
     let step = |what: &str, took: Duration| {
         eprintln!("{what}: reached the proxy {took:?} after the write");
         assert!(took < CHANGE, "{what} took {took:?} to reach the proxy");
@@ -447,7 +405,10 @@ async fn endpoint_slice_changes_reach_a_proxy_with_zero_failed_requests() {
             ("127.0.0.4", true, false),
         ],
     );
-    step("a2 not ready", settle(&mut bodies, t, |b| b != "a2").await);
+    step(
+        "a2 not ready",
+        settle(&mut bodies, t, 20, |b| b != "a2").await,
+    );
     // a3 terminating: no new request goes to it either.
     let t = Instant::now();
     server.apply_slice(
@@ -463,7 +424,7 @@ async fn endpoint_slice_changes_reach_a_proxy_with_zero_failed_requests() {
     );
     step(
         "a3 terminating",
-        settle(&mut bodies, t, |b| b == "a4").await,
+        settle(&mut bodies, t, 20, |b| b == "a4").await,
     );
     // a2 ready again, in a second slice of the same service.
     let t = Instant::now();

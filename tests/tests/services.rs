@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use remora_certs::SpiffeId;
 use remora_proxy::{Config, IdentityMode, MtlsMode};
-use remora_tests::control::{NamedApp, TestControl, get_via, proxy_config};
+use remora_tests::control::{
+    Answers, NamedApp, TestControl, first_answer_from, get_via, proxy_config, settle,
+};
 use remora_tests::kube::ApiServer;
-use remora_tests::{Pki, TestProxy, refused_addr};
+use remora_tests::{Pki, TestProxy, refused_addr, tcp_echo};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -318,54 +320,16 @@ async fn services_are_reached_by_every_name_an_app_uses_with_zero_failed_request
             (ok, failed)
         })
     };
-    // Waits until 30 answers in a row satisfy `cond`; returns when the streak began.
-    async fn settle(
-        seen: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, String)>,
-        since: Instant,
-        what: &str,
-        cond: impl Fn(&str) -> bool,
-    ) {
-        let (mut streak, mut n) = (None::<Instant>, 0);
-        loop {
-            let (at, b) = tokio::time::timeout(Duration::from_secs(30), seen.recv())
-                .await
-                .expect("answers keep coming")
-                .expect("load running");
-            if at < since {
-                continue;
-            }
-            if cond(&b) {
-                streak.get_or_insert(at);
-                n += 1;
-                if n >= 30 {
-                    let took = streak.map(|s| s.duration_since(since)).unwrap_or_default();
-                    eprintln!("{what}: settled {took:?} after the write");
-                    assert!(took < CHANGE, "{what} took {took:?}");
-                    return;
-                }
-            } else {
-                (streak, n) = (None, 0);
-            }
-        }
+    // Both assert the change reached callers within CHANGE.
+    async fn settled(seen: &mut Answers, since: Instant, what: &str, cond: impl Fn(&str) -> bool) {
+        let took = settle(seen, since, 30, cond).await;
+        eprintln!("{what}: settled {took:?} after the write");
+        assert!(took < CHANGE, "{what} took {took:?}");
     }
-    // Waits for the first answer from `app` after `since`, within CHANGE.
-    async fn first_from(
-        seen: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, String)>,
-        since: Instant,
-        app: &str,
-    ) {
-        loop {
-            let (at, b) = tokio::time::timeout(Duration::from_secs(30), seen.recv())
-                .await
-                .expect("answers keep coming")
-                .expect("load running");
-            if b == app && at >= since {
-                let took = at.duration_since(since);
-                eprintln!("{app} answered {took:?} after the write");
-                assert!(took < CHANGE, "{app} took {took:?} to answer");
-                return;
-            }
-        }
+    async fn first_from(seen: &mut Answers, since: Instant, app: &str) {
+        let took = first_answer_from(seen, since, app).await;
+        eprintln!("{app} answered {took:?} after the write");
+        assert!(took < CHANGE, "{app} took {took:?} to answer");
     }
     // Scaled: b4 joins the b-pods.
     let t = Instant::now();
@@ -386,7 +350,7 @@ async fn services_are_reached_by_every_name_an_app_uses_with_zero_failed_request
         &[("http", p1)],
         vec![ep("127.0.0.2", false), ep("127.0.0.3", true)],
     );
-    settle(&mut seen, t, "a1 not ready", |b| b != "a1").await;
+    settled(&mut seen, t, "a1 not ready", |b| b != "a1").await;
     let t = Instant::now();
     slice(
         &server,
@@ -405,7 +369,7 @@ async fn services_are_reached_by_every_name_an_app_uses_with_zero_failed_request
         &[("http", p1)],
         vec![ep("127.0.0.2", true), ep("127.0.0.3", false)],
     );
-    settle(&mut seen, t, "a2 terminating", |b| b != "a2").await;
+    settled(&mut seen, t, "a2 terminating", |b| b != "a2").await;
     slice(
         &server,
         "web-a",
@@ -413,7 +377,7 @@ async fn services_are_reached_by_every_name_an_app_uses_with_zero_failed_request
         &[("http", p1)],
         vec![ep("127.0.0.2", true), ep("127.0.0.5", true)],
     );
-    settle(&mut seen, t, "a2 replaced by a5", |b| b != "a2").await;
+    settled(&mut seen, t, "a2 replaced by a5", |b| b != "a2").await;
     first_from(&mut seen, t, "a5").await;
     drop(a2);
     let _ = stop_tx.send(true);
@@ -540,27 +504,6 @@ async fn statefulset_pods_are_reached_one_by_one_over_mtls_and_headless_names_ba
     drop(cp);
 }
 
-/// A server-speaks-first app (MySQL-like) behind a meshed proxy: the banner comes first.
-async fn banner_app() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let _ = s.write_all(b"5.7.0-banner\n").await;
-                let mut buf = [0u8; 64];
-                let _ = s.read(&mut buf).await;
-            });
-        }
-    });
-    (addr, task)
-}
-
 /// Opens `CONNECT authority` through `proxy` and returns how long the server's first bytes
 /// took once the tunnel was up.
 async fn banner_after(proxy: SocketAddr, authority: &str) -> Duration {
@@ -614,7 +557,8 @@ async fn opaque_app_protocols_skip_detection_and_external_names_resolve_through_
         ],
     )
     .await;
-    let (banner, _task) = banner_app().await;
+    // A server-speaks-first app (MySQL-like): the banner comes before any client byte.
+    let (banner, _task) = tcp_echo(Some(b"5.7.0-banner\n")).await;
     let detect = Duration::from_secs(2);
     let mut cfg = meshed(&pki, &cp, banner, "shop", "mysql", "token-db-0123456789");
     cfg.inbound_addr = "127.0.0.20:0".parse().expect("addr");
