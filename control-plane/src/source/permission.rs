@@ -177,7 +177,7 @@ mod tests {
             hint(&e, "list", "", "services").unwrap(),
             format!(
                 "forbidden: the control plane's account ({SA}) cannot list services (discovery needs it); \
-                 add to ClusterRole remora-control: {{apiGroups: [\"\"], resources: [\"services\"], verbs: [\"get\", \"list\", \"watch\"]}} \
+                 add to ClusterRole remora-control: {{apiGroups: [\"\"], resources: [\"services\"], verbs: [\"list\", \"watch\"]}} \
                  (deploy/control-plane-rbac.yaml)"
             )
         );
