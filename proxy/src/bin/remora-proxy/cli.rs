@@ -135,6 +135,9 @@ pub enum Sub {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         cmd: Vec<String>,
     },
+    /// Program this network namespace so the app's TCP goes through the proxy (iptables
+    /// `nat` chains REMORA_INBOUND / REMORA_OUTBOUND; the injected pod's init container).
+    Init(crate::init::InitArgs),
 }
 
 fn parse_destination(s: &str) -> Result<StaticDestination, String> {
@@ -241,6 +244,9 @@ pub fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(Sub::Await { timeout, cmd }) = &args.command {
         return crate::job::run(args.admin_addr, *timeout, cmd);
+    }
+    if let Some(Sub::Init(init)) = &args.command {
+        return crate::init::run(init);
     }
     if let Err(e) = init_logging(&args.log, args.log_format) {
         eprintln!("remora-proxy: {e}");

@@ -3,6 +3,7 @@
 //! runs is the public library API.
 
 mod cli;
+mod init;
 mod job;
 
 fn main() -> std::process::ExitCode {
