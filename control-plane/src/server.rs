@@ -404,10 +404,13 @@ impl ControlPlane {
             metrics.clone(),
         )?;
         let registry = Registry::new();
+        let by_addr = Registry::new();
         let file = match &opts.source {
             Source::File(path) => {
                 let mut f = FileSource::new(path.clone());
-                registry.replace_all(f.load()?);
+                let table = f.load()?;
+                by_addr.replace_all(crate::source::file::addresses(&table));
+                registry.replace_all(table);
                 // The parser's temporaries for a large file stay resident otherwise (measured:
                 // 176 → 111 MiB for 10,000 services, benches/results/kube-scale.md).
                 crate::release_memory();
@@ -445,7 +448,7 @@ impl ControlPlane {
             admin,
             addrs: [a, b],
             registry,
-            by_addr: Registry::new(),
+            by_addr,
             metrics,
             issuer,
             auth,
@@ -470,7 +473,7 @@ impl ControlPlane {
         self.registry.clone()
     }
 
-    /// ClusterIP:port → endpoints (Kubernetes source only).
+    /// ClusterIP:port and endpoint ip:port → endpoints (interception's `WatchAddr`).
     pub fn addresses(&self) -> Arc<Registry> {
         self.by_addr.clone()
     }
@@ -490,7 +493,11 @@ impl ControlPlane {
         match (self.file.take(), self.source.take()) {
             (Some(f), _) => {
                 let _ = synced_tx.send(true);
-                tasks.spawn(f.run(self.registry.clone(), self.metrics.clone()));
+                tasks.spawn(f.run(
+                    self.registry.clone(),
+                    self.by_addr.clone(),
+                    self.metrics.clone(),
+                ));
             }
             (
                 None,

@@ -7,7 +7,7 @@ use crate::drain::Drain;
 use crate::endpoint::Endpoint;
 use crate::hooks::{Hooks, NoHooks};
 use crate::http::forward::{Forwarder, Route};
-use crate::listener::Listener;
+use crate::listener::{AppPorts, Listener};
 use crate::metrics::{Direction, Metrics};
 use crate::scrub::Rules;
 
@@ -32,15 +32,28 @@ pub(crate) fn listener(
     });
     // The app's port decides: a server-speaks-first app must not wait for detection.
     let skip = cfg.opaque_ports.contains(&cfg.app_addr.port());
-    let l = Listener::new(
+    let mut l = Listener::new(
         Direction::Inbound,
         forward,
         rules,
         cfg.detect_timeout,
         skip,
-        Some(app),
+        Some(app.clone()),
         metrics,
     );
+    // Intercepted connections (`remora-proxy init`) reach the app on their original port, so
+    // a pod serving several ports needs no knob per port; opaque ports apply per port.
+    l.opaque_ports = cfg.opaque_ports.clone();
+    l.app_ports = Some(AppPorts {
+        app,
+        connect_timeout: cfg.connect_timeout,
+        own_ports: vec![
+            cfg.inbound_addr.port(),
+            cfg.outbound_addr.port(),
+            cfg.admin_addr.port(),
+        ],
+        by_port: Default::default(),
+    });
     match cfg.max_connections {
         Some(max) => l.with_max_connections(max),
         None => l,

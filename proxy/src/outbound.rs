@@ -32,9 +32,10 @@ pub(crate) fn listener(
         hooks: hooks.unwrap_or_else(|| Arc::new(NoHooks)),
         local_ips: crate::http::forward::local_addresses(),
     });
-    // Outbound connections are always detected: a non-HTTP stream names no destination, so
-    // opaque traffic arrives as an HTTP CONNECT tunnel.
-    let l = Listener::new(
+    // Explicit-proxy connections are always detected: a non-HTTP stream names no destination,
+    // so opaque traffic arrives as an HTTP CONNECT tunnel. Intercepted ones have their
+    // original destination instead.
+    let mut l = Listener::new(
         Direction::Outbound,
         forward,
         rules,
@@ -43,6 +44,8 @@ pub(crate) fn listener(
         None,
         metrics,
     );
+    // Intercepted connections to these ports are forwarded without waiting for the client.
+    l.opaque_ports = cfg.opaque_ports.clone();
     match cfg.max_connections {
         Some(max) => l.with_max_connections(max),
         None => l,

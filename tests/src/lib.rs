@@ -686,3 +686,4 @@ pub async fn curl_mtls(
 }
 pub mod control;
 pub mod kube;
+pub mod netns;

@@ -136,6 +136,29 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
     Ok(table)
 }
 
+/// What the file publishes by address, for intercepted connections (`WatchAddr`): a service
+/// named by an IP literal (a virtual IP, like a ClusterIP), and every endpoint by its own
+/// address, so a connection straight to a meshed endpoint gets its identity.
+pub fn addresses(names: &Table) -> Table {
+    let mut out = Table::new();
+    for (name, p) in names {
+        let Some(set) = p.set() else { continue };
+        for e in set.values() {
+            out.entry(e.addr.to_string())
+                .or_insert_with(|| Published::endpoints(vec![e.clone()]));
+        }
+        let host = name.rsplit_once(':').map_or(name.as_str(), |(h, _)| h);
+        if host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok()
+        {
+            out.insert(name.clone(), p.clone());
+        }
+    }
+    out
+}
+
 /// Follows one endpoints file.
 pub struct FileSource {
     pub path: PathBuf,
@@ -181,7 +204,12 @@ impl FileSource {
     /// missing, unreadable or invalid is reported once when that happens (not at every poll)
     /// and the last good table keeps serving; its recovery is reported too. `metrics` counts
     /// tables accepted and refused.
-    pub async fn run(self, registry: Arc<Registry>, metrics: Arc<crate::metrics::Metrics>) {
+    pub async fn run(
+        self,
+        registry: Arc<Registry>,
+        by_addr: Arc<Registry>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) {
         let mut follow = Follow {
             path: self.path.clone(),
             seen: self.loaded.clone().map(Seen::Bytes),
@@ -207,6 +235,7 @@ impl FileSource {
                             ""
                         }
                     );
+                    by_addr.replace_all(addresses(&table));
                     registry.replace_all(table);
                     metrics.source_reloads.inc();
                     crate::release_memory();
@@ -424,7 +453,7 @@ name = "empty:80"
         let mut source = FileSource::new(path.clone());
         source.poll = Duration::from_millis(10);
         registry.replace_all(source.load().unwrap());
-        let task = tokio::spawn(source.run(registry.clone(), metrics.clone()));
+        let task = tokio::spawn(source.run(registry.clone(), Registry::new(), metrics.clone()));
 
         std::fs::remove_file(&path).unwrap();
         // At least 20 polls of a missing file.

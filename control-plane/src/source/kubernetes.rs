@@ -890,6 +890,12 @@ pub fn service_table(
                 }
             }
         }
+        // Each endpoint is also known by its own address: an intercepted connection to a pod
+        // IP (a headless Service, a StatefulSet peer) gets that pod's identity and mTLS.
+        for (addr, spec) in &set {
+            out.addrs
+                .insert(addr.to_string(), Published::endpoints(vec![spec.clone()]));
+        }
         let set = Published::endpoints(set.into_values().collect());
         for ip in &cluster_ips {
             out.addrs
@@ -1036,7 +1042,9 @@ mod tests {
             addrs(&t.addrs, "198.18.0.10:80"),
             ["10.0.0.1:8080", "10.0.0.2:8081"]
         );
-        assert_eq!(t.addrs.len(), 1);
+        // The ClusterIP, and each endpoint by its own address (interception of pod IPs).
+        assert_eq!(t.addrs.len(), 3, "{:?}", t.addrs.keys());
+        assert_eq!(addrs(&t.addrs, "10.0.0.2:8081"), ["10.0.0.2:8081"]);
         // Dual-stack: every cluster IP answers.
         let mut dual = web();
         if let Some(spec) = dual.spec.as_mut() {
@@ -1045,7 +1053,7 @@ mod tests {
         let t = service_table(&dual, &[&a], CD, plain);
         let mut keys: Vec<_> = t.addrs.keys().cloned().collect();
         keys.sort();
-        assert_eq!(keys, ["198.18.0.10:80", "[fd00::10]:80"]);
+        assert_eq!(keys, ["10.0.0.1:8080", "198.18.0.10:80", "[fd00::10]:80"]);
     }
 
     #[test]
@@ -1125,7 +1133,10 @@ mod tests {
             ["10.0.0.2:9042"]
         );
         assert_eq!(t.names.len(), 3, "{:?}", t.names.keys());
-        assert!(t.addrs.is_empty(), "a headless Service has no ClusterIP");
+        // A headless Service has no ClusterIP; its pods are known by their addresses.
+        let mut keys: Vec<_> = t.addrs.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["10.0.0.1:9042", "10.0.0.2:9042", "10.0.0.3:9042"]);
         // `cql` is not HTTP: published as opaque.
         assert!(
             t.names

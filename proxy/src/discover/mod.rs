@@ -69,6 +69,8 @@ pub(crate) struct Destinations {
     statics: Option<Arc<Static>>,
     /// `None`: names no source knows fail instead of going to DNS.
     dns: Option<DnsCache>,
+    /// Intercepted connections' original destinations no source knows (addresses only).
+    passthrough: DnsCache,
     connect_timeout: Duration,
     factory: Arc<Factory>,
     followed: Followed,
@@ -134,6 +136,7 @@ impl Destinations {
             statics,
             sources: sources.into(),
             dns: dns_fallback.then(Default::default),
+            passthrough: Default::default(),
             connect_timeout,
             factory: Arc::new(Factory {
                 connect_timeout,
@@ -266,6 +269,29 @@ impl Destinations {
             });
         };
         Box::pin(self.dns(dns, authority)).await
+    }
+
+    /// An intercepted connection's destination: `authority` (the request's, if any) when a
+    /// source knows it, else the original destination `ip:port` when a source knows it (a
+    /// ClusterIP, a meshed pod), else `original` itself, passed through untouched. Never DNS:
+    /// the app resolved the name already, and `original` is what it chose.
+    pub(crate) async fn resolve_original(
+        &self,
+        authority: Option<&str>,
+        original: SocketAddr,
+    ) -> Result<(String, Arc<Destination>), ResolveError> {
+        if let Some(a) = authority
+            && let Some(d) = self.discover(a).await
+        {
+            return Ok((a.to_string(), d));
+        }
+        let key = original.to_string();
+        if let Some(d) = self.discover(&key).await {
+            return Ok((key, d));
+        }
+        // An address literal: `lookup_host` answers it without a query.
+        let dest = Box::pin(self.dns(&self.passthrough, &key)).await?;
+        Ok((key, dest))
     }
 
     async fn dns(&self, dns: &DnsCache, authority: &str) -> Result<Arc<Destination>, ResolveError> {

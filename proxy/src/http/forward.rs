@@ -25,6 +25,7 @@ use crate::drain::Drain;
 use crate::endpoint::{Endpoint, EndpointError};
 use crate::hooks::{Answered, Hooks, RequestContext};
 use crate::http::{is_grpc, local_response};
+use crate::listener::Conn;
 use crate::metrics::{Direction, ErrorKind, Metrics};
 use crate::retry::SecondTry;
 use crate::retry::replay::UpstreamBody;
@@ -130,11 +131,17 @@ pub struct ForwardService {
     shared: Arc<Forwarder>,
     /// Strict mTLS, plaintext connection: only these probe paths (GET/HEAD) are served.
     probe_only: Option<Arc<Vec<String>>>,
+    /// The connection's interception facts (original destination, app port).
+    conn: Conn,
 }
 
 impl ForwardService {
-    pub fn new(shared: Arc<Forwarder>, probe_only: Option<Arc<Vec<String>>>) -> Self {
-        ForwardService { shared, probe_only }
+    pub fn new(shared: Arc<Forwarder>, probe_only: Option<Arc<Vec<String>>>, conn: Conn) -> Self {
+        ForwardService {
+            shared,
+            probe_only,
+            conn,
+        }
     }
 }
 
@@ -158,6 +165,7 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
 
     fn call(&mut self, req: Request<Scrubbed>) -> Self::Future {
         let shared = self.shared.clone();
+        let conn = self.conn.clone();
         if let Some(paths) = &self.probe_only
             && !is_probe(&req, paths)
         {
@@ -210,7 +218,7 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
             };
             let outcome = match answered {
                 Some(answer) => Some(answer),
-                None => crate::panics::catch("request", shared.forward(req, &cx)).await,
+                None => crate::panics::catch("request", shared.forward(req, &cx, &conn)).await,
             };
             let rsp = match outcome {
                 Some(Ok(rsp)) => rsp,
@@ -298,30 +306,31 @@ impl Forwarder {
         &self,
         req: Request<Scrubbed>,
         cx: &RequestContext<'_>,
+        conn: &Conn,
     ) -> Result<Response<Body>, ForwardError> {
-        let (dst, dest, req) = match &self.route {
-            Route::App(app) => {
+        let (dst, dest, req) = match (&self.route, conn.original) {
+            (Route::App(app), _) => {
                 if req.method() == Method::CONNECT {
                     return Err(ForwardError::ConnectInbound);
                 }
+                let app = conn.app.as_ref().unwrap_or(app);
                 return self.send(req, "app", app, None, cx).await;
             }
-            Route::Destinations(d) => {
-                let (req, chosen) = if self.hooks_active {
-                    let (head, body) = req.into_parts();
-                    let chosen =
-                        crate::panics::catch_sync(|| self.hooks.choose_destination(&head, cx))
-                            .ok_or(ForwardError::HookPanicked)?;
-                    (Request::from_parts(head, body), chosen)
-                } else {
-                    (req, None)
-                };
+            // Intercepted: the authority when discovery knows it, else where the app was
+            // connecting (a ClusterIP, a meshed pod, or anything else, passed through).
+            (Route::Destinations(d), Some(original)) if req.method() != Method::CONNECT => {
+                let (req, chosen) = self.chosen(req, cx)?;
                 let name = match chosen {
-                    Some(name) => normalize_authority(&name).ok_or_else(|| {
-                        ForwardError::BadAuthority(format!(
-                            "the choose_destination hook returned {name:?}, not host:port"
-                        ))
-                    })?,
+                    Some(name) => Some(name),
+                    None => request_authority(&req).ok().flatten(),
+                };
+                let (name, dest) = Box::pin(d.resolve_original(name.as_deref(), original)).await?;
+                (name, dest, req)
+            }
+            (Route::Destinations(d), _) => {
+                let (req, chosen) = self.chosen(req, cx)?;
+                let name = match chosen {
+                    Some(name) => name,
                     None => request_authority(&req)
                         .map_err(ForwardError::BadAuthority)?
                         .ok_or(ForwardError::NoAuthority)?,
@@ -343,6 +352,83 @@ impl Forwarder {
             return Box::pin(self.connect(req, &dst, &dest, &ep)).await;
         }
         self.send(req, &dst, &ep, Some(&dest), &cx).await
+    }
+
+    /// Phase 2: the embedding application's choice of destination, normalised.
+    fn chosen(
+        &self,
+        req: Request<Scrubbed>,
+        cx: &RequestContext<'_>,
+    ) -> Result<(Request<Scrubbed>, Option<String>), ForwardError> {
+        if !self.hooks_active {
+            return Ok((req, None));
+        }
+        let (head, body) = req.into_parts();
+        let chosen = crate::panics::catch_sync(|| self.hooks.choose_destination(&head, cx))
+            .ok_or(ForwardError::HookPanicked)?;
+        let chosen = match chosen {
+            Some(name) => Some(normalize_authority(&name).ok_or_else(|| {
+                ForwardError::BadAuthority(format!(
+                    "the choose_destination hook returned {name:?}, not host:port"
+                ))
+            })?),
+            None => None,
+        };
+        Ok((Request::from_parts(head, body), chosen))
+    }
+
+    /// The own listener an intercepted connection to `original` would reach, if any.
+    pub(crate) fn loops_to(&self, original: SocketAddr) -> Option<SocketAddr> {
+        self.own_addrs
+            .iter()
+            .find(|a| same_listener(a, &original, &self.local_ips))
+            .copied()
+    }
+
+    /// Whether discovery marks the endpoints at `original` opaque (so the connection must not
+    /// wait for the client to speak).
+    pub(crate) async fn original_is_opaque(&self, original: SocketAddr) -> bool {
+        match &self.route {
+            Route::Destinations(d) => d
+                .resolve_original(None, original)
+                .await
+                .is_ok_and(|(_, dest)| dest.endpoints().iter().any(|e| e.opaque)),
+            Route::App(_) => false,
+        }
+    }
+
+    /// An intercepted opaque connection: to the endpoints behind `original` (mTLS to meshed
+    /// ones, offering the opaque hint), or straight to `original`.
+    pub(crate) async fn connect_original(
+        &self,
+        original: SocketAddr,
+    ) -> Result<crate::io::UpstreamIo, ForwardError> {
+        let Route::Destinations(d) = &self.route else {
+            return Err(ForwardError::NoAuthority);
+        };
+        let (dst, dest) = Box::pin(d.resolve_original(None, original)).await?;
+        let ep = Box::pin(dest.pick(None)).await?;
+        self.check_loop(&dst, &ep)?;
+        let alpn = ep.tls.is_some().then_some(crate::tls::ALPN_OPAQUE);
+        match ep.connect(alpn).await {
+            Ok(u) => Ok(u),
+            Err(error) => {
+                // One other endpoint, as CONNECT does: a dead pod must not fail the connection.
+                let other = dest
+                    .pick(Some(&ep))
+                    .await
+                    .map_err(|_| ForwardError::Endpoint {
+                        dst: dst.clone(),
+                        source: error,
+                    })?;
+                self.check_loop(&dst, &other)?;
+                let alpn = other.tls.is_some().then_some(crate::tls::ALPN_OPAQUE);
+                other
+                    .connect(alpn)
+                    .await
+                    .map_err(|source| ForwardError::Endpoint { dst, source })
+            }
+        }
     }
 
     /// Phase 3: the application's last look at the head before it leaves for `ep`.

@@ -124,6 +124,20 @@ pub fn outbound(first: First) -> Action {
     }
 }
 
+/// An outbound connection redirected by interception (it has an original destination): HTTP
+/// goes through the HTTP stack, anything else is forwarded as bytes to where the app was
+/// connecting (its own TLS, a server-speaks-first protocol, something that only resembles
+/// HTTP: a meshed destination's inbound proxy detects those bytes again).
+pub fn outbound_transparent(first: First) -> Action {
+    match first {
+        First::Http1 | First::Http2 => Action::Http { probe_only: false },
+        First::Broken => Action::Close,
+        First::Malformed | First::NotHttp | First::Idle | First::TlsOurs | First::TlsOther => {
+            Action::Opaque
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Action::*;
@@ -221,5 +235,17 @@ mod tests {
         for f in [NotHttp, Idle, TlsOurs, TlsOther] {
             assert_eq!(outbound(f), Refuse(R::NoDestination));
         }
+    }
+
+    #[test]
+    fn outbound_transparent_table() {
+        // Intercepted: HTTP is served, everything else goes as bytes to the original
+        // destination (whose inbound proxy, if any, detects again), nothing is refused.
+        assert_eq!(outbound_transparent(Http1), Http { probe_only: false });
+        assert_eq!(outbound_transparent(Http2), Http { probe_only: false });
+        for f in [NotHttp, Idle, TlsOurs, TlsOther, Malformed] {
+            assert_eq!(outbound_transparent(f), Opaque);
+        }
+        assert_eq!(outbound_transparent(Broken), Close);
     }
 }

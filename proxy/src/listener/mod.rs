@@ -3,6 +3,7 @@
 
 pub(crate) mod decide;
 pub(crate) mod detect;
+pub(crate) mod original_dst;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,11 +48,55 @@ pub struct Listener {
     pub metrics: Arc<Metrics>,
     /// Inbound mTLS: the identity and the policy (`None` on outbound, or without identity).
     pub tls: Option<InboundTls>,
+    /// Ports whose traffic skips detection when they are a connection's original port.
+    pub opaque_ports: Vec<u16>,
+    /// Inbound interception (`None` on outbound).
+    pub app_ports: Option<AppPorts>,
     open: Gauge,
     bytes: (Counter, Counter),
     /// Connection slots: a connection holds one for its life.
     slots: Arc<tokio::sync::Semaphore>,
     refused: Counter,
+}
+
+/// What one connection's routing depends on beyond its listener: interception's original
+/// destination (`remora-proxy init`). Explicit-proxy connections have the default.
+#[derive(Clone, Default)]
+pub struct Conn {
+    /// Inbound: the app at the connection's original port (`None`: the listener's app).
+    pub app: Option<Arc<Endpoint>>,
+    /// Outbound: where the app was connecting before the redirect.
+    pub original: Option<std::net::SocketAddr>,
+}
+
+/// Inbound interception: the app is reached on the port the peer connected to.
+pub struct AppPorts {
+    /// The app's address (`REMORA_APP_ADDR`); its IP is used for every port.
+    pub app: Arc<Endpoint>,
+    pub connect_timeout: Duration,
+    /// The proxy's own ports: a redirected connection to one of them would loop.
+    pub own_ports: Vec<u16>,
+    /// One endpoint (with its connection pool) per port seen; at most 65,535.
+    pub by_port: std::sync::Mutex<std::collections::HashMap<u16, Arc<Endpoint>>>,
+}
+
+impl AppPorts {
+    fn endpoint(&self, port: u16) -> Arc<Endpoint> {
+        if port == self.app.addr.port() {
+            return self.app.clone();
+        }
+        let mut map = self.by_port.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(port)
+            .or_insert_with(|| {
+                Arc::new(Endpoint::new(
+                    std::net::SocketAddr::new(self.app.addr.ip(), port),
+                    1,
+                    self.connect_timeout,
+                    None,
+                ))
+            })
+            .clone()
+    }
 }
 
 pub struct InboundTls {
@@ -96,6 +141,8 @@ impl Listener {
                 .get_or_create_owned(&DirectionLabels { direction }),
             metrics,
             tls: None,
+            opaque_ports: Vec::new(),
+            app_ports: None,
         }
     }
 
@@ -106,10 +153,15 @@ impl Listener {
     }
 
     /// The request stack for one connection; `client_id` is the verified peer identity.
-    fn stack(&self, client_id: Option<HeaderValue>, probe_only: Option<Arc<Vec<String>>>) -> Stack {
+    fn stack(
+        &self,
+        client_id: Option<HeaderValue>,
+        probe_only: Option<Arc<Vec<String>>>,
+        conn: &Conn,
+    ) -> Stack {
         Observe::new(
             Scrub::new(
-                ForwardService::new(self.forward.clone(), probe_only),
+                ForwardService::new(self.forward.clone(), probe_only, conn.clone()),
                 self.rules.clone(),
                 client_id.clone(),
             ),
@@ -211,14 +263,58 @@ impl Listener {
             .and_then(|t| t.store.current())
     }
 
+    /// The connection's routing under interception; `None` refuses it (a loop).
+    async fn intercepted(&self, original: std::net::SocketAddr) -> Option<(Conn, bool)> {
+        let port = original.port();
+        match self.direction {
+            Direction::Inbound => {
+                let ports = self.app_ports.as_ref()?;
+                if ports.own_ports.contains(&port) {
+                    self.metrics.error(self.direction, ErrorKind::Loop);
+                    tracing::info!(%original, "redirected connection to one of the proxy's own ports refused (it would loop); remora-proxy init skips them, so check the interception rules");
+                    return None;
+                }
+                let conn = Conn {
+                    app: Some(ports.endpoint(port)),
+                    original: None,
+                };
+                Some((conn, self.opaque_ports.contains(&port)))
+            }
+            Direction::Outbound => {
+                if let Some(own) = self.forward.loops_to(original) {
+                    self.metrics.error(self.direction, ErrorKind::Loop);
+                    tracing::info!(%original, %own, "connection to the proxy's own listener refused (it would loop)");
+                    return None;
+                }
+                // A server-speaks-first destination must not wait for detection: a listed
+                // port, or endpoints discovery marks opaque (Service appProtocol).
+                let opaque = self.opaque_ports.contains(&port)
+                    || self.forward.original_is_opaque(original).await;
+                let conn = Conn {
+                    app: None,
+                    original: Some(original),
+                };
+                Some((conn, opaque))
+            }
+        }
+    }
+
     async fn connection(self: Arc<Self>, mut tcp: TcpStream, drain: Drain) {
         let _ = tcp.set_nodelay(true);
         self.open.inc();
         let _open = GaugeGuard(&self.open);
-        if self.skip_detection {
+        let (conn, skip) = match original_dst::original_dst(&tcp) {
+            None => (Conn::default(), self.skip_detection),
+            Some(original) => match self.intercepted(original).await {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        let conn = &conn;
+        if skip {
             self.metrics
                 .detected(self.direction, DetectResult::OpaquePort);
-            return self.opaque_port(tcp, drain).await;
+            return self.opaque_port(tcp, drain, conn).await;
         }
         let mut initial = Vec::new();
         loop {
@@ -236,6 +332,9 @@ impl Listener {
             let first = self.first(&detected);
             let action = match self.direction {
                 Direction::Inbound => decide::inbound(self.mtls(), first),
+                Direction::Outbound if conn.original.is_some() => {
+                    decide::outbound_transparent(first)
+                }
                 Direction::Outbound => decide::outbound(first),
             };
             if self.tls.is_some() && matches!(action, Action::Http { .. } | Action::Opaque) {
@@ -255,12 +354,12 @@ impl Listener {
                     });
                     let io = ServerIo::Plain(ProxyIo::new(tcp, prefix, Some(self.bytes.clone())));
                     return self
-                        .serve_conn(protocol, io, None, probe_only, &drain)
+                        .serve_conn(protocol, io, None, probe_only, &drain, conn)
                         .await;
                 }
                 Action::Terminate => {
                     let io = ProxyIo::new(tcp, prefix, Some(self.bytes.clone()));
-                    return self.terminate(io, drain, None).await;
+                    return self.terminate(io, drain, None, conn).await;
                 }
                 Action::Opaque => {
                     if matches!(first, First::TlsOther | First::TlsOurs) {
@@ -268,10 +367,10 @@ impl Listener {
                     }
                     self.count_connection(Protocol::Opaque);
                     let io = ServerIo::Plain(ProxyIo::new(tcp, prefix, Some(self.bytes.clone())));
-                    return self.opaque(io, None).await;
+                    return self.opaque(io, None, conn).await;
                 }
                 Action::AwaitSpeaker => {
-                    let Some(up) = self.connect_app().await else {
+                    let Some(up) = self.connect_app(conn).await else {
                         return;
                     };
                     match io::first_speaker(&mut tcp, &up, MAX_DETECT_BYTES).await {
@@ -285,7 +384,7 @@ impl Listener {
                                 Bytes::new(),
                                 Some(self.bytes.clone()),
                             ));
-                            return self.opaque(io, Some(up)).await;
+                            return self.opaque(io, Some(up), conn).await;
                         }
                         Err(_) => return,
                     }
@@ -297,7 +396,7 @@ impl Listener {
     }
 
     /// A port declared opaque: no HTTP detection, but mTLS as on every port.
-    async fn opaque_port(&self, mut tcp: TcpStream, drain: Drain) {
+    async fn opaque_port(&self, mut tcp: TcpStream, drain: Drain, conn: &Conn) {
         let mtls = self.mtls();
         let (first, prefix, upstream) = match mtls {
             Mtls::Off => (First::NotHttp, Bytes::new(), None),
@@ -313,7 +412,7 @@ impl Listener {
             // a client that speaks first with a ClientHello for us gets mTLS (the app's first
             // bytes, if any, wait in its socket), anything else is passed through.
             Mtls::Permissive => {
-                let Some(up) = self.connect_app().await else {
+                let Some(up) = self.connect_app(conn).await else {
                     return;
                 };
                 match io::first_speaker(&mut tcp, &up, MAX_DETECT_BYTES).await {
@@ -332,7 +431,7 @@ impl Listener {
         match decide::inbound_opaque_port(mtls, first) {
             Action::Terminate => {
                 let io = ProxyIo::new(tcp, prefix, Some(self.bytes.clone()));
-                self.terminate(io, drain, upstream).await
+                self.terminate(io, drain, upstream, conn).await
             }
             Action::Refuse(r) => self.refuse(r, &mut tcp).await,
             Action::Close => {}
@@ -342,7 +441,7 @@ impl Listener {
                 }
                 self.count_connection(Protocol::Opaque);
                 let io = ServerIo::Plain(ProxyIo::new(tcp, prefix, Some(self.bytes.clone())));
-                self.opaque(io, upstream).await
+                self.opaque(io, upstream, conn).await
             }
         }
     }
@@ -432,27 +531,34 @@ impl Listener {
         client_id: Option<HeaderValue>,
         probe_only: Option<Arc<Vec<String>>>,
         drain: &Drain,
+        conn: &Conn,
     ) {
         self.count_connection(protocol);
         match protocol {
             Protocol::Http1 => {
                 serve_h1(
                     io,
-                    self.stack(client_id, probe_only),
+                    self.stack(client_id, probe_only, conn),
                     drain,
                     self.detect_timeout,
                 )
                 .await
             }
-            Protocol::Http2 => serve_h2(io, self.stack(client_id, probe_only), drain).await,
-            Protocol::Opaque => self.opaque(io, None).await,
+            Protocol::Http2 => serve_h2(io, self.stack(client_id, probe_only, conn), drain).await,
+            Protocol::Opaque => self.opaque(io, None, conn).await,
         }
     }
 
     /// Terminates mTLS (the decision said the ClientHello is for this proxy), checks the
     /// peer's identity, and decides again on what is inside. `upstream` is a connection to the
     /// app made before the handshake (opaque ports), used for opaque bytes inside.
-    async fn terminate(&self, io: ProxyIo, drain: Drain, upstream: Option<UpstreamIo>) {
+    async fn terminate(
+        &self,
+        io: ProxyIo,
+        drain: Drain,
+        upstream: Option<UpstreamIo>,
+        conn: &Conn,
+    ) {
         let Some(loaded) = self.loaded() else {
             return;
         };
@@ -470,12 +576,12 @@ impl Listener {
                 return;
             }
         };
-        let (_, conn) = stream.get_ref();
+        let (_, tls_conn) = stream.get_ref();
         // rustls verified the chain; the identity must be the leaf's one SPIFFE URI SAN, in
         // this mesh's trust domain: a CA-signed certificate without one, or with a foreign
         // domain, is not a mesh identity and gets nothing through.
         let td = loaded.id().trust_domain().to_string();
-        let id = match conn.peer_certificates().and_then(|c| c.first()) {
+        let id = match tls_conn.peer_certificates().and_then(|c| c.first()) {
             Some(leaf) => remora_certs::validate::peer_identity(leaf, &td),
             None => Err(remora_certs::validate::PeerIdError::Missing),
         };
@@ -496,7 +602,7 @@ impl Listener {
         if let Ok(id) = client_id.to_str() {
             tracing::Span::current().record("identity", id);
         }
-        let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+        let alpn = tls_conn.alpn_protocol().map(<[u8]>::to_vec);
         let mut stream = Box::new(stream);
         let mut initial = Vec::new();
         let mut upstream = upstream;
@@ -524,13 +630,13 @@ impl Listener {
                     };
                     let io = ServerIo::Tls(ProxyIo::new(stream, prefix, None));
                     return self
-                        .serve_conn(protocol, io, Some(client_id), None, &drain)
+                        .serve_conn(protocol, io, Some(client_id), None, &drain, conn)
                         .await;
                 }
                 Action::AwaitSpeaker => {
                     let up = match upstream.take() {
                         Some(u) => u,
-                        None => match self.connect_app().await {
+                        None => match self.connect_app(conn).await {
                             Some(u) => u,
                             None => return,
                         },
@@ -543,7 +649,7 @@ impl Listener {
                         Ok(None) => {
                             self.count_connection(Protocol::Opaque);
                             let io = ServerIo::Tls(ProxyIo::new(stream, Bytes::new(), None));
-                            return self.opaque(io, Some(up)).await;
+                            return self.opaque(io, Some(up), conn).await;
                         }
                         Err(_) => return,
                     }
@@ -553,7 +659,7 @@ impl Listener {
                 Action::Opaque | Action::Terminate => {
                     self.count_connection(Protocol::Opaque);
                     let io = ServerIo::Tls(ProxyIo::new(stream, prefix, None));
-                    return self.opaque(io, upstream).await;
+                    return self.opaque(io, upstream, conn).await;
                 }
             }
         }
@@ -567,8 +673,18 @@ impl Listener {
         }
     }
 
-    async fn connect_app(&self) -> Option<UpstreamIo> {
-        let target = self.opaque_target.as_ref()?;
+    async fn connect_app(&self, conn: &Conn) -> Option<UpstreamIo> {
+        if let Some(original) = conn.original {
+            return match self.forward.connect_original(original).await {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    self.metrics.error(self.direction, e.kind());
+                    tracing::info!(error = %e, "intercepted connection could not be forwarded");
+                    None
+                }
+            };
+        }
+        let target = conn.app.as_ref().or(self.opaque_target.as_ref())?;
         match target.connect(None).await {
             Ok(u) => Some(u),
             Err(e) => {
@@ -580,13 +696,13 @@ impl Listener {
     }
 
     /// Bytes both ways between the client and the app (`upstream`, or a new connection).
-    async fn opaque(&self, mut io: ServerIo, upstream: Option<UpstreamIo>) {
+    async fn opaque(&self, mut io: ServerIo, upstream: Option<UpstreamIo>, conn: &Conn) {
         let mut upstream = match upstream {
             Some(u) => u,
-            None => match self.connect_app().await {
+            None => match self.connect_app(conn).await {
                 Some(u) => u,
                 None => {
-                    if self.opaque_target.is_none() {
+                    if self.opaque_target.is_none() && conn.original.is_none() {
                         self.metrics.error(self.direction, ErrorKind::NoDestination);
                     }
                     return;
