@@ -831,35 +831,11 @@ fn libfaketime() -> PathBuf {
         .expect("libfaketimeMT.so.1 not found; run .ci/setup (apt-get install faketime)")
 }
 
-/// The `remora-proxy` binary of this build profile, built first (other packages' binaries are
-/// not built for this crate's tests, and `CARGO_BIN_EXE_*` exists only inside their package).
+/// The `remora-proxy` binary of this build profile, built once.
 fn proxy_binary() -> PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        // target/<profile>/deps/faults-… → target/<profile>
-        let exe = std::env::current_exe().expect("test executable");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>")
-            .to_path_buf();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace root");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "--bin", "remora-proxy"])
-            .current_dir(root);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("cargo build --bin remora-proxy");
-        assert!(status.success(), "cargo build --bin remora-proxy failed");
-        let bin = profile_dir.join("remora-proxy");
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
-    })
-    .clone()
+    BIN.get_or_init(|| remora_tests::netns::workspace_binary("remora-proxy"))
+        .clone()
 }
 
 fn free_port() -> u16 {
