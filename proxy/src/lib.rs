@@ -419,6 +419,8 @@ impl Builder {
         });
         Ok(Proxy {
             cfg,
+            inbound6: twin(&inbound).await,
+            outbound6: twin(&outbound).await,
             inbound,
             outbound,
             admin,
@@ -457,11 +459,47 @@ async fn listener(
     Ok(Some((l, local)))
 }
 
+/// The IPv6 twin of a listener on the IPv4 wildcard or loopback address, on the same port:
+/// `remora-proxy init` redirects a pod's IPv6 TCP to the same ports, and an IPv6-only
+/// listener beside the IPv4 one keeps peer addresses as they are. `None` without IPv6 (or
+/// when the port is taken there); the IPv4 listener serves either way.
+async fn twin(l: &Option<(TcpListener, SocketAddr)>) -> Option<TcpListener> {
+    use std::net::{IpAddr, Ipv6Addr};
+    use std::os::fd::AsRawFd;
+    let (_, local) = l.as_ref()?;
+    let ip = match local.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => Ipv6Addr::UNSPECIFIED,
+        IpAddr::V4(v4) if v4.is_loopback() => Ipv6Addr::LOCALHOST,
+        _ => return None,
+    };
+    let sock = tokio::net::TcpSocket::new_v6().ok()?;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads one c_int from a live local.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    sock.set_reuseaddr(true).ok()?;
+    sock.bind(SocketAddr::new(ip.into(), local.port())).ok()?;
+    sock.listen(1024).ok()
+}
+
 /// A bound, not yet running proxy.
 pub struct Proxy {
     cfg: Config,
     inbound: Option<(TcpListener, SocketAddr)>,
     outbound: Option<(TcpListener, SocketAddr)>,
+    /// The IPv6 twins of the IPv4 inbound and outbound listeners (see [`twin`]).
+    inbound6: Option<TcpListener>,
+    outbound6: Option<TcpListener>,
     admin: Option<(TcpListener, SocketAddr)>,
     admin_state: Arc<admin::AdminState>,
     destinations: Arc<discover::Destinations>,
@@ -562,11 +600,21 @@ impl Proxy {
         };
         let (in_addr, out_addr, admin_addr) =
             (addr(&self.inbound), addr(&self.outbound), addr(&self.admin));
-        if let Some((l, _)) = self.inbound {
-            tokio::spawn(inbound.serve(l, in_drain.clone()));
+        for l in self
+            .inbound
+            .map(|(l, _)| l)
+            .into_iter()
+            .chain(self.inbound6)
+        {
+            tokio::spawn(inbound.clone().serve(l, in_drain.clone()));
         }
-        if let Some((l, _)) = self.outbound {
-            tokio::spawn(outbound.serve(l, out_drain.clone()));
+        for l in self
+            .outbound
+            .map(|(l, _)| l)
+            .into_iter()
+            .chain(self.outbound6)
+        {
+            tokio::spawn(outbound.clone().serve(l, out_drain.clone()));
         }
         // Bursts (many connections, large bodies) leave freed heap in glibc's arenas; hand it
         // back to the system so RSS returns to idle after the burst (cheap on a small heap).
