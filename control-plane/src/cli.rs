@@ -26,6 +26,84 @@ pub enum Command {
     /// Workload certificates: `issue` and `inspect`.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Add the remora sidecar to Kubernetes YAML (Deployment, StatefulSet, DaemonSet,
+    /// ReplicaSet, Job, CronJob, Pod, List): `remora inject app.yaml | kubectl apply -f -`.
+    Inject(InjectArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InjectArgs {
+    /// The YAML file, or `-` for standard input.
+    #[arg(default_value = "-")]
+    pub file: String,
+    /// The mesh's PEM trust bundle (the ca.crt of `remora ca init`).
+    #[arg(long)]
+    pub trust_bundle: Option<std::path::PathBuf>,
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Where proxies reach the control plane.
+    #[arg(long, default_value = crate::inject::DEFAULT_CONTROL_ADDR)]
+    pub control_addr: String,
+    #[arg(long, default_value = concat!("ghcr.io/remora-mesh/remora-proxy:", env!("CARGO_PKG_VERSION")))]
+    pub proxy_image: String,
+    /// The proxy as a regular container (clusters older than 1.29, without native sidecars).
+    #[arg(long)]
+    pub classic: bool,
+}
+
+fn inject_command(a: InjectArgs) -> ExitCode {
+    use std::io::Read as _;
+    let Some(bundle_path) = &a.trust_bundle else {
+        eprintln!(
+            "remora inject: --trust-bundle is required: pass the ca.crt of `remora ca init` (e.g. --trust-bundle ca/ca.crt)"
+        );
+        return ExitCode::from(2);
+    };
+    let trust_bundle = match std::fs::read_to_string(bundle_path) {
+        Ok(t) if t.contains("-----BEGIN CERTIFICATE-----") => t,
+        Ok(_) => {
+            eprintln!(
+                "remora inject: {} holds no PEM certificate; pass the ca.crt of `remora ca init`",
+                bundle_path.display()
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("remora inject: cannot read {}: {e}", bundle_path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let mut input = String::new();
+    let read = if a.file == "-" {
+        std::io::stdin().read_to_string(&mut input).map(|_| ())
+    } else {
+        std::fs::read_to_string(&a.file).map(|t| input = t)
+    };
+    if let Err(e) = read {
+        eprintln!("remora inject: cannot read {}: {e}", a.file);
+        return ExitCode::from(2);
+    }
+    let s = crate::inject::Settings {
+        trust_bundle,
+        trust_domain: a.trust_domain,
+        control_addr: a.control_addr,
+        proxy_image: a.proxy_image,
+        classic: a.classic,
+    };
+    match crate::inject::inject_yaml(&input, &s) {
+        Ok((out, notes)) => {
+            for n in notes {
+                eprintln!("remora inject: {n}");
+            }
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        // Nothing is written on an error: the output is all or nothing.
+        Err(e) => {
+            eprintln!("remora inject: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -73,7 +151,9 @@ fn certs_command(cmd: Command) -> ExitCode {
             Ok(format!("issued {id} (valid {}) to {}: tls.crt, tls.key, ca.crt", humantime::format_duration(lifetime), out.display()))
         })(),
         Command::Cert(CertCommand::Inspect { file }) => remora_certs::validate::inspect(&file).map_err(|e| e.to_string()),
-        Command::Demo(_) | Command::Control(_) => Err("not a certificate command".into()),
+        Command::Demo(_) | Command::Control(_) | Command::Inject(_) => {
+            Err("not a certificate command".into())
+        }
     };
     match result {
         Ok(msg) => {
@@ -232,6 +312,7 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         cmd @ (Command::Ca(_) | Command::Cert(_)) => certs_command(cmd),
+        Command::Inject(a) => inject_command(a),
         Command::Control(args) => runtime.block_on(async move {
             let stop = shutdown_signal();
             let cp = match (*args).options() {

@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod demo;
 pub mod discovery;
+pub mod inject;
 pub mod issuer;
 pub mod metrics;
 pub mod registry;
