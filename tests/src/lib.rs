@@ -320,11 +320,17 @@ pub async fn tcp_echo(banner: Option<&'static [u8]>) -> (SocketAddr, JoinHandle<
     (addr, task)
 }
 
-/// A listening port with nothing accepting behind it: bound then closed, so connects are refused.
+/// An address whose connects are refused: a loopback port bound but never listening.
+///
+/// The port stays bound (without `listen`, so connecting is refused) for the life of the test
+/// binary: a released port could be handed straight to a proxy listener bound to port 0 in the
+/// same test, which the proxy then rightly refuses as a loop, or to another test's server.
 pub async fn refused_addr() -> SocketAddr {
-    let l = TcpListener::bind(loopback0()).await.expect("bind");
-    let a = l.local_addr().expect("addr");
-    drop(l);
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(loopback0()).expect("bind");
+    let a = socket.local_addr().expect("addr");
+    // Leaked on purpose: the reservation must outlive every use of the address.
+    std::mem::forget(socket);
     a
 }
 
