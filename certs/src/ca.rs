@@ -187,6 +187,50 @@ impl LoadedIssuer {
 }
 
 impl LoadedIssuer {
+    /// A TLS server certificate without a SPIFFE ID, for a server that clients outside the mesh
+    /// verify by name (the API server calling the injection webhook). Each of `names` is a DNS
+    /// name, or an IP address when it parses as one. Returns `(chain PEM, key PEM)`: the leaf,
+    /// then the issuer.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<(String, String), CaError> {
+        let first = names
+            .first()
+            .ok_or_else(|| CaError::Invalid("a server certificate needs a name".into()))?;
+        let mut p =
+            CertificateParams::new(Vec::<String>::new()).map_err(rc("server parameters"))?;
+        p.distinguished_name
+            .push(DnType::CommonName, first.as_str());
+        for n in names {
+            p.subject_alt_names
+                .push(match n.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => {
+                        SanType::DnsName(n.clone().try_into().map_err(rc("server DNS name"))?)
+                    }
+                });
+        }
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::minutes(1);
+        p.not_after = now + lifetime;
+        let key = KeyPair::generate().map_err(rc("server key"))?;
+        let leaf = p
+            .signed_by(&key, &self.issuer)
+            .map_err(rc("server certificate"))?;
+        Ok((
+            format!("{}{}", leaf.pem(), self.issuer_pem),
+            key.serialize_pem(),
+        ))
+    }
+
     /// Issues a leaf for `id` from a PEM CSR. Only the CSR's public key is used: the identity
     /// is the one the caller proved, never what the CSR asks for, and the key never leaves the
     /// workload. The CSR's signature is checked (proof it holds the key).

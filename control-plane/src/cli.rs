@@ -29,6 +29,112 @@ pub enum Command {
     /// Add the remora sidecar to Kubernetes YAML (Deployment, StatefulSet, DaemonSet,
     /// ReplicaSet, Job, CronJob, Pod, List): `remora inject app.yaml | kubectl apply -f -`.
     Inject(InjectArgs),
+    /// Print every object remora needs in a cluster (no CRD):
+    /// `remora install --ca DIR | kubectl apply -f -`.
+    Install(InstallArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InstallArgs {
+    /// A directory made by `remora ca init` (its ca.crt, issuer.crt and issuer.key go into the
+    /// Secret; root.key never does). Without it a CA is made on the spot, with a warning.
+    #[arg(long)]
+    pub ca: Option<std::path::PathBuf>,
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// The control plane image.
+    #[arg(long, default_value = concat!("ghcr.io/remora-mesh/remora:", env!("CARGO_PKG_VERSION")))]
+    pub image: String,
+    /// The proxy image the webhook injects.
+    #[arg(long, default_value = concat!("ghcr.io/remora-mesh/remora-proxy:", env!("CARGO_PKG_VERSION")))]
+    pub proxy_image: String,
+    /// The cluster's Kubernetes version (MAJOR.MINOR): picks the PodDisruptionBudget API and
+    /// whether pods get a native sidecar (1.29 and later).
+    #[arg(long, default_value = "1.29")]
+    pub kube_version: String,
+    /// Call the webhook at this URL instead of through the control plane Service.
+    #[arg(long)]
+    pub webhook_url: Option<String>,
+}
+
+fn install_command(a: InstallArgs) -> ExitCode {
+    let minor = a
+        .kube_version
+        .strip_prefix("1.")
+        .and_then(|m| m.split('.').next())
+        .and_then(|m| m.parse::<u32>().ok());
+    let Some(kube_minor) = minor else {
+        eprintln!(
+            "remora install: --kube-version {} is not MAJOR.MINOR like 1.29",
+            a.kube_version
+        );
+        return ExitCode::from(2);
+    };
+    let ca = match &a.ca {
+        Some(dir) => {
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.join(f)).map_err(|e| {
+                    format!(
+                        "cannot read {}: {e} (is {} a `remora ca init` directory?)",
+                        dir.join(f).display(),
+                        dir.display()
+                    )
+                })
+            };
+            match (read("ca.crt"), read("issuer.crt"), read("issuer.key")) {
+                (Ok(ca_crt), Ok(issuer_crt), Ok(issuer_key)) => {
+                    // The issuer must sign what the bundle trusts, or every proxy would fail.
+                    if let Err(e) = remora_certs::ca::LoadedIssuer::from_dir(dir) {
+                        eprintln!("remora install: {}: {e}", dir.display());
+                        return ExitCode::FAILURE;
+                    }
+                    crate::install::CaFiles {
+                        ca_crt,
+                        issuer_crt,
+                        issuer_key,
+                    }
+                }
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                    eprintln!("remora install: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => match remora_certs::ca::new_ca(&a.trust_domain) {
+            Ok(ca) => {
+                eprintln!(
+                    "remora install: warning: no --ca, so a CA was made on the spot and its root key was thrown away: \
+                     the issuer cannot be renewed under the same root when it expires in a year. For a cluster you keep, \
+                     run `remora ca init --out DIR`, keep DIR/root.key offline, and pass --ca DIR. \
+                     The trust bundle is in Secret remora/remora-ca (ca.crt)."
+                );
+                crate::install::CaFiles {
+                    ca_crt: ca.root_crt,
+                    issuer_crt: ca.issuer_crt,
+                    issuer_key: ca.issuer_key,
+                }
+            }
+            Err(e) => {
+                eprintln!("remora install: cannot make a CA: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    print!(
+        "{}",
+        crate::install::manifests(&crate::install::Settings {
+            ca,
+            trust_domain: a.trust_domain,
+            cluster_domain: a.cluster_domain,
+            control_image: a.image,
+            proxy_image: a.proxy_image,
+            kube_minor,
+            webhook_url: a.webhook_url,
+        })
+    );
+    ExitCode::SUCCESS
 }
 
 #[derive(clap::Args, Debug)]
@@ -151,7 +257,7 @@ fn certs_command(cmd: Command) -> ExitCode {
             Ok(format!("issued {id} (valid {}) to {}: tls.crt, tls.key, ca.crt", humantime::format_duration(lifetime), out.display()))
         })(),
         Command::Cert(CertCommand::Inspect { file }) => remora_certs::validate::inspect(&file).map_err(|e| e.to_string()),
-        Command::Demo(_) | Command::Control(_) | Command::Inject(_) => {
+        Command::Demo(_) | Command::Control(_) | Command::Inject(_) | Command::Install(_) => {
             Err("not a certificate command".into())
         }
     };
@@ -221,6 +327,19 @@ pub struct ControlArgs {
     /// Discovery watches open at once, over all connections.
     #[arg(long, env = "REMORA_CONTROL_MAX_WATCHES", default_value_t = crate::server::DEFAULT_MAX_WATCHES)]
     pub max_watches: usize,
+    /// Serve the sidecar injection webhook (HTTPS, path /inject) here; off when absent.
+    #[arg(long, env = "REMORA_WEBHOOK_ADDR")]
+    pub webhook_addr: Option<std::net::SocketAddr>,
+    /// Another name (DNS or IP) for the webhook certificate, beside the control plane
+    /// Service's names; for a webhook configuration that names a URL (repeatable).
+    #[arg(long)]
+    pub webhook_san: Vec<String>,
+    /// The proxy image the webhook injects.
+    #[arg(long, default_value = concat!("ghcr.io/remora-mesh/remora-proxy:", env!("CARGO_PKG_VERSION")))]
+    pub proxy_image: String,
+    /// The webhook injects the proxy as a regular container (clusters older than 1.29).
+    #[arg(long)]
+    pub inject_classic: bool,
 }
 
 impl ControlArgs {
@@ -264,6 +383,12 @@ impl ControlArgs {
         o.limits.connections = self.max_connections;
         o.limits.connections_per_peer = self.max_connections_per_peer;
         o.limits.watches = self.max_watches;
+        o.webhook = self.webhook_addr.map(|addr| crate::server::WebhookOptions {
+            addr,
+            extra_names: self.webhook_san,
+            proxy_image: self.proxy_image,
+            classic: self.inject_classic,
+        });
         Ok(o)
     }
 }
@@ -313,6 +438,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         cmd @ (Command::Ca(_) | Command::Cert(_)) => certs_command(cmd),
         Command::Inject(a) => inject_command(a),
+        Command::Install(a) => install_command(a),
         Command::Control(args) => runtime.block_on(async move {
             let stop = shutdown_signal();
             let cp = match (*args).options() {

@@ -348,7 +348,7 @@ pub fn inject_pod(pod: &mut Mapping, s: &Settings) -> Result<Outcome, String> {
     proxy.insert(key("image"), key(&s.proxy_image));
     proxy.insert(key("env"), Value::Sequence(penv));
     let rest = yaml(&format!(
-        "ports:\n- {{name: remora-inbound, containerPort: 4143}}\n- {{name: remora-admin, containerPort: 4191}}\n\
+        "ports:\n- {{name: remora-inbound, containerPort: 4143, protocol: TCP}}\n- {{name: remora-admin, containerPort: 4191, protocol: TCP}}\n\
          readinessProbe: {{httpGet: {{path: /ready, port: 4191}}, periodSeconds: 5}}\n\
          livenessProbe: {{httpGet: {{path: /live, port: 4191}}, periodSeconds: 10}}\n\
          resources:\n  requests: {{cpu: 10m, memory: 20Mi}}\n  limits: {{memory: 128Mi}}\n\

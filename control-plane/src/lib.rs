@@ -5,16 +5,19 @@
 //! [`registry`], and `Identity.Certify`, which signs workload CSRs ([`issuer`]) once a token
 //! proves the identity asked for. `remora demo` runs a local mesh on the embedded defaults.
 
+mod base64;
 pub mod cli;
 pub mod demo;
 pub mod discovery;
 pub mod inject;
+pub mod install;
 pub mod issuer;
 pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod source;
 pub mod tokenreview;
+pub mod webhook;
 
 // Re-exported so tests and embedders build clients with the same version.
 pub use kube;

@@ -69,6 +69,18 @@ pub struct Options {
     pub token_audiences: Vec<String>,
     pub cert_lifetime: Duration,
     pub limits: Limits,
+    /// The sidecar injection webhook; off when `None`.
+    pub webhook: Option<WebhookOptions>,
+}
+
+/// Where and what the injection webhook serves ([`crate::webhook`]).
+#[derive(Clone, Debug)]
+pub struct WebhookOptions {
+    pub addr: SocketAddr,
+    /// Certificate names beyond the control plane Service's.
+    pub extra_names: Vec<String>,
+    pub proxy_image: String,
+    pub classic: bool,
 }
 
 /// The proxy's own cap on its control-plane watches (`WATCH_MAX` in remora-proxy's
@@ -193,6 +205,7 @@ impl Options {
             token_audiences: Vec::new(),
             cert_lifetime: Duration::from_secs(24 * 3600),
             limits: Limits::default(),
+            webhook: None,
         }
     }
 }
@@ -373,6 +386,7 @@ pub struct ControlPlane {
     cert_lifetime: Duration,
     limits: Limits,
     max_connections: usize,
+    webhook: Option<crate::webhook::Webhook>,
 }
 
 impl ControlPlane {
@@ -443,6 +457,32 @@ impl ControlPlane {
         };
         let (listener, a) = bind("--addr", opts.addr).await?;
         let (admin, b) = bind("--admin-addr", opts.admin_addr).await?;
+        let webhook = match opts.webhook {
+            Some(w) => {
+                let (listener, _) = bind("--webhook-addr", w.addr).await?;
+                let domain = match &opts.source {
+                    Source::Kubernetes { cluster_domain, .. } => cluster_domain.clone(),
+                    Source::File(_) => {
+                        crate::source::kubernetes::DEFAULT_CLUSTER_DOMAIN.to_string()
+                    }
+                };
+                let webhook = crate::webhook::Webhook {
+                    listener,
+                    issuer: issuer.clone(),
+                    names: crate::webhook::server_names(&domain, &w.extra_names),
+                    settings: crate::inject::Settings {
+                        trust_bundle: issuer.current().issuer.bundle_pem.clone(),
+                        trust_domain: opts.trust_domain.clone(),
+                        control_addr: format!("remora-control.remora.svc.{domain}:8086"),
+                        proxy_image: w.proxy_image,
+                        classic: w.classic,
+                    },
+                };
+                webhook.check()?;
+                Some(webhook)
+            }
+            None => None,
+        };
         Ok(ControlPlane {
             listener,
             admin,
@@ -458,6 +498,7 @@ impl ControlPlane {
             cert_lifetime: opts.cert_lifetime,
             limits: opts.limits,
             max_connections,
+            webhook,
         })
     }
 
@@ -467,6 +508,13 @@ impl ControlPlane {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.addrs[1]
+    }
+
+    /// Where the injection webhook listens, when it is on.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.webhook
+            .as_ref()
+            .and_then(|w| w.listener.local_addr().ok())
     }
 
     pub fn registry(&self) -> Arc<Registry> {
@@ -587,6 +635,9 @@ impl ControlPlane {
                 crate::release_memory();
             }
         });
+        if let Some(w) = self.webhook.take() {
+            tasks.spawn(w.serve(stop.clone()));
+        }
         tasks.spawn(serve_admin(
             self.admin,
             self.metrics.clone(),

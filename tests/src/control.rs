@@ -25,6 +25,8 @@ pub struct TestControl {
     pub identity: remora_certs::SpiffeId,
     pub endpoints: PathBuf,
     pub registry: Arc<remora_control_plane::registry::Registry>,
+    /// The injection webhook's address, when the options turned it on.
+    pub webhook: Option<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -192,6 +194,7 @@ impl TestControl {
         let cp = ControlPlane::bind(o).await.expect("control plane binds");
         let (addr, admin, identity, registry) =
             (cp.addr(), cp.admin_addr(), cp.identity(), cp.registry());
+        let webhook = cp.webhook_addr();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(cp.run(async move {
             let _ = rx.await;
@@ -205,6 +208,7 @@ impl TestControl {
             identity,
             endpoints,
             registry,
+            webhook,
             stop: Some(tx),
             task: Some(task),
         }

@@ -371,6 +371,59 @@ impl ApiServer {
         path
     }
 
+    /// Applies what `remora install` writes (the control plane's namespace, account, ClusterRole
+    /// and the rest) and returns a kubeconfig carrying the control plane account's token, once
+    /// its ClusterRole is in force: a control plane started with it has exactly the
+    /// permissions an installed one has.
+    pub fn installed_control_plane_kubeconfig(&self) -> PathBuf {
+        use remora_control_plane::install;
+        let ca = remora_certs::ca::new_ca("cluster.local").expect("a CA");
+        let text = install::manifests(&install::Settings {
+            ca: install::CaFiles {
+                ca_crt: ca.root_crt,
+                issuer_crt: ca.issuer_crt,
+                issuer_key: ca.issuer_key,
+            },
+            trust_domain: "cluster.local".into(),
+            cluster_domain: "cluster.local".into(),
+            control_image: "remora:test".into(),
+            proxy_image: "remora-proxy:test".into(),
+            kube_minor: 20,
+            webhook_url: None,
+        });
+        let docs: Vec<Value> =
+            serde_saphyr::from_multiple(&text).expect("remora install writes YAML");
+        for doc in docs.iter().filter(|d| !d.is_null()) {
+            self.apply_object(doc);
+        }
+        // The API server accepts tokens for its own audience, as it does an in-cluster client's.
+        let token = self.token(
+            install::NAMESPACE,
+            install::SERVICE,
+            "https://kubernetes.default.svc.cluster.local",
+        );
+        // RBAC is read from an informer: wait until the binding is in force for this account.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self
+            .request_as(
+                &token,
+                "GET",
+                "/apis/discovery.k8s.io/v1/endpointslices?limit=1",
+                None,
+                None,
+            )
+            .0
+            != 200
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the installed ClusterRole never came into force for the control plane's account"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kubeconfig_for_token(&token)
+    }
+
     /// Creates or replaces (server-side apply) EndpointSlice `ns/name` for `service`: IPv4, one
     /// TCP port named `http`, and `(address, ready, terminating)` endpoints.
     pub fn apply_slice(

@@ -1,7 +1,8 @@
 //! Kubernetes as users see it, on a real kube-apiserver (`tests/kube/cluster.sh`): Services with
 //! named target ports, the short names a pod's search path expands, ClusterIP:port, headless
 //! StatefulSet per-pod names over mTLS, ExternalName, and opaque `appProtocol` ports — each
-//! reached through real proxies fed by `remora control` watching the API server.
+//! reached through real proxies fed by `remora control` watching the API server with the
+//! permissions `remora install` gives it (its ServiceAccount token, its ClusterRole).
 //!
 //! No controllers run on the test server, so the test writes what the endpointslice controller
 //! and the kubelet would (EndpointSlices, Pods). "Pods" are processes on loopback addresses
@@ -211,7 +212,8 @@ async fn services_are_reached_by_every_name_an_app_uses_with_zero_failed_request
     );
     let cp = TestControl::start_kube(
         &pki,
-        &server.kubeconfig,
+        // The permissions `remora install` gives the control plane, and no more.
+        &server.installed_control_plane_kubeconfig(),
         &[
             ("token-shop-0123456789", &shop_id),
             ("token-other-0123456789", &other_id),
@@ -420,7 +422,8 @@ async fn statefulset_pods_are_reached_one_by_one_over_mtls_and_headless_names_ba
     let db_id = SpiffeId::workload("cluster.local", "shop", "db").expect("id");
     let cp = TestControl::start_kube(
         &pki,
-        &server.kubeconfig,
+        // The permissions `remora install` gives the control plane, and no more.
+        &server.installed_control_plane_kubeconfig(),
         &[
             ("token-client-0123456789", &client_id),
             ("token-db-0123456789", &db_id),
@@ -550,7 +553,8 @@ async fn opaque_app_protocols_skip_detection_and_external_names_resolve_through_
     let db_id = SpiffeId::workload("cluster.local", "shop", "mysql").expect("id");
     let cp = TestControl::start_kube(
         &pki,
-        &server.kubeconfig,
+        // The permissions `remora install` gives the control plane, and no more.
+        &server.installed_control_plane_kubeconfig(),
         &[
             ("token-client-0123456789", &client_id),
             ("token-db-0123456789", &db_id),
