@@ -32,6 +32,147 @@ pub enum Command {
     /// Print every object remora needs in a cluster (no CRD):
     /// `remora install --ca DIR | kubectl apply -f -`.
     Install(InstallArgs),
+    /// Diagnose a meshed pod, each finding with its fix; exits non-zero on any error. Give
+    /// any of: --proxy, --identity-dir, --control, --manifest, --local, --cluster.
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// A proxy's admin address (its readiness and the reason when not ready).
+    #[arg(long)]
+    pub proxy: Option<std::net::SocketAddr>,
+    /// An identity directory (tls.crt, tls.key, ca.crt): expiry, chain, key.
+    #[arg(long)]
+    pub identity_dir: Option<std::path::PathBuf>,
+    /// A control plane (HOST:PORT) to send a real Certify call to: reachable, token accepted,
+    /// clock skew. Needs --token; the identity and bundle come from --identity-dir unless given.
+    #[arg(long)]
+    pub control: Option<String>,
+    #[arg(long)]
+    pub token: Option<std::path::PathBuf>,
+    /// The SPIFFE ID to ask the control plane for.
+    #[arg(long)]
+    pub identity: Option<String>,
+    #[arg(long)]
+    pub trust_bundle: Option<std::path::PathBuf>,
+    /// A manifest file (`-` for standard input): injection, port clashes, probes under strict
+    /// mTLS, drain against the grace period.
+    #[arg(long)]
+    pub manifest: Option<String>,
+    /// This network namespace: interception rules and where the application listens.
+    #[arg(long)]
+    pub local: bool,
+    /// With --local: the application's ports (comma-separated); default every listening port.
+    #[arg(long, value_delimiter = ',')]
+    pub app_ports: Vec<u16>,
+    /// The cluster in --kubeconfig (or KUBECONFIG, or in-cluster): control plane, webhook,
+    /// and the pods of labelled namespaces.
+    #[arg(long)]
+    pub cluster: bool,
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+}
+
+async fn check_command(a: CheckArgs) -> ExitCode {
+    use crate::check;
+    let mut findings = Vec::new();
+    let mut asked = false;
+    if let Some(dir) = &a.identity_dir {
+        asked = true;
+        findings.extend(check::identity::identity_dir(dir, std::time::SystemTime::now()));
+    }
+    if let Some(addr) = a.proxy {
+        asked = true;
+        findings.extend(check::remote::proxy_admin(addr).await);
+    }
+    if let Some(addr) = &a.control {
+        asked = true;
+        let dir_file = |f: &str| a.identity_dir.as_ref().map(|d| d.join(f));
+        let bundle = a.trust_bundle.clone().or_else(|| dir_file("ca.crt"));
+        let identity = match &a.identity {
+            Some(id) => id.parse::<remora_certs::SpiffeId>().map_err(|e| format!("--identity {id}: {e}")),
+            None => dir_file("tls.crt")
+                .and_then(|f| std::fs::read(&f).ok().map(|pem| (f, pem)))
+                .and_then(|(f, pem)| remora_certs::validate::parse_certs(&f, &pem).ok())
+                .and_then(|c| c.first().and_then(|l| remora_certs::validate::spiffe_id(l)))
+                .ok_or_else(|| "--control needs --identity (or an --identity-dir whose tls.crt names one)".to_string()),
+        };
+        match (identity, bundle, &a.token) {
+            (Ok(identity), Some(bundle), Some(token)) => {
+                findings.extend(
+                    check::remote::control(check::remote::ControlCheck {
+                        addr: addr.clone(),
+                        bundle,
+                        identity,
+                        token_file: token.clone(),
+                    })
+                    .await,
+                );
+            }
+            (Err(e), _, _) => {
+                eprintln!("remora check: {e}");
+                return ExitCode::from(2);
+            }
+            (_, None, _) => {
+                eprintln!("remora check: --control needs --trust-bundle (or --identity-dir with ca.crt)");
+                return ExitCode::from(2);
+            }
+            (_, _, None) => {
+                eprintln!("remora check: --control needs --token FILE (the proxy's REMORA_IDENTITY_TOKEN)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if let Some(file) = &a.manifest {
+        asked = true;
+        use std::io::Read as _;
+        let mut text = String::new();
+        let read = if file == "-" {
+            std::io::stdin().read_to_string(&mut text).map(drop)
+        } else {
+            std::fs::read_to_string(file).map(|t| text = t)
+        };
+        match read {
+            Ok(()) => findings.extend(check::manifest::manifest(&text)),
+            Err(e) => {
+                eprintln!("remora check: cannot read {file}: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if a.local {
+        asked = true;
+        findings.extend(check::local::gather(&a.app_ports));
+    }
+    if a.cluster {
+        asked = true;
+        match crate::server::kube_client(a.kubeconfig.as_ref()).await {
+            Ok(client) => findings.extend(check::cluster::cluster(client).await),
+            Err(e) => findings.push(check::Finding::error(
+                "cluster",
+                e,
+                "pass --kubeconfig, or run inside the cluster",
+            )),
+        }
+    }
+    if !asked {
+        eprintln!(
+            "remora check: say what to check: --proxy ADMIN_ADDR, --identity-dir DIR, --control ADDR --token FILE, --manifest FILE, --local, or --cluster"
+        );
+        return ExitCode::from(2);
+    }
+    for f in &findings {
+        println!("{f}");
+    }
+    let errors = findings.iter().filter(|f| f.severity == check::Severity::Error).count();
+    let warnings = findings.iter().filter(|f| f.severity == check::Severity::Warning).count();
+    println!("{errors} error(s), {warnings} warning(s)");
+    if check::failed(&findings) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -257,7 +398,11 @@ fn certs_command(cmd: Command) -> ExitCode {
             Ok(format!("issued {id} (valid {}) to {}: tls.crt, tls.key, ca.crt", humantime::format_duration(lifetime), out.display()))
         })(),
         Command::Cert(CertCommand::Inspect { file }) => remora_certs::validate::inspect(&file).map_err(|e| e.to_string()),
-        Command::Demo(_) | Command::Control(_) | Command::Inject(_) | Command::Install(_) => {
+        Command::Demo(_)
+        | Command::Control(_)
+        | Command::Inject(_)
+        | Command::Install(_)
+        | Command::Check(_) => {
             Err("not a certificate command".into())
         }
     };
@@ -439,6 +584,7 @@ pub fn main() -> ExitCode {
         cmd @ (Command::Ca(_) | Command::Cert(_)) => certs_command(cmd),
         Command::Inject(a) => inject_command(a),
         Command::Install(a) => install_command(a),
+        Command::Check(a) => runtime.block_on(check_command(a)),
         Command::Control(args) => runtime.block_on(async move {
             let stop = shutdown_signal();
             let cp = match (*args).options() {

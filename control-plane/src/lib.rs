@@ -6,6 +6,7 @@
 //! proves the identity asked for. `remora demo` runs a local mesh on the embedded defaults.
 
 mod base64;
+pub mod check;
 pub mod cli;
 pub mod demo;
 pub mod discovery;

@@ -210,7 +210,7 @@ impl Options {
     }
 }
 
-async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, String> {
+pub(crate) async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, String> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
