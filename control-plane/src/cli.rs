@@ -80,7 +80,10 @@ async fn check_command(a: CheckArgs) -> ExitCode {
     let mut asked = false;
     if let Some(dir) = &a.identity_dir {
         asked = true;
-        findings.extend(check::identity::identity_dir(dir, std::time::SystemTime::now()));
+        findings.extend(check::identity::identity_dir(
+            dir,
+            std::time::SystemTime::now(),
+        ));
     }
     if let Some(addr) = a.proxy {
         asked = true;
@@ -91,12 +94,17 @@ async fn check_command(a: CheckArgs) -> ExitCode {
         let dir_file = |f: &str| a.identity_dir.as_ref().map(|d| d.join(f));
         let bundle = a.trust_bundle.clone().or_else(|| dir_file("ca.crt"));
         let identity = match &a.identity {
-            Some(id) => id.parse::<remora_certs::SpiffeId>().map_err(|e| format!("--identity {id}: {e}")),
+            Some(id) => id
+                .parse::<remora_certs::SpiffeId>()
+                .map_err(|e| format!("--identity {id}: {e}")),
             None => dir_file("tls.crt")
                 .and_then(|f| std::fs::read(&f).ok().map(|pem| (f, pem)))
                 .and_then(|(f, pem)| remora_certs::validate::parse_certs(&f, &pem).ok())
                 .and_then(|c| c.first().and_then(|l| remora_certs::validate::spiffe_id(l)))
-                .ok_or_else(|| "--control needs --identity (or an --identity-dir whose tls.crt names one)".to_string()),
+                .ok_or_else(|| {
+                    "--control needs --identity (or an --identity-dir whose tls.crt names one)"
+                        .to_string()
+                }),
         };
         match (identity, bundle, &a.token) {
             (Ok(identity), Some(bundle), Some(token)) => {
@@ -115,11 +123,15 @@ async fn check_command(a: CheckArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
             (_, None, _) => {
-                eprintln!("remora check: --control needs --trust-bundle (or --identity-dir with ca.crt)");
+                eprintln!(
+                    "remora check: --control needs --trust-bundle (or --identity-dir with ca.crt)"
+                );
                 return ExitCode::from(2);
             }
             (_, _, None) => {
-                eprintln!("remora check: --control needs --token FILE (the proxy's REMORA_IDENTITY_TOKEN)");
+                eprintln!(
+                    "remora check: --control needs --token FILE (the proxy's REMORA_IDENTITY_TOKEN)"
+                );
                 return ExitCode::from(2);
             }
         }
@@ -165,8 +177,14 @@ async fn check_command(a: CheckArgs) -> ExitCode {
     for f in &findings {
         println!("{f}");
     }
-    let errors = findings.iter().filter(|f| f.severity == check::Severity::Error).count();
-    let warnings = findings.iter().filter(|f| f.severity == check::Severity::Warning).count();
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == check::Severity::Error)
+        .count();
+    let warnings = findings
+        .iter()
+        .filter(|f| f.severity == check::Severity::Warning)
+        .count();
     println!("{errors} error(s), {warnings} warning(s)");
     if check::failed(&findings) {
         ExitCode::FAILURE

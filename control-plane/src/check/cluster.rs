@@ -51,7 +51,10 @@ pub async fn cluster(client: kube::Client) -> Vec<Finding> {
             "missing: pods in labelled namespaces are created without the sidecar",
             fix_install,
         )),
-        Err(e) => out.push(api_error(&format!("MutatingWebhookConfiguration {WEBHOOK}"), e)),
+        Err(e) => out.push(api_error(
+            &format!("MutatingWebhookConfiguration {WEBHOOK}"),
+            e,
+        )),
     }
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let labelled = match namespaces
@@ -72,9 +75,14 @@ pub async fn cluster(client: kube::Client) -> Vec<Finding> {
         ));
     }
     for ns in labelled {
-        let Some(name) = ns.metadata.name else { continue };
+        let Some(name) = ns.metadata.name else {
+            continue;
+        };
         let pods: Api<Pod> = Api::namespaced(client.clone(), &name);
-        let list = match pods.list(&ListParams::default().limit(PODS_PER_NAMESPACE)).await {
+        let list = match pods
+            .list(&ListParams::default().limit(PODS_PER_NAMESPACE))
+            .await
+        {
             Ok(l) => l.items,
             Err(e) => {
                 out.push(api_error(&format!("pods in {name}"), e));
@@ -84,14 +92,18 @@ pub async fn cluster(client: kube::Client) -> Vec<Finding> {
         for pod in list {
             let pname = pod.metadata.name.clone().unwrap_or_default();
             let what = format!("Pod {name}/{pname}");
-            let Ok(value) = serde_json::to_value(&pod) else { continue };
+            let Ok(value) = serde_json::to_value(&pod) else {
+                continue;
+            };
             for mut f in super::manifest::pod_template(&what, &value) {
                 if f.problem.starts_with("not injected") {
                     // In a labelled namespace the webhook should have: the pod predates it, or
                     // the control plane was down (failurePolicy Ignore).
                     f = Finding::error(
                         f.subject,
-                        format!("not injected although {name} is labelled remora.io/inject=enabled: it was created before the webhook was in force, or while the control plane was down"),
+                        format!(
+                            "not injected although {name} is labelled remora.io/inject=enabled: it was created before the webhook was in force, or while the control plane was down"
+                        ),
                         "delete the pod so its controller recreates it with the sidecar (`kubectl rollout restart` for a Deployment)",
                     );
                 }

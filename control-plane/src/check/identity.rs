@@ -41,7 +41,10 @@ pub fn identity_dir(dir: &Path, now: SystemTime) -> Vec<Finding> {
                 Problem::NoIdentity => {
                     "mesh certificates carry a spiffe:// URI SAN: issue it with `remora cert issue --identity spiffe://…`"
                 }
-                Problem::Unreadable(_) | Problem::Empty | Problem::NoPem(_) | Problem::Garbage(_) => {
+                Problem::Unreadable(_)
+                | Problem::Empty
+                | Problem::NoPem(_)
+                | Problem::Garbage(_) => {
                     "rewrite the file from its source (the control plane writes it in control mode; `remora cert issue` otherwise)"
                 }
             };
@@ -69,7 +72,11 @@ pub fn identity_dir(dir: &Path, now: SystemTime) -> Vec<Finding> {
             if soon {
                 vec![Finding::warning(
                     subject,
-                    format!("{} expires soon ({until}, in {})", creds.id, humantime::format_duration(Duration::from_secs(left.as_secs()))),
+                    format!(
+                        "{} expires soon ({until}, in {})",
+                        creds.id,
+                        humantime::format_duration(Duration::from_secs(left.as_secs()))
+                    ),
                     "renew it now: a control-mode proxy that has not renewed cannot reach the control plane (remora check --control); otherwise `remora cert issue`",
                 )]
             } else {

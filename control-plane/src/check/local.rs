@@ -35,7 +35,9 @@ pub fn listeners(proc_net_tcp: &str) -> Vec<Listener> {
             let (addr, port) = f[1].split_once(':')?;
             let port = u16::from_str_radix(port, 16).ok()?;
             let addr = match addr.len() {
-                8 => IpAddr::V4(Ipv4Addr::from(u32::from_str_radix(addr, 16).ok()?.swap_bytes())),
+                8 => IpAddr::V4(Ipv4Addr::from(
+                    u32::from_str_radix(addr, 16).ok()?.swap_bytes(),
+                )),
                 32 => {
                     let mut bytes = [0u8; 16];
                     for i in 0..4 {
@@ -83,7 +85,10 @@ pub fn sockets(all: &[Listener], ports: &[u16], proxy_uid: Option<u32>) -> Vec<F
             .collect::<Vec<_>>()
             .join(", ");
         if addrs.iter().any(IpAddr::is_unspecified) {
-            out.push(Finding::ok(subject, format!("listens on all addresses ({list})")));
+            out.push(Finding::ok(
+                subject,
+                format!("listens on all addresses ({list})"),
+            ));
         } else if addrs.iter().all(IpAddr::is_loopback) {
             out.push(Finding::warning(
                 subject,
@@ -120,7 +125,9 @@ pub fn rules(family: &str, save: &str, all: &[Listener]) -> Vec<Finding> {
     for (builtin, chain) in [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTBOUND_CHAIN)] {
         let jumps = save
             .lines()
-            .filter(|l| l.starts_with(&format!("-A {builtin} ")) && l.ends_with(&format!("-j {chain}")))
+            .filter(|l| {
+                l.starts_with(&format!("-A {builtin} ")) && l.ends_with(&format!("-j {chain}"))
+            })
             .count();
         if !has_chain(chain) || jumps == 0 {
             out.push(Finding::error(
@@ -182,7 +189,10 @@ pub fn rules(family: &str, save: &str, all: &[Listener]) -> Vec<Finding> {
         }
     }
     if out.is_empty() {
-        out.push(Finding::ok(subject, "present, and sending to the running proxy"));
+        out.push(Finding::ok(
+            subject,
+            "present, and sending to the running proxy",
+        ));
     }
     out
 }
@@ -191,7 +201,10 @@ pub fn rules(family: &str, save: &str, all: &[Listener]) -> Vec<Finding> {
 pub fn exempt_uid(save: &str) -> Option<u32> {
     save.lines()
         .filter(|l| l.starts_with(&format!("-A {OUTBOUND_CHAIN} ")))
-        .find_map(|l| l.split_once("--uid-owner ").and_then(|(_, u)| u.split_whitespace().next()))
+        .find_map(|l| {
+            l.split_once("--uid-owner ")
+                .and_then(|(_, u)| u.split_whitespace().next())
+        })
         .and_then(|u| u.parse().ok())
 }
 
@@ -218,7 +231,10 @@ pub fn gather(app_ports: &[u16]) -> Vec<Finding> {
             }
             Ok(o) => out.push(Finding::warning(
                 format!("{family} interception rules"),
-                format!("{cmd} failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
+                format!(
+                    "{cmd} failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
                 "run remora check as root (CAP_NET_ADMIN) in the pod's network namespace",
             )),
             Err(e) => out.push(Finding::warning(
@@ -241,17 +257,29 @@ mod tests {
         let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  2102        0 1 1 0\n   1: 0100007F:1F91 0200007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0\n";
         assert_eq!(
             listeners(v4),
-            [Listener { addr: "127.0.0.1".parse().unwrap(), port: 8080, uid: 2102 }]
+            [Listener {
+                addr: "127.0.0.1".parse().unwrap(),
+                port: 8080,
+                uid: 2102
+            }]
         );
         let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     7        0 3 1 0\n";
         assert_eq!(
             listeners(v6),
-            [Listener { addr: "::1".parse().unwrap(), port: 8080, uid: 7 }]
+            [Listener {
+                addr: "::1".parse().unwrap(),
+                port: 8080,
+                uid: 7
+            }]
         );
     }
 
     fn l(addr: &str, port: u16, uid: u32) -> Listener {
-        Listener { addr: addr.parse().unwrap(), port, uid }
+        Listener {
+            addr: addr.parse().unwrap(),
+            port,
+            uid,
+        }
     }
 
     #[test]
@@ -261,13 +289,24 @@ mod tests {
             (&[l("0.0.0.0", 8080, 0)], &[8080], &[Ok]),
             (&[l("127.0.0.1", 8080, 0)], &[8080], &[Warning]),
             (&[l("10.1.0.5", 8080, 0)], &[8080], &[Error]),
-            (&[l("10.1.0.5", 8080, 0), l("127.0.0.1", 8080, 0)], &[8080], &[Ok]),
+            (
+                &[l("10.1.0.5", 8080, 0), l("127.0.0.1", 8080, 0)],
+                &[8080],
+                &[Ok],
+            ),
             (&[], &[8080], &[Error]),
             // The proxy's own sockets are not the application's.
-            (&[l("127.0.0.1", 4140, 2102), l("0.0.0.0", 9000, 2102)], &[], &[]),
+            (
+                &[l("127.0.0.1", 4140, 2102), l("0.0.0.0", 9000, 2102)],
+                &[],
+                &[],
+            ),
         ];
         for (all, ports, want) in cases {
-            let got: Vec<_> = sockets(all, ports, Some(2102)).iter().map(|f| f.severity).collect();
+            let got: Vec<_> = sockets(all, ports, Some(2102))
+                .iter()
+                .map(|f| f.severity)
+                .collect();
             assert_eq!(&got, want, "{all:?} {ports:?}");
         }
     }
@@ -292,7 +331,10 @@ mod tests {
         assert!(p[0].contains("port 4140, where nothing listens"), "{p:?}");
         let other_uid = [l("0.0.0.0", 4143, 1000), l("127.0.0.1", 4140, 1000)];
         let p = problems(RULES, &other_uid);
-        assert!(p[0].contains("exempt uid 2102 but the proxy on port 4140 runs as uid 1000"), "{p:?}");
+        assert!(
+            p[0].contains("exempt uid 2102 but the proxy on port 4140 runs as uid 1000"),
+            "{p:?}"
+        );
         assert_eq!(exempt_uid(RULES), Some(2102));
     }
 }

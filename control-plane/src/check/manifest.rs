@@ -82,7 +82,10 @@ pub fn pod_template(what: &str, pod: &Value) -> Vec<Finding> {
         .or_else(|| named(&spec["containers"], "remora-proxy"));
     let Some(proxy) = proxy else {
         if pod["metadata"]["annotations"]["remora.io/inject"] == "disabled" {
-            return vec![Finding::ok(what, "opted out of the mesh (remora.io/inject: disabled)")];
+            return vec![Finding::ok(
+                what,
+                "opted out of the mesh (remora.io/inject: disabled)",
+            )];
         }
         return vec![Finding::warning(
             what,
@@ -161,7 +164,10 @@ pub fn pod_template(what: &str, pod: &Value) -> Vec<Finding> {
         ));
     }
     if out.is_empty() {
-        out.push(Finding::ok(what, "injected; ports, probes and drain fit the proxy"));
+        out.push(Finding::ok(
+            what,
+            "injected; ports, probes and drain fit the proxy",
+        ));
     }
     out
 }
@@ -181,17 +187,26 @@ fn probe_finding(
         let path = get["path"].as_str().unwrap_or("/");
         let path = path.split('?').next().unwrap_or(path);
         if get["scheme"] == "HTTPS" {
-            (port, "an HTTPS probe: the kubelet's TLS is not the mesh's mTLS".to_string())
+            (
+                port,
+                "an HTTPS probe: the kubelet's TLS is not the mesh's mTLS".to_string(),
+            )
         } else if !probe_paths.iter().any(|pp| pp == path) {
             (
                 port,
-                format!("an HTTP probe of {path}, which is not in REMORA_PROBE_PATHS ({})", probe_paths.join(", ")),
+                format!(
+                    "an HTTP probe of {path}, which is not in REMORA_PROBE_PATHS ({})",
+                    probe_paths.join(", ")
+                ),
             )
         } else {
             return None;
         }
     } else if let Some(g) = p.get("grpc") {
-        (&g["port"], "a gRPC probe: plaintext HTTP/2 is not a probe request".to_string())
+        (
+            &g["port"],
+            "a gRPC probe: plaintext HTTP/2 is not a probe request".to_string(),
+        )
     } else {
         // exec and tcpSocket probes do not depend on what the proxy lets through.
         return None;
@@ -212,8 +227,16 @@ fn probe_finding(
         "add the path to REMORA_PROBE_PATHS, probe another port listed in remora.io/skip-inbound-ports, or use an exec probe (port {number})"
     );
     Some(if strict {
-        Finding::error(subject, format!("{problem}: REMORA_MTLS=strict refuses it, so the probe fails"), fix)
+        Finding::error(
+            subject,
+            format!("{problem}: REMORA_MTLS=strict refuses it, so the probe fails"),
+            fix,
+        )
     } else {
-        Finding::warning(subject, format!("{problem}: it works now, and fails once REMORA_MTLS=strict"), fix)
+        Finding::warning(
+            subject,
+            format!("{problem}: it works now, and fails once REMORA_MTLS=strict"),
+            fix,
+        )
     })
 }

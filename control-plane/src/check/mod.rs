@@ -36,7 +36,11 @@ pub struct Finding {
 }
 
 impl Finding {
-    pub fn error(subject: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub fn error(
+        subject: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
         Finding {
             severity: Severity::Error,
             subject: subject.into(),

@@ -49,7 +49,10 @@ pub async fn proxy_admin(addr: SocketAddr) -> Vec<Finding> {
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse::<u16>().ok());
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.trim()).unwrap_or("");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim())
+        .unwrap_or("");
     match status {
         Some(200) => vec![Finding::ok(subject, "ready")],
         Some(code) => vec![Finding::error(
@@ -101,7 +104,13 @@ pub async fn control(c: ControlCheck) -> Vec<Finding> {
     };
     let (_key, csr) = match remora_certs::ca::new_key_and_csr(&c.identity) {
         Ok(k) => k,
-        Err(e) => return vec![Finding::error(subject, e.to_string(), "report this as a bug")],
+        Err(e) => {
+            return vec![Finding::error(
+                subject,
+                e.to_string(),
+                "report this as a bug",
+            )];
+        }
     };
     let req = remora_api::CertifyRequest {
         identity: c.identity.to_string(),
@@ -126,6 +135,14 @@ pub async fn control(c: ControlCheck) -> Vec<Finding> {
                     format!("refuses the token for {}: {msg}", c.identity),
                     "the token must be this ServiceAccount's, projected with audience `remora` (an injected pod's is), or a bootstrap token listed for this identity",
                 ),
+                // The handshake verifies the control plane's certificate by this clock.
+                Code::Unavailable | Code::Unknown if time_refusal(&msg) => Finding::error(
+                    subject,
+                    format!(
+                        "its certificate is not valid by this clock ({msg}): the clocks differ by more than the 60 s remora allows"
+                    ),
+                    "fix NTP on the nodes",
+                ),
                 Code::Unavailable | Code::Unknown => Finding::error(
                     subject,
                     format!("unreachable: {msg}"),
@@ -147,12 +164,23 @@ pub async fn control(c: ControlCheck) -> Vec<Finding> {
     )];
     let issued_at = remora_certs::validate::parse_certs(&c.bundle, rsp.chain.as_bytes())
         .ok()
-        .and_then(|chain| chain.first().and_then(|l| remora_certs::validate::validity(l)))
+        .and_then(|chain| {
+            chain
+                .first()
+                .and_then(|l| remora_certs::validate::validity(l))
+        })
         .map(|(not_before, _)| not_before + BACKDATE);
     if let Some(theirs) = issued_at {
         out.extend(skew(&subject, now, theirs));
     }
     out
+}
+
+/// Whether a connect error is the peer's certificate failing on time (`NotValidYet`,
+/// `Expired` in rustls' words).
+fn time_refusal(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase().replace(' ', "");
+    m.contains("notvalidyet") || m.contains("expired")
 }
 
 /// Compares our clock (`ours`) with the control plane's (`theirs`).
@@ -196,6 +224,10 @@ mod tests {
         assert_eq!(sev(t + Duration::from_secs(45)), Some(Warning));
         assert_eq!(sev(t + Duration::from_secs(120)), Some(Error));
         assert_eq!(sev(t - Duration::from_secs(120)), Some(Error));
-        assert!(skew("cp", t - Duration::from_secs(120), t)[0].problem.contains("behind"));
+        assert!(
+            skew("cp", t - Duration::from_secs(120), t)[0]
+                .problem
+                .contains("behind")
+        );
     }
 }
