@@ -19,6 +19,9 @@ use remora_certs::{MAX_WEIGHT, SpiffeId, normalize_authority};
 #[path = "../../proxy/src/bin/remora-proxy/cli.rs"]
 mod cli;
 #[allow(dead_code)]
+#[path = "../../proxy/src/bin/remora-proxy/init.rs"]
+mod init;
+#[allow(dead_code)]
 #[path = "../../proxy/src/bin/remora-proxy/job.rs"]
 mod job;
 use cli::Args;

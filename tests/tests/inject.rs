@@ -214,3 +214,116 @@ fn inject_refuses_bad_input_and_writes_nothing() {
     assert!(err.contains("document 2: not valid YAML"), "{err}");
     assert!(out.is_empty(), "nothing half-written: {out}");
 }
+
+/// The golden files: each manifest under `tests/manifests/inject/` injected with a fixed trust
+/// bundle (`ca.crt` there, a certificate only) is byte for byte its `.golden` file. A change
+/// to what inject writes shows here as a diff to review; `REMORA_UPDATE_GOLDEN=1` rewrites
+/// them. Every output is also parsed as the Kubernetes types, and the `--classic` output of
+/// every input (the test API server predates native sidecars) is applied to the real server.
+#[test]
+fn golden_manifests_parse_as_kubernetes_types_and_apply() {
+    let dir = repo_root().join("tests/manifests/inject");
+    let bundle = dir.join("ca.crt");
+    let bundle = bundle.to_str().unwrap();
+    let mut inputs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    inputs.sort();
+    assert!(
+        inputs.len() >= 5,
+        "the golden inputs are missing: {inputs:?}"
+    );
+    let update = std::env::var_os("REMORA_UPDATE_GOLDEN").is_some();
+    let api = ApiServer::start();
+    api.create_namespace("shop");
+    for input in &inputs {
+        let path = input.to_str().unwrap();
+        let args = [
+            "--trust-bundle",
+            bundle,
+            "--proxy-image",
+            "remora-proxy:golden",
+            path,
+        ];
+        let (code, out, err) = inject(&args, None);
+        assert_eq!(code, 0, "{path}: {err}");
+        let golden = input.with_extension("golden");
+        if update {
+            std::fs::write(&golden, &out).unwrap();
+        }
+        let want = std::fs::read_to_string(&golden).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (REMORA_UPDATE_GOLDEN=1 writes it)",
+                golden.display()
+            )
+        });
+        assert!(
+            out == want,
+            "{path}: the output differs from {}; review the diff, then REMORA_UPDATE_GOLDEN=1\n--- got ---\n{out}",
+            golden.display()
+        );
+        for d in docs(&out) {
+            typed_any(&d);
+        }
+        let mut classic = vec!["--classic"];
+        classic.extend_from_slice(&args);
+        let (code, out, err) = inject(&classic, None);
+        assert_eq!(code, 0, "{path} --classic: {err}");
+        for d in docs(&out) {
+            match d["items"].as_array() {
+                Some(items) => items.iter().for_each(|i| api.apply_object(i)),
+                None => api.apply_object(&d),
+            }
+        }
+    }
+    // What the server stored is injected where it should be and untouched elsewhere.
+    let stored = api.get("/apis/apps/v1/namespaces/shop/deployments/checkout");
+    let spec = &stored["spec"]["template"]["spec"];
+    let names = |f: &str| -> Vec<String> {
+        spec[f]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names("initContainers"), ["remora-init", "migrate"]);
+    assert_eq!(names("containers"), ["remora-proxy", "checkout", "logs"]);
+    let legacy = api.get("/apis/apps/v1/namespaces/shop/deployments/legacy");
+    assert!(legacy["spec"]["template"]["spec"]["initContainers"].is_null());
+    api.get("/apis/batch/v1beta1/namespaces/shop/cronjobs/nightly");
+    api.get("/apis/apps/v1/namespaces/shop/daemonsets/node-agent");
+}
+
+/// Parses a document as its Kubernetes type (k8s-openapi), each `List` item included.
+fn typed_any(d: &Value) {
+    use k8s_openapi::api::{apps::v1 as apps, batch::v1 as batch, core::v1 as core};
+    let r = match d["kind"].as_str() {
+        Some("List") => {
+            d["items"].as_array().unwrap().iter().for_each(typed_any);
+            Ok(())
+        }
+        Some("Deployment") => serde_json::from_value::<apps::Deployment>(d.clone()).map(drop),
+        Some("StatefulSet") => serde_json::from_value::<apps::StatefulSet>(d.clone()).map(drop),
+        Some("DaemonSet") => serde_json::from_value::<apps::DaemonSet>(d.clone()).map(drop),
+        Some("Pod") => serde_json::from_value::<core::Pod>(d.clone()).map(drop),
+        Some("Service") => serde_json::from_value::<core::Service>(d.clone()).map(drop),
+        Some("ConfigMap") => serde_json::from_value::<core::ConfigMap>(d.clone()).map(drop),
+        Some("Job") => serde_json::from_value::<batch::Job>(d.clone()).map(drop),
+        // batch/v1beta1 (the test server is v1.20) has batch/v1's shape.
+        Some("CronJob") => {
+            let mut v1 = d.clone();
+            v1["apiVersion"] = "batch/v1".into();
+            serde_json::from_value::<batch::CronJob>(v1).map(drop)
+        }
+        other => panic!("no type for {other:?}"),
+    };
+    r.unwrap_or_else(|e| {
+        panic!(
+            "{} is not a valid {}: {e}",
+            d["metadata"]["name"], d["kind"]
+        )
+    });
+}
