@@ -1,6 +1,6 @@
 //! `remora install`: every object a cluster needs for remora, as plain YAML for
 //! `remora install | kubectl apply -f -`. Zero CRDs: a Namespace, the control plane's
-//! ServiceAccount and least-privilege ClusterRole/Binding ([`permission::RULES`]), the CA
+//! ServiceAccount and least-privilege ClusterRole/Binding ([`RULES`]), the CA
 //! Secret (ca.crt, issuer.crt, issuer.key; never the root key), the control plane Deployment
 //! (two replicas, probes, resources, hardened) with its PodDisruptionBudget and Service, and
 //! the injection webhook's configuration (pods of namespaces labelled

@@ -3,7 +3,7 @@
 //! a JSON Patch adding the same sidecar `remora inject` adds ([`crate::inject::inject_pod`]).
 //!
 //! [`review`] is the whole decision, a pure function of the AdmissionReview and the settings;
-//! [`serve`] wraps it in HTTPS with a certificate from the mesh issuer whose names are the
+//! [`Webhook::serve`] wraps it in HTTPS with a certificate from the mesh issuer whose names are the
 //! control plane's Service (`remora-control.remora.svc`), renewed well before it expires.
 //! The webhook configuration's `failurePolicy: Ignore` means a control plane that is down
 //! never blocks pod creation; a pod whose remora annotations are wrong is refused with a

@@ -29,8 +29,14 @@ pub struct Config {
     pub inbound_addr: SocketAddr,
     /// Where the local application listens: `REMORA_APP_ADDR`.
     pub app_addr: SocketAddr,
+    /// The local application's Unix domain socket (`REMORA_APP_ADDR=unix:PATH`): inbound
+    /// connects there instead of `app_addr` (which then only names the app in logs).
+    pub app_unix: Option<std::path::PathBuf>,
     /// Where the local application sends its outbound calls: `REMORA_OUTBOUND_ADDR`.
     pub outbound_addr: SocketAddr,
+    /// A Unix domain socket the outbound side listens on as well (`REMORA_OUTBOUND_ADDR=
+    /// IP:PORT,unix:PATH`); who may connect is decided by the file's and directory's modes.
+    pub outbound_unix: Option<std::path::PathBuf>,
     /// The admin server (/live, /ready, /metrics, /shutdown): `REMORA_ADMIN_ADDR`.
     pub admin_addr: SocketAddr,
     /// Static destinations, used without a control plane: `REMORA_DESTINATIONS`.
@@ -187,6 +193,8 @@ impl Default for Config {
             inbound_addr: SocketAddr::from(([0, 0, 0, 0], 4143)),
             app_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             outbound_addr: SocketAddr::from(([127, 0, 0, 1], 4140)),
+            app_unix: None,
+            outbound_unix: None,
             admin_addr: SocketAddr::from(([0, 0, 0, 0], 4191)),
             destinations: Vec::new(),
             opaque_ports: DEFAULT_OPAQUE_PORTS.to_vec(),

@@ -18,7 +18,9 @@ pub(crate) fn listener(
     rules: Arc<Rules>,
     hooks: Option<Arc<dyn Hooks>>,
 ) -> Listener {
-    let app = Arc::new(Endpoint::new(cfg.app_addr, 1, cfg.connect_timeout, None));
+    let app = Arc::new(
+        Endpoint::new(cfg.app_addr, 1, cfg.connect_timeout, None).with_unix(cfg.app_unix.clone()),
+    );
     let forward = Arc::new(Forwarder {
         direction: Direction::Inbound,
         route: Route::App(app.clone()),

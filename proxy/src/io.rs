@@ -11,9 +11,25 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
-pub struct ProxyIo<T = TcpStream> {
+/// An accepted or dialled byte stream: TCP, or a Unix domain socket on the local hop between
+/// the app and the proxy (no TCP stack, file permissions for access control).
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    pub(crate) fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Stream::Tcp(t) => Some(t),
+            Stream::Unix(_) => None,
+        }
+    }
+}
+
+pub struct ProxyIo<T = Stream> {
     prefix: Bytes,
     inner: T,
     read: u64,
@@ -113,7 +129,7 @@ pub enum ServerIo {
 
 /// A connection the proxy opened to an upstream: plaintext, or mTLS to a peer proxy.
 pub enum UpstreamIo {
-    Plain(TcpStream),
+    Plain(Stream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
@@ -183,6 +199,7 @@ macro_rules! delegate_io {
     };
 }
 
+delegate_io!(Stream, Tcp, Unix);
 delegate_io!(ServerIo, Plain, Tls);
 delegate_io!(UpstreamIo, Plain, Tls);
 
@@ -298,10 +315,14 @@ pub async fn first_speaker<C: AsyncRead + Unpin>(
     let mut buf = vec![0u8; max];
     let app_speaks = async {
         match app {
-            UpstreamIo::Plain(tcp) => {
+            UpstreamIo::Plain(Stream::Tcp(tcp)) => {
                 let mut one = [0u8; 1];
                 // A peek that returns (data or EOF) means the app has acted; errors likewise.
                 let _ = tcp.peek(&mut one).await;
+            }
+            // Readable means data or EOF is waiting, like a peek that returns.
+            UpstreamIo::Plain(Stream::Unix(unix)) => {
+                let _ = unix.readable().await;
             }
             UpstreamIo::Tls(_) => std::future::pending().await,
         }

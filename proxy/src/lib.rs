@@ -313,6 +313,10 @@ impl Builder {
             a.unwrap_or(Listen::Addr(cfg.admin_addr)),
         )
         .await?;
+        let outbound_unix = match (&outbound, &cfg.outbound_unix) {
+            (Some(_), Some(path)) => Some(unix_listener(path)?),
+            _ => None,
+        };
         // Checked again against what was bound: a pre-bound socket or an explicit address can
         // be the app's own port, and the inbound listener would then forward to itself.
         if let Some((_, local)) = &inbound
@@ -423,6 +427,7 @@ impl Builder {
             outbound6: twin(&outbound).await,
             inbound,
             outbound,
+            outbound_unix,
             admin,
             admin_state,
             destinations,
@@ -430,6 +435,34 @@ impl Builder {
             hooks,
         })
     }
+}
+
+/// Binds the outbound Unix socket at `path`. A socket file left by a proxy that is gone is
+/// replaced; one that a live process still accepts on is an error (two proxies, one path).
+fn unix_listener(path: &std::path::Path) -> Result<tokio::net::UnixListener, Error> {
+    let err = |e: std::io::Error| {
+        Error::Config(format!(
+            "REMORA_OUTBOUND_ADDR unix:{}: cannot listen: {e}",
+            path.display()
+        ))
+    };
+    use std::os::unix::fs::FileTypeExt as _;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(Error::Config(format!(
+                "REMORA_OUTBOUND_ADDR unix:{}: the path exists and is not a socket; choose another path",
+                path.display()
+            )));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::Config(format!(
+                "REMORA_OUTBOUND_ADDR unix:{}: another process is listening there",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    tokio::net::UnixListener::bind(path).map_err(err)
 }
 
 async fn listener(
@@ -497,6 +530,7 @@ pub struct Proxy {
     cfg: Config,
     inbound: Option<(TcpListener, SocketAddr)>,
     outbound: Option<(TcpListener, SocketAddr)>,
+    outbound_unix: Option<tokio::net::UnixListener>,
     /// The IPv6 twins of the IPv4 inbound and outbound listeners (see [`twin`]).
     inbound6: Option<TcpListener>,
     outbound6: Option<TcpListener>,
@@ -606,7 +640,11 @@ impl Proxy {
             .into_iter()
             .chain(self.inbound6)
         {
-            tokio::spawn(inbound.clone().serve(l, in_drain.clone()));
+            tokio::spawn(
+                inbound
+                    .clone()
+                    .serve(listener::Acceptor::Tcp(l), in_drain.clone()),
+            );
         }
         for l in self
             .outbound
@@ -614,7 +652,18 @@ impl Proxy {
             .into_iter()
             .chain(self.outbound6)
         {
-            tokio::spawn(outbound.clone().serve(l, out_drain.clone()));
+            tokio::spawn(
+                outbound
+                    .clone()
+                    .serve(listener::Acceptor::Tcp(l), out_drain.clone()),
+            );
+        }
+        if let Some(l) = self.outbound_unix {
+            tokio::spawn(
+                outbound
+                    .clone()
+                    .serve(listener::Acceptor::Unix(l), out_drain.clone()),
+            );
         }
         // Bursts (many connections, large bodies) leave freed heap in glibc's arenas; hand it
         // back to the system so RSS returns to idle after the burst (cheap on a small heap).
@@ -685,6 +734,10 @@ impl Proxy {
             );
         } else {
             tracing::info!(elapsed = ?started.elapsed(), "drained");
+        }
+        // The socket file would otherwise outlive the proxy (the next start replaces it).
+        if let Some(path) = &self.cfg.outbound_unix {
+            let _ = std::fs::remove_file(path);
         }
         RunReport { cut }
     }

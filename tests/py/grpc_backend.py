@@ -18,6 +18,7 @@ import grpc
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--unix", help="serve on this Unix socket path instead (prints PORT 0)")
     ap.add_argument("--name", default="backend")
     ap.add_argument("--delay-ms", type=int, default=0, help="added to every Unary call")
     ap.add_argument("--max-age-ms", type=int, default=0, help="grpc.max_connection_age_ms (GOAWAY)")
@@ -61,7 +62,11 @@ def main():
                     ("grpc.max_connection_age_grace_ms", 30000)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("remora.test.Echo", handlers),))
-    port = server.add_insecure_port(f"127.0.0.1:{args.port}")
+    if args.unix:
+        server.add_insecure_port(f"unix:{args.unix}")
+        port = 0
+    else:
+        port = server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()
     print(f"PORT {port}", flush=True)
     # Exit when the parent closes stdin, so no backend outlives its test.

@@ -171,6 +171,8 @@ pub struct EndpointTls {
 
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// A Unix domain socket reached instead of `addr` (the local app only).
+    unix: Option<std::path::PathBuf>,
     pub tls: Option<EndpointTls>,
     pub weight: u32,
     /// The port carries an opaque protocol (discovery said so): tunnels to it over mTLS
@@ -207,6 +209,7 @@ impl Endpoint {
     ) -> Self {
         Endpoint {
             addr,
+            unix: None,
             tls: None,
             opaque: false,
             weight: weight.max(1),
@@ -225,9 +228,12 @@ impl Endpoint {
     /// Opens a connection: TCP, then mTLS when the endpoint has an identity (a peer proxy).
     /// `alpn` picks the protocol inside TLS; `None` for a byte tunnel.
     pub async fn connect(&self, alpn: Option<&[u8]>) -> Result<UpstreamIo, EndpointError> {
+        if let Some(path) = &self.unix {
+            return self.connect_unix(path).await;
+        }
         let tcp = self.connect_tcp().await?;
         let Some(tls) = &self.tls else {
-            return Ok(UpstreamIo::Plain(tcp));
+            return Ok(UpstreamIo::Plain(crate::io::Stream::Tcp(tcp)));
         };
         let res = self.handshake(tls, tcp, alpn).await;
         match &res {
@@ -272,6 +278,32 @@ impl Endpoint {
         }
     }
 
+    /// The local app on a Unix domain socket (`REMORA_APP_ADDR=unix:PATH`): never TLS.
+    async fn connect_unix(&self, path: &std::path::Path) -> Result<UpstreamIo, EndpointError> {
+        let res =
+            match tokio::time::timeout(self.connect_timeout, tokio::net::UnixStream::connect(path))
+                .await
+            {
+                Err(_) => Err(EndpointError::ConnectTimeout {
+                    addr: self.addr,
+                    timeout: self.connect_timeout,
+                }),
+                Ok(Err(source)) => Err(EndpointError::Connect {
+                    addr: self.addr,
+                    source: std::io::Error::new(
+                        source.kind(),
+                        format!("unix socket {}: {source}", path.display()),
+                    ),
+                }),
+                Ok(Ok(s)) => Ok(UpstreamIo::Plain(crate::io::Stream::Unix(s))),
+            };
+        match &res {
+            Ok(_) => self.mark_up(),
+            Err(e) => self.mark_down(e),
+        }
+        res
+    }
+
     async fn connect_tcp(&self) -> Result<TcpStream, EndpointError> {
         let addr = self.addr;
         let res = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
@@ -296,6 +328,17 @@ impl Endpoint {
     pub fn with_tls(mut self, tls: Option<EndpointTls>) -> Self {
         self.tls = tls;
         self
+    }
+
+    /// Reaches the endpoint on the Unix domain socket at `path` instead of `addr` (which
+    /// then only names it in logs and metrics).
+    pub fn with_unix(mut self, path: Option<std::path::PathBuf>) -> Self {
+        self.unix = path;
+        self
+    }
+
+    pub fn is_unix(&self) -> bool {
+        self.unix.is_some()
     }
 
     pub fn with_opaque(mut self, opaque: bool) -> Self {

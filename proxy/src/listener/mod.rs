@@ -13,7 +13,9 @@ use http::HeaderValue;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::io::Stream;
 
 use crate::config::MtlsMode;
 use crate::drain::Drain;
@@ -59,6 +61,21 @@ pub struct Listener {
     refused: Counter,
 }
 
+/// A listening socket: TCP, or a Unix domain socket the local app connects to.
+pub enum Acceptor {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Acceptor {
+    async fn accept(&self) -> std::io::Result<(Stream, Option<std::net::SocketAddr>)> {
+        match self {
+            Acceptor::Tcp(l) => l.accept().await.map(|(s, p)| (Stream::Tcp(s), Some(p))),
+            Acceptor::Unix(l) => l.accept().await.map(|(s, _)| (Stream::Unix(s), None)),
+        }
+    }
+}
+
 /// What one connection's routing depends on beyond its listener: interception's original
 /// destination (`remora-proxy init`). Explicit-proxy connections have the default.
 #[derive(Clone, Default)]
@@ -82,7 +99,8 @@ pub struct AppPorts {
 
 impl AppPorts {
     fn endpoint(&self, port: u16) -> Arc<Endpoint> {
-        if port == self.app.addr.port() {
+        // An app on a Unix socket has one socket whatever port the peer dialled.
+        if port == self.app.addr.port() || self.app.is_unix() {
             return self.app.clone();
         }
         let mut map = self.by_port.lock().unwrap_or_else(|p| p.into_inner());
@@ -171,7 +189,7 @@ impl Listener {
     }
 
     /// Accepts until the drain starts.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
+    pub async fn serve(self: Arc<Self>, listener: Acceptor, drain: Drain) {
         let mut last_refusal_log: Option<tokio::time::Instant> = None;
         loop {
             let accepted = tokio::select! {
@@ -179,7 +197,9 @@ impl Listener {
                 _ = drain.signaled() => break,
             };
             match accepted {
-                Ok((tcp, peer)) => {
+                Ok((tcp, peer_addr)) => {
+                    // A Unix socket's peer has no address; its connections are the local app's.
+                    let peer = peer_addr.map_or_else(|| "unix".to_string(), |p| p.to_string());
                     let Ok(slot) = self.slots.clone().try_acquire_owned() else {
                         // Overloaded: refuse at once (the client sees a close and can go
                         // elsewhere) instead of letting descriptors run out for everyone.
@@ -209,7 +229,7 @@ impl Listener {
                     );
                     drain.spawn(
                         what,
-                        Some(peer),
+                        peer_addr,
                         tracing::Instrument::instrument(
                             async move {
                                 let _slot = slot;
@@ -299,11 +319,13 @@ impl Listener {
         }
     }
 
-    async fn connection(self: Arc<Self>, mut tcp: TcpStream, drain: Drain) {
-        let _ = tcp.set_nodelay(true);
+    async fn connection(self: Arc<Self>, mut tcp: Stream, drain: Drain) {
+        if let Some(t) = tcp.tcp() {
+            let _ = t.set_nodelay(true);
+        }
         self.open.inc();
         let _open = GaugeGuard(&self.open);
-        let (conn, skip) = match original_dst::original_dst(&tcp) {
+        let (conn, skip) = match tcp.tcp().and_then(original_dst::original_dst) {
             None => (Conn::default(), self.skip_detection),
             Some(original) => match self.intercepted(original).await {
                 Some(c) => c,
@@ -396,7 +418,7 @@ impl Listener {
     }
 
     /// A port declared opaque: no HTTP detection, but mTLS as on every port.
-    async fn opaque_port(&self, mut tcp: TcpStream, drain: Drain, conn: &Conn) {
+    async fn opaque_port(&self, mut tcp: Stream, drain: Drain, conn: &Conn) {
         let mtls = self.mtls();
         let (first, prefix, upstream) = match mtls {
             Mtls::Off => (First::NotHttp, Bytes::new(), None),

@@ -28,12 +28,13 @@ pub struct Args {
     /// Listener for traffic to the local app (peers, probes, everything from outside).
     #[arg(long, env = "REMORA_INBOUND_ADDR", default_value = "0.0.0.0:4143")]
     pub inbound_addr: SocketAddr,
-    /// Where the local app listens.
+    /// Where the local app listens: IP:PORT, or unix:PATH for a Unix domain socket.
     #[arg(long, env = "REMORA_APP_ADDR", default_value = "127.0.0.1:8080")]
-    pub app_addr: SocketAddr,
-    /// Listener for the app's outbound calls (explicit HTTP proxy).
+    pub app_addr: String,
+    /// Listener for the app's outbound calls (explicit HTTP proxy): IP:PORT, optionally
+    /// followed by `,unix:PATH` to listen on a Unix domain socket too.
     #[arg(long, env = "REMORA_OUTBOUND_ADDR", default_value = "127.0.0.1:4140")]
-    pub outbound_addr: SocketAddr,
+    pub outbound_addr: String,
     /// Admin server: /live, /ready, /metrics, POST /shutdown.
     #[arg(long, env = "REMORA_ADMIN_ADDR", default_value = "0.0.0.0:4191")]
     pub admin_addr: SocketAddr,
@@ -163,12 +164,57 @@ impl Args {
                 token: self.identity_token.clone(),
             },
         };
+        let (app_addr, app_unix) = match self.app_addr.strip_prefix("unix:") {
+            Some(path) => (
+                Config::default().app_addr,
+                Some(unix_path("REMORA_APP_ADDR", path)?),
+            ),
+            None => (
+                self.app_addr.parse().map_err(|_| {
+                    format!(
+                        "REMORA_APP_ADDR `{}`: expected IP:PORT (e.g. 127.0.0.1:8080) or unix:PATH",
+                        self.app_addr
+                    )
+                })?,
+                None,
+            ),
+        };
+        let mut outbound_addr = None;
+        let mut outbound_unix = None;
+        for part in self.outbound_addr.split(',').map(str::trim) {
+            match part.strip_prefix("unix:") {
+                Some(path) if outbound_unix.is_none() => {
+                    outbound_unix = Some(unix_path("REMORA_OUTBOUND_ADDR", path)?)
+                }
+                None if outbound_addr.is_none() => {
+                    outbound_addr = Some(part.parse().map_err(|_| {
+                        format!(
+                            "REMORA_OUTBOUND_ADDR `{part}`: expected IP:PORT (e.g. 127.0.0.1:4140), optionally with ,unix:PATH"
+                        )
+                    })?)
+                }
+                _ => {
+                    return Err(format!(
+                        "REMORA_OUTBOUND_ADDR `{}`: give one IP:PORT and at most one unix:PATH",
+                        self.outbound_addr
+                    ));
+                }
+            }
+        }
+        let outbound_addr = outbound_addr.ok_or_else(|| {
+            format!(
+                "REMORA_OUTBOUND_ADDR `{}` has no IP:PORT; the TCP listener is what interception redirects to",
+                self.outbound_addr
+            )
+        })?;
         Ok(Config {
             control: self.control_addr.clone(),
+            app_unix,
+            outbound_unix,
             identity_mode,
             inbound_addr: self.inbound_addr,
-            app_addr: self.app_addr,
-            outbound_addr: self.outbound_addr,
+            app_addr,
+            outbound_addr,
             admin_addr: self.admin_addr,
             destinations: self.destinations.clone(),
             opaque_ports: self.opaque_ports.clone(),
@@ -296,6 +342,23 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     })
+}
+
+/// A Unix socket path from `unix:PATH`: absolute, so it does not depend on the working
+/// directory, and within the kernel's 107-byte limit.
+fn unix_path(knob: &str, path: &str) -> Result<std::path::PathBuf, String> {
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{knob} unix:{path}: the socket path must be absolute (e.g. unix:/run/remora/app.sock)"
+        ));
+    }
+    if path.len() > 107 {
+        return Err(format!(
+            "{knob} unix:{path}: {} bytes is longer than a Unix socket path may be (107)",
+            path.len()
+        ));
+    }
+    Ok(std::path::PathBuf::from(path))
 }
 
 #[cfg(test)]
