@@ -233,60 +233,69 @@ fn manifest(name: &str, grace: &str, mode: &str, port: &str, probe: &str) -> Str
 
 #[test]
 fn manifests() {
-    // Fits: probes on the allowed paths or a skipped port, drain under the grace period.
-    let (code, out) = check(&[
-        "--manifest",
-        &manifest("m-ok", "30", "strict", "8080", "/livez"),
-    ]);
-    assert_eq!(code, 0, "{out}");
-    assert_finding(&out, "ok", &["Deployment/web", "injected"]);
-
-    let (code, out) = check(&[
-        "--manifest",
-        &manifest("m-port", "30", "strict", "4143", "/livez"),
-    ]);
-    assert_eq!(code, 1, "{out}");
-    assert_finding(
-        &out,
-        "error",
-        &["container web", "port 4143 is the proxy's"],
-    );
-
-    let (code, out) = check(&[
-        "--manifest",
-        &manifest("m-probe", "30", "strict", "8080", "/alive"),
-    ]);
-    assert_eq!(code, 1, "{out}");
-    assert_finding(
-        &out,
-        "error",
-        &["livenessProbe", "/alive", "REMORA_MTLS=strict refuses it"],
-    );
-    // Permissive today: a warning about the day it turns strict.
-    let (code, out) = check(&[
-        "--manifest",
-        &manifest("m-perm", "30", "permissive", "8080", "/alive"),
-    ]);
-    assert_eq!(code, 0, "{out}");
-    assert_finding(
-        &out,
-        "warning",
-        &["livenessProbe", "fails once REMORA_MTLS=strict"],
-    );
-
-    let (code, out) = check(&[
-        "--manifest",
-        &manifest("m-drain", "10", "strict", "8080", "/livez"),
-    ]);
-    assert_eq!(code, 1, "{out}");
-    assert_finding(
-        &out,
-        "error",
-        &[
-            "drains for up to 20s",
-            "terminationGracePeriodSeconds is 10",
-        ],
-    );
+    // (name, grace, mode, app port, liveness path) → exit code, severity, what the line says.
+    let cases: &[(&str, &str, &str, &str, &str, i32, &str, &[&str])] = &[
+        // Fits: probes on the allowed paths or a skipped port, drain under the grace period.
+        (
+            "m-ok",
+            "30",
+            "strict",
+            "8080",
+            "/livez",
+            0,
+            "ok",
+            &["Deployment/web", "injected"],
+        ),
+        (
+            "m-port",
+            "30",
+            "strict",
+            "4143",
+            "/livez",
+            1,
+            "error",
+            &["container web", "port 4143 is the proxy's"],
+        ),
+        (
+            "m-probe",
+            "30",
+            "strict",
+            "8080",
+            "/alive",
+            1,
+            "error",
+            &["livenessProbe", "/alive", "REMORA_MTLS=strict refuses it"],
+        ),
+        // Permissive today: a warning about the day it turns strict.
+        (
+            "m-perm",
+            "30",
+            "permissive",
+            "8080",
+            "/alive",
+            0,
+            "warning",
+            &["livenessProbe", "fails once REMORA_MTLS=strict"],
+        ),
+        (
+            "m-drain",
+            "10",
+            "strict",
+            "8080",
+            "/livez",
+            1,
+            "error",
+            &[
+                "drains for up to 20s",
+                "terminationGracePeriodSeconds is 10",
+            ],
+        ),
+    ];
+    for (name, grace, mode, port, probe, want_code, severity, parts) in cases {
+        let (code, out) = check(&["--manifest", &manifest(name, grace, mode, port, probe)]);
+        assert_eq!(code, *want_code, "{name}: {out}");
+        assert_finding(&out, severity, parts);
+    }
 
     let plain = scratch("m-plain");
     std::fs::write(
