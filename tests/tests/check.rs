@@ -234,7 +234,17 @@ fn manifest(name: &str, grace: &str, mode: &str, port: &str, probe: &str) -> Str
 #[test]
 fn manifests() {
     // (name, grace, mode, app port, liveness path) → exit code, severity, what the line says.
-    let cases: &[(&str, &str, &str, &str, &str, i32, &str, &[&str])] = &[
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a str,
+        i32,
+        &'a str,
+        &'a [&'a str],
+    );
+    let cases: &[Case] = &[
         // Fits: probes on the allowed paths or a skipped port, drain under the grace period.
         (
             "m-ok",
