@@ -510,35 +510,40 @@ impl Endpoint {
             && let Some(body) = Box::pin(replay.body()).await
         {
             tracing::debug!(addr = %self.addr, error = %error, "upstream refused the stream; resending");
-            let (method, uri, version, headers) = head;
-            let mut req = Request::new(body);
-            *req.method_mut() = method;
-            *req.uri_mut() = uri;
-            *req.version_mut() = version;
-            *req.headers_mut() = headers;
-            return Box::pin(self.h2_retry(req, dispatched)).await;
+            return Box::pin(self.h2_retry(rebuild(head, body), dispatched)).await;
         }
-        // The endpoint answered the preface in HTTP/1 (it never saw a request): from now on it
-        // gets HTTP/1.1, this request first.
-        if answered_in_http1(&error)
-            && let Some(body) = Box::pin(replay.body()).await
+        match Box::pin(self.fall_back_to_h1(&error, replay, head, dispatched)).await {
+            Some(res) => res,
+            None => Err(self.request_error(error)),
+        }
+    }
+
+    /// The endpoint answered the preface in HTTP/1 (it never saw a request): from now on it
+    /// gets HTTP/1.1, this request first. Requests that were queued on the same doomed
+    /// connection fail with a broken pipe instead, once another request has found out: they
+    /// were never processed either (no HTTP/2 server was there), so they follow it. `None`:
+    /// not that case, or the body cannot be replayed.
+    async fn fall_back_to_h1(
+        &self,
+        error: &hyper::Error,
+        replay: crate::retry::replay::Replay,
+        head: RequestHead,
+        dispatched: &Stamp,
+    ) -> Option<Result<Response<Incoming>, SendError>> {
+        let doomed =
+            self.h1_only.load(std::sync::atomic::Ordering::Relaxed) && !remote_h2_error(error);
+        if !(doomed || answered_in_http1(error)) {
+            return None;
+        }
+        let body = Box::pin(replay.body()).await?;
+        if !self
+            .h1_only
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
         {
-            if !self
-                .h1_only
-                .swap(true, std::sync::atomic::Ordering::Relaxed)
-            {
-                tracing::info!(addr = %self.addr, "endpoint does not speak HTTP/2; translating HTTP/2 requests to HTTP/1.1 for it");
-            }
-            self.forget_h2();
-            let (method, uri, version, headers) = head;
-            let mut req = Request::new(body);
-            *req.method_mut() = method;
-            *req.uri_mut() = uri;
-            *req.version_mut() = version;
-            *req.headers_mut() = headers;
-            return Box::pin(self.send_h1(to_http1(req), dispatched)).await;
+            tracing::info!(addr = %self.addr, "endpoint does not speak HTTP/2; translating HTTP/2 requests to HTTP/1.1 for it");
         }
-        Err(self.request_error(error))
+        self.forget_h2();
+        Some(Box::pin(self.send_h1(to_http1(rebuild(head, body)), dispatched)).await)
     }
 
     async fn h2_attempt(
@@ -564,6 +569,9 @@ impl Endpoint {
         dispatched: &Stamp,
     ) -> Result<Response<Incoming>, SendError> {
         self.forget_h2();
+        if self.h1_only.load(std::sync::atomic::Ordering::Relaxed) {
+            return Box::pin(self.send_h1(to_http1(req), dispatched)).await;
+        }
         let sender = match self.h2_sender().await {
             Ok(s) => s,
             Err(error) => {
@@ -573,9 +581,25 @@ impl Endpoint {
                 });
             }
         };
-        match self.h2_attempt(sender, req, dispatched).await {
+        let (parts, body) = req.into_parts();
+        let (body, replay) = body.recording();
+        let head = (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.version,
+            parts.headers.clone(),
+        );
+        match self
+            .h2_attempt(sender, Request::from_parts(parts, body), dispatched)
+            .await
+        {
             Ok(rsp) => Ok(rsp),
-            Err(Attempt::Failed(e)) => Err(self.request_error(e)),
+            Err(Attempt::Failed(e)) => {
+                match Box::pin(self.fall_back_to_h1(&e, replay, head, dispatched)).await {
+                    Some(res) => res,
+                    None => Err(self.request_error(e)),
+                }
+            }
             Err(Attempt::Unsent(req)) => Err(SendError {
                 error: EndpointError::Closed { addr: self.addr },
                 unsent: Some(req),
@@ -763,6 +787,30 @@ impl Endpoint {
 
 /// True when an HTTP/2 connection failed because the peer answered in HTTP/1 (`HTTP/1.1 400`
 /// read as a frame header is far beyond the maximum frame size) or with other non-frames.
+/// What a resend needs of a request besides its body.
+type RequestHead = (http::Method, http::Uri, http::Version, http::HeaderMap);
+
+fn rebuild<B>((method, uri, version, headers): RequestHead, body: B) -> Request<B> {
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// A stream reset or GOAWAY that a working HTTP/2 server sent.
+fn remote_h2_error(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_remote();
+        }
+        cur = err.source();
+    }
+    false
+}
+
 fn answered_in_http1(e: &hyper::Error) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
