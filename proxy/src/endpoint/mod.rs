@@ -189,7 +189,26 @@ pub struct Endpoint {
     h1: Mutex<Vec<http1::SendRequest<UpstreamBody>>>,
     /// The endpoint answered the HTTP/2 preface in HTTP/1: HTTP/2 requests are sent to it
     /// translated to HTTP/1.1 (an app that only speaks HTTP/1, as Linkerd also handles).
-    h1_only: std::sync::atomic::AtomicBool,
+    h1_only: Arc<H1Only>,
+}
+
+/// Whether the endpoint answered the HTTP/2 preface in HTTP/1, and a wake-up for requests
+/// waiting on a connection's verdict (see [`Endpoint::fall_back_to_h1`]).
+#[derive(Default)]
+struct H1Only {
+    flag: std::sync::atomic::AtomicBool,
+    /// Signalled whenever an HTTP/2 connection ends, its verdict stored first.
+    ended: tokio::sync::Notify,
+}
+
+impl H1Only {
+    fn load(&self, o: std::sync::atomic::Ordering) -> bool {
+        self.flag.load(o)
+    }
+
+    fn swap(&self, v: bool, o: std::sync::atomic::Ordering) -> bool {
+        self.flag.swap(v, o)
+    }
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -530,8 +549,20 @@ impl Endpoint {
         head: RequestHead,
         dispatched: &Stamp,
     ) -> Option<Result<Response<Incoming>, SendError>> {
-        let doomed =
-            self.h1_only.load(std::sync::atomic::Ordering::Relaxed) && !remote_h2_error(error);
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        let local = !remote_h2_error(error);
+        let mut doomed = local && self.h1_only.load(Relaxed);
+        if local && !doomed && !answered_in_http1(error) {
+            // A broken pipe can reach this request before the connection's reader has seen
+            // the HTTP/1 answer: wait for the connection's verdict, briefly.
+            let ended = self.h1_only.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if !self.h1_only.load(Acquire) {
+                let _ = tokio::time::timeout(Duration::from_millis(200), ended).await;
+            }
+            doomed = self.h1_only.load(Acquire);
+        }
         if !(doomed || answered_in_http1(error)) {
             return None;
         }
@@ -670,10 +701,17 @@ impl Endpoint {
                 source,
             })?;
         let addr = self.addr;
+        let h1_only = self.h1_only.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
+                if answered_in_http1(&e)
+                    && !h1_only.flag.swap(true, std::sync::atomic::Ordering::AcqRel)
+                {
+                    tracing::info!(%addr, "endpoint does not speak HTTP/2; translating HTTP/2 requests to HTTP/1.1 for it");
+                }
             }
+            h1_only.ended.notify_waiters();
         });
         *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
         Ok(sender)
