@@ -35,6 +35,9 @@ pub enum Command {
     /// Diagnose a meshed pod, each finding with its fix; exits non-zero on any error. Give
     /// any of: --proxy, --identity-dir, --control, --manifest, --local, --cluster.
     Check(CheckArgs),
+    /// The requests passing one proxy, live, one line each:
+    /// `remora tap --proxy 127.0.0.1:4191 --path /api`.
+    Tap(crate::tap::TapArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -420,7 +423,8 @@ fn certs_command(cmd: Command) -> ExitCode {
         | Command::Control(_)
         | Command::Inject(_)
         | Command::Install(_)
-        | Command::Check(_) => {
+        | Command::Check(_)
+        | Command::Tap(_) => {
             Err("not a certificate command".into())
         }
     };
@@ -603,6 +607,13 @@ pub fn main() -> ExitCode {
         Command::Inject(a) => inject_command(a),
         Command::Install(a) => install_command(a),
         Command::Check(a) => runtime.block_on(check_command(a)),
+        Command::Tap(a) => match runtime.block_on(crate::tap::run(a)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("remora tap: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Control(args) => runtime.block_on(async move {
             let stop = shutdown_signal();
             let cp = match (*args).options() {

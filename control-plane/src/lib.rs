@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod source;
+pub mod tap;
 pub mod tokenreview;
 pub mod webhook;
 

@@ -71,6 +71,9 @@ pub struct Config {
     /// descriptor limit (raised to the hard limit at start): a quarter of it per listener,
     /// since each proxied connection holds two descriptors.
     pub max_connections: Option<usize>,
+    /// `REMORA_ACCESS_LOG`: the fraction of requests (0 < f ≤ 1) written to standard output
+    /// as one JSON line each, with tap's fields; `None` (the default) writes none.
+    pub access_log: Option<f64>,
 }
 
 /// Raises the soft descriptor limit to the hard one and returns the per-listener connection
@@ -212,6 +215,7 @@ impl Default for Config {
             identity_mode: IdentityMode::Files,
             discovery_idle_timeout: Duration::from_secs(600),
             max_connections: None,
+            access_log: None,
         }
     }
 }
@@ -329,6 +333,13 @@ impl Config {
             return Err(format!(
                 "REMORA_APP_ADDR {} is the inbound listener itself, so every request would loop; point it at the application's port",
                 self.app_addr
+            ));
+        }
+        if let Some(f) = self.access_log
+            && !(f > 0.0 && f <= 1.0)
+        {
+            return Err(format!(
+                "REMORA_ACCESS_LOG {f} is not a fraction of requests; use on, off or a number above 0 and at most 1 (e.g. 0.01)"
             ));
         }
         if self.mtls == MtlsMode::Strict && !has_identity {

@@ -134,6 +134,10 @@ pub struct NoHooks;
 
 impl Hooks for NoHooks {}
 
-/// The endpoint that answered, carried in the response's extensions for the later phases.
-#[derive(Clone, Copy)]
-pub(crate) struct Answered(pub(crate) SocketAddr);
+/// The endpoint that answered and the identity it proved, carried in the response's
+/// extensions for the later phases and the per-route metrics.
+#[derive(Clone)]
+pub(crate) struct Answered {
+    pub(crate) addr: SocketAddr,
+    pub(crate) identity: Option<std::sync::Arc<str>>,
+}

@@ -37,6 +37,7 @@
 
 #![warn(missing_docs)]
 
+mod access_log;
 mod admin;
 mod backoff;
 mod balance;
@@ -58,7 +59,9 @@ mod panics;
 mod random;
 mod respond;
 mod retry;
+mod route_metrics;
 mod scrub;
+mod tap;
 mod tls;
 
 #[cfg(feature = "fuzzing")]

@@ -172,7 +172,7 @@ pub struct ErrorLabels {
     pub kind: ErrorKind,
 }
 
-fn latency_histogram() -> Histogram {
+pub(crate) fn latency_histogram() -> Histogram {
     // 100 µs … ~52 s: sidecar hops are sub-millisecond, app calls can be slow.
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
 }
@@ -248,6 +248,10 @@ pub struct Metrics {
     pub discovery_updates: Counter,
     pub discovery_stream_errors: Counter,
     pub endpoints: Arc<EndpointFamilies>,
+    /// Per-route RED metrics (capped label sets).
+    pub(crate) routes: crate::route_metrics::Routes,
+    /// Live request events for `GET /tap` watchers.
+    pub(crate) tap: crate::tap::Tap,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<DirectionLabels, Histogram, fn() -> Histogram>,
     pub connections: Family<ConnectionLabels, Counter>,
@@ -286,6 +290,8 @@ impl Metrics {
             discovery_updates: Counter::default(),
             discovery_stream_errors: Counter::default(),
             endpoints: Arc::new(EndpointFamilies::default()),
+            routes: Default::default(),
+            tap: Default::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             connections: Family::default(),
@@ -429,6 +435,13 @@ impl Metrics {
             "endpoint_ready",
             "1 when the endpoint takes traffic, 0 while it backs off after failures",
             self.endpoints.ready.clone(),
+        );
+        self.routes.register(r);
+        self.tap.register(r);
+        r.register(
+            "access_log_dropped",
+            "Access log lines dropped because standard output fell behind",
+            crate::access_log::dropped(),
         );
         r.register(
             "panics",

@@ -29,6 +29,7 @@ pub(crate) fn listener(
         own_addrs,
         rules: rules.clone(),
         hooks_active: hooks.is_some(),
+        access_log: cfg.access_log.and_then(crate::access_log::AccessLog::new),
         hooks: hooks.unwrap_or_else(|| Arc::new(NoHooks)),
         local_ips: crate::http::forward::local_addresses(),
     });

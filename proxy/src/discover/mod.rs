@@ -232,6 +232,7 @@ impl Factory {
     fn endpoint(&self, name: &str, s: &EndpointSpec) -> Arc<Endpoint> {
         let tls = match (&s.identity, &self.identity) {
             (Some(id), Some(store)) => Some(EndpointTls {
+                label: id.to_string().into(),
                 id: id.clone(),
                 store: store.clone(),
                 metrics: self.metrics.clone(),

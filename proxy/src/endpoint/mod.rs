@@ -165,6 +165,8 @@ pub struct SendError {
 /// mTLS to an endpoint that is a peer proxy: the identity it must prove, and ours.
 pub struct EndpointTls {
     pub id: SpiffeId,
+    /// `id` as text, made once: the per-route `peer_identity` label of every response.
+    pub label: Arc<str>,
     pub store: Arc<IdentityStore>,
     pub metrics: Arc<Metrics>,
 }
@@ -1023,6 +1025,7 @@ mod tests {
         let e = Endpoint::new(peer(server).await, 1, Duration::from_secs(5), None).with_tls(Some(
             EndpointTls {
                 id: Pki::id("server"),
+                label: Pki::id("server").to_string().into(),
                 store: client.clone(),
                 metrics,
             },

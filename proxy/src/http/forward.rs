@@ -124,6 +124,8 @@ pub struct Forwarder {
     /// False with [`crate::hooks::NoHooks`]: work done only for hooks (parsing the authority
     /// before phase 1) is skipped.
     pub hooks_active: bool,
+    /// `REMORA_ACCESS_LOG`: one JSON line per (sampled) request on standard output.
+    pub access_log: Option<crate::access_log::AccessLog>,
 }
 
 #[derive(Clone)]
@@ -242,7 +244,7 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
             }
             let (mut head, body) = rsp.into_parts();
             let cx = RequestContext {
-                endpoint: head.extensions.get::<Answered>().map(|a| a.0),
+                endpoint: head.extensions.get::<Answered>().map(|a| a.addr),
                 ..cx
             };
             if crate::panics::catch_sync(|| shared.hooks.on_response(&mut head, &cx)).is_none() {
@@ -521,9 +523,10 @@ impl Forwarder {
     /// An upstream response, scrubbed, marked with the endpoint that sent it.
     fn answered(&self, rsp: Response<hyper::body::Incoming>, ep: &Endpoint) -> Response<Body> {
         let mut rsp = rsp.map(|b| Either::Left(Scrubbed::new(b, self.rules.clone())));
-        if self.hooks_active {
-            rsp.extensions_mut().insert(Answered(ep.addr));
-        }
+        rsp.extensions_mut().insert(Answered {
+            addr: ep.addr,
+            identity: ep.tls.as_ref().map(|t| t.label.clone()),
+        });
         rsp
     }
 

@@ -1,5 +1,6 @@
 //! The request-metrics layer, outermost in the stack: counts and times every request to the end
-//! of its response body, and runs the completion hook there.
+//! of its response body, per route too, and there runs the completion hook, feeds tap
+//! watchers and writes the access log.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,10 +16,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::Instant;
 
+use crate::access_log::AccessLog;
 use crate::direction::Direction;
 use crate::hooks::{Answered, Completion, Hooks};
 use crate::metrics::{DirectionLabels, Metrics, RequestLabels};
+use crate::route_metrics::Outcome;
 use crate::scrub::Body;
+use crate::tap::Event;
 
 /// The request-metrics layer: counts each request by status and gRPC status, and times it to
 /// the end of its response body (where gRPC's status arrives, in trailers).
@@ -28,6 +32,8 @@ pub struct Observe<S> {
     handles: Arc<RequestHandles>,
     /// The connection's verified peer, for the completion hook.
     client_id: Option<http::HeaderValue>,
+    /// The same, as the per-route `peer_identity` label and tap's field (inbound only).
+    peer: Option<Arc<str>>,
 }
 
 /// Per-listener handles, looked up once.
@@ -42,10 +48,18 @@ pub struct RequestHandles {
     ok_grpc: Counter,
     duration: Histogram,
     in_flight: Gauge,
+    /// Per-route metrics and tap.
+    metrics: Arc<Metrics>,
+    access_log: Option<AccessLog>,
 }
 
 impl RequestHandles {
-    pub fn new(metrics: &Metrics, direction: Direction, hooks: Option<Arc<dyn Hooks>>) -> Self {
+    pub fn new(
+        metrics: &Arc<Metrics>,
+        direction: Direction,
+        hooks: Option<Arc<dyn Hooks>>,
+        access_log: Option<AccessLog>,
+    ) -> Self {
         let ok = |grpc_status| {
             metrics.requests.get_or_create_owned(&RequestLabels {
                 direction,
@@ -65,6 +79,8 @@ impl RequestHandles {
             in_flight: metrics
                 .requests_in_flight
                 .get_or_create_owned(&DirectionLabels { direction }),
+            metrics: metrics.clone(),
+            access_log,
         }
     }
 }
@@ -75,10 +91,18 @@ impl<S> Observe<S> {
         handles: Arc<RequestHandles>,
         client_id: Option<http::HeaderValue>,
     ) -> Self {
+        let peer = match handles.direction {
+            Direction::Inbound => client_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .map(Arc::from),
+            Direction::Outbound => None,
+        };
         Observe {
             inner,
             handles,
             client_id,
+            peer,
         }
     }
 }
@@ -96,20 +120,41 @@ where
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        self.handles.in_flight.inc();
-        let request = self
-            .handles
-            .hooks
-            .is_some()
-            .then(|| (req.method().clone(), req.uri().clone()));
+        let h = &self.handles;
+        h.in_flight.inc();
+        let grpc_path = crate::http::is_grpc(&req).then(|| Box::<str>::from(req.uri().path()));
+        // The head's details are copied only for someone who reads them: hooks, a tap watcher,
+        // the access log (sampled here, once per request).
+        let log = h.access_log.is_some_and(|l| l.sampled());
+        let request = (h.hooks.is_some() || log || h.metrics.tap.active()).then(|| Seen {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            host: req.headers().get(http::header::HOST).cloned(),
+            content_type: req.headers().get(http::header::CONTENT_TYPE).cloned(),
+            user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+            log,
+        });
         ObserveFuture {
             inner: self.inner.call(req),
             start: Instant::now(),
             in_flight: Some(InFlight(self.handles.clone())),
             client_id: request.as_ref().and(self.client_id.clone()),
+            peer: self.peer.clone(),
+            grpc_path,
             request,
         }
     }
+}
+
+/// What the completion phase, tap and the access log need of a request head.
+struct Seen {
+    method: http::Method,
+    uri: http::Uri,
+    host: Option<http::HeaderValue>,
+    content_type: Option<http::HeaderValue>,
+    user_agent: Option<http::HeaderValue>,
+    /// The access log writes this one.
+    log: bool,
 }
 
 pin_project_lite::pin_project! {
@@ -118,8 +163,10 @@ pin_project_lite::pin_project! {
         inner: F,
         start: Instant,
         in_flight: Option<InFlight>,
-        request: Option<(http::Method, http::Uri)>,
+        request: Option<Seen>,
         client_id: Option<http::HeaderValue>,
+        peer: Option<Arc<str>>,
+        grpc_path: Option<Box<str>>,
     }
 }
 
@@ -132,19 +179,30 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let rsp = std::task::ready!(this.inner.poll(cx))?;
+        let answered = rsp.extensions().get::<Answered>();
         let recorder = this.in_flight.take().map(|in_flight| Recorder {
-            in_flight,
             start: *this.start,
             status: rsp.status().as_u16(),
             grpc_status: grpc_status(rsp.headers()),
             request: this.request.take(),
             client_id: this.client_id.take(),
-            endpoint: rsp.extensions().get::<Answered>().map(|a| a.0),
+            // Inbound the peer is the connection's client; outbound, the server that answered.
+            peer: match in_flight.0.direction {
+                Direction::Inbound => this.peer.take(),
+                Direction::Outbound => answered.and_then(|a| a.identity.clone()),
+            },
+            grpc_path: this.grpc_path.take(),
+            endpoint: answered.map(|a| a.addr),
+            in_flight,
             bytes: 0,
             finished: http_body::Body::is_end_stream(rsp.body()),
         });
         Poll::Ready(Ok(rsp.map(|inner| ObservedBody { inner, recorder })))
     }
+}
+
+fn text(v: &Option<http::HeaderValue>) -> Option<&str> {
+    v.as_ref().and_then(|v| v.to_str().ok())
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
@@ -170,8 +228,10 @@ struct Recorder {
     start: Instant,
     status: u16,
     grpc_status: Option<u8>,
-    request: Option<(http::Method, http::Uri)>,
+    request: Option<Seen>,
     client_id: Option<http::HeaderValue>,
+    peer: Option<Arc<str>>,
+    grpc_path: Option<Box<str>>,
     endpoint: Option<std::net::SocketAddr>,
     bytes: u64,
     finished: bool,
@@ -198,14 +258,57 @@ impl Drop for Recorder {
             }
         }
         let duration = self.start.elapsed();
-        h.duration.observe(duration.as_secs_f64());
-        let Some((method, uri)) = self.request.take() else {
+        let seconds = duration.as_secs_f64();
+        h.duration.observe(seconds);
+        h.metrics
+            .routes
+            .handles(h.direction, self.peer.as_ref(), self.grpc_path.as_deref())
+            .record(
+                Outcome {
+                    status: self.status,
+                    grpc_status: self.grpc_status,
+                    finished: self.finished,
+                },
+                seconds,
+            );
+        let Some(seen) = self.request.take() else {
+            return;
+        };
+        let tap = &h.metrics.tap;
+        if seen.log || tap.active() {
+            let event = Event {
+                direction: h.direction,
+                method: seen.method.as_str(),
+                authority: seen
+                    .uri
+                    .authority()
+                    .map(|a| a.as_str())
+                    .or(text(&seen.host)),
+                path: seen.uri.path(),
+                status: self.status,
+                grpc_status: self.grpc_status,
+                latency: duration,
+                response_bytes: self.bytes,
+                peer_identity: self.peer.as_deref(),
+                endpoint: self.endpoint,
+                finished: self.finished,
+                content_type: text(&seen.content_type),
+                user_agent: text(&seen.user_agent),
+            };
+            if tap.active() {
+                tap.publish(&event);
+            }
+            if seen.log {
+                crate::access_log::write(event.to_json());
+            }
+        }
+        let Some(hooks) = &h.hooks else {
             return;
         };
         let done = Completion {
             direction: h.direction,
-            method,
-            uri,
+            method: seen.method,
+            uri: seen.uri,
             status: http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::OK),
             grpc_status: self.grpc_status,
             duration,
@@ -217,9 +320,7 @@ impl Drop for Recorder {
             endpoint: self.endpoint,
             finished: self.finished,
         };
-        if let Some(hooks) = &h.hooks {
-            let _ = crate::panics::catch_sync(|| hooks.on_completion(&done));
-        }
+        let _ = crate::panics::catch_sync(|| hooks.on_completion(&done));
     }
 }
 

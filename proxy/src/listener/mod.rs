@@ -141,6 +141,7 @@ impl Listener {
                 &metrics,
                 direction,
                 forward.hooks_active.then(|| forward.hooks.clone()),
+                forward.access_log,
             )),
             forward,
             rules,

@@ -111,11 +111,33 @@ pub struct Args {
     /// Log output format.
     #[arg(long, env = "REMORA_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
+    /// Access log on standard output, one JSON line per request (tap's fields, no header
+    /// values outside content-type and user-agent): off, on, or the fraction of requests to
+    /// log (e.g. 0.01).
+    #[arg(long, env = "REMORA_ACCESS_LOG", default_value = "off", value_parser = parse_access_log)]
+    pub access_log: AccessLogArg,
     /// Runtime worker threads; 1 runs a single-threaded runtime (the light default).
     #[arg(long, env = "REMORA_THREADS", default_value = "1")]
     pub threads: usize,
     #[command(subcommand)]
     pub command: Option<Sub>,
+}
+
+/// `REMORA_ACCESS_LOG`: the fraction of requests logged, `None` for off.
+#[derive(Clone, Copy, Debug)]
+pub struct AccessLogArg(pub Option<f64>);
+
+fn parse_access_log(s: &str) -> Result<AccessLogArg, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "off" | "false" | "0" | "" => Ok(AccessLogArg(None)),
+        "on" | "true" | "1" => Ok(AccessLogArg(Some(1.0))),
+        other => match other.parse::<f64>() {
+            Ok(f) if f > 0.0 && f <= 1.0 => Ok(AccessLogArg(Some(f))),
+            _ => Err(format!(
+                "{s:?} is not on, off or a fraction of requests above 0 and at most 1 (e.g. 0.01)"
+            )),
+        },
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -216,6 +238,7 @@ impl Args {
             app_addr,
             outbound_addr,
             admin_addr: self.admin_addr,
+            access_log: self.access_log.0,
             destinations: self.destinations.clone(),
             opaque_ports: self.opaque_ports.clone(),
             detect_timeout: self.detect_timeout,
