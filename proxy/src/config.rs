@@ -74,6 +74,10 @@ pub struct Config {
     /// `REMORA_ACCESS_LOG`: the fraction of requests (0 < f ≤ 1) written to standard output
     /// as one JSON line each, with tap's fields; `None` (the default) writes none.
     pub access_log: Option<f64>,
+    /// `REMORA_TRACE_COLLECTOR`: an OpenTelemetry collector's OTLP/gRPC address
+    /// (`host:port`, plaintext). Set, sampled requests get a span each, exported there;
+    /// `None` (the default) leaves trace headers untouched and exports nothing.
+    pub trace_collector: Option<String>,
 }
 
 /// Raises the soft descriptor limit to the hard one and returns the per-listener connection
@@ -216,6 +220,7 @@ impl Default for Config {
             discovery_idle_timeout: Duration::from_secs(600),
             max_connections: None,
             access_log: None,
+            trace_collector: None,
         }
     }
 }
@@ -340,6 +345,16 @@ impl Config {
         {
             return Err(format!(
                 "REMORA_ACCESS_LOG {f} is not a fraction of requests; use on, off or a number above 0 and at most 1 (e.g. 0.01)"
+            ));
+        }
+        if let Some(c) = &self.trace_collector
+            && c.parse::<http::uri::Authority>()
+                .ok()
+                .and_then(|a| a.port_u16())
+                .is_none()
+        {
+            return Err(format!(
+                "REMORA_TRACE_COLLECTOR {c:?} is not host:port; give the collector's OTLP/gRPC address (e.g. otel-collector.observability:4317)"
             ));
         }
         if self.mtls == MtlsMode::Strict && !has_identity {

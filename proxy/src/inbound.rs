@@ -17,6 +17,7 @@ pub(crate) fn listener(
     drain: Drain,
     rules: Arc<Rules>,
     hooks: Option<Arc<dyn Hooks>>,
+    tracer: Option<Arc<crate::trace::Tracer>>,
 ) -> Listener {
     let app = Arc::new(
         Endpoint::new(cfg.app_addr, 1, cfg.connect_timeout, None).with_unix(cfg.app_unix.clone()),
@@ -30,6 +31,7 @@ pub(crate) fn listener(
         rules: rules.clone(),
         hooks_active: hooks.is_some(),
         access_log: cfg.access_log.and_then(crate::access_log::AccessLog::new),
+        tracer,
         hooks: hooks.unwrap_or_else(|| Arc::new(NoHooks)),
         local_ips: Vec::new(),
     });

@@ -63,6 +63,7 @@ mod route_metrics;
 mod scrub;
 mod tap;
 mod tls;
+mod trace;
 
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -602,12 +603,23 @@ impl Proxy {
         let rules = Arc::new(scrub::Rules::new(&self.cfg.strip_headers));
         let (in_drain, out_drain) = (drain::Drain::new(), drain::Drain::new());
         let mut identity_task = None;
+        let tracer = match &self.cfg.trace_collector {
+            Some(c) => match trace::Tracer::spawn(c, state.identity.clone(), metrics.clone()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(error = %e, "tracing is off");
+                    None
+                }
+            },
+            None => None,
+        };
         let mut inbound = inbound::listener(
             &self.cfg,
             metrics.clone(),
             in_drain.clone(),
             rules.clone(),
             self.hooks.clone(),
+            tracer.clone(),
         );
         if let Some(store) = &state.identity {
             inbound.tls = Some(listener::InboundTls {
@@ -630,6 +642,7 @@ impl Proxy {
                 .map(|l| l.1)
                 .collect(),
             self.hooks.clone(),
+            tracer,
         ));
         let addr = |l: &Option<(TcpListener, SocketAddr)>| match l {
             Some((_, a)) => a.to_string(),

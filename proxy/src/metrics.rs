@@ -252,6 +252,8 @@ pub struct Metrics {
     pub(crate) routes: crate::route_metrics::Routes,
     /// Live request events for `GET /tap` watchers.
     pub(crate) tap: crate::tap::Tap,
+    /// Span export counters.
+    pub(crate) traces: crate::trace::TraceMetrics,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<DirectionLabels, Histogram, fn() -> Histogram>,
     pub connections: Family<ConnectionLabels, Counter>,
@@ -292,6 +294,7 @@ impl Metrics {
             endpoints: Arc::new(EndpointFamilies::default()),
             routes: Default::default(),
             tap: Default::default(),
+            traces: Default::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             connections: Family::default(),
@@ -438,6 +441,7 @@ impl Metrics {
         );
         self.routes.register(r);
         self.tap.register(r);
+        self.traces.register(r);
         r.register(
             "access_log_dropped",
             "Access log lines dropped because standard output fell behind",

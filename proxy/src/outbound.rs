@@ -20,6 +20,7 @@ pub(crate) fn listener(
     rules: Arc<Rules>,
     own_addrs: Vec<SocketAddr>,
     hooks: Option<Arc<dyn Hooks>>,
+    tracer: Option<Arc<crate::trace::Tracer>>,
 ) -> Listener {
     let forward = Arc::new(Forwarder {
         direction: Direction::Outbound,
@@ -30,6 +31,7 @@ pub(crate) fn listener(
         rules: rules.clone(),
         hooks_active: hooks.is_some(),
         access_log: cfg.access_log.and_then(crate::access_log::AccessLog::new),
+        tracer,
         hooks: hooks.unwrap_or_else(|| Arc::new(NoHooks)),
         local_ips: crate::http::forward::local_addresses(),
     });

@@ -397,3 +397,171 @@ async fn tap_is_refused_to_callers_off_loopback_and_past_the_watcher_cap() {
         );
     }
 }
+
+/// The spans the OTLP receiver has written, once `want` of them are there for `trace_id`.
+async fn spans(out: &std::path::Path, trace_id: &str, want: usize) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(out).unwrap_or_default();
+        let got: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|s| s["trace_id"] == trace_id)
+            .collect();
+        if got.len() >= want {
+            return got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{want} spans of {trace_id} never arrived: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn traceparent_seen_by_app(headers_dump: &str) -> String {
+    headers_dump
+        .lines()
+        .find_map(|l| l.strip_prefix("traceparent: "))
+        .unwrap_or_else(|| panic!("no traceparent reached the app: {headers_dump}"))
+        .trim()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sampled_trace_continues_through_both_proxies_and_reaches_the_collector() {
+    let out = std::env::temp_dir().join(format!("remora-otlp-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let receiver = python_server("otlp_receiver.py", &["--out", out.to_str().unwrap()]).await;
+    let collector = receiver.addr.to_string();
+    let pki = Pki::new("cluster.local");
+    let app = EchoApp::start().await;
+    let mut cfg = config(app.addr);
+    cfg.identity_dir = Some(pki.identity_dir("web"));
+    cfg.trace_collector = Some(collector.clone());
+    let server = TestProxy::start(cfg).await;
+    let mut cfg = config(refused_addr().await);
+    cfg.identity_dir = Some(pki.identity_dir("client"));
+    cfg.trace_collector = Some(collector);
+    cfg.destinations = vec![
+        format!("web.test:80={}#{WEB_ID}", server.inbound)
+            .parse()
+            .unwrap(),
+    ];
+    let client = TestProxy::start(cfg).await;
+    let route = Route {
+        name: "mesh",
+        addr: client.outbound,
+        authority: "web.test:80",
+    };
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let sent = format!("traceparent: 00-{trace}-{parent}-01");
+    let got = curl(
+        &route,
+        "/headers",
+        &["-H", &sent, "-H", "tracestate: vendor=1"],
+    )
+    .await;
+    assert_eq!(got.status, 0, "{}", got.stderr);
+    let at_app = traceparent_seen_by_app(&got.stdout);
+    let fields: Vec<&str> = at_app.split('-').collect();
+    assert_eq!(fields.len(), 4, "{at_app}");
+    assert_eq!(fields[1], trace, "the trace id is kept: {at_app}");
+    assert_ne!(fields[2], parent, "a new parent span id: {at_app}");
+    assert_eq!(fields[3], "01");
+    assert!(
+        got.stdout.contains("tracestate: vendor=1"),
+        "{}",
+        got.stdout
+    );
+
+    let spans = spans(&out, trace, 2).await;
+    assert_eq!(spans.len(), 2, "{spans:?}");
+    let client_span = spans
+        .iter()
+        .find(|s| s["kind"] == 3)
+        .expect("a CLIENT span");
+    let server_span = spans
+        .iter()
+        .find(|s| s["kind"] == 2)
+        .expect("a SERVER span");
+    // The chain: the client's parent → outbound's span → inbound's span → the app.
+    assert_eq!(client_span["parent_span_id"], parent, "{client_span}");
+    assert_eq!(
+        server_span["parent_span_id"], client_span["span_id"],
+        "{server_span}"
+    );
+    assert_eq!(
+        server_span["span_id"], fields[2],
+        "the app's parent is inbound's span"
+    );
+    for (s, service, peer_key, peer) in [
+        (client_span, "client", "remora.server.identity", WEB_ID),
+        (server_span, "web", "remora.client.identity", CLIENT_ID),
+    ] {
+        let a = &s["attributes"];
+        assert_eq!(s["name"], "GET", "{s}");
+        assert_eq!(a["http.request.method"], "GET", "{s}");
+        assert_eq!(a["url.path"], "/headers", "{s}");
+        assert_eq!(a["http.response.status_code"], 200, "{s}");
+        assert_eq!(a[peer_key], peer, "{s}");
+        assert_eq!(s["resource"]["service.name"], service, "{s}");
+        assert_eq!(s["resource"]["service.namespace"], "default", "{s}");
+        assert_eq!(s["trace_state"], "vendor=1", "{s}");
+        assert!(s["end"].as_u64() >= s["start"].as_u64(), "{s}");
+    }
+    assert_eq!(client_span["attributes"]["server.address"], "web.test");
+    assert_eq!(client_span["attributes"]["server.port"], 80);
+    assert_eq!(
+        server_span["attributes"]["network.peer.address"],
+        app.addr.ip().to_string()
+    );
+
+    // Unsampled: no span, the header reaches the app as sent.
+    let unsampled = format!("traceparent: 00-{}-{parent}-00", "1".repeat(32));
+    let got = curl(&route, "/headers", &["-H", &unsampled]).await;
+    assert_eq!(
+        traceparent_seen_by_app(&got.stdout),
+        unsampled.trim_start_matches("traceparent: ")
+    );
+    let m = client.metrics().await;
+    assert_eq!(
+        metric(&m, "remora_trace_spans_dropped_total", &[]),
+        0.0,
+        "{m}"
+    );
+    drop(receiver);
+    let _ = std::fs::remove_file(&out);
+}
+
+/// Without a collector, trace headers are the client's, untouched (W3C and B3 alike).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_collector_trace_headers_pass_untouched() {
+    let app = EchoApp::start().await;
+    let paths = Paths::start(app.addr, |_| {}).await;
+    let sent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for route in paths.routes() {
+        let got = curl(
+            &route,
+            "/headers",
+            &[
+                "-H",
+                &format!("traceparent: {sent}"),
+                "-H",
+                "x-b3-traceid: 80f198ee56343ba864fe8b2a57d3eff7",
+                "-H",
+                "x-b3-sampled: 1",
+            ],
+        )
+        .await;
+        assert_eq!(traceparent_seen_by_app(&got.stdout), sent, "{}", route.name);
+        assert!(
+            got.stdout
+                .contains("x-b3-traceid: 80f198ee56343ba864fe8b2a57d3eff7"),
+            "{}: {}",
+            route.name,
+            got.stdout
+        );
+    }
+}

@@ -126,6 +126,8 @@ pub struct Forwarder {
     pub hooks_active: bool,
     /// `REMORA_ACCESS_LOG`: one JSON line per (sampled) request on standard output.
     pub access_log: Option<crate::access_log::AccessLog>,
+    /// `REMORA_TRACE_COLLECTOR`: spans for sampled requests.
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 #[derive(Clone)]

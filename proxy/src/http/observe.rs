@@ -23,6 +23,7 @@ use crate::metrics::{DirectionLabels, Metrics, RequestLabels};
 use crate::route_metrics::Outcome;
 use crate::scrub::Body;
 use crate::tap::Event;
+use crate::trace::{SpanEnd, SpanStart, Tracer};
 
 /// The request-metrics layer: counts each request by status and gRPC status, and times it to
 /// the end of its response body (where gRPC's status arrives, in trailers).
@@ -51,6 +52,7 @@ pub struct RequestHandles {
     /// Per-route metrics and tap.
     metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
+    tracer: Option<Arc<Tracer>>,
 }
 
 impl RequestHandles {
@@ -59,6 +61,7 @@ impl RequestHandles {
         direction: Direction,
         hooks: Option<Arc<dyn Hooks>>,
         access_log: Option<AccessLog>,
+        tracer: Option<Arc<Tracer>>,
     ) -> Self {
         let ok = |grpc_status| {
             metrics.requests.get_or_create_owned(&RequestLabels {
@@ -81,6 +84,7 @@ impl RequestHandles {
                 .get_or_create_owned(&DirectionLabels { direction }),
             metrics: metrics.clone(),
             access_log,
+            tracer,
         }
     }
 }
@@ -119,21 +123,23 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let h = &self.handles;
         h.in_flight.inc();
+        let span = h.tracer.as_ref().and_then(|t| t.start(req.headers_mut()));
         let grpc_path = crate::http::is_grpc(&req).then(|| Box::<str>::from(req.uri().path()));
         // The head's details are copied only for someone who reads them: hooks, a tap watcher,
         // the access log (sampled here, once per request).
         let log = h.access_log.is_some_and(|l| l.sampled());
-        let request = (h.hooks.is_some() || log || h.metrics.tap.active()).then(|| Seen {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            host: req.headers().get(http::header::HOST).cloned(),
-            content_type: req.headers().get(http::header::CONTENT_TYPE).cloned(),
-            user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
-            log,
-        });
+        let request =
+            (h.hooks.is_some() || log || span.is_some() || h.metrics.tap.active()).then(|| Seen {
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                host: req.headers().get(http::header::HOST).cloned(),
+                content_type: req.headers().get(http::header::CONTENT_TYPE).cloned(),
+                user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+                log,
+            });
         ObserveFuture {
             inner: self.inner.call(req),
             start: Instant::now(),
@@ -142,6 +148,7 @@ where
             peer: self.peer.clone(),
             grpc_path,
             request,
+            span,
         }
     }
 }
@@ -167,6 +174,7 @@ pin_project_lite::pin_project! {
         client_id: Option<http::HeaderValue>,
         peer: Option<Arc<str>>,
         grpc_path: Option<Box<str>>,
+        span: Option<SpanStart>,
     }
 }
 
@@ -192,6 +200,7 @@ where
                 Direction::Outbound => answered.and_then(|a| a.identity.clone()),
             },
             grpc_path: this.grpc_path.take(),
+            span: this.span.take(),
             endpoint: answered.map(|a| a.addr),
             in_flight,
             bytes: 0,
@@ -232,6 +241,7 @@ struct Recorder {
     client_id: Option<http::HeaderValue>,
     peer: Option<Arc<str>>,
     grpc_path: Option<Box<str>>,
+    span: Option<SpanStart>,
     endpoint: Option<std::net::SocketAddr>,
     bytes: u64,
     finished: bool,
@@ -260,20 +270,40 @@ impl Drop for Recorder {
         let duration = self.start.elapsed();
         let seconds = duration.as_secs_f64();
         h.duration.observe(seconds);
+        let outcome = Outcome {
+            status: self.status,
+            grpc_status: self.grpc_status,
+            finished: self.finished,
+        };
         h.metrics
             .routes
             .handles(h.direction, self.peer.as_ref(), self.grpc_path.as_deref())
-            .record(
-                Outcome {
-                    status: self.status,
-                    grpc_status: self.grpc_status,
-                    finished: self.finished,
-                },
-                seconds,
-            );
+            .record(outcome, seconds);
         let Some(seen) = self.request.take() else {
             return;
         };
+        if let (Some(start), Some(tracer)) = (self.span.take(), &h.tracer) {
+            tracer.finish(
+                start,
+                &SpanEnd {
+                    direction: h.direction,
+                    method: seen.method.as_str(),
+                    path: seen.uri.path(),
+                    authority: seen
+                        .uri
+                        .authority()
+                        .map(|a| a.as_str())
+                        .or(text(&seen.host)),
+                    status: self.status,
+                    grpc_status: self.grpc_status,
+                    failed: outcome.failed(),
+                    finished: self.finished,
+                    duration,
+                    peer_identity: self.peer.as_deref(),
+                    endpoint: self.endpoint,
+                },
+            );
+        }
         let tap = &h.metrics.tap;
         if seen.log || tap.active() {
             let event = Event {

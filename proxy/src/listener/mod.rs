@@ -142,6 +142,7 @@ impl Listener {
                 direction,
                 forward.hooks_active.then(|| forward.hooks.clone()),
                 forward.access_log,
+                forward.tracer.clone(),
             )),
             forward,
             rules,

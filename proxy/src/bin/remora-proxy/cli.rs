@@ -116,6 +116,11 @@ pub struct Args {
     /// log (e.g. 0.01).
     #[arg(long, env = "REMORA_ACCESS_LOG", default_value = "off", value_parser = parse_access_log)]
     pub access_log: AccessLogArg,
+    /// An OpenTelemetry collector's OTLP/gRPC address (host:port): sampled requests (a
+    /// `traceparent` with the sampled flag) get a span each, exported there. Unset, trace
+    /// headers pass untouched.
+    #[arg(long, env = "REMORA_TRACE_COLLECTOR")]
+    pub trace_collector: Option<String>,
     /// Runtime worker threads; 1 runs a single-threaded runtime (the light default).
     #[arg(long, env = "REMORA_THREADS", default_value = "1")]
     pub threads: usize,
@@ -239,6 +244,7 @@ impl Args {
             outbound_addr,
             admin_addr: self.admin_addr,
             access_log: self.access_log.0,
+            trace_collector: self.trace_collector.clone(),
             destinations: self.destinations.clone(),
             opaque_ports: self.opaque_ports.clone(),
             detect_timeout: self.detect_timeout,
