@@ -5,8 +5,8 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::endpoint::Endpoint;
-use crate::hooks::{Hooks, NoHooks};
-use crate::http::forward::{Forwarder, Route};
+use crate::hooks::NoHooks;
+use crate::http::forward::{Forwarder, PerRequest, Route};
 use crate::listener::{AppPorts, Listener};
 use crate::metrics::{Direction, Metrics};
 use crate::scrub::Rules;
@@ -16,8 +16,7 @@ pub(crate) fn listener(
     metrics: Arc<Metrics>,
     drain: Drain,
     rules: Arc<Rules>,
-    hooks: Option<Arc<dyn Hooks>>,
-    tracer: Option<Arc<crate::trace::Tracer>>,
+    per_request: PerRequest,
 ) -> Listener {
     let app = Arc::new(
         Endpoint::new(cfg.app_addr, 1, cfg.connect_timeout, None).with_unix(cfg.app_unix.clone()),
@@ -29,10 +28,10 @@ pub(crate) fn listener(
         drain,
         own_addrs: Vec::new(),
         rules: rules.clone(),
-        hooks_active: hooks.is_some(),
+        hooks_active: per_request.hooks.is_some(),
         access_log: cfg.access_log.and_then(crate::access_log::AccessLog::new),
-        tracer,
-        hooks: hooks.unwrap_or_else(|| Arc::new(NoHooks)),
+        tracer: per_request.tracer,
+        hooks: per_request.hooks.unwrap_or_else(|| Arc::new(NoHooks)),
         local_ips: Vec::new(),
     });
     // The app's port decides: a server-speaks-first app must not wait for detection.

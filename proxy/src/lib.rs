@@ -618,8 +618,10 @@ impl Proxy {
             metrics.clone(),
             in_drain.clone(),
             rules.clone(),
-            self.hooks.clone(),
-            tracer.clone(),
+            http::forward::PerRequest {
+                hooks: self.hooks.clone(),
+                tracer: tracer.clone(),
+            },
         );
         if let Some(store) = &state.identity {
             inbound.tls = Some(listener::InboundTls {
@@ -641,8 +643,10 @@ impl Proxy {
                 .flatten()
                 .map(|l| l.1)
                 .collect(),
-            self.hooks.clone(),
-            tracer,
+            http::forward::PerRequest {
+                hooks: self.hooks.clone(),
+                tracer,
+            },
         ));
         let addr = |l: &Option<(TcpListener, SocketAddr)>| match l {
             Some((_, a)) => a.to_string(),

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::discover::Destinations;
 use crate::drain::Drain;
-use crate::hooks::{Hooks, NoHooks};
-use crate::http::forward::{Forwarder, Route};
+use crate::hooks::NoHooks;
+use crate::http::forward::{Forwarder, PerRequest, Route};
 use crate::listener::Listener;
 use crate::metrics::{Direction, Metrics};
 use crate::scrub::Rules;
@@ -19,8 +19,7 @@ pub(crate) fn listener(
     drain: Drain,
     rules: Arc<Rules>,
     own_addrs: Vec<SocketAddr>,
-    hooks: Option<Arc<dyn Hooks>>,
-    tracer: Option<Arc<crate::trace::Tracer>>,
+    per_request: PerRequest,
 ) -> Listener {
     let forward = Arc::new(Forwarder {
         direction: Direction::Outbound,
@@ -29,10 +28,10 @@ pub(crate) fn listener(
         drain,
         own_addrs,
         rules: rules.clone(),
-        hooks_active: hooks.is_some(),
+        hooks_active: per_request.hooks.is_some(),
         access_log: cfg.access_log.and_then(crate::access_log::AccessLog::new),
-        tracer,
-        hooks: hooks.unwrap_or_else(|| Arc::new(NoHooks)),
+        tracer: per_request.tracer,
+        hooks: per_request.hooks.unwrap_or_else(|| Arc::new(NoHooks)),
         local_ips: crate::http::forward::local_addresses(),
     });
     // Explicit-proxy connections are always detected: a non-HTTP stream names no destination,

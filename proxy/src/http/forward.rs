@@ -107,6 +107,15 @@ impl ForwardError {
     }
 }
 
+/// What the embedding application and the configuration add to every request of a listener.
+#[derive(Clone, Default)]
+pub struct PerRequest {
+    /// The application's request phases.
+    pub hooks: Option<Arc<dyn Hooks>>,
+    /// Spans for sampled requests (`REMORA_TRACE_COLLECTOR`).
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
+}
+
 /// One listener's forwarding: where its requests go and what its connections share.
 pub struct Forwarder {
     pub direction: Direction,
