@@ -38,6 +38,9 @@ pub enum Command {
     /// The requests passing one proxy, live, one line each:
     /// `remora tap --proxy 127.0.0.1:4191 --path /api`.
     Tap(crate::tap::TapArgs),
+    /// A terminal view of the busiest routes and endpoints of one or more proxies:
+    /// `remora top --proxy 127.0.0.1:4191[,…]`.
+    Top(crate::top::TopArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -424,7 +427,8 @@ fn certs_command(cmd: Command) -> ExitCode {
         | Command::Inject(_)
         | Command::Install(_)
         | Command::Check(_)
-        | Command::Tap(_) => {
+        | Command::Tap(_)
+        | Command::Top(_) => {
             Err("not a certificate command".into())
         }
     };
@@ -607,6 +611,13 @@ pub fn main() -> ExitCode {
         Command::Inject(a) => inject_command(a),
         Command::Install(a) => install_command(a),
         Command::Check(a) => runtime.block_on(check_command(a)),
+        Command::Top(a) => match crate::top::run(a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("remora top: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Tap(a) => match runtime.block_on(crate::tap::run(a)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -19,6 +19,7 @@ pub mod server;
 pub mod source;
 pub mod tap;
 pub mod tokenreview;
+pub mod top;
 pub mod webhook;
 
 // Re-exported so tests and embedders build clients with the same version.

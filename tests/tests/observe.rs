@@ -565,3 +565,124 @@ async fn without_a_collector_trace_headers_pass_untouched() {
         );
     }
 }
+
+/// The RPS `remora top` shows for `route` in a captured pane, if the row is there.
+fn top_rps(pane: &str, route: &str) -> Option<f64> {
+    let line = pane.lines().find(|l| l.contains(route))?;
+    let after = line.split(route).nth(1)?;
+    after.split_whitespace().find_map(|t| t.parse::<f64>().ok())
+}
+
+async fn tmux(args: &[&str]) -> Output {
+    run("tmux", args).await
+}
+
+/// Waits until the pane satisfies `ok`; returns it.
+async fn pane_until(session: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let pane = tmux(&["capture-pane", "-p", "-t", session]).await.stdout;
+        if ok(&pane) {
+            return pane;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "top never showed {what}:\n{pane}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_renders_live_figures_that_follow_the_load() {
+    if std::process::Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        panic!("tmux is not installed; run .ci/setup");
+    }
+    let app = EchoApp::start().await;
+    let mut cfg = config(refused_addr().await);
+    cfg.destinations = vec![dest("web.test:80", &[app.addr])];
+    let proxy = TestProxy::start(cfg).await;
+    let bin = netns::workspace_binary("remora");
+    let session = format!("remora-top-{}", std::process::id());
+    let cmd = format!(
+        "{} top --proxy {} --interval 300ms",
+        bin.display(),
+        proxy.admin
+    );
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "200",
+        "-y",
+        "40",
+        &cmd,
+    ])
+    .await;
+    assert_eq!(started.status, 0, "{}", started.stderr);
+    struct Kill(String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("tmux")
+                .args(["kill-session", "-t", &self.0])
+                .output();
+        }
+    }
+    let _kill = Kill(session.clone());
+    pane_until(&session, "its header", |p| {
+        p.contains("remora top") && p.contains("ROUTE")
+    })
+    .await;
+
+    // gRPC-looking load at a steady rate, bounded: 2 clients × 100 rps for up to 60 s.
+    let url = format!("http://{}/pkg.Svc/Hot", proxy.outbound);
+    let mut load = tokio::process::Command::new("h2load")
+        .args([
+            "-D",
+            "60",
+            "-c",
+            "2",
+            "--rps",
+            "100",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            ":authority: web.test:80",
+            &url,
+        ])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("h2load");
+    let busy = pane_until(&session, "the route under load", |p| {
+        top_rps(p, "pkg.Svc/Hot").is_some_and(|r| r > 50.0)
+    })
+    .await;
+    assert!(busy.contains("100.0%"), "all requests succeed:\n{busy}");
+    assert!(
+        busy.contains(&app.addr.to_string()),
+        "the endpoint row:\n{busy}"
+    );
+    assert!(busy.contains("web.test:80"), "{busy}");
+    let _ = load.kill().await;
+    pane_until(&session, "the route idle", |p| {
+        top_rps(p, "pkg.Svc/Hot") == Some(0.0)
+    })
+    .await;
+    // `q` quits: the session ends with its only command.
+    tmux(&["send-keys", "-t", &session, "q"]).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tmux(&["has-session", "-t", &session]).await.status == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "top did not quit on q"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
