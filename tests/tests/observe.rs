@@ -686,3 +686,40 @@ async fn top_renders_live_figures_that_follow_the_load() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A request the proxy could not deliver leaves one log line that names its route, the
+/// endpoint tried and the verified client — never the query string.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_request_is_logged_with_its_route_endpoint_and_client_identity() {
+    remora_tests::control::capture_logs();
+    let pki = Pki::new("cluster.local");
+    let app = refused_addr().await;
+    let mut cfg = config(app);
+    cfg.identity_dir = Some(pki.identity_dir("web"));
+    let proxy = TestProxy::start(cfg).await;
+    let client = id_files(&pki.identity_dir("client"));
+    let out = curl_mtls(
+        proxy.inbound,
+        "web.default.sa.cluster.local",
+        "/pkg.Svc/Refused?token=s3cret",
+        Some(&client),
+        &client.ca,
+        &["--http2", "-o", "/dev/null", "-w", "%{http_code}"],
+    )
+    .await;
+    assert_eq!(out.stdout, "502", "{}", out.stderr);
+    let line = remora_tests::control::captured_logs()
+        .lines()
+        .find(|l| l.contains("request failed") && l.contains("/pkg.Svc/Refused"))
+        .map(str::to_string);
+    let line = line.expect("a log line for the failed request");
+    for want in [
+        "direction=\"inbound\"".to_string(),
+        "route=/pkg.Svc/Refused".to_string(),
+        format!("client_identity=\"{CLIENT_ID}\""),
+        app.to_string(),
+    ] {
+        assert!(line.contains(&want), "{want} missing from: {line}");
+    }
+    assert!(!line.contains("s3cret"), "the query leaked: {line}");
+}

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 
 use crate::scrub::{CLIENT_ID_HEADER, Rules, Scrubbed};
 use http::header::{self, HeaderValue};
-use http::uri::{Authority, Uri};
+use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper_util::rt::TokioIo;
@@ -158,6 +158,37 @@ impl ForwardService {
     }
 }
 
+/// The request a failure log line names (its body and the rest of its head are gone by then).
+struct FailedAt {
+    method: Method,
+    path: Option<PathAndQuery>,
+    client: Option<HeaderValue>,
+}
+
+/// Longest route written to a log line; a path is client-controlled.
+const MAX_LOGGED_ROUTE: usize = 256;
+
+impl FailedAt {
+    /// The path (`/pkg.Service/Method` for gRPC; never the query, which may hold secrets), cut
+    /// at [`MAX_LOGGED_ROUTE`] bytes.
+    fn route(&self) -> &str {
+        let path = self.path.as_ref().map(|p| p.path()).unwrap_or("");
+        let mut end = path.len().min(MAX_LOGGED_ROUTE);
+        while !path.is_char_boundary(end) {
+            end -= 1;
+        }
+        &path[..end]
+    }
+
+    /// The verified client (inbound over mTLS), `""` otherwise.
+    fn client_identity(&self) -> &str {
+        self.client
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
 /// A kubelet probe: GET/HEAD to a listed path, with no Upgrade (an upgrade would turn the
 /// exempted plaintext connection into a tunnel past strict mode) and no body.
 fn is_probe<B: http_body::Body>(req: &Request<B>, paths: &[String]) -> bool {
@@ -229,6 +260,13 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
             } else {
                 (req, None)
             };
+            // What a failure's log line names: the route and the verified client. Reference
+            // counts, not copies (the path and header bytes are shared with the request).
+            let failed_at = FailedAt {
+                method: req.method().clone(),
+                path: req.uri().path_and_query().cloned(),
+                client: req.headers().get(&CLIENT_ID_HEADER).cloned(),
+            };
             let outcome = match answered {
                 Some(answer) => Some(answer),
                 None => crate::panics::catch("request", shared.forward(req, &cx, &conn)).await,
@@ -237,7 +275,14 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
                 Some(Ok(rsp)) => rsp,
                 Some(Err(e)) => {
                     shared.metrics.error(shared.direction, e.kind());
-                    tracing::info!(error = %e, "request failed");
+                    tracing::info!(
+                        direction = shared.direction.as_str(),
+                        method = %failed_at.method,
+                        route = %failed_at.route(),
+                        client_identity = failed_at.client_identity(),
+                        error = %e,
+                        "request failed"
+                    );
                     local_response(e.status(), grpc, &e.to_string()).map(Either::Right)
                 }
                 None => {
