@@ -553,77 +553,116 @@ fn render(
     o
 }
 
-/// A horizontal bar chart, hand-written SVG (no plotting dependency for four charts).
-fn bars(title: &str, unit: &str, items: &[(String, f64)]) -> String {
-    let max = items.iter().map(|i| i.1).fold(0.0f64, f64::max).max(1e-9);
-    let (w, row, left) = (640.0, 34.0, 110.0);
-    let h = 50.0 + row * items.len() as f64;
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="13"><rect width="100%" height="100%" fill="white"/><text x="10" y="22" font-size="15" font-weight="bold">{title}</text>"#
-    );
-    for (i, (name, v)) in items.iter().enumerate() {
-        let y = 40.0 + row * i as f64;
-        let len = (w - left - 120.0) * v / max;
-        let color = if name == "remora" {
-            "#1f77b4"
-        } else {
-            "#9aa5b1"
-        };
-        let _ = write!(
-            s,
-            r#"<text x="10" y="{:.0}">{name}</text><rect x="{left}" y="{y:.0}" width="{len:.1}" height="{:.0}" fill="{color}"/><text x="{:.1}" y="{:.0}">{v:.1} {unit}</text>"#,
-            y + 17.0,
-            row - 10.0,
-            left + len + 6.0,
-            y + 17.0
-        );
-    }
-    s.push_str("</svg>\n");
-    s
-}
-
+/// The four bar charts next to report.md, drawn by `plot` (one bar per proxy, remora's
+/// highlighted).
 fn write_plots(dir: &Path, s1: &[Row], s2: &[Row], s5: &[Row]) -> Result<(), String> {
     let pick = |rows: &[Row], f: fn(&Row) -> Option<f64>| {
         rows.iter()
             .filter_map(|r| f(r).map(|v| (r.name.clone(), v)))
             .collect::<Vec<_>>()
     };
-    let files = [
+    let charts = [
         (
             "cpu.svg",
-            bars(
-                "Proxy CPU per request, one hop h2c (lower is better)",
-                "µs",
-                &pick(s1, |r| r.cpu_us),
-            ),
+            "Proxy CPU per request, one hop h2c (lower is better)",
+            "µs",
+            pick(s1, |r| r.cpu_us),
         ),
         (
             "rps.svg",
-            bars(
-                "Requests per second, one hop h2c, c16 m10",
-                "rps",
-                &pick(s1, |r| Some(r.rps)),
-            ),
+            "Requests per second, one hop h2c, c16 m10",
+            "rps",
+            pick(s1, |r| Some(r.rps)),
         ),
         (
             "p99.svg",
-            bars(
-                "p99 latency, gRPC at 1k rps (lower is better)",
-                "µs",
-                &pick(s2, |r| r.p99),
-            ),
+            "p99 latency, gRPC at 1k rps (lower is better)",
+            "µs",
+            pick(s2, |r| r.p99),
         ),
         (
             "memory.svg",
-            bars(
-                "Peak RSS with 1,000 concurrent streams (lower is better)",
-                "MiB",
-                &pick(s5, |r| r.rss_peak_kib.map(|k| k as f64 / 1024.0)),
-            ),
+            "Peak RSS with 1,000 concurrent streams (lower is better)",
+            "MiB",
+            pick(s5, |r| r.rss_peak_kib.map(|k| k as f64 / 1024.0)),
         ),
     ];
-    for (name, svg) in files {
-        std::fs::write(dir.join(name), svg).map_err(|e| e.to_string())?;
+    for (file, title, unit, items) in charts {
+        crate::plot::bars(&dir.join(file), title, unit, &items, "remora")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plot::tests::{TempDir, well_formed};
+
+    fn row(name: &str, rps: f64, cpu_us: Option<f64>, p99: Option<f64>, peak: Option<u64>) -> Row {
+        Row {
+            name: name.into(),
+            rps,
+            cpu_us,
+            p99,
+            rss_peak_kib: peak,
+            ..Row::default()
+        }
+    }
+
+    #[test]
+    fn write_plots_draws_the_four_charts() {
+        let dir = TempDir::new("compare");
+        let s1 = [
+            row("direct", 142814.0, None, None, None),
+            row("remora", 86324.0, Some(11.1), None, Some(9216)),
+            row("Envoy", 24349.0, Some(36.9), None, Some(69325)),
+        ];
+        let s2 = [
+            row("direct", 1000.0, None, Some(310.0), None),
+            row("remora", 1000.0, Some(20.0), Some(402.0), None),
+        ];
+        let s5 = [
+            row("remora", 0.0, None, None, Some(9216)),
+            row("Envoy", 0.0, None, None, Some(69325)),
+        ];
+        write_plots(&dir.0, &s1, &s2, &s5).unwrap();
+        let read = |f: &str| std::fs::read_to_string(dir.0.join(f)).unwrap();
+        // (file, title, bar labels): one bar per row that has the value.
+        for (file, title, labels) in [
+            (
+                "cpu.svg",
+                "Proxy CPU per request, one hop h2c (lower is better)",
+                &["11.1 µs", "36.9 µs"][..],
+            ),
+            (
+                "rps.svg",
+                "Requests per second, one hop h2c, c16 m10",
+                &["142814.0 rps", "86324.0 rps", "24349.0 rps"][..],
+            ),
+            (
+                "p99.svg",
+                "p99 latency, gRPC at 1k rps (lower is better)",
+                &["310.0 µs", "402.0 µs"][..],
+            ),
+            (
+                "memory.svg",
+                "Peak RSS with 1,000 concurrent streams (lower is better)",
+                &["9.0 MiB", "67.7 MiB"][..],
+            ),
+        ] {
+            let svg = read(file);
+            let svg = well_formed(&svg);
+            assert!(svg.contains(title), "{file}: no title");
+            for l in labels {
+                assert!(svg.contains(&format!("{l}\n</text>")), "{file}: no {l}");
+            }
+            // remora's bar highlighted, every other bar muted.
+            assert_eq!(svg.matches(r##"fill="#1F77B4""##).count(), 1, "{file}");
+            assert_eq!(
+                svg.matches(r##"fill="#9AA5B1""##).count(),
+                labels.len() - 1,
+                "{file}"
+            );
+        }
+    }
 }

@@ -23,6 +23,7 @@ mod kube_scale;
 mod load;
 mod mtls;
 mod peers;
+mod plot;
 mod soak;
 
 use std::net::TcpListener;

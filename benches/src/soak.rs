@@ -1106,10 +1106,7 @@ pub fn run(quick: bool, args: &[String]) -> Result<(), String> {
         };
         w("soak.md", text.clone())?;
         w("soak.csv", report.csv())?;
-        let (rss, fds, lat) = report.plots();
-        w("soak-rss.svg", rss)?;
-        w("soak-fds.svg", fds)?;
-        w("soak-latency.svg", lat)?;
+        write_plots(&dir, &procs, &samples, &events)?;
         println!(
             "wrote benches/results/soak.md, soak.csv, soak-rss.svg, soak-fds.svg, soak-latency.svg"
         );
@@ -1510,175 +1507,152 @@ impl Report<'_> {
         }
         o
     }
-
-    fn plots(&self) -> (String, String, String) {
-        let markers: Vec<(f64, &str)> = self
-            .events
-            .iter()
-            .map(|e| (e.t_ms as f64 / 1000.0, e.kind))
-            .collect();
-        let series = |f: &dyn Fn(&Sample, usize) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
-            self.procs
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    (
-                        p.name.clone(),
-                        self.samples.iter().map(|s| (s.t as f64, f(s, i))).collect(),
-                    )
-                })
-                .collect()
-        };
-        let rss = line_chart(
-            "RSS per process",
-            "MiB",
-            &series(&|s, i| s.rss[i] as f64 / 1024.0),
-            &markers,
-        );
-        let fds = line_chart(
-            "Open file descriptors per process",
-            "fds",
-            &series(&|s, i| s.fds[i] as f64),
-            &markers,
-        );
-        let lat = line_chart(
-            "Latency of the calls finished each second",
-            "ms",
-            &[
-                (
-                    "p50".into(),
-                    self.samples
-                        .iter()
-                        .map(|s| (s.t as f64, s.p50_us as f64 / 1000.0))
-                        .collect(),
-                ),
-                (
-                    "p99".into(),
-                    self.samples
-                        .iter()
-                        .map(|s| (s.t as f64, s.p99_us as f64 / 1000.0))
-                        .collect(),
-                ),
-            ],
-            &markers,
-        );
-        (rss, fds, lat)
-    }
 }
 
-/// A "nice" axis maximum and step for values up to `max`.
-fn axis(max: f64) -> (f64, f64) {
-    let max = if max > 0.0 { max * 1.08 } else { 1.0 };
-    let raw = max / 5.0;
-    let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
-        .iter()
-        .map(|m| m * mag)
-        .find(|s| *s >= raw)
-        .unwrap_or(10.0 * mag);
-    ((max / step).ceil() * step, step)
-}
-
-/// A line chart over time (x in seconds, labelled in minutes), one line per series; thin
-/// vertical lines mark the events (gray: endpoint changes, orange dotted: rotations).
-fn line_chart(
-    title: &str,
-    unit: &str,
-    series: &[(String, Vec<(f64, f64)>)],
-    markers: &[(f64, &str)],
-) -> String {
-    const COLORS: [&str; 6] = [
-        "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+/// `soak-rss.svg`, `soak-fds.svg` and `soak-latency.svg` in `dir`, drawn by `plot`: one line
+/// per process (per percentile for latency) over the run, the endpoint changes and the
+/// certificate rotations as vertical markers.
+fn write_plots(
+    dir: &Path,
+    procs: &[Proc],
+    samples: &[Sample],
+    events: &[Event],
+) -> Result<(), String> {
+    let secs = |events: Vec<&Event>| events.iter().map(|e| e.t_ms as f64 / 1000.0).collect();
+    let (rotations, changes): (Vec<&Event>, Vec<&Event>) =
+        events.iter().partition(|e| e.kind == "rotation");
+    let markers = [
+        ("endpoint change".to_string(), secs(changes)),
+        ("certificate rotation".to_string(), secs(rotations)),
     ];
-    let (w, h) = (1000.0, 400.0);
-    let (l, r, t, b) = (70.0, 150.0, 40.0, 50.0);
-    let (pw, ph) = (w - l - r, h - t - b);
-    let x_max = series
-        .iter()
-        .flat_map(|s| s.1.iter().map(|p| p.0))
-        .fold(1.0, f64::max);
-    let y_max_raw = series
-        .iter()
-        .flat_map(|s| s.1.iter().map(|p| p.1))
-        .fold(0.0, f64::max);
-    let (y_max, y_step) = axis(y_max_raw);
-    let x = |v: f64| l + v / x_max * pw;
-    let y = |v: f64| t + ph - v / y_max * ph;
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="10" y="22" font-size="15" font-weight="bold">{title}</text>"#
-    );
-    for (mt, kind) in markers {
-        let style = if *kind == "rotation" {
-            r##"stroke="#f4a460" stroke-dasharray="2,3""##
-        } else {
-            r##"stroke="#c8c8c8""##
-        };
-        let _ = write!(
-            s,
-            r#"<line x1="{0:.1}" y1="{t}" x2="{0:.1}" y2="{1}" {style} stroke-width="1"/>"#,
-            x(*mt),
-            t + ph
-        );
-    }
-    let mut v = 0.0;
-    while v <= y_max + 1e-9 {
-        let label = if y_step >= 1.0 {
-            format!("{v:.0}")
-        } else {
-            format!("{v:.2}")
-        };
-        let _ = write!(
-            s,
-            r##"<line x1="{l}" y1="{0:.1}" x2="{1}" y2="{0:.1}" stroke="#eee"/><text x="{2}" y="{3:.1}" text-anchor="end">{label}</text>"##,
-            y(v),
-            l + pw,
-            l - 6.0,
-            y(v) + 4.0
-        );
-        v += y_step;
-    }
-    let minutes = x_max / 60.0;
-    let x_step = [0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0]
-        .into_iter()
-        .find(|st| minutes / st <= 12.0)
-        .unwrap_or(60.0);
-    let mut m = 0.0;
-    while m <= minutes + 1e-9 {
-        let _ = write!(
-            s,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
-            x(m * 60.0),
-            t + ph + 18.0,
-            if x_step < 1.0 {
-                format!("{m:.2}")
-            } else {
-                format!("{m:.0}")
+    let per_proc = |f: &dyn Fn(&Sample, usize) -> f64| -> Vec<crate::plot::Series> {
+        procs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                (
+                    p.name.clone(),
+                    samples.iter().map(|s| (s.t as f64, f(s, i))).collect(),
+                )
+            })
+            .collect()
+    };
+    let latency = |name: &str, f: fn(&Sample) -> u32| -> crate::plot::Series {
+        (
+            name.to_string(),
+            samples
+                .iter()
+                .map(|s| (s.t as f64, f(s) as f64 / 1000.0))
+                .collect(),
+        )
+    };
+    crate::plot::time_series(
+        &dir.join("soak-rss.svg"),
+        "RSS per process",
+        "MiB",
+        &per_proc(&|s, i| s.rss.get(i).copied().unwrap_or(0) as f64 / 1024.0),
+        &markers,
+    )?;
+    crate::plot::time_series(
+        &dir.join("soak-fds.svg"),
+        "Open file descriptors per process",
+        "fds",
+        &per_proc(&|s, i| s.fds.get(i).copied().unwrap_or(0) as f64),
+        &markers,
+    )?;
+    crate::plot::time_series(
+        &dir.join("soak-latency.svg"),
+        "Latency of the calls finished each second",
+        "ms",
+        &[latency("p50", |s| s.p50_us), latency("p99", |s| s.p99_us)],
+        &markers,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plot::tests::{TempDir, polylines, well_formed};
+
+    #[test]
+    fn write_plots_draws_the_three_time_series() {
+        let dir = TempDir::new("soak");
+        let procs: Vec<Proc> = ["client", "server s1", "control plane"]
+            .iter()
+            .map(|n| Proc {
+                name: n.to_string(),
+                pid: 1,
+                admin: None,
+            })
+            .collect();
+        let samples: Vec<Sample> = (1..=120)
+            .map(|t| Sample {
+                t,
+                sent: 1000,
+                ok: 1000,
+                failed: 0,
+                fails: String::new(),
+                p50_us: 700,
+                p99_us: 4000 + t as u32,
+                backends: [250; POOL],
+                rss: vec![9800, 9400, 12600],
+                fds: vec![19, 16, 14],
+            })
+            .collect();
+        let events = [
+            Event {
+                t_ms: 30_000,
+                kind: "rotation",
+                what: String::new(),
+            },
+            Event {
+                t_ms: 60_000,
+                kind: "endpoints",
+                what: String::new(),
+            },
+            Event {
+                t_ms: 90_000,
+                kind: "rotation",
+                what: String::new(),
+            },
+        ];
+        write_plots(&dir.0, &procs, &samples, &events).unwrap();
+        for (file, title, names) in [
+            (
+                "soak-rss.svg",
+                "RSS per process",
+                &["client", "server s1", "control plane"][..],
+            ),
+            (
+                "soak-fds.svg",
+                "Open file descriptors per process",
+                &["client", "server s1", "control plane"][..],
+            ),
+            (
+                "soak-latency.svg",
+                "Latency of the calls finished each second",
+                &["p50", "p99"][..],
+            ),
+        ] {
+            let svg = std::fs::read_to_string(dir.0.join(file)).unwrap();
+            let svg = well_formed(&svg);
+            assert!(svg.contains(title), "{file}: no title");
+            for name in names
+                .iter()
+                .chain(&["endpoint change", "certificate rotation"])
+            {
+                assert!(
+                    svg.contains(&format!("{name}\n</text>")),
+                    "{file}: no {name}"
+                );
             }
-        );
-        m += x_step;
-    }
-    let _ = write!(
-        s,
-        r##"<text x="{0}" y="{1}" text-anchor="middle">minutes (gray: endpoint change, orange dotted: certificate rotation)</text><text x="16" y="{2}" transform="rotate(-90 16 {2})" text-anchor="middle">{unit}</text><rect x="{l}" y="{t}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>"##,
-        l + pw / 2.0,
-        h - 10.0,
-        t + ph / 2.0
-    );
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let c = COLORS[i % COLORS.len()];
-        let mut path = String::new();
-        for (px, py) in pts {
-            let _ = write!(path, "{:.1},{:.1} ", x(*px), y(*py));
+            // One polyline through every sample per series.
+            let lines = polylines(svg);
+            assert_eq!(
+                lines.iter().filter(|n| **n == samples.len()).count(),
+                names.len(),
+                "{file}: {lines:?}"
+            );
         }
-        let _ = write!(
-            s,
-            r#"<polyline fill="none" stroke="{c}" stroke-width="1.3" points="{path}"/><rect x="{0}" y="{1}" width="12" height="12" fill="{c}"/><text x="{2}" y="{3}">{name}</text>"#,
-            l + pw + 12.0,
-            t + 4.0 + i as f64 * 20.0,
-            l + pw + 30.0,
-            t + 14.0 + i as f64 * 20.0
-        );
     }
-    s.push_str("</svg>\n");
-    s
 }
