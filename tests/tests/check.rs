@@ -417,15 +417,19 @@ async fn a_pods_network_namespace_and_a_skewed_control_plane() {
     std::fs::write(&tok, token).expect("write");
     let hub_ip = lan.ip(1);
     let mut children = Vec::new();
+    // libfaketime preloaded rather than the `faketime` wrapper: the wrapper forks, so killing
+    // it on drop would orphan the control plane (still holding the test's stderr).
+    let libfaketime = libfaketime();
     for (port, offset) in [(8086, "+45s"), (8087, "+300s")] {
         children.push(lan.spawn(
             &lan.hub,
             None,
-            &[("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string())],
             &[
-                "faketime",
-                "-f",
-                offset,
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+                ("LD_PRELOAD", libfaketime.clone()),
+                ("FAKETIME", offset.to_string()),
+            ],
+            &[
                 &remora,
                 "control",
                 "--addr",
@@ -477,6 +481,20 @@ async fn a_pods_network_namespace_and_a_skewed_control_plane() {
         "error",
         &["not valid by this clock", "more than the 60 s"],
     );
+}
+
+/// libfaketime's library (Debian's `faketime` package puts it under the multiarch dir).
+fn libfaketime() -> String {
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.is_file());
+    match found {
+        Some(p) => p.to_string_lossy().into_owned(),
+        None => panic!("libfaketime.so.1 is not installed; run .ci/setup (package faketime)"),
+    }
 }
 
 fn readable(path: &Path) {
