@@ -42,11 +42,30 @@ pub struct Endpoint {
     #[prost(bool, tag = "4")]
     pub opaque: bool,
 }
+/// How callers treat requests to the service (Kubernetes: the Service's remora.io/\*
+/// annotations; the file source: the service's fields). Absent or empty: no policy.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Policy {
+    /// Each request must have its response head within this many milliseconds; 0: no timeout.
+    #[prost(uint64, tag = "1")]
+    pub timeout_ms: u64,
+    /// Retries of a request answered 503 or gRPC UNAVAILABLE, on another endpoint, within the
+    /// caller's retry budget; 0: none.
+    #[prost(uint32, tag = "2")]
+    pub retries: u32,
+    /// Consecutive failed answers (5xx, gRPC UNAVAILABLE) that eject an endpoint for a backoff;
+    /// absent: the caller's default; 0: never.
+    #[prost(uint32, optional, tag = "3")]
+    pub failure_accrual: ::core::option::Option<u32>,
+}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Snapshot {
     #[prost(message, repeated, tag = "1")]
     pub endpoints: ::prost::alloc::vec::Vec<Endpoint>,
+    #[prost(message, optional, tag = "2")]
+    pub policy: ::core::option::Option<Policy>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -56,6 +75,9 @@ pub struct Delta {
     /// Addresses removed ("ip:port").
     #[prost(string, repeated, tag = "2")]
     pub remove: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Present when the service's policy changed: the whole new policy.
+    #[prost(message, optional, tag = "3")]
+    pub policy: ::core::option::Option<Policy>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use remora_api::{
     Alias, Delta, Endpoint, NoSuchService, Snapshot, Update, WatchAddrRequest, WatchRequest, update,
 };
-use remora_certs::EndpointSpec;
+use remora_certs::{EndpointSpec, Policy};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -191,10 +191,25 @@ fn endpoint(e: &EndpointSpec) -> Endpoint {
     }
 }
 
+/// The policy as the API carries it; `None` for no policy.
+fn policy(p: &Policy) -> Option<remora_api::Policy> {
+    (!p.is_default()).then(|| remora_api::Policy {
+        timeout_ms: p
+            .timeout
+            .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
+        retries: p.retries,
+        failure_accrual: p.failure_accrual,
+    })
+}
+
 /// The message that takes a subscriber from `sent` to `now`; `None` when nothing changed.
 pub fn diff(sent: Option<&Option<Published>>, now: &Option<Published>) -> Option<Update> {
     let kind = match (sent, now) {
-        (Some(Some(Published::Endpoints(old))), Some(Published::Endpoints(new))) => {
+        (
+            Some(Some(Published::Endpoints(old, old_policy))),
+            Some(Published::Endpoints(new, new_policy)),
+        ) => {
             let add: Vec<Endpoint> = new
                 .values()
                 .filter(|e| old.get(&e.addr) != Some(e))
@@ -205,18 +220,26 @@ pub fn diff(sent: Option<&Option<Published>>, now: &Option<Published>) -> Option
                 .filter(|a| !new.contains_key(a))
                 .map(|a| a.to_string())
                 .collect();
-            if add.is_empty() && remove.is_empty() {
+            // A changed policy travels whole; back to none is an empty message.
+            let changed =
+                (old_policy != new_policy).then(|| policy(new_policy).unwrap_or_default());
+            if add.is_empty() && remove.is_empty() && changed.is_none() {
                 return None;
             }
-            update::Kind::Delta(Delta { add, remove })
+            update::Kind::Delta(Delta {
+                add,
+                remove,
+                policy: changed,
+            })
         }
         (Some(None), None) => return None,
         (Some(Some(Published::Alias(a))), Some(Published::Alias(b))) if a == b => return None,
         (_, Some(Published::Alias(name))) => update::Kind::Alias(Alias {
             name: name.to_string(),
         }),
-        (_, Some(Published::Endpoints(new))) => update::Kind::Snapshot(Snapshot {
+        (_, Some(Published::Endpoints(new, p))) => update::Kind::Snapshot(Snapshot {
             endpoints: new.values().map(endpoint).collect(),
+            policy: policy(p),
         }),
         (_, None) => update::Kind::NoSuchService(NoSuchService {}),
     };
@@ -295,23 +318,26 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn set(addrs: &[(&str, u32)]) -> Option<Published> {
-        Some(Published::Endpoints(Arc::new(
-            addrs
-                .iter()
-                .map(|(a, w)| {
-                    let addr = a.parse().unwrap();
-                    (
-                        addr,
-                        EndpointSpec {
+        Some(Published::Endpoints(
+            Arc::new(
+                addrs
+                    .iter()
+                    .map(|(a, w)| {
+                        let addr = a.parse().unwrap();
+                        (
                             addr,
-                            weight: *w,
-                            identity: None,
-                            opaque: false,
-                        },
-                    )
-                })
-                .collect::<BTreeMap<_, _>>(),
-        )))
+                            EndpointSpec {
+                                addr,
+                                weight: *w,
+                                identity: None,
+                                opaque: false,
+                            },
+                        )
+                    })
+                    .collect::<BTreeMap<_, _>>(),
+            ),
+            Arc::default(),
+        ))
     }
 
     fn kind(u: Option<Update>) -> Option<update::Kind> {
@@ -446,6 +472,42 @@ mod tests {
             kind(diff(None, &set(&[]))),
             Some(update::Kind::Snapshot(s)) if s.endpoints.is_empty()
         ));
+    }
+
+    #[test]
+    fn policies_ride_the_snapshot_and_changes_come_as_deltas() {
+        let eps = || {
+            set(&[("10.0.0.1:80", 1)])
+                .and_then(|p| p.set().cloned())
+                .unwrap()
+        };
+        let with = |p: Policy| Some(Published::Endpoints(eps(), Arc::new(p)));
+        let p = Policy::new(Some(std::time::Duration::from_millis(250)), 2).unwrap();
+        let Some(update::Kind::Snapshot(s)) = kind(diff(None, &with(p.clone()))) else {
+            panic!("a snapshot first");
+        };
+        let sent = s.policy.expect("the policy");
+        assert_eq!(
+            (sent.timeout_ms, sent.retries, sent.failure_accrual),
+            (250, 2, None)
+        );
+        // No policy: none on the wire.
+        let Some(update::Kind::Snapshot(s)) = kind(diff(None, &with(Policy::default()))) else {
+            panic!("a snapshot");
+        };
+        assert!(s.policy.is_none());
+        // Same endpoints, same policy: nothing to say; a new policy alone is a delta.
+        assert!(diff(Some(&with(p.clone())), &with(p.clone())).is_none());
+        let Some(update::Kind::Delta(d)) = kind(diff(Some(&with(p)), &with(Policy::default())))
+        else {
+            panic!("a delta");
+        };
+        assert!(d.add.is_empty() && d.remove.is_empty());
+        assert_eq!(
+            d.policy,
+            Some(remora_api::Policy::default()),
+            "back to none"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use remora_certs::EndpointSpec;
+use remora_certs::{EndpointSpec, Policy};
 use tokio::sync::watch;
 
 /// A service's endpoints, keyed by address.
@@ -19,20 +19,35 @@ pub type EndpointSet = Arc<BTreeMap<SocketAddr, EndpointSpec>>;
 /// What a known name stands for. `None` in a channel means "no such service".
 #[derive(Clone, Debug, PartialEq)]
 pub enum Published {
-    Endpoints(EndpointSet),
+    /// The endpoints, and the policy callers apply to requests to them.
+    Endpoints(EndpointSet, Arc<Policy>),
     /// Another name, resolved by the caller through DNS (an ExternalName Service).
     Alias(Arc<str>),
 }
 
 impl Published {
+    /// Endpoints without a policy.
     pub fn endpoints(eps: Vec<EndpointSpec>) -> Self {
-        Published::Endpoints(to_set(eps))
+        Published::Endpoints(to_set(eps), Arc::default())
+    }
+
+    /// Endpoints and the policy that goes with them.
+    pub fn with_policy(eps: Vec<EndpointSpec>, policy: Policy) -> Self {
+        Published::Endpoints(to_set(eps), Arc::new(policy))
+    }
+
+    /// The policy (the default for an alias).
+    pub fn policy(&self) -> Option<&Policy> {
+        match self {
+            Published::Endpoints(_, p) => Some(p),
+            Published::Alias(_) => None,
+        }
     }
 
     /// The endpoint set, or `None` for an alias.
     pub fn set(&self) -> Option<&EndpointSet> {
         match self {
-            Published::Endpoints(s) => Some(s),
+            Published::Endpoints(s, _) => Some(s),
             Published::Alias(_) => None,
         }
     }

@@ -26,6 +26,7 @@ use arc_swap::ArcSwap;
 use crate::endpoint::Endpoint;
 use crate::endpoint::load::DEFAULT_RTT;
 use crate::retry::RetryBudget;
+use remora_certs::Policy;
 
 /// How long a request may wait for an endpoint to come back before the proxy answers 503.
 pub const FAILFAST: Duration = Duration::from_secs(3);
@@ -50,6 +51,8 @@ pub struct Destination {
     pub name: String,
     pub budget: RetryBudget,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    /// The traffic policy its source sent (timeout, retries); the default until one does.
+    policy: ArcSwap<Policy>,
     saw_h2: AtomicBool,
 }
 
@@ -59,7 +62,20 @@ impl Destination {
             name,
             budget: RetryBudget::default(),
             endpoints: ArcSwap::from_pointee(endpoints),
+            policy: ArcSwap::default(),
             saw_h2: AtomicBool::new(false),
+        }
+    }
+
+    /// The policy requests to this destination follow now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Replaces the policy; requests already under way keep the one they started with.
+    pub fn set_policy(&self, policy: Arc<Policy>) {
+        if **self.policy.load() != *policy {
+            self.policy.store(policy);
         }
     }
 
@@ -92,6 +108,40 @@ impl Destination {
                 e.clone().prewarm_h2();
             }
         }
+    }
+
+    /// Failure accrual: counts `ep`'s answer (failed: 5xx, or gRPC `UNAVAILABLE` in the head)
+    /// and ejects the endpoint once the policy's number of answers in a row failed — unless no
+    /// other endpoint is ready: ejecting the last one would turn errors into no answer at all.
+    /// Returns true when it ejected.
+    pub fn accrue(
+        &self,
+        ep: &Endpoint,
+        status: http::StatusCode,
+        headers: &http::HeaderMap,
+    ) -> bool {
+        let failed = status.is_server_error()
+            || headers
+                .get("grpc-status")
+                .is_some_and(|v| v.as_bytes() == b"14");
+        let in_a_row = ep.answered(failed);
+        if !failed {
+            return false;
+        }
+        let threshold = self.policy.load().accrual();
+        if threshold == 0 || in_a_row < threshold {
+            return false;
+        }
+        let now = Instant::now();
+        let others = self
+            .endpoints
+            .load()
+            .iter()
+            .any(|e| e.addr != ep.addr && e.is_ready(now));
+        if others {
+            ep.eject(in_a_row, threshold, status);
+        }
+        others
     }
 
     /// Picks an endpoint for one request, skipping `exclude` (an endpoint that just failed).

@@ -43,6 +43,7 @@ mod backoff;
 mod balance;
 mod config;
 mod control;
+mod deadline;
 mod direction;
 pub mod discover;
 mod drain;

@@ -50,6 +50,7 @@ snake_case_labels! {
         NoEndpoints => "no_endpoints", ConnectFailed => "connect_failed",
         UpstreamReset => "upstream_reset", BadRequest => "bad_request", Loop => "loop",
         NoDestination => "no_destination", ClientIo => "client_io", Hook => "hook",
+        Timeout => "timeout",
     }
 }
 
@@ -128,6 +129,9 @@ pub enum ErrorKind {
     ClientIo,
     /// A request hook of the embedding application panicked.
     Hook,
+    /// The destination policy's timeout (or the caller's `grpc-timeout`) ran out before the
+    /// response head.
+    Timeout,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -262,6 +266,8 @@ pub struct Metrics {
     pub detect: Family<DetectLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
+    /// Requests sent again because of a destination policy's retries.
+    pub policy_retries: Family<DirectionLabels, Counter>,
     pub requests_in_flight: Family<DirectionLabels, Gauge>,
     pub ready: Gauge,
     pub draining: Gauge,
@@ -303,6 +309,7 @@ impl Metrics {
             detect: Family::default(),
             bytes: Family::default(),
             errors: Family::default(),
+            policy_retries: Family::default(),
             requests_in_flight: Family::default(),
             ready: Gauge::default(),
             draining: Gauge::default(),
@@ -362,6 +369,11 @@ impl Metrics {
             "errors",
             "Requests answered or connections closed by the proxy because of an error, by kind",
             self.errors.clone(),
+        );
+        r.register(
+            "policy_retries",
+            "Requests tried again on another endpoint after a 503 or gRPC UNAVAILABLE, by a destination policy's retries",
+            self.policy_retries.clone(),
         );
         r.register(
             "requests_in_flight",

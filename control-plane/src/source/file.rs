@@ -8,6 +8,9 @@
 //!   { addr = "10.0.0.7:8080", identity = "spiffe://cluster.local/ns/shop/sa/web" },
 //!   { addr = "10.0.0.8:8080", weight = 2 },     # no identity: plaintext to it
 //! ]
+//! timeout = "500ms"                               # policy (optional): as the Service
+//! retries = 2                                     # annotations remora.io/timeout, /retries
+//! failure_accrual = 5                             # and /failure-accrual
 //! ```
 //!
 //! The file is polled by content (like certificates, so editors, `mv` and Kubernetes'
@@ -44,6 +47,10 @@ struct Service {
     opaque: bool,
     #[serde(default)]
     endpoints: Vec<Endpoint>,
+    /// Policy, as the Service annotations `remora.io/timeout` and `remora.io/retries`.
+    timeout: Option<Spanned<String>>,
+    retries: Option<Spanned<u32>>,
+    failure_accrual: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -123,8 +130,32 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
                 opaque: s.opaque,
             });
         }
+        let retries = s.retries.as_ref().map(|r| r.get_ref().to_string());
+        let accrual = s.failure_accrual.as_ref().map(|r| r.get_ref().to_string());
+        let policy = remora_certs::Policy::from_fields(|k| match k {
+            remora_certs::policy::TIMEOUT => s.timeout.as_ref().map(|t| t.get_ref().as_str()),
+            remora_certs::policy::RETRIES => retries.as_deref(),
+            remora_certs::policy::FAILURE_ACCRUAL => accrual.as_deref(),
+            _ => None,
+        })
+        .map_err(|e| {
+            use remora_certs::policy::{RETRIES, TIMEOUT};
+            let start = match () {
+                _ if e.starts_with(TIMEOUT) => s.timeout.as_ref().map(|t| t.span().start),
+                _ if e.starts_with(RETRIES) => s.retries.as_ref().map(|r| r.span().start),
+                _ => s.failure_accrual.as_ref().map(|r| r.span().start),
+            };
+            // The file's own key names: `timeout`, `retries`, `failure_accrual`.
+            let e = e
+                .replacen("remora.io/", "", 1)
+                .replace("failure-accrual", "failure_accrual");
+            at(
+                start.unwrap_or(s.name.span().start),
+                format!("service {name}: {e}"),
+            )
+        })?;
         if table
-            .insert(name.clone(), Published::endpoints(endpoints))
+            .insert(name.clone(), Published::with_policy(endpoints, policy))
             .is_some()
         {
             return Err(at(
@@ -364,6 +395,21 @@ name = "empty:80"
                 "endpoint",
             ),
             ("[[service]\n", "line 1", ""),
+            (
+                "[[service]]\nname = \"a:1\"\ntimeout = \"fast\"\n",
+                "line 3",
+                "service a:1: timeout: \"fast\" is not a duration",
+            ),
+            (
+                "[[service]]\nname = \"a:1\"\n\nretries = 11\n",
+                "line 4",
+                "service a:1: retries: retries 11 is too many",
+            ),
+            (
+                "[[service]]\nname = \"a:1\"\nfailure_accrual = 5000\n",
+                "line 3",
+                "service a:1: failure_accrual: failure_accrual 5000 is too many",
+            ),
         ];
         for (text, line, what) in cases {
             let e = p(text).unwrap_err();
@@ -372,6 +418,17 @@ name = "empty:80"
                 "{text:?} gave {e}"
             );
         }
+    }
+
+    #[test]
+    fn policies_parse_with_their_service() {
+        let t = p("[[service]]\nname = \"a:1\"\ntimeout = \"250ms\"\nretries = 2\nfailure_accrual = 0\n[[service]]\nname = \"b:1\"\n").unwrap();
+        let a = t["a:1"].policy().unwrap();
+        assert_eq!(
+            (a.timeout, a.retries, a.accrual()),
+            (Some(Duration::from_millis(250)), 2, 0)
+        );
+        assert!(t["b:1"].policy().unwrap().is_default());
     }
 
     const GOOD: &str = "[[service]]\nname = \"web:80\"\nendpoints = [{ addr = \"10.0.0.1:80\" }]\n";

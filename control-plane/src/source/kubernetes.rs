@@ -52,7 +52,7 @@ use kube::api::{Api, ListParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
-use remora_certs::{EndpointSpec, SpiffeId};
+use remora_certs::{EndpointSpec, Policy, SpiffeId};
 use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
 
@@ -230,7 +230,10 @@ fn service_events(client: &kube::Client) -> EventStream<Service> {
             // Only the spec is read; kubectl's last-applied copy doubles an object's size.
             .modify(|s| {
                 s.metadata.managed_fields = None;
-                s.metadata.annotations = None;
+                // Only remora's own policy annotations are read (a bounded set of keys).
+                if let Some(a) = s.metadata.annotations.as_mut() {
+                    a.retain(|k, _| remora_certs::policy::ANNOTATIONS.contains(&k.as_str()));
+                }
                 s.metadata.labels = None;
                 s.status = None;
             })
@@ -485,6 +488,9 @@ struct Names {
     addrs: BTreeSet<String>,
 }
 
+/// Each Service's last good policy and the annotation error last logged for it.
+type Policies = HashMap<ServiceKey, (Arc<Policy>, Option<String>)>;
+
 /// The source's state between events.
 struct State {
     cluster_domain: String,
@@ -492,6 +498,9 @@ struct State {
     slices: Cache<EndpointSlice>,
     services: Cache<Service>,
     published: HashMap<ServiceKey, Names>,
+    /// Each Service's last good policy, and the annotation error last logged for it: a bad
+    /// annotation is refused (logged once per error) and the last good policy keeps serving.
+    policies: Policies,
     /// The registry follows the caches (all listed).
     live: bool,
 }
@@ -504,8 +513,38 @@ impl State {
             slices: Cache::default(),
             services: Cache::default(),
             published: HashMap::new(),
+            policies: HashMap::new(),
             live: false,
         }
+    }
+
+    /// The policy `svc`'s annotations give; when they do not parse, the last good one (none
+    /// for a Service never seen with a good one), with one log line naming the Service and
+    /// the field.
+    fn policy(policies: &mut Policies, svc: &Service) -> Arc<Policy> {
+        let Some(key) = service_key(svc) else {
+            return Arc::default();
+        };
+        let annotations = svc.metadata.annotations.as_ref();
+        let parsed =
+            Policy::from_fields(|k| annotations.and_then(|a| a.get(k)).map(String::as_str));
+        let entry = policies.entry(key).or_default();
+        match parsed {
+            Ok(p) => {
+                if *entry.0 != p {
+                    entry.0 = Arc::new(p);
+                }
+                entry.1 = None;
+            }
+            Err(e) => {
+                if entry.1.as_ref() != Some(&e) {
+                    let (ns, name) = service_key(svc).unwrap_or_default();
+                    tracing::warn!(service = %format!("{ns}/{name}"), "Service {ns}/{name}: annotation refused: {e}; keeping its last good policy");
+                    entry.1 = Some(e);
+                }
+            }
+        }
+        entry.0.clone()
     }
 
     fn expect(&self, slice_ns: &str, ep: &Endpoint) -> Expect {
@@ -622,13 +661,20 @@ impl State {
     }
 
     fn publish_all(&mut self, sink: &Sink<'_>) {
+        // Rebuilt from the Services that exist: a deleted one's entry goes.
+        let mut old_policies = std::mem::take(&mut self.policies);
         let by = self.slices_by_service();
         let mut names = Table::new();
         let mut addrs = Table::new();
         let mut published = HashMap::new();
+        let mut policies = Policies::new();
         for (key, svc) in &self.services.items {
             let slices = by.get(key).map(Vec::as_slice).unwrap_or_default();
-            let t = service_table(svc, slices, &self.cluster_domain, |ns, ep| {
+            if let Some(p) = old_policies.remove(key) {
+                policies.insert(key.clone(), p);
+            }
+            let policy = State::policy(&mut policies, svc);
+            let t = service_table(svc, slices, &self.cluster_domain, &policy, |ns, ep| {
                 self.expect(ns, ep)
             });
             published.insert(
@@ -642,6 +688,7 @@ impl State {
             addrs.extend(t.addrs);
         }
         self.published = published;
+        self.policies = policies;
         sink.names.replace_all(names);
         sink.addrs.replace_all(addrs);
     }
@@ -663,6 +710,10 @@ impl State {
     /// Publishes one service from the caches, deleting the names it no longer has.
     fn recompute(&mut self, key: &ServiceKey, sink: &Sink<'_>) {
         let (ns, name) = key;
+        let mut policies = std::mem::take(&mut self.policies);
+        if !self.services.items.contains_key(key) {
+            policies.remove(key);
+        }
         let t = match self.services.items.get(key) {
             Some(svc) => {
                 let slices: Vec<&EndpointSlice> = self
@@ -670,12 +721,14 @@ impl State {
                     .in_namespace(ns)
                     .filter(|s| service_of(s).is_some_and(|(_, n)| &n == name))
                     .collect();
-                service_table(svc, &slices, &self.cluster_domain, |ns, ep| {
+                let policy = State::policy(&mut policies, svc);
+                service_table(svc, &slices, &self.cluster_domain, &policy, |ns, ep| {
                     self.expect(ns, ep)
                 })
             }
             None => ServiceTables::default(),
         };
+        self.policies = policies;
         let old = self.published.remove(key).unwrap_or_default();
         for gone in old.names.iter().filter(|n| !t.names.contains_key(*n)) {
             sink.names.publish(gone, None);
@@ -800,6 +853,7 @@ pub fn service_table(
     svc: &Service,
     slices: &[&EndpointSlice],
     cluster_domain: &str,
+    policy: &Arc<Policy>,
     expect: impl Fn(&str, &Endpoint) -> Expect,
 ) -> ServiceTables {
     let mut out = ServiceTables::default();
@@ -896,15 +950,22 @@ pub fn service_table(
             out.addrs
                 .insert(addr.to_string(), Published::endpoints(vec![spec.clone()]));
         }
-        let set = Published::endpoints(set.into_values().collect());
+        // The Service's policy goes with its names and ClusterIPs; a pod's own address may
+        // belong to several Services, so it carries none.
+        let set = Published::Endpoints(Arc::new(set.into_iter().collect()), policy.clone());
         for ip in &cluster_ips {
             out.addrs
                 .insert(SocketAddr::new(*ip, *port).to_string(), set.clone());
         }
         out.names.insert(format!("{host}:{port}"), set);
         for (h, eps) in per_pod {
-            out.names
-                .insert(format!("{h}.{host}:{port}"), Published::endpoints(eps));
+            out.names.insert(
+                format!("{h}.{host}:{port}"),
+                Published::Endpoints(
+                    Arc::new(eps.into_iter().map(|e| (e.addr, e)).collect()),
+                    policy.clone(),
+                ),
+            );
         }
     }
     out
@@ -1034,7 +1095,7 @@ mod tests {
             &[("http", 8081)],
             vec![ep("10.0.0.2", None, None)],
         );
-        let t = service_table(&web(), &[&a, &b], CD, plain);
+        let t = service_table(&web(), &[&a, &b], CD, &Arc::default(), plain);
         assert_eq!(addrs(&t.names, WEB), ["10.0.0.1:8080", "10.0.0.2:8081"]);
         // Only Service ports are names; the slice's `metrics` port is not a Service port.
         assert_eq!(t.names.len(), 1, "{:?}", t.names.keys());
@@ -1050,7 +1111,7 @@ mod tests {
         if let Some(spec) = dual.spec.as_mut() {
             spec.cluster_ips = Some(vec!["198.18.0.10".into(), "fd00::10".into()]);
         }
-        let t = service_table(&dual, &[&a], CD, plain);
+        let t = service_table(&dual, &[&a], CD, &Arc::default(), plain);
         let mut keys: Vec<_> = t.addrs.keys().cloned().collect();
         keys.sort();
         assert_eq!(keys, ["10.0.0.1:8080", "198.18.0.10:80", "[fd00::10]:80"]);
@@ -1065,7 +1126,7 @@ mod tests {
             &[("", 8080)],
             vec![ep("10.0.0.1", None, None)],
         );
-        let t = service_table(&svc, &[&s], CD, plain);
+        let t = service_table(&svc, &[&s], CD, &Arc::default(), plain);
         assert_eq!(addrs(&t.names, WEB), ["10.0.0.1:8080"]);
     }
 
@@ -1087,7 +1148,7 @@ mod tests {
                 },
             ],
         );
-        let t = service_table(&web(), &[&s], CD, plain);
+        let t = service_table(&web(), &[&s], CD, &Arc::default(), plain);
         assert_eq!(
             addrs(&t.names, WEB),
             ["10.0.0.1:8080", "10.0.0.4:8080", "10.0.0.5:8080"]
@@ -1103,7 +1164,7 @@ mod tests {
             vec![ep("10.0.0.2", Some(false), None)],
         );
         for slices in [vec![], vec![&down]] {
-            let t = service_table(&web(), &slices, CD, plain);
+            let t = service_table(&web(), &slices, CD, &Arc::default(), plain);
             assert!(addrs(&t.names, WEB).is_empty());
             assert!(addrs(&t.addrs, "198.18.0.10:80").is_empty());
         }
@@ -1119,7 +1180,7 @@ mod tests {
         let mut bad = pod_ep("10.0.0.3", "x");
         bad.hostname = Some("Not_A_Label".into());
         let s = slice("db-a", "db", &[("cql", 9042)], vec![a, b, bad]);
-        let t = service_table(&svc, &[&s], CD, plain);
+        let t = service_table(&svc, &[&s], CD, &Arc::default(), plain);
         assert_eq!(
             addrs(&t.names, "db.shop.svc.cluster.local:9042"),
             ["10.0.0.1:9042", "10.0.0.2:9042", "10.0.0.3:9042"]
@@ -1147,7 +1208,12 @@ mod tests {
         let mut c = ep("10.0.0.4", None, None);
         c.hostname = Some("web-0".into());
         let s = slice("web-a", "web", &[("http", 8080)], vec![c]);
-        assert_eq!(service_table(&web(), &[&s], CD, plain).names.len(), 1);
+        assert_eq!(
+            service_table(&web(), &[&s], CD, &Arc::default(), plain)
+                .names
+                .len(),
+            1
+        );
     }
 
     #[test]
@@ -1158,7 +1224,7 @@ mod tests {
             spec.cluster_ip = None;
             spec.external_name = Some("API.Example.org.".into());
         }
-        let t = service_table(&ext, &[], CD, plain);
+        let t = service_table(&ext, &[], CD, &Arc::default(), plain);
         assert_eq!(
             t.names["ext.shop.svc.cluster.local:443"],
             Published::Alias("api.example.org".into())
@@ -1168,7 +1234,7 @@ mod tests {
         if let Some(spec) = ext.spec.as_mut() {
             spec.ports = None;
         }
-        let t = service_table(&ext, &[], CD, plain);
+        let t = service_table(&ext, &[], CD, &Arc::default(), plain);
         assert_eq!(
             t.names.keys().collect::<Vec<_>>(),
             ["ext.shop.svc.cluster.local:*"]
@@ -1177,7 +1243,11 @@ mod tests {
         if let Some(spec) = ext.spec.as_mut() {
             spec.external_name = Some("not a name".into());
         }
-        assert!(service_table(&ext, &[], CD, plain).names.is_empty());
+        assert!(
+            service_table(&ext, &[], CD, &Arc::default(), plain)
+                .names
+                .is_empty()
+        );
     }
 
     #[test]
@@ -1210,7 +1280,7 @@ mod tests {
             &[("sql", 3306), ("http", 8080)],
             vec![ep("10.0.0.1", None, None)],
         );
-        let t = service_table(&svc, &[&s], CD, plain);
+        let t = service_table(&svc, &[&s], CD, &Arc::default(), plain);
         let opaque = |n: &str| t.names[n].set().unwrap().values().all(|e| e.opaque);
         assert!(opaque("db.shop.svc.cluster.local:3306"));
         assert!(!opaque("db.shop.svc.cluster.local:80"));
@@ -1244,7 +1314,13 @@ mod tests {
             &[("http", 8080)],
             vec![ep("not-an-ip", None, None)],
         );
-        let t = service_table(&web(), &[&fqdn, &udp, &big, &bad_ip], CD, plain);
+        let t = service_table(
+            &web(),
+            &[&fqdn, &udp, &big, &bad_ip],
+            CD,
+            &Arc::default(),
+            plain,
+        );
         assert!(addrs(&t.names, WEB).is_empty(), "{t:?}");
         // UDP Service ports publish nothing.
         let dns = service("dns", "198.18.0.12", &[("dns", 53, None)]);
@@ -1252,7 +1328,11 @@ mod tests {
         if let Some(p) = dns.spec.as_mut().and_then(|s| s.ports.as_mut()) {
             p[0].protocol = Some("UDP".into());
         }
-        assert!(service_table(&dns, &[], CD, plain).names.is_empty());
+        assert!(
+            service_table(&dns, &[], CD, &Arc::default(), plain)
+                .names
+                .is_empty()
+        );
     }
 
     #[test]
@@ -1268,7 +1348,7 @@ mod tests {
             ],
         );
         let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
-        let t = service_table(&web(), &[&s], CD, |ns, ep| {
+        let t = service_table(&web(), &[&s], CD, &Arc::default(), |ns, ep| {
             assert_eq!(ns, "shop");
             match ep.target_ref.as_ref().and_then(|t| t.name.as_deref()) {
                 Some("known") => Expect::Identity(id.clone()),
@@ -1561,5 +1641,50 @@ mod tests {
         let d = describe(&kube::Error::Api(status.boxed()));
         assert!(d.starts_with("HTTP 404 NotFound: xxx"), "{d}");
         assert!(d.chars().count() <= 220 && !d.contains("more"), "{d}");
+    }
+
+    #[test]
+    fn service_annotations_give_the_policy_and_a_bad_one_keeps_the_last_good() {
+        use std::collections::BTreeMap;
+        let annotated = |pairs: &[(&str, &str)]| {
+            let mut s = web();
+            s.metadata.annotations = Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>(),
+            );
+            s
+        };
+        let mut policies = Policies::new();
+        let good = annotated(&[("remora.io/timeout", "300ms"), ("remora.io/retries", "1")]);
+        let p = State::policy(&mut policies, &good);
+        assert_eq!(
+            (p.timeout, p.retries),
+            (Some(Duration::from_millis(300)), 1)
+        );
+        // The policy travels with the Service's name and its ClusterIP, not a pod's address.
+        let a = slice(
+            "a",
+            "web",
+            &[("http", 8080)],
+            vec![ep("10.1.0.1", None, None)],
+        );
+        let t = service_table(&good, &[&a], CD, &p, plain);
+        assert_eq!(
+            t.names[&format!("web.shop.svc.{CD}:80")].policy(),
+            Some(&*p)
+        );
+        assert_eq!(t.addrs["198.18.0.10:80"].policy(), Some(&*p));
+        assert!(t.addrs["10.1.0.1:8080"].policy().unwrap().is_default());
+        // Refused: the last good policy stays.
+        let bad = annotated(&[("remora.io/timeout", "soon"), ("remora.io/retries", "1")]);
+        assert_eq!(State::policy(&mut policies, &bad), p);
+        assert!(policies.values().any(|(_, e)| {
+            e.as_deref()
+                .is_some_and(|e| e.contains("remora.io/timeout"))
+        }));
+        // Annotations removed: no policy.
+        assert!(State::policy(&mut policies, &web()).is_default());
     }
 }

@@ -102,6 +102,21 @@ fn spec(e: &remora_api::Endpoint) -> Option<EndpointSpec> {
     })
 }
 
+/// A policy from the control plane; one it should never have sent (out of range) is ignored
+/// with a log line, and the last one stands.
+fn policy(p: remora_api::Policy) -> Option<remora_certs::Policy> {
+    let timeout = (p.timeout_ms > 0).then(|| std::time::Duration::from_millis(p.timeout_ms));
+    match remora_certs::Policy::with_accrual(timeout, p.retries, p.failure_accrual) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(
+                "control plane sent a policy this proxy refuses ({e}); keeping the last one"
+            );
+            None
+        }
+    }
+}
+
 /// One control-plane message, translated: updates to send, or an alias to resolve.
 #[derive(Debug, PartialEq)]
 enum Translated {
@@ -115,9 +130,16 @@ fn translate(update: remora_api::Update) -> Translated {
     use remora_api::update::Kind;
     Translated::Updates(match update.kind {
         Some(Kind::Snapshot(snap)) => {
-            vec![Update::Reset(
+            // The policy first (absent: none), so that it is in place with the endpoints.
+            let p = match snap.policy {
+                Some(p) => policy(p),
+                None => Some(remora_certs::Policy::default()),
+            };
+            let mut out: Vec<Update> = p.into_iter().map(Update::Policy).collect();
+            out.push(Update::Reset(
                 snap.endpoints.iter().filter_map(spec).collect(),
-            )]
+            ));
+            out
         }
         Some(Kind::Delta(d)) => {
             let mut remove: Vec<SocketAddr> =
@@ -136,6 +158,7 @@ fn translate(update: remora_api::Update) -> Translated {
             if !add.is_empty() {
                 out.push(Update::Add(add));
             }
+            out.extend(d.policy.and_then(policy).map(Update::Policy));
             out
         }
         Some(Kind::NoSuchService(_)) => vec![Update::DoesNotExist],
@@ -254,6 +277,7 @@ async fn follow(
                                         known.remove(a);
                                     }),
                                     Update::DoesNotExist => known.clear(),
+                                    Update::Policy(_) => {}
                                 }
                                 if tx.send(u).await.is_err() {
                                     return;
@@ -300,6 +324,7 @@ mod tests {
     fn a_bad_entry_in_a_delta_removes_its_old_version() {
         let u = remora_api::Update {
             kind: Some(Kind::Delta(remora_api::Delta {
+                policy: None,
                 add: vec![ep("10.0.0.1:80"), ep("not-an-address")],
                 remove: vec!["10.0.0.2:80".into()],
             })),
@@ -316,6 +341,7 @@ mod tests {
         bad_id.identity = "not a spiffe id".into();
         let u = remora_api::Update {
             kind: Some(Kind::Delta(remora_api::Delta {
+                policy: None,
                 add: vec![bad_id],
                 remove: vec![],
             })),

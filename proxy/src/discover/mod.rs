@@ -15,7 +15,7 @@ mod source;
 mod statics;
 
 pub(crate) use control_plane::{ControlPlane, Namespace};
-pub use source::{Closed, Discover, Target, Update, UpdateSender, Updates};
+pub use source::{Closed, Discover, Policy, Target, Update, UpdateSender, Updates};
 pub use statics::Static;
 
 use std::collections::{BTreeMap, HashMap};
@@ -478,10 +478,20 @@ enum Said {
 struct Slot {
     stream: Option<Updates>,
     said: Said,
+    /// The source's policy for the name, kept across `Reset`s: a source sends it before the
+    /// endpoints it goes with, so the first requests see both.
+    policy: Arc<Policy>,
 }
 
 impl Slot {
     fn apply(&mut self, u: Update) {
+        if let Update::Policy(p) = u {
+            self.policy = Arc::new(p);
+            if let Said::Known { fresh, .. } = &mut self.said {
+                *fresh = true;
+            }
+            return;
+        }
         let known = match std::mem::take(&mut self.said) {
             Said::Known { endpoints, .. } => Some(endpoints),
             _ => None,
@@ -508,7 +518,10 @@ impl Slot {
                     fresh: true,
                 }
             }
-            (Update::Remove(_), None) | (Update::DoesNotExist, _) => Said::Missing,
+            (Update::Remove(_), None) | (Update::DoesNotExist, _) | (Update::Policy(_), _) => {
+                self.policy = Arc::default();
+                Said::Missing
+            }
         };
     }
 }
@@ -567,11 +580,13 @@ async fn follow(
         }
         match answer {
             Some(Some(i)) => {
+                let policy = slots[i].policy.clone();
                 if let Said::Known { endpoints, fresh } = &mut slots[i].said
                     && (*fresh || answering != Some(i))
                 {
                     *fresh = false;
                     let list: Vec<EndpointSpec> = endpoints.values().cloned().collect();
+                    w.dest.set_policy(policy);
                     w.dest
                         .update(factory.build(&name, &w.dest.endpoints(), &list));
                     if answering != Some(i) {
@@ -587,12 +602,14 @@ async fn follow(
                 if answering.is_some_and(|i| !matches!(slots[i].said, Said::Known { .. })) {
                     answering = None;
                     w.dest.update(Vec::new());
+                    w.dest.set_policy(Arc::default());
                     w.known.send_replace(Known::NoSuchService);
                 }
             }
             None => {
                 if answering.take().is_some() || *w.known.borrow() == Known::Waiting {
                     w.dest.update(Vec::new());
+                    w.dest.set_policy(Arc::default());
                     w.known.send_replace(Known::NoSuchService);
                 }
             }
@@ -947,5 +964,52 @@ mod tests {
         .await
         .expect("updated in place");
         d.stop();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_policy_arrives_with_the_endpoints_it_goes_with_and_follows_changes() {
+        let statics = Arc::new(Static::default());
+        statics.set("web:80", vec![spec(9)]);
+        let two_s = Policy::new(Some(Duration::from_secs(2)), 1).expect("policy");
+        assert!(statics.set_policy("web:80", two_s.clone()));
+        assert!(
+            !statics.set_policy("other:80", two_s.clone()),
+            "unknown name"
+        );
+        let d = chain(vec![("static", statics.clone())], false);
+        // The first answer already carries the policy: no request runs without it.
+        let dest = d.resolve("web:80").await.expect("known");
+        assert_eq!(*dest.policy(), two_s);
+        // Changed live; endpoints replaced later keep it.
+        let three = Policy::new(None, 3).expect("policy");
+        statics.set_policy("web:80", three.clone());
+        statics.set("web:80", vec![spec(9), spec(10)]);
+        tokio::time::timeout(FIRST_ANSWER, async {
+            while ports(&dest) != [9, 10] || *dest.policy() != three {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("policy and endpoints followed");
+        d.stop();
+    }
+
+    #[test]
+    fn reset_keeps_the_policy_and_does_not_exist_clears_it() {
+        let mut slot = Slot::default();
+        let p = Policy::new(None, 2).expect("policy");
+        slot.apply(Update::Policy(p.clone()));
+        slot.apply(Update::Reset(vec![spec(1)]));
+        assert_eq!(*slot.policy, p);
+        assert!(matches!(slot.said, Said::Known { fresh: true, .. }));
+        if let Said::Known { fresh, .. } = &mut slot.said {
+            *fresh = false;
+        }
+        // A policy change alone makes the set fresh (to be published).
+        slot.apply(Update::Policy(Policy::default()));
+        assert!(matches!(slot.said, Said::Known { fresh: true, .. }));
+        slot.apply(Update::Policy(p));
+        slot.apply(Update::DoesNotExist);
+        assert!(slot.policy.is_default());
     }
 }

@@ -10,6 +10,7 @@ use futures_util::Stream;
 use tokio::sync::mpsc;
 
 use crate::config::EndpointSpec;
+pub use remora_certs::Policy;
 
 /// What a caller looks up: a normalised `host:port` authority, or an address (a Service's
 /// virtual IP and port, as transparent interception sees it).
@@ -46,6 +47,10 @@ pub enum Update {
     /// This source does not know the name (now): the next source, or DNS, answers instead.
     /// A later `Reset` makes this source the answer again.
     DoesNotExist,
+    /// The destination's traffic policy (timeout, retries, failure accrual), replacing the
+    /// previous one; `Reset`, `Add` and `Remove` keep it, `DoesNotExist` clears it. Send it
+    /// *before* the `Reset` it goes with, so the first requests see both.
+    Policy(Policy),
 }
 
 /// A source of endpoints: static configuration, the control plane, a file, or the embedding

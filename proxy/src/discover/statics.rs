@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use futures_util::StreamExt as _;
 use tokio::sync::watch;
 
-use super::source::{Discover, Target, Update, Updates};
+use super::source::{Discover, Policy, Target, Update, Updates};
 use crate::config::EndpointSpec;
 
 /// Destinations whose endpoints the configuration (or the program) sets directly.
@@ -17,6 +18,9 @@ use crate::config::EndpointSpec;
 ///
 /// let s = Static::default();
 /// s.set("billing.internal:80", vec![EndpointSpec::new("127.0.0.1:9000".parse().unwrap())]);
+/// let policy = remora_proxy::discover::Policy::new(Some(std::time::Duration::from_secs(2)), 1)
+///     .expect("a valid policy");
+/// assert!(s.set_policy("billing.internal:80", policy));
 /// ```
 pub struct Static {
     names: Arc<Names>,
@@ -34,21 +38,35 @@ impl Default for Static {
 }
 
 impl Static {
-    /// Creates `name` (`host:port`, any case) or replaces its endpoints; streams following it
-    /// get a `Reset`. Endpoints that stay keep their connections and metrics.
+    /// Creates `name` (`host:port`, any case) or replaces its endpoints (keeping its policy);
+    /// streams following it get a `Reset`. Endpoints that stay keep their connections and
+    /// metrics.
     pub fn set(&self, name: &str, endpoints: Vec<EndpointSpec>) {
         let name = name.to_ascii_lowercase();
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
         let endpoints = Arc::new(endpoints);
         match names.get(&name) {
             Some(tx) => {
-                tx.send_replace(endpoints);
+                tx.send_modify(|e| e.0 = endpoints);
             }
             None => {
-                names.insert(name, watch::channel(endpoints).0);
+                names.insert(name, watch::channel((endpoints, Arc::default())).0);
                 drop(names);
                 self.added.send_modify(|n| *n += 1);
             }
+        }
+    }
+
+    /// Sets the traffic policy of `name` (timeout, retries, failure accrual), applied from the
+    /// next request on; false when `name` was never [`Static::set`].
+    pub fn set_policy(&self, name: &str, policy: Policy) -> bool {
+        let names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        match names.get(&name.to_ascii_lowercase()) {
+            Some(tx) => {
+                tx.send_modify(|e| e.1 = Arc::new(policy));
+                true
+            }
+            None => false,
         }
     }
 
@@ -65,11 +83,13 @@ impl Static {
     }
 }
 
-type Names = Mutex<HashMap<String, watch::Sender<Arc<Vec<EndpointSpec>>>>>;
+/// A name's endpoints and policy.
+type Entry = (Arc<Vec<EndpointSpec>>, Arc<Policy>);
+type Names = Mutex<HashMap<String, watch::Sender<Entry>>>;
 
 enum State {
     /// Known; `true` until the current set was sent.
-    Known(watch::Receiver<Arc<Vec<EndpointSpec>>>, bool),
+    Known(watch::Receiver<Entry>, bool),
     /// Not a static name; `true` until `DoesNotExist` was sent.
     Unknown(watch::Receiver<u64>, bool),
 }
@@ -98,7 +118,7 @@ impl Discover for Static {
                 loop {
                     match state {
                         State::Unknown(rx, true) => {
-                            return Some((Update::DoesNotExist, State::Unknown(rx, false)));
+                            return Some((vec![Update::DoesNotExist], State::Unknown(rx, false)));
                         }
                         State::Unknown(mut rx, false) => {
                             rx.changed().await.ok()?;
@@ -117,13 +137,18 @@ impl Discover for Static {
                             if !first {
                                 rx.changed().await.ok()?;
                             }
-                            let set = rx.borrow_and_update().as_ref().clone();
-                            return Some((Update::Reset(set), State::Known(rx, false)));
+                            let (set, policy) = rx.borrow_and_update().clone();
+                            // The policy before the endpoints it goes with.
+                            let updates = vec![
+                                Update::Policy(policy.as_ref().clone()),
+                                Update::Reset(set.as_ref().clone()),
+                            ];
+                            return Some((updates, State::Known(rx, false)));
                         }
                     }
                 }
             }
         });
-        Some(Updates::new(stream))
+        Some(Updates::new(stream.flat_map(futures_util::stream::iter)))
     }
 }

@@ -182,6 +182,8 @@ pub struct Endpoint {
     pub opaque: bool,
     pub load: PeakEwma,
     health: Mutex<Health>,
+    /// Failure accrual: answers that failed in a row (5xx, gRPC UNAVAILABLE).
+    failed_in_a_row: std::sync::atomic::AtomicU32,
     metrics: Option<EndpointMetrics>,
     connect_timeout: Duration,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
@@ -236,6 +238,7 @@ impl Endpoint {
             weight: weight.max(1),
             load: PeakEwma::default(),
             health: Mutex::new(Health::default()),
+            failed_in_a_row: std::sync::atomic::AtomicU32::new(0),
             metrics,
             connect_timeout,
             h2: Mutex::new(None),
@@ -424,15 +427,48 @@ impl Endpoint {
     /// endpoint failed for all of them at once do not all come back at once); P2C skips the
     /// endpoint meanwhile.
     fn mark_down(&self, e: &EndpointError) {
+        self.back_off(e.to_string(), true);
+    }
+
+    fn back_off(&self, why: String, count_failure: bool) {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         let delay = h.backoff.next_delay();
         h.retry_at = Instant::now() + delay;
-        h.last_error = e.to_string();
         if let Some(m) = &self.metrics {
             m.ready.set(0);
-            m.failures.inc();
+            if count_failure {
+                m.failures.inc();
+            }
         }
-        tracing::info!(addr = %self.addr, error = %e, retry_in = ?delay, "endpoint failing; backing off");
+        tracing::info!(addr = %self.addr, error = %why, retry_in = ?delay, "endpoint failing; backing off");
+        h.last_error = why;
+    }
+
+    /// Failure accrual: records whether an answer failed; returns how many failed in a row.
+    /// An answer that did not fail after failures marks the endpoint up again.
+    pub(crate) fn answered(&self, failed: bool) -> u32 {
+        use std::sync::atomic::Ordering::Relaxed;
+        if failed {
+            return self.failed_in_a_row.fetch_add(1, Relaxed).saturating_add(1);
+        }
+        // A load, not a store, on the common path: no cache-line write per request.
+        if self.failed_in_a_row.load(Relaxed) > 0 && self.failed_in_a_row.swap(0, Relaxed) > 0 {
+            self.mark_up();
+        }
+        0
+    }
+
+    /// Failure accrual: takes the endpoint out of balancing for a backoff (growing while it
+    /// keeps failing), after which P2C probes it; one more failed answer ejects it again.
+    pub(crate) fn eject(&self, in_a_row: u32, threshold: u32, status: http::StatusCode) {
+        self.failed_in_a_row.store(
+            threshold.saturating_sub(1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.back_off(
+            format!("{in_a_row} answers in a row failed (the last: {status}); ejected by failure accrual (remora.io/failure-accrual: {threshold})"),
+            false,
+        );
     }
 
     /// Opens the HTTP/2 connection before a request needs it.

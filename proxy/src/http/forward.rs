@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use crate::scrub::{CLIENT_ID_HEADER, Rules, Scrubbed};
 use http::header::{self, HeaderValue};
@@ -59,6 +60,13 @@ pub enum ForwardError {
     ConnectInbound,
     #[error("a request hook panicked (a bug in the embedding application)")]
     HookPanicked,
+    #[error("{dst}: no response within {after:?} ({why})")]
+    Timeout {
+        dst: String,
+        after: Duration,
+        /// Which deadline: the destination's policy or the caller's `grpc-timeout`.
+        why: &'static str,
+    },
     #[error("{dst}: tunnel to {addr} failed: {source}")]
     Upgrade {
         dst: String,
@@ -77,6 +85,7 @@ impl ForwardError {
             ForwardError::Resolve(_) | ForwardError::Pick(_) => StatusCode::SERVICE_UNAVAILABLE,
             ForwardError::ConnectInbound => StatusCode::METHOD_NOT_ALLOWED,
             ForwardError::HookPanicked => StatusCode::INTERNAL_SERVER_ERROR,
+            ForwardError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ForwardError::Endpoint { .. }
             | ForwardError::Loop { .. }
             | ForwardError::Upgrade { .. } => StatusCode::BAD_GATEWAY,
@@ -103,6 +112,7 @@ impl ForwardError {
             }
             ForwardError::Loop { .. } => ErrorKind::Loop,
             ForwardError::HookPanicked => ErrorKind::Hook,
+            ForwardError::Timeout { .. } => ErrorKind::Timeout,
         }
     }
 }
@@ -164,6 +174,10 @@ struct FailedAt {
     path: Option<PathAndQuery>,
     client: Option<HeaderValue>,
 }
+
+/// How long a retryable answer waits for its request body to finish going out (an app may
+/// answer before it has read the body) before it is passed on unretried.
+const SETTLE: Duration = Duration::from_millis(100);
 
 /// Longest route written to a log line; a path is client-controlled.
 const MAX_LOGGED_ROUTE: usize = 256;
@@ -409,7 +423,28 @@ impl Forwarder {
             let req = self.upstream_phase(req, &cx, &ep)?;
             return Box::pin(self.connect(req, &dst, &dest, &ep)).await;
         }
-        self.send(req, &dst, &ep, Some(&dest), &cx).await
+        let policy = dest.policy();
+        let grpc = is_grpc(&req);
+        let limit = match req.headers().contains_key(header::UPGRADE) {
+            // An upgraded stream lives as long as its peers want; only its 101 could be timed.
+            true => None,
+            false => crate::deadline::deadline(policy.timeout, req.headers(), grpc),
+        };
+        let Some(limit) = limit else {
+            return self.send(req, &dst, &ep, Some(&dest), &cx).await;
+        };
+        let why = match policy.timeout == Some(limit) {
+            true => "the destination's timeout policy",
+            false => "the caller's grpc-timeout",
+        };
+        match tokio::time::timeout(limit, self.send(req, &dst, &ep, Some(&dest), &cx)).await {
+            Ok(res) => res,
+            Err(_) => Err(ForwardError::Timeout {
+                dst,
+                after: limit,
+                why,
+            }),
+        }
     }
 
     /// Phase 2: the embedding application's choice of destination, normalised.
@@ -551,9 +586,16 @@ impl Forwarder {
             dest.saw_h2();
         }
         dest.budget.deposit();
+        let retries = dest.policy().retries;
+        if retries > 0 && crate::retry::policy_may_retry(&req, is_grpc(&req)) {
+            return Box::pin(self.send_with_retries(req, dst, ep, dest, cx, retries)).await;
+        }
         let second = SecondTry::new(&req);
         let err = match ep.send(req.map(UpstreamBody::Plain)).await {
-            Ok(rsp) => return Ok(self.answered(rsp, ep)),
+            Ok(rsp) => {
+                dest.accrue(ep, rsp.status(), rsp.headers());
+                return Ok(self.answered(rsp, ep));
+            }
             Err(e) => e,
         };
         let endpoint_error = |source| ForwardError::Endpoint {
@@ -571,8 +613,121 @@ impl Forwarder {
         tracing::debug!(dst, error = %err.error, retry = %other.addr, "retrying on another endpoint");
         let retry = self.upstream_phase(retry, cx, &other)?;
         match Box::pin(other.send(retry)).await {
-            Ok(rsp) => Ok(self.answered(rsp, &other)),
+            Ok(rsp) => {
+                dest.accrue(&other, rsp.status(), rsp.headers());
+                Ok(self.answered(rsp, &other))
+            }
             Err(e) => Err(endpoint_error(e.error)),
+        }
+    }
+
+    /// [`Forwarder::send`] under a policy with retries: the body is recorded (up to
+    /// [`crate::retry::replay::MAX_REPLAY`]) so that a `503` / gRPC `UNAVAILABLE` answer, or a
+    /// failure after the request went out, can be tried again on another endpoint, up to
+    /// `retries` times, each within the destination's retry budget. A request that was never
+    /// sent moves to another endpoint as on the path without a policy.
+    async fn send_with_retries(
+        &self,
+        req: Request<Scrubbed>,
+        dst: &str,
+        ep: &Arc<Endpoint>,
+        dest: &Destination,
+        cx: &RequestContext<'_>,
+        retries: u32,
+    ) -> Result<Response<Body>, ForwardError> {
+        let grpc = is_grpc(&req);
+        let (parts, body) = req.into_parts();
+        let head = (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.version,
+            parts.headers.clone(),
+        );
+        let again = |body| {
+            let (method, uri, version, headers) = head.clone();
+            let mut r = Request::new(body);
+            *r.method_mut() = method;
+            *r.uri_mut() = uri;
+            *r.version_mut() = version;
+            *r.headers_mut() = headers;
+            r
+        };
+        let (body, replay) = UpstreamBody::Plain(body).recording();
+        let mut req = Request::from_parts(parts, body);
+        let mut ep = ep.clone();
+        let mut left = retries;
+        loop {
+            let failed = match ep.send(req).await {
+                Ok(rsp) => {
+                    dest.accrue(&ep, rsp.status(), rsp.headers());
+                    if !(left > 0
+                        && crate::retry::retryable_answer(rsp.status(), rsp.headers())
+                        && Box::pin(replay.settled(SETTLE)).await
+                        && dest.budget.withdraw())
+                    {
+                        return Ok(self.answered(rsp, &ep));
+                    }
+                    tracing::debug!(dst, endpoint = %ep.addr, status = %rsp.status(), "retryable answer; trying another endpoint (destination policy)");
+                    // Dropping the answer lets go of the request body, so it can be replayed.
+                    drop(rsp);
+                    None
+                }
+                Err(e) => Some(e),
+            };
+            let next = match failed {
+                // Never sent: safe anywhere, no budget needed.
+                Some(crate::endpoint::SendError {
+                    unsent: Some(unsent),
+                    ..
+                }) => unsent,
+                Some(e) => {
+                    // `body` below waits for the attempt to let go and says if it can replay.
+                    if !(left > 0 && dest.budget.withdraw()) {
+                        return Err(ForwardError::Endpoint {
+                            dst: dst.to_string(),
+                            source: e.error,
+                        });
+                    }
+                    match Box::pin(replay.body()).await {
+                        Some(b) => again(b),
+                        None => {
+                            return Err(ForwardError::Endpoint {
+                                dst: dst.to_string(),
+                                source: e.error,
+                            });
+                        }
+                    }
+                }
+                None => {
+                    match Box::pin(replay.body()).await {
+                        Some(b) => again(b),
+                        None => {
+                            // The attempt kept the body: answer as the backend did.
+                            return Ok(local_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            grpc,
+                            &format!("{dst}: {} was unavailable and the request could not be replayed", ep.addr),
+                        )
+                        .map(Either::Right));
+                        }
+                    }
+                }
+            };
+            left = left.saturating_sub(1);
+            self.metrics
+                .policy_retries
+                .get_or_create(&crate::metrics::DirectionLabels {
+                    direction: self.direction,
+                })
+                .inc();
+            ep = match Box::pin(dest.pick(Some(&ep))).await {
+                Ok(o) => o,
+                Err(e) => return Err(e.into()),
+            };
+            self.check_loop(dst, &ep)?;
+            let mut next = next;
+            upstream_uri(&mut next, ep.addr);
+            req = self.upstream_phase(next, cx, &ep)?;
         }
     }
 

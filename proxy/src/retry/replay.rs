@@ -82,6 +82,31 @@ impl Replay {
         }
     }
 
+    /// [`Replay::body`] can give the body again: it ended within [`MAX_REPLAY`] (then any
+    /// number of times, once the attempt lets go of it), or the attempt gave back the unread
+    /// rest (once).
+    pub fn complete(&self) -> bool {
+        let copy = self.copy.lock().unwrap_or_else(|p| p.into_inner());
+        !copy.overflow && (copy.ended || (!copy.alive && copy.rest.is_some()))
+    }
+
+    /// Waits (at most `max`) for the attempt to let go of the body — hyper sends a request
+    /// body on its own after the response head has come — then says whether it is
+    /// [`Replay::complete`].
+    pub async fn settled(&self, max: std::time::Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.dropped.notified();
+                if !self.copy.lock().unwrap_or_else(|p| p.into_inner()).alive {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(max, wait).await;
+        self.complete()
+    }
+
     /// The body again: the recorded part, then the unread rest. `None` when more than
     /// [`MAX_REPLAY`] was read, or the failed attempt never let go of the body.
     pub async fn body(&self) -> Option<UpstreamBody> {
@@ -120,10 +145,15 @@ impl UpstreamBody {
     pub fn recording(self) -> (UpstreamBody, Replay) {
         let inner = match self {
             UpstreamBody::Plain(i) => i,
-            UpstreamBody::Recording(mut r) => match r.inner.take() {
-                Some(i) => i,
-                None => return (UpstreamBody::Recording(r), Replay::none()),
-            },
+            // Already recorded (a policy retry records before the endpoint does): one
+            // recording, two handles on it.
+            UpstreamBody::Recording(r) => {
+                let replay = Replay {
+                    copy: r.copy.clone(),
+                    dropped: r.dropped.clone(),
+                };
+                return (UpstreamBody::Recording(r), replay);
+            }
             replayed @ UpstreamBody::Replayed(_) => return (replayed, Replay::none()),
         };
         let copy = Arc::new(Mutex::new(Copy {

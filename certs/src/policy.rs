@@ -1,0 +1,219 @@
+//! Traffic policy for one service, as callers apply it: the one model every source fills (the
+//! Kubernetes source from Service annotations, the file source from TOML, the embedding API
+//! directly) and the discovery stream carries beside the endpoints.
+//!
+//! The annotation names and value formats are a contract ([`ANNOTATIONS`]):
+//!
+//! | annotation | value | meaning |
+//! |---|---|---|
+//! | `remora.io/timeout` | a duration: `500ms`, `2s`, `1m` (1 ms … 1 h) | each request must have its response head by then: `504`, or `grpc-status: 4` (DEADLINE_EXCEEDED) |
+//! | `remora.io/retries` | a count, 0 … 10 | a request answered `503` or gRPC `UNAVAILABLE` is tried again on another endpoint, up to this many times, within the destination's retry budget |
+//! | `remora.io/failure-accrual` | a count, 0 … 1000 (default 7; 0: off) | an endpoint whose answers failed (5xx, gRPC `UNAVAILABLE`) this many times in a row is ejected from balancing for a backoff, then probed; never the last ready endpoint |
+//!
+//! A policy is validated whole: one bad field refuses the whole policy with a message naming
+//! the field and the fix, and the caller keeps serving with the last good one.
+
+use std::time::Duration;
+
+/// The Service annotations the Kubernetes source reads (a contract: documented in the README).
+pub const ANNOTATIONS: [&str; 3] = [TIMEOUT, RETRIES, FAILURE_ACCRUAL];
+/// `remora.io/timeout`: the per-request timeout.
+pub const TIMEOUT: &str = "remora.io/timeout";
+/// `remora.io/retries`: retries of `503` / gRPC `UNAVAILABLE` answers.
+pub const RETRIES: &str = "remora.io/retries";
+
+/// `remora.io/failure-accrual`: consecutive failed answers that eject an endpoint.
+pub const FAILURE_ACCRUAL: &str = "remora.io/failure-accrual";
+
+/// Consecutive failed answers that eject an endpoint when no policy says otherwise: on by
+/// default (a backend answering only errors should not keep getting its share), and high
+/// enough that a few failed requests do not eject a healthy one.
+pub const DEFAULT_FAILURE_ACCRUAL: u32 = 7;
+/// The highest failure-accrual threshold.
+pub const MAX_FAILURE_ACCRUAL: u32 = 1000;
+
+/// The longest timeout a policy may set.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The most retries a policy may ask for (each also needs the retry budget).
+pub const MAX_RETRIES: u32 = 10;
+
+/// How callers treat requests to one service. `Policy::default()` is "no policy": no timeout
+/// beyond the proxy's own, no retries of answered requests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Policy {
+    /// Each request must have its response head within this.
+    pub timeout: Option<Duration>,
+    /// Retries of a request answered `503` or gRPC `UNAVAILABLE`.
+    pub retries: u32,
+    /// Consecutive failed answers that eject an endpoint; `None`: the default
+    /// ([`DEFAULT_FAILURE_ACCRUAL`]); `Some(0)`: never.
+    pub failure_accrual: Option<u32>,
+}
+
+impl Policy {
+    /// A policy with a timeout and a retry count, checked like annotations are.
+    pub fn new(timeout: Option<Duration>, retries: u32) -> Result<Policy, String> {
+        Policy::with_accrual(timeout, retries, None)
+    }
+
+    /// [`Policy::new`] with a failure-accrual threshold.
+    pub fn with_accrual(
+        timeout: Option<Duration>,
+        retries: u32,
+        failure_accrual: Option<u32>,
+    ) -> Result<Policy, String> {
+        if let Some(n) = failure_accrual
+            && n > MAX_FAILURE_ACCRUAL
+        {
+            return Err(format!(
+                "failure-accrual {n} is too many; use 1 to {MAX_FAILURE_ACCRUAL}, or 0 for off"
+            ));
+        }
+        if let Some(t) = timeout
+            && (t < Duration::from_millis(1) || t > MAX_TIMEOUT)
+        {
+            return Err(format!(
+                "timeout {t:?} is out of range; use 1ms to {}s",
+                MAX_TIMEOUT.as_secs()
+            ));
+        }
+        if retries > MAX_RETRIES {
+            return Err(format!(
+                "retries {retries} is too many; use 0 to {MAX_RETRIES}"
+            ));
+        }
+        Ok(Policy {
+            timeout,
+            retries,
+            failure_accrual,
+        })
+    }
+
+    /// The failure-accrual threshold in force (0: off).
+    pub fn accrual(&self) -> u32 {
+        self.failure_accrual.unwrap_or(DEFAULT_FAILURE_ACCRUAL)
+    }
+
+    /// True for the default (nothing configured).
+    pub fn is_default(&self) -> bool {
+        *self == Policy::default()
+    }
+
+    /// Reads the policy fields of a set of annotations (or TOML keys named the same way without
+    /// the `remora.io/` prefix). Unknown `remora.io/*` keys are not this function's business.
+    /// Errors name the field and the value's expected form.
+    pub fn from_fields<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<Policy, String> {
+        let timeout = match get(TIMEOUT) {
+            None => None,
+            Some(v) => Some(parse_duration(v).map_err(|e| format!("{TIMEOUT}: {v:?} {e}"))?),
+        };
+        let retries = match get(RETRIES) {
+            None => 0,
+            Some(v) => v.trim().parse::<u32>().map_err(|_| {
+                format!(
+                    "{RETRIES}: {v:?} is not a count; use a whole number from 0 to {MAX_RETRIES}"
+                )
+            })?,
+        };
+        let failure_accrual = match get(FAILURE_ACCRUAL) {
+            None => None,
+            Some(v) => Some(v.trim().parse::<u32>().map_err(|_| {
+                format!("{FAILURE_ACCRUAL}: {v:?} is not a count; use a whole number from 1 to {MAX_FAILURE_ACCRUAL}, or 0 for off")
+            })?),
+        };
+        Policy::with_accrual(timeout, retries, failure_accrual).map_err(|e| {
+            let field = match () {
+                _ if e.starts_with("timeout") => TIMEOUT,
+                _ if e.starts_with("retries") => RETRIES,
+                _ => FAILURE_ACCRUAL,
+            };
+            format!("{field}: {e}")
+        })
+    }
+}
+
+/// `500ms`, `2s`, `1.5s`, `1m`, `1h`: a number and a unit (`ms`, `s`, `m`, `h`).
+pub fn parse_duration(v: &str) -> Result<Duration, String> {
+    let v = v.trim();
+    let split = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)
+        .ok_or("is not a duration; write a number and a unit, e.g. 500ms, 2s or 1m")?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err("has no unit; write ms, s, m or h after the number, e.g. 500ms".into()),
+    };
+    if secs > MAX_TIMEOUT.as_secs_f64() {
+        return Err(format!(
+            "is longer than {}s; use a shorter one",
+            MAX_TIMEOUT.as_secs()
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&'static str, &'static str)]) -> Result<Policy, String> {
+        Policy::from_fields(|k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| *v))
+    }
+
+    #[test]
+    fn annotations_parse_or_name_the_field() {
+        assert_eq!(fields(&[]), Ok(Policy::default()));
+        assert_eq!(
+            fields(&[(TIMEOUT, "500ms"), (RETRIES, "2")]),
+            Ok(Policy {
+                timeout: Some(Duration::from_millis(500)),
+                retries: 2,
+                failure_accrual: None,
+            })
+        );
+        assert_eq!(
+            fields(&[(TIMEOUT, "1.5s")]).map(|p| p.timeout),
+            Ok(Some(Duration::from_millis(1500)))
+        );
+        assert_eq!(
+            fields(&[]).map(|p| p.accrual()),
+            Ok(DEFAULT_FAILURE_ACCRUAL)
+        );
+        assert_eq!(
+            fields(&[(FAILURE_ACCRUAL, "0")]).map(|p| p.accrual()),
+            Ok(0)
+        );
+        assert_eq!(
+            fields(&[(FAILURE_ACCRUAL, "3")]).map(|p| p.accrual()),
+            Ok(3)
+        );
+        assert_eq!(
+            fields(&[(TIMEOUT, "2m")]).map(|p| p.timeout),
+            Ok(Some(Duration::from_secs(120)))
+        );
+        for (k, v, says) in [
+            (TIMEOUT, "500", "no unit"),
+            (TIMEOUT, "fast", "not a duration"),
+            (TIMEOUT, "0ms", "out of range"),
+            (TIMEOUT, "2h", "longer than 3600s"),
+            (TIMEOUT, "-1s", "not a duration"),
+            (RETRIES, "two", "not a count"),
+            (RETRIES, "-1", "not a count"),
+            (RETRIES, "11", "too many"),
+            (FAILURE_ACCRUAL, "many", "not a count"),
+            (FAILURE_ACCRUAL, "1001", "too many"),
+        ] {
+            let e = fields(&[(k, v)]).expect_err(v);
+            assert!(e.starts_with(k) && e.contains(says), "{k}={v}: {e}");
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Traffic policy from the file source, end to end: `timeout` and `retries` of a service in
+//! the control plane's TOML reach a proxy through the discovery stream and are enforced on
+//! real requests (curl over HTTP/1.1 and HTTP/2 with gRPC framing); changed live with a request
+//! loop running and no failed request; a bad policy refused while the last good one serves.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use remora_tests::control::*;
+use remora_tests::*;
+use tokio::net::TcpListener;
+
+const TOKEN: &str = "client-token-0123456789";
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// What a [`PolicyApp`] does with every request.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    /// `200` with its name.
+    Ok,
+    /// `503`, or for gRPC a trailers-only `grpc-status: 14`.
+    Unavailable,
+    /// `200` after this long.
+    Slow(Duration),
+}
+
+/// An HTTP/1.1 + HTTP/2 app with a fixed behaviour that counts the requests it gets.
+struct PolicyApp {
+    addr: SocketAddr,
+    hits: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PolicyApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PolicyApp {
+    async fn start(name: &'static str, b: Behaviour) -> PolicyApp {
+        let listener = TcpListener::bind(loopback0()).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(AtomicU64::new(0));
+        let counted = hits.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let hits = counted.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                        hits.fetch_add(1, Ordering::Relaxed);
+                        let grpc = req
+                            .headers()
+                            .get("content-type")
+                            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                        async move {
+                            let mut rsp = hyper::Response::new(Full::new(Bytes::from_static(
+                                name.as_bytes(),
+                            )));
+                            match b {
+                                Behaviour::Ok => {}
+                                Behaviour::Slow(d) => tokio::time::sleep(d).await,
+                                Behaviour::Unavailable if grpc => {
+                                    *rsp.body_mut() = Full::new(Bytes::new());
+                                    let h = rsp.headers_mut();
+                                    h.insert("content-type", "application/grpc".parse().unwrap());
+                                    h.insert("grpc-status", "14".parse().unwrap());
+                                }
+                                Behaviour::Unavailable => {
+                                    *rsp.status_mut() = 503.try_into().unwrap()
+                                }
+                            }
+                            Ok::<_, Infallible>(rsp)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        PolicyApp { addr, hits, task }
+    }
+}
+
+/// The file-source TOML of one service with `policy` lines (`timeout = …`, `retries = …`).
+fn service(name: &str, apps: &[&PolicyApp], policy: &str) -> String {
+    let eps: Vec<String> = apps
+        .iter()
+        .map(|a| format!("  {{ addr = \"{}\" }},", a.addr))
+        .collect();
+    format!(
+        "[[service]]\nname = \"{name}\"\n{policy}\nendpoints = [\n{}\n]\n",
+        eps.join("\n")
+    )
+}
+
+/// A gRPC-framed unary call through the outbound proxy with curl (HTTP/2 prior knowledge);
+/// returns the `grpc-status` it ended with and how long it took.
+async fn grpc_call(proxy: SocketAddr, authority: &str, extra: &[&str]) -> (String, Duration) {
+    let url = format!("http://{proxy}/pkg.Svc/Get");
+    let host = format!("host: {authority}");
+    let mut args = vec![
+        "-sS",
+        "--max-time",
+        "20",
+        "--http2-prior-knowledge",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "-H",
+        &host,
+        "--data-binary",
+        "@-",
+    ];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    let started = Instant::now();
+    let out = run("curl", &args).await;
+    assert_eq!(out.status, 0, "curl: {}", out.stderr);
+    let status = header(&out.stdout, "grpc-status")
+        .unwrap_or("none")
+        .to_string();
+    (status, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_and_retries_from_the_file_source_are_enforced_changed_live_and_kept_when_bad() {
+    capture_logs();
+    let pki = Pki::new("cluster.local");
+    let slow = PolicyApp::start("slow", Behaviour::Slow(Duration::from_millis(600))).await;
+    let down = PolicyApp::start("down", Behaviour::Unavailable).await;
+    let up = PolicyApp::start("up", Behaviour::Ok).await;
+    let file = |slow_policy: &str, flaky_policy: &str| {
+        service("slow.test:80", &[&slow], slow_policy)
+            + &service("flaky.test:80", &[&down, &up], flaky_policy)
+            + &service("broken.test:80", &[&down], "")
+    };
+    let client_id = pki.id("client");
+    let cp = TestControl::start(
+        loopback0(),
+        &pki,
+        &file("timeout = \"150ms\"", "retries = 2"),
+        &[(TOKEN, &client_id)],
+        DAY,
+    )
+    .await;
+    let proxy = TestProxy::start(proxy_config(
+        refused_addr().await,
+        &pki,
+        &cp.target(),
+        "client",
+        TOKEN,
+    ))
+    .await;
+
+    // Timeout: HTTP gets 504 naming the policy, well before the app's 600 ms.
+    let started = Instant::now();
+    let (status, body) = get_via(proxy.outbound, "slow.test:80").await.unwrap();
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("timeout policy"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_millis(550),
+        "{:?}",
+        started.elapsed()
+    );
+    // gRPC gets DEADLINE_EXCEEDED.
+    let (grpc_status, took) = grpc_call(proxy.outbound, "slow.test:80", &[]).await;
+    assert_eq!(grpc_status, "4");
+    assert!(took < Duration::from_millis(550), "{took:?}");
+
+    // Retries: every request succeeds although one of two endpoints always answers 503 —
+    // for GET and for gRPC (a body, replayed).
+    for _ in 0..30 {
+        let (status, body) = get_via(proxy.outbound, "flaky.test:80").await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "up"));
+    }
+    for _ in 0..10 {
+        let (grpc_status, _) = grpc_call(proxy.outbound, "flaky.test:80", &[]).await;
+        assert_eq!(
+            grpc_status, "none",
+            "answered by the app that works, no grpc-status"
+        );
+    }
+    assert!(
+        down.hits.load(Ordering::Relaxed) > 0,
+        "P2C sent some to the 503 endpoint"
+    );
+    // Failure accrual (on by default, 7 in a row): the endpoint answering only 503 is ejected
+    // once it has failed 7 times in a row, and then gets only the odd probe.
+    let mut n = 0;
+    while !captured_logs().contains("ejected by failure accrual (remora.io/failure-accrual: 7)") {
+        assert!(n < 500, "no ejection after {n} requests");
+        let (status, body) = get_via(proxy.outbound, "flaky.test:80").await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "up"));
+        n += 1;
+    }
+    let (before, started) = (down.hits.load(Ordering::Relaxed), Instant::now());
+    for _ in 0..20 {
+        let (status, body) = get_via(proxy.outbound, "flaky.test:80").await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "up"));
+    }
+    // Probes come after a backoff of 100 ms, doubling: at most one per 100 ms here.
+    let probes = down.hits.load(Ordering::Relaxed) - before;
+    let allowed = 1 + started.elapsed().as_millis() as u64 / 100;
+    assert!(
+        probes <= allowed,
+        "{probes} requests reached the ejected endpoint"
+    );
+    let flaky_down_hits = down.hits.load(Ordering::Relaxed) as f64;
+    // Never the last ready endpoint: a service whose only endpoint fails keeps reaching it
+    // (the app's own 503), instead of the proxy answering for an empty set.
+    for _ in 0..20 {
+        let (status, body) = get_via(proxy.outbound, "broken.test:80").await.unwrap();
+        assert_eq!((status, body.as_str()), (503, "down"));
+    }
+    let m = proxy.metrics().await;
+    let retried = metric(
+        &m,
+        "remora_policy_retries_total",
+        &[("direction", "outbound")],
+    );
+    assert!(retried >= flaky_down_hits, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            "remora_errors_total",
+            &[("direction", "outbound"), ("kind", "timeout")]
+        ),
+        2.0,
+        "{m}"
+    );
+
+    // The timeout raised live (1 s), with a request loop on the flaky service running: the
+    // slow service answers 200 after the change, and no flaky request fails meanwhile.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looping = {
+        let stop = stop.clone();
+        let out = proxy.outbound;
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) && n < 2000 {
+                let (status, body) = get_via(out, "flaky.test:80").await.unwrap();
+                assert_eq!((status, body.as_str()), (200, "up"), "request {n}");
+                n += 1;
+            }
+            n
+        })
+    };
+    cp.set_endpoints(&file("timeout = \"1s\"", "retries = 2"));
+    wait_until("the new timeout", async || {
+        get_via(proxy.outbound, "slow.test:80")
+            .await
+            .is_ok_and(|(s, b)| s == 200 && b == "slow")
+    })
+    .await;
+
+    // A bad policy is refused whole (the file source keeps the last good table), with a line
+    // naming the file, the service and the field.
+    cp.set_endpoints(&file("timeout = \"fast\"", "retries = 2"));
+    wait_until("the refusal", async || {
+        captured_logs().contains("service slow.test:80: timeout: \"fast\" is not a duration")
+    })
+    .await;
+    let (status, _) = get_via(proxy.outbound, "slow.test:80").await.unwrap();
+    assert_eq!(status, 200, "the last good timeout (1 s) still applies");
+
+    stop.store(true, Ordering::Relaxed);
+    let n = looping.await.expect("the loop's requests all succeeded");
+    assert!(n > 0);
+
+    // Retries off (valid again): the 503 endpoint's answers now reach the client.
+    cp.set_endpoints(&file("", "failure_accrual = 0"));
+    wait_until("retries off", async || {
+        get_via(proxy.outbound, "flaky.test:80")
+            .await
+            .is_ok_and(|(s, _)| s == 503)
+    })
+    .await;
+
+    // A caller's own gRPC deadline is honoured without any policy.
+    let (grpc_status, took) = grpc_call(
+        proxy.outbound,
+        "slow.test:80",
+        &["-H", "grpc-timeout: 100m"],
+    )
+    .await;
+    assert_eq!(grpc_status, "4");
+    assert!(took < Duration::from_millis(550), "{took:?}");
+}
