@@ -45,7 +45,7 @@ pub struct Endpoint {
 /// How callers treat requests to the service (Kubernetes: the Service's remora.io/\*
 /// annotations; the file source: the service's fields). Absent or empty: no policy.
 #[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Policy {
     /// Each request must have its response head within this many milliseconds; 0: no timeout.
     #[prost(uint64, tag = "1")]
@@ -58,6 +58,19 @@ pub struct Policy {
     /// absent: the caller's default; 0: never.
     #[prost(uint32, optional, tag = "3")]
     pub failure_accrual: ::core::option::Option<u32>,
+    /// Shares of the requests that go to other services instead (a canary); the rest stays.
+    #[prost(message, repeated, tag = "4")]
+    pub split: ::prost::alloc::vec::Vec<Split>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Split {
+    /// The service ("host:port", as a caller would address it).
+    #[prost(string, tag = "1")]
+    pub to: ::prost::alloc::string::String,
+    /// Whole percent of the requests, 1-100; all the shares add up to 100 at most.
+    #[prost(uint32, tag = "2")]
+    pub percent: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

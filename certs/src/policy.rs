@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | `remora.io/timeout` | a duration: `500ms`, `2s`, `1m` (1 ms … 1 h) | each request must have its response head by then: `504`, or `grpc-status: 4` (DEADLINE_EXCEEDED) |
 //! | `remora.io/retries` | a count, 0 … 10 | a request answered `503` or gRPC `UNAVAILABLE` is tried again on another endpoint, up to this many times, within the destination's retry budget |
+//! | `remora.io/split` | `other=PERCENT[,…]`: Services in the same namespace, whole percents, 100 at most in all | that share of the Service's requests goes to the other Service (same port) instead, picked per request; the rest stays (a canary at 5, then 50) |
 //! | `remora.io/failure-accrual` | a count, 0 … 1000 (default 7; 0: off) | an endpoint whose answers failed (5xx, gRPC `UNAVAILABLE`) this many times in a row is ejected from balancing for a backoff, then probed; never the last ready endpoint |
 //!
 //! A policy is validated whole: one bad field refuses the whole policy with a message naming
@@ -16,11 +17,16 @@
 use std::time::Duration;
 
 /// The Service annotations the Kubernetes source reads (a contract: documented in the README).
-pub const ANNOTATIONS: [&str; 3] = [TIMEOUT, RETRIES, FAILURE_ACCRUAL];
+pub const ANNOTATIONS: [&str; 4] = [TIMEOUT, RETRIES, FAILURE_ACCRUAL, SPLIT];
 /// `remora.io/timeout`: the per-request timeout.
 pub const TIMEOUT: &str = "remora.io/timeout";
 /// `remora.io/retries`: retries of `503` / gRPC `UNAVAILABLE` answers.
 pub const RETRIES: &str = "remora.io/retries";
+
+/// `remora.io/split`: shares of the traffic sent to other Services.
+pub const SPLIT: &str = "remora.io/split";
+/// Split targets a policy may list.
+pub const MAX_SPLITS: usize = 8;
 
 /// `remora.io/failure-accrual`: consecutive failed answers that eject an endpoint.
 pub const FAILURE_ACCRUAL: &str = "remora.io/failure-accrual";
@@ -49,6 +55,18 @@ pub struct Policy {
     /// Consecutive failed answers that eject an endpoint; `None`: the default
     /// ([`DEFAULT_FAILURE_ACCRUAL`]); `Some(0)`: never.
     pub failure_accrual: Option<u32>,
+    /// Shares of the requests sent to other destinations instead (a canary); the rest stays.
+    pub split: Vec<Split>,
+}
+
+/// One share of a [`Policy::split`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Split {
+    /// Where these requests go: an authority (`canary.shop.svc.cluster.local:80`) once the
+    /// source has expanded it; in an annotation, a Service name in the same namespace.
+    pub to: String,
+    /// Whole percent of the requests, 1 … 100.
+    pub percent: u32,
 }
 
 impl Policy {
@@ -87,7 +105,28 @@ impl Policy {
             timeout,
             retries,
             failure_accrual,
+            split: Vec::new(),
         })
+    }
+
+    /// The policy with traffic split to `split` (checked: at most [`MAX_SPLITS`] targets,
+    /// each named once, percents 1 … 100 adding up to 100 at most).
+    pub fn with_split(mut self, split: Vec<Split>) -> Result<Policy, String> {
+        check_split(&split)?;
+        self.split = split;
+        Ok(self)
+    }
+
+    /// Which split target, if any, one request goes to, given `draw` uniform in 0 … 99.
+    pub fn split_for(&self, draw: u32) -> Option<&Split> {
+        let mut below = 0;
+        for s in &self.split {
+            below += s.percent;
+            if draw < below {
+                return Some(s);
+            }
+        }
+        None
     }
 
     /// The failure-accrual threshold in force (0: off).
@@ -122,15 +161,75 @@ impl Policy {
                 format!("{FAILURE_ACCRUAL}: {v:?} is not a count; use a whole number from 1 to {MAX_FAILURE_ACCRUAL}, or 0 for off")
             })?),
         };
-        Policy::with_accrual(timeout, retries, failure_accrual).map_err(|e| {
+        let split = match get(SPLIT) {
+            None => Vec::new(),
+            Some(v) => parse_split(v).map_err(|e| format!("{SPLIT}: {v:?} {e}"))?,
+        };
+        let policy = Policy::with_accrual(timeout, retries, failure_accrual).map_err(|e| {
             let field = match () {
                 _ if e.starts_with("timeout") => TIMEOUT,
                 _ if e.starts_with("retries") => RETRIES,
                 _ => FAILURE_ACCRUAL,
             };
             format!("{field}: {e}")
-        })
+        })?;
+        policy
+            .with_split(split)
+            .map_err(|e| format!("{SPLIT}: {e}"))
     }
+}
+
+/// `name=PERCENT[,name=PERCENT…]`; names are checked by the source (a Service name, or an
+/// authority), the percents here.
+pub fn parse_split(v: &str) -> Result<Vec<Split>, String> {
+    let mut out = Vec::new();
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (to, pct) = part
+            .rsplit_once('=')
+            .ok_or("is not name=PERCENT[,…]; e.g. web-canary=5")?;
+        let percent = pct
+            .trim()
+            .trim_end_matches('%')
+            .parse::<u32>()
+            .map_err(|_| format!("has {pct:?} for {to}; give a whole percent from 1 to 100"))?;
+        out.push(Split {
+            to: to.trim().to_ascii_lowercase(),
+            percent,
+        });
+    }
+    check_split(&out).map_err(|e| format!("is refused: {e}"))?;
+    Ok(out)
+}
+
+fn check_split(split: &[Split]) -> Result<(), String> {
+    if split.len() > MAX_SPLITS {
+        return Err(format!(
+            "{} split targets; use at most {MAX_SPLITS}",
+            split.len()
+        ));
+    }
+    let mut total = 0;
+    for (i, s) in split.iter().enumerate() {
+        if s.to.is_empty() {
+            return Err("a split target has no name".into());
+        }
+        if !(1..=100).contains(&s.percent) {
+            return Err(format!(
+                "{} gets {} %; give a whole percent from 1 to 100",
+                s.to, s.percent
+            ));
+        }
+        if split[..i].iter().any(|o| o.to == s.to) {
+            return Err(format!("{} is named twice", s.to));
+        }
+        total += s.percent;
+    }
+    if total > 100 {
+        return Err(format!(
+            "the shares add up to {total} %; at most 100 can go elsewhere"
+        ));
+    }
+    Ok(())
 }
 
 /// `500ms`, `2s`, `1.5s`, `1m`, `1h`: a number and a unit (`ms`, `s`, `m`, `h`).
@@ -178,6 +277,7 @@ mod tests {
                 timeout: Some(Duration::from_millis(500)),
                 retries: 2,
                 failure_accrual: None,
+                split: Vec::new(),
             })
         );
         assert_eq!(
@@ -187,6 +287,33 @@ mod tests {
         assert_eq!(
             fields(&[]).map(|p| p.accrual()),
             Ok(DEFAULT_FAILURE_ACCRUAL)
+        );
+        let p = fields(&[(SPLIT, "Canary=5, v3=10%")]).unwrap();
+        assert_eq!(
+            p.split,
+            [
+                Split {
+                    to: "canary".into(),
+                    percent: 5
+                },
+                Split {
+                    to: "v3".into(),
+                    percent: 10
+                }
+            ]
+        );
+        // Draws 0-4 go to the canary, 5-14 to v3, the rest stay.
+        let to = |d| p.split_for(d).map(|s| s.to.as_str());
+        assert_eq!(
+            [to(0), to(4), to(5), to(14), to(15), to(99)],
+            [
+                Some("canary"),
+                Some("canary"),
+                Some("v3"),
+                Some("v3"),
+                None,
+                None
+            ]
         );
         assert_eq!(
             fields(&[(FAILURE_ACCRUAL, "0")]).map(|p| p.accrual()),
@@ -211,6 +338,11 @@ mod tests {
             (RETRIES, "11", "too many"),
             (FAILURE_ACCRUAL, "many", "not a count"),
             (FAILURE_ACCRUAL, "1001", "too many"),
+            (SPLIT, "canary", "not name=PERCENT"),
+            (SPLIT, "canary=five", "whole percent"),
+            (SPLIT, "canary=0", "whole percent"),
+            (SPLIT, "a=60,b=50", "add up to 110"),
+            (SPLIT, "a=5,a=5", "named twice"),
         ] {
             let e = fields(&[(k, v)]).expect_err(v);
             assert!(e.starts_with(k) && e.contains(says), "{k}={v}: {e}");

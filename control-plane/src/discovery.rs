@@ -200,6 +200,14 @@ fn policy(p: &Policy) -> Option<remora_api::Policy> {
             .unwrap_or(0),
         retries: p.retries,
         failure_accrual: p.failure_accrual,
+        split: p
+            .split
+            .iter()
+            .map(|s| remora_api::Split {
+                to: s.to.clone(),
+                percent: s.percent,
+            })
+            .collect(),
     })
 }
 

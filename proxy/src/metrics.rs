@@ -170,6 +170,14 @@ pub struct TlsLabels {
     pub result: TlsResult,
 }
 
+/// A split decision: the destination asked for and the one the request went to. Both come
+/// from the operator's policy (at most 8 targets a destination), not from clients.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SplitLabels {
+    pub destination: String,
+    pub to: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub direction: Direction,
@@ -266,6 +274,8 @@ pub struct Metrics {
     pub detect: Family<DetectLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
+    /// Requests a destination's split sent to another destination.
+    pub policy_splits: Family<SplitLabels, Counter>,
     /// Requests sent again because of a destination policy's retries.
     pub policy_retries: Family<DirectionLabels, Counter>,
     pub requests_in_flight: Family<DirectionLabels, Gauge>,
@@ -310,6 +320,7 @@ impl Metrics {
             bytes: Family::default(),
             errors: Family::default(),
             policy_retries: Family::default(),
+            policy_splits: Family::default(),
             requests_in_flight: Family::default(),
             ready: Gauge::default(),
             draining: Gauge::default(),
@@ -369,6 +380,11 @@ impl Metrics {
             "errors",
             "Requests answered or connections closed by the proxy because of an error, by kind",
             self.errors.clone(),
+        );
+        r.register(
+            "policy_splits",
+            "Requests a destination's split (remora.io/split) sent to another destination, by destination and target",
+            self.policy_splits.clone(),
         );
         r.register(
             "policy_retries",

@@ -299,3 +299,105 @@ async fn timeouts_and_retries_from_the_file_source_are_enforced_changed_live_and
     assert_eq!(grpc_status, "4");
     assert!(took < Duration::from_millis(550), "{took:?}");
 }
+
+/// `h2load -n N` of GETs for `authority` through `proxy`; returns how many succeeded (2xx).
+async fn h2load(proxy: SocketAddr, authority: &str, n: u32) -> u32 {
+    let url = format!("http://{proxy}/");
+    let auth = format!(":authority: {authority}");
+    let n = n.to_string();
+    let out = run(
+        "h2load",
+        &["-n", &n, "-c", "4", "-m", "8", "-H", &auth, &url],
+    )
+    .await;
+    assert_eq!(out.status, 0, "h2load: {}", out.stderr);
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("status codes:"))
+        .unwrap_or_default()
+        .to_string();
+    // "status codes: 10000 2xx, 0 3xx, 0 4xx, 0 5xx"
+    line.split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no status codes in: {}", out.stdout))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_sends_its_share_to_the_canary_and_follows_changes_without_failures() {
+    capture_logs();
+    let pki = Pki::new("cluster.local");
+    let stable = PolicyApp::start("stable", Behaviour::Ok).await;
+    let canary = PolicyApp::start("canary", Behaviour::Ok).await;
+    let file = |split: &str| {
+        service("web.test:80", &[&stable], split) + &service("web-canary.test:80", &[&canary], "")
+    };
+    let client_id = pki.id("client");
+    let cp = TestControl::start(
+        loopback0(),
+        &pki,
+        &file("split = \"web-canary.test:80=5\""),
+        &[(TOKEN, &client_id)],
+        DAY,
+    )
+    .await;
+    let proxy = TestProxy::start(proxy_config(
+        refused_addr().await,
+        &pki,
+        &cp.target(),
+        "client",
+        TOKEN,
+    ))
+    .await;
+    let share = |before: (u64, u64)| {
+        let s = stable.hits.load(Ordering::Relaxed) - before.0;
+        let c = canary.hits.load(Ordering::Relaxed) - before.1;
+        (c as f64 * 100.0 / (s + c) as f64, s + c)
+    };
+    let hits = || {
+        (
+            stable.hits.load(Ordering::Relaxed),
+            canary.hits.load(Ordering::Relaxed),
+        )
+    };
+
+    // 5 % over 10,000 requests, within one point (the binomial spread is 0.2 points).
+    let before = hits();
+    assert_eq!(h2load(proxy.outbound, "web.test:80", 10_000).await, 10_000);
+    let (pct, n) = share(before);
+    assert_eq!(n, 10_000);
+    assert!((4.0..=6.0).contains(&pct), "canary got {pct:.2} %");
+    let m = proxy.metrics().await;
+    let split = metric(
+        &m,
+        "remora_policy_splits_total",
+        &[("destination", "web.test:80"), ("to", "web-canary.test:80")],
+    );
+    assert!((400.0..=600.0).contains(&split), "{m}");
+
+    // To 50 % while a run is under way: nothing fails, and then half go to the canary.
+    let during = tokio::spawn(h2load(proxy.outbound, "web.test:80", 20_000));
+    cp.set_endpoints(&file("split = \"web-canary.test:80=50\""));
+    assert_eq!(
+        during.await.expect("h2load"),
+        20_000,
+        "every request succeeded"
+    );
+    let before = hits();
+    assert_eq!(h2load(proxy.outbound, "web.test:80", 10_000).await, 10_000);
+    let (pct, _) = share(before);
+    assert!((47.0..=53.0).contains(&pct), "canary got {pct:.2} %");
+
+    // Over 100 % in all: refused with the line and the service named; 50 % keeps serving.
+    cp.set_endpoints(&file("split = \"web-canary.test:80=50,other.test:80=60\""));
+    wait_until("the refusal", async || {
+        captured_logs().contains("service web.test:80: split:")
+            && captured_logs().contains("add up to 110")
+    })
+    .await;
+    let before = hits();
+    assert_eq!(h2load(proxy.outbound, "web.test:80", 4_000).await, 4_000);
+    let (pct, _) = share(before);
+    assert!((44.0..=56.0).contains(&pct), "canary got {pct:.2} %");
+}

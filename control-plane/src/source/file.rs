@@ -51,6 +51,8 @@ struct Service {
     timeout: Option<Spanned<String>>,
     retries: Option<Spanned<u32>>,
     failure_accrual: Option<Spanned<u32>>,
+    /// `"other.service:80=5[,…]"`: as the annotation `remora.io/split`, with authorities.
+    split: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -136,6 +138,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
             remora_certs::policy::TIMEOUT => s.timeout.as_ref().map(|t| t.get_ref().as_str()),
             remora_certs::policy::RETRIES => retries.as_deref(),
             remora_certs::policy::FAILURE_ACCRUAL => accrual.as_deref(),
+            remora_certs::policy::SPLIT => s.split.as_ref().map(|t| t.get_ref().as_str()),
             _ => None,
         })
         .map_err(|e| {
@@ -143,6 +146,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
             let start = match () {
                 _ if e.starts_with(TIMEOUT) => s.timeout.as_ref().map(|t| t.span().start),
                 _ if e.starts_with(RETRIES) => s.retries.as_ref().map(|r| r.span().start),
+                _ if e.starts_with(remora_certs::policy::SPLIT) => {
+                    s.split.as_ref().map(|r| r.span().start)
+                }
                 _ => s.failure_accrual.as_ref().map(|r| r.span().start),
             };
             // The file's own key names: `timeout`, `retries`, `failure_accrual`.
@@ -154,6 +160,32 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
                 format!("service {name}: {e}"),
             )
         })?;
+        // Split targets are authorities here (host:port), as clients address them.
+        let mut split = Vec::with_capacity(policy.split.len());
+        for t in &policy.split {
+            let to = remora_certs::normalize_authority(&t.to)
+                .filter(|n| {
+                    n.rsplit_once(':')
+                        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                })
+                .ok_or_else(|| {
+                    let start = s
+                        .split
+                        .as_ref()
+                        .map_or(s.name.span().start, |r| r.span().start);
+                    at(
+                        start,
+                        format!("service {name}: split: target {:?} is not host:port", t.to),
+                    )
+                })?;
+            split.push(remora_certs::Split {
+                to,
+                percent: t.percent,
+            });
+        }
+        let policy = policy
+            .with_split(split)
+            .map_err(|e| at(s.name.span().start, format!("service {name}: split: {e}")))?;
         if table
             .insert(name.clone(), Published::with_policy(endpoints, policy))
             .is_some()

@@ -527,7 +527,16 @@ impl State {
         };
         let annotations = svc.metadata.annotations.as_ref();
         let parsed =
-            Policy::from_fields(|k| annotations.and_then(|a| a.get(k)).map(String::as_str));
+            Policy::from_fields(|k| annotations.and_then(|a| a.get(k)).map(String::as_str))
+                .and_then(|p| match p.split.iter().find(|s| !is_label(&s.to)) {
+                    // Split targets are Services of the same namespace, by name.
+                    Some(s) => Err(format!(
+                        "{}: {:?} is not a Service name; name a Service in the same namespace",
+                        remora_certs::policy::SPLIT,
+                        s.to
+                    )),
+                    None => Ok(p),
+                });
         let entry = policies.entry(key).or_default();
         match parsed {
             Ok(p) => {
@@ -904,6 +913,25 @@ pub fn service_table(
     };
     for (port, port_name, sp) in &ports {
         let opaque = opaque_protocol(sp.app_protocol.as_deref());
+        // Split targets name Services of this namespace; on this port they are authorities.
+        let policy = match policy.split.is_empty() {
+            true => policy.clone(),
+            false => {
+                let split = policy
+                    .split
+                    .iter()
+                    .map(|s| remora_certs::Split {
+                        to: format!("{}.{ns}.svc.{cluster_domain}:{port}", s.to)
+                            .to_ascii_lowercase(),
+                        percent: s.percent,
+                    })
+                    .collect();
+                let mut p = (**policy).clone();
+                p.split = split;
+                Arc::new(p)
+            }
+        };
+        let policy = &policy;
         let mut set: BTreeMap<SocketAddr, EndpointSpec> = BTreeMap::new();
         let mut per_pod: BTreeMap<String, Vec<EndpointSpec>> = BTreeMap::new();
         for slice in slices {
@@ -1686,5 +1714,18 @@ mod tests {
         }));
         // Annotations removed: no policy.
         assert!(State::policy(&mut policies, &web()).is_default());
+        // A split names Services of the namespace; each port gets their authorities.
+        let split = annotated(&[("remora.io/split", "web-canary=5")]);
+        let p = State::policy(&mut policies, &split);
+        let t = service_table(&split, &[&a], CD, &p, plain);
+        let sent = t.names[&format!("web.shop.svc.{CD}:80")].policy().unwrap();
+        assert_eq!(sent.split[0].to, format!("web-canary.shop.svc.{CD}:80"));
+        assert_eq!(sent.split[0].percent, 5);
+        let bad = annotated(&[("remora.io/split", "web.other:80=5")]);
+        assert_eq!(
+            State::policy(&mut policies, &bad),
+            p,
+            "not a Service name: refused"
+        );
     }
 }

@@ -106,7 +106,21 @@ fn spec(e: &remora_api::Endpoint) -> Option<EndpointSpec> {
 /// with a log line, and the last one stands.
 fn policy(p: remora_api::Policy) -> Option<remora_certs::Policy> {
     let timeout = (p.timeout_ms > 0).then(|| std::time::Duration::from_millis(p.timeout_ms));
-    match remora_certs::Policy::with_accrual(timeout, p.retries, p.failure_accrual) {
+    let split = p
+        .split
+        .iter()
+        .map(|s| match remora_certs::normalize_authority(&s.to) {
+            Some(to) => Ok(remora_certs::Split {
+                to,
+                percent: s.percent,
+            }),
+            None => Err(format!("split target {:?} is not host:port", s.to)),
+        })
+        .collect::<Result<Vec<_>, _>>();
+    let policy = split.and_then(|split| {
+        remora_certs::Policy::with_accrual(timeout, p.retries, p.failure_accrual)?.with_split(split)
+    });
+    match policy {
         Ok(p) => Some(p),
         Err(e) => {
             tracing::warn!(

@@ -413,6 +413,12 @@ impl Forwarder {
                 (name, dest, req)
             }
         };
+        let (dst, dest) = match &self.route {
+            Route::Destinations(d) if req.method() != Method::CONNECT => {
+                Box::pin(self.split(d, dst, dest)).await?
+            }
+            _ => (dst, dest),
+        };
         let ep = Box::pin(dest.pick(None)).await?;
         self.check_loop(&dst, &ep)?;
         let cx = RequestContext {
@@ -445,6 +451,33 @@ impl Forwarder {
                 why,
             }),
         }
+    }
+
+    /// A weighted split (`remora.io/split`): this request stays with `dest` or goes to one of
+    /// its policy's split targets, drawn per request. One level only: a target's own split
+    /// is not followed, so splits cannot chain or loop.
+    async fn split(
+        &self,
+        d: &crate::discover::Destinations,
+        dst: String,
+        dest: Arc<Destination>,
+    ) -> Result<(String, Arc<Destination>), ForwardError> {
+        let policy = dest.policy();
+        if policy.split.is_empty() {
+            return Ok((dst, dest));
+        }
+        let Some(to) = policy.split_for(crate::random::below(100) as u32) else {
+            return Ok((dst, dest));
+        };
+        self.metrics
+            .policy_splits
+            .get_or_create(&crate::metrics::SplitLabels {
+                destination: dst,
+                to: to.to.clone(),
+            })
+            .inc();
+        let other = Box::pin(d.resolve(&to.to)).await?;
+        Ok((to.to.clone(), other))
     }
 
     /// Phase 2: the embedding application's choice of destination, normalised.
