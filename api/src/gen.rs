@@ -61,6 +61,23 @@ pub struct Policy {
     /// Shares of the requests that go to other services instead (a canary); the rest stays.
     #[prost(message, repeated, tag = "4")]
     pub split: ::prost::alloc::vec::Vec<Split>,
+    /// Rules sending matching requests to other services; the first match wins, before the split.
+    #[prost(message, repeated, tag = "5")]
+    pub routes: ::prost::alloc::vec::Vec<Route>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Route {
+    /// A request header (lower case) with exactly `value`, when set; otherwise `path_prefix`.
+    #[prost(string, tag = "1")]
+    pub header: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub value: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub path_prefix: ::prost::alloc::string::String,
+    /// The service ("host:port") matching requests go to.
+    #[prost(string, tag = "4")]
+    pub to: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

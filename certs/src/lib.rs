@@ -17,5 +17,5 @@ pub mod validate;
 pub use authority::normalize_authority;
 pub use endpoint::{EndpointSpec, MAX_WEIGHT};
 pub use identity::SpiffeId;
-pub use policy::{Policy, Split};
+pub use policy::{Match, Policy, Route, Split};
 pub use validate::{Credentials, Problem, ValidationError};

@@ -9,6 +9,7 @@
 //! | `remora.io/timeout` | a duration: `500ms`, `2s`, `1m` (1 ms … 1 h) | each request must have its response head by then: `504`, or `grpc-status: 4` (DEADLINE_EXCEEDED) |
 //! | `remora.io/retries` | a count, 0 … 10 | a request answered `503` or gRPC `UNAVAILABLE` is tried again on another endpoint, up to this many times, within the destination's retry budget |
 //! | `remora.io/split` | `other=PERCENT[,…]`: Services in the same namespace, whole percents, 100 at most in all | that share of the Service's requests goes to the other Service (same port) instead, picked per request; the rest stays (a canary at 5, then 50) |
+//! | `remora.io/routes` | `header:NAME=VALUE=>other[; path:/PREFIX=>other…]`: Services in the same namespace | a request with that header value (exact) or path prefix goes to the other Service (same port); the first rule that matches wins, before any split |
 //! | `remora.io/failure-accrual` | a count, 0 … 1000 (default 7; 0: off) | an endpoint whose answers failed (5xx, gRPC `UNAVAILABLE`) this many times in a row is ejected from balancing for a backoff, then probed; never the last ready endpoint |
 //!
 //! A policy is validated whole: one bad field refuses the whole policy with a message naming
@@ -17,7 +18,7 @@
 use std::time::Duration;
 
 /// The Service annotations the Kubernetes source reads (a contract: documented in the README).
-pub const ANNOTATIONS: [&str; 4] = [TIMEOUT, RETRIES, FAILURE_ACCRUAL, SPLIT];
+pub const ANNOTATIONS: [&str; 5] = [TIMEOUT, RETRIES, FAILURE_ACCRUAL, SPLIT, ROUTES];
 /// `remora.io/timeout`: the per-request timeout.
 pub const TIMEOUT: &str = "remora.io/timeout";
 /// `remora.io/retries`: retries of `503` / gRPC `UNAVAILABLE` answers.
@@ -25,6 +26,11 @@ pub const RETRIES: &str = "remora.io/retries";
 
 /// `remora.io/split`: shares of the traffic sent to other Services.
 pub const SPLIT: &str = "remora.io/split";
+/// `remora.io/routes`: requests matched by header or path prefix go elsewhere.
+pub const ROUTES: &str = "remora.io/routes";
+/// Route rules a policy may list.
+pub const MAX_ROUTES: usize = 16;
+
 /// Split targets a policy may list.
 pub const MAX_SPLITS: usize = 8;
 
@@ -57,6 +63,36 @@ pub struct Policy {
     pub failure_accrual: Option<u32>,
     /// Shares of the requests sent to other destinations instead (a canary); the rest stays.
     pub split: Vec<Split>,
+    /// Rules sending matching requests to other destinations; the first match wins, before
+    /// the split.
+    pub routes: Vec<Route>,
+}
+
+/// One rule of a [`Policy::routes`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub when: Match,
+    /// Where matching requests go (as [`Split::to`]).
+    pub to: String,
+}
+
+/// What a [`Route`] matches.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Match {
+    /// A request header (name in lower case) with exactly this value.
+    Header { name: String, value: String },
+    /// A path starting with this prefix (it starts with `/`).
+    PathPrefix(String),
+}
+
+impl Match {
+    /// Whether a request with this path and these headers matches.
+    pub fn matches<'a>(&self, path: &str, header: impl Fn(&str) -> Option<&'a [u8]>) -> bool {
+        match self {
+            Match::Header { name, value } => header(name) == Some(value.as_bytes()),
+            Match::PathPrefix(p) => path.starts_with(p.as_str()),
+        }
+    }
 }
 
 /// One share of a [`Policy::split`].
@@ -106,7 +142,33 @@ impl Policy {
             retries,
             failure_accrual,
             split: Vec::new(),
+            routes: Vec::new(),
         })
+    }
+
+    /// The policy with these route rules (checked: at most [`MAX_ROUTES`], header names and
+    /// values and path prefixes that a request can carry).
+    pub fn with_routes(mut self, routes: Vec<Route>) -> Result<Policy, String> {
+        if routes.len() > MAX_ROUTES {
+            return Err(format!(
+                "{} route rules; use at most {MAX_ROUTES}",
+                routes.len()
+            ));
+        }
+        for r in &routes {
+            check_route(r)?;
+        }
+        self.routes = routes;
+        Ok(self)
+    }
+
+    /// The destination the first matching rule names, if any.
+    pub fn route_for<'a>(
+        &self,
+        path: &str,
+        header: impl Fn(&str) -> Option<&'a [u8]>,
+    ) -> Option<&Route> {
+        self.routes.iter().find(|r| r.when.matches(path, &header))
     }
 
     /// The policy with traffic split to `split` (checked: at most [`MAX_SPLITS`] targets,
@@ -173,10 +235,69 @@ impl Policy {
             };
             format!("{field}: {e}")
         })?;
+        let routes = match get(ROUTES) {
+            None => Vec::new(),
+            Some(v) => parse_routes(v).map_err(|e| format!("{ROUTES}: {e}"))?,
+        };
         policy
             .with_split(split)
-            .map_err(|e| format!("{SPLIT}: {e}"))
+            .map_err(|e| format!("{SPLIT}: {e}"))?
+            .with_routes(routes)
+            .map_err(|e| format!("{ROUTES}: {e}"))
     }
+}
+
+/// `header:NAME=VALUE=>to; path:/PREFIX=>to; …` (names checked by the source).
+pub fn parse_routes(v: &str) -> Result<Vec<Route>, String> {
+    let mut out = Vec::new();
+    for rule in v.split(';').map(str::trim).filter(|r| !r.is_empty()) {
+        let (when, to) = rule.rsplit_once("=>").ok_or_else(|| {
+            format!("rule {rule:?} has no =>; write header:x-canary=true=>web-canary or path:/v2/=>web-v2")
+        })?;
+        let (when, to) = (when.trim(), to.trim().to_ascii_lowercase());
+        let when = if let Some(h) = when.strip_prefix("header:") {
+            let (name, value) = h
+                .split_once('=')
+                .ok_or_else(|| format!("rule {rule:?}: header:NAME=VALUE"))?;
+            Match::Header {
+                name: name.trim().to_ascii_lowercase(),
+                value: value.trim().to_string(),
+            }
+        } else if let Some(p) = when.strip_prefix("path:") {
+            Match::PathPrefix(p.trim().to_string())
+        } else {
+            return Err(format!("rule {rule:?} matches neither header: nor path:"));
+        };
+        let route = Route { when, to };
+        check_route(&route)?;
+        out.push(route);
+    }
+    Ok(out)
+}
+
+fn check_route(r: &Route) -> Result<(), String> {
+    if r.to.is_empty() {
+        return Err("a route rule has no target".into());
+    }
+    match &r.when {
+        Match::Header { name, value } => {
+            let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            if name.is_empty() || !name.bytes().all(token) {
+                return Err(format!("{name:?} is not a header name"));
+            }
+            if value.bytes().any(|b| b.is_ascii_control()) {
+                return Err(format!("the value of {name} has control characters"));
+            }
+        }
+        Match::PathPrefix(p) => {
+            if !p.starts_with('/') || p.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+                return Err(format!(
+                    "path prefix {p:?} must start with / and have no spaces"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `name=PERCENT[,name=PERCENT…]`; names are checked by the source (a Service name, or an
@@ -278,6 +399,7 @@ mod tests {
                 retries: 2,
                 failure_accrual: None,
                 split: Vec::new(),
+                routes: Vec::new(),
             })
         );
         assert_eq!(
@@ -302,6 +424,22 @@ mod tests {
                 }
             ]
         );
+        let r = fields(&[(
+            ROUTES,
+            "header:X-Canary=true=>web-canary; path:/v2/=>web-v2",
+        )])
+        .unwrap();
+        let h = |k: &str| (k == "x-canary").then_some(&b"true"[..]);
+        let none = |_: &str| None;
+        assert_eq!(
+            r.route_for("/", h).map(|r| r.to.as_str()),
+            Some("web-canary")
+        );
+        assert_eq!(
+            r.route_for("/v2/x", none).map(|r| r.to.as_str()),
+            Some("web-v2")
+        );
+        assert_eq!(r.route_for("/v1/x", none), None);
         // Draws 0-4 go to the canary, 5-14 to v3, the rest stay.
         let to = |d| p.split_for(d).map(|s| s.to.as_str());
         assert_eq!(
@@ -343,6 +481,10 @@ mod tests {
             (SPLIT, "canary=0", "whole percent"),
             (SPLIT, "a=60,b=50", "add up to 110"),
             (SPLIT, "a=5,a=5", "named twice"),
+            (ROUTES, "header:x=1", "no =>"),
+            (ROUTES, "cookie:x=1=>b", "neither header: nor path:"),
+            (ROUTES, "path:v2=>b", "must start with /"),
+            (ROUTES, "header:bad name=1=>b", "not a header name"),
         ] {
             let e = fields(&[(k, v)]).expect_err(v);
             assert!(e.starts_with(k) && e.contains(says), "{k}={v}: {e}");

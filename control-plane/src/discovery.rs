@@ -208,6 +208,24 @@ fn policy(p: &Policy) -> Option<remora_api::Policy> {
                 percent: s.percent,
             })
             .collect(),
+        routes: p
+            .routes
+            .iter()
+            .map(|r| {
+                let (header, value, path_prefix) = match &r.when {
+                    remora_certs::Match::Header { name, value } => {
+                        (name.clone(), value.clone(), String::new())
+                    }
+                    remora_certs::Match::PathPrefix(p) => (String::new(), String::new(), p.clone()),
+                };
+                remora_api::Route {
+                    header,
+                    value,
+                    path_prefix,
+                    to: r.to.clone(),
+                }
+            })
+            .collect(),
     })
 }
 

@@ -170,12 +170,14 @@ pub struct TlsLabels {
     pub result: TlsResult,
 }
 
-/// A split decision: the destination asked for and the one the request went to. Both come
-/// from the operator's policy (at most 8 targets a destination), not from clients.
+/// A route or split decision: the destination asked for, the one the request went to, and
+/// the kind of rule. All come from the operator's policy (bounded targets per destination),
+/// not from clients.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SplitLabels {
+pub struct RoutedLabels {
     pub destination: String,
     pub to: String,
+    pub by: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -274,8 +276,8 @@ pub struct Metrics {
     pub detect: Family<DetectLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
-    /// Requests a destination's split sent to another destination.
-    pub policy_splits: Family<SplitLabels, Counter>,
+    /// Requests a destination's routes or split sent to another destination.
+    pub policy_routed: Family<RoutedLabels, Counter>,
     /// Requests sent again because of a destination policy's retries.
     pub policy_retries: Family<DirectionLabels, Counter>,
     pub requests_in_flight: Family<DirectionLabels, Gauge>,
@@ -320,7 +322,7 @@ impl Metrics {
             bytes: Family::default(),
             errors: Family::default(),
             policy_retries: Family::default(),
-            policy_splits: Family::default(),
+            policy_routed: Family::default(),
             requests_in_flight: Family::default(),
             ready: Gauge::default(),
             draining: Gauge::default(),
@@ -382,9 +384,9 @@ impl Metrics {
             self.errors.clone(),
         );
         r.register(
-            "policy_splits",
-            "Requests a destination's split (remora.io/split) sent to another destination, by destination and target",
-            self.policy_splits.clone(),
+            "policy_routed",
+            "Requests a destination's routes or split (remora.io/routes, remora.io/split) sent to another destination, by destination, target and rule kind (header, path, split)",
+            self.policy_routed.clone(),
         );
         r.register(
             "policy_retries",

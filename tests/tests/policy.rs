@@ -371,8 +371,12 @@ async fn a_split_sends_its_share_to_the_canary_and_follows_changes_without_failu
     let m = proxy.metrics().await;
     let split = metric(
         &m,
-        "remora_policy_splits_total",
-        &[("destination", "web.test:80"), ("to", "web-canary.test:80")],
+        "remora_policy_routed_total",
+        &[
+            ("destination", "web.test:80"),
+            ("to", "web-canary.test:80"),
+            ("by", "split"),
+        ],
     );
     assert!((400.0..=600.0).contains(&split), "{m}");
 
@@ -400,4 +404,65 @@ async fn a_split_sends_its_share_to_the_canary_and_follows_changes_without_failu
     assert_eq!(h2load(proxy.outbound, "web.test:80", 4_000).await, 4_000);
     let (pct, _) = share(before);
     assert!((44.0..=56.0).contains(&pct), "canary got {pct:.2} %");
+}
+
+/// `GET path` for `authority` through the outbound proxy with extra curl arguments; the body.
+async fn curl_via(proxy: SocketAddr, authority: &str, path: &str, extra: &[&str]) -> String {
+    let url = format!("http://{proxy}{path}");
+    let host = format!("host: {authority}");
+    let mut args = vec!["-sS", "--max-time", "10", "-H", &host];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    let out = run("curl", &args).await;
+    assert_eq!(out.status, 0, "curl: {}", out.stderr);
+    out.stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_and_path_routes_send_matching_requests_elsewhere_first_match_wins() {
+    let pki = Pki::new("cluster.local");
+    let stable = PolicyApp::start("stable", Behaviour::Ok).await;
+    let canary = PolicyApp::start("canary", Behaviour::Ok).await;
+    let v2 = PolicyApp::start("v2", Behaviour::Ok).await;
+    let routes = "routes = \"header:x-canary=true=>web-canary.test:80; path:/v2/=>web-v2.test:80\"";
+    let toml = service("web.test:80", &[&stable], routes)
+        + &service("web-canary.test:80", &[&canary], "")
+        + &service("web-v2.test:80", &[&v2], "");
+    let client_id = pki.id("client");
+    let cp = TestControl::start(loopback0(), &pki, &toml, &[(TOKEN, &client_id)], DAY).await;
+    let proxy = TestProxy::start(proxy_config(
+        refused_addr().await,
+        &pki,
+        &cp.target(),
+        "client",
+        TOKEN,
+    ))
+    .await;
+    let out = proxy.outbound;
+    let canary_hdr = ["-H", "x-canary: true"];
+    for _ in 0..20 {
+        assert_eq!(curl_via(out, "web.test:80", "/", &[]).await, "stable");
+        assert_eq!(
+            curl_via(out, "web.test:80", "/", &canary_hdr).await,
+            "canary"
+        );
+        // Exact values only: another value stays.
+        let other = ["-H", "x-canary: yes"];
+        assert_eq!(curl_via(out, "web.test:80", "/", &other).await, "stable");
+        assert_eq!(curl_via(out, "web.test:80", "/v2/items", &[]).await, "v2");
+        assert_eq!(curl_via(out, "web.test:80", "/v1/v2/", &[]).await, "stable");
+        // Both match: the first rule wins.
+        assert_eq!(
+            curl_via(out, "web.test:80", "/v2/x", &canary_hdr).await,
+            "canary"
+        );
+    }
+    let m = proxy.metrics().await;
+    for (to, by, n) in [
+        ("web-canary.test:80", "header", 40.0),
+        ("web-v2.test:80", "path", 20.0),
+    ] {
+        let labels = [("destination", "web.test:80"), ("to", to), ("by", by)];
+        assert_eq!(metric(&m, "remora_policy_routed_total", &labels), n, "{m}");
+    }
 }

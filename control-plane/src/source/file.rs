@@ -53,6 +53,8 @@ struct Service {
     failure_accrual: Option<Spanned<u32>>,
     /// `"other.service:80=5[,…]"`: as the annotation `remora.io/split`, with authorities.
     split: Option<Spanned<String>>,
+    /// `"header:x-canary=true=>canary.svc:80; path:/v2/=>v2.svc:80"`: as `remora.io/routes`.
+    routes: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -139,6 +141,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
             remora_certs::policy::RETRIES => retries.as_deref(),
             remora_certs::policy::FAILURE_ACCRUAL => accrual.as_deref(),
             remora_certs::policy::SPLIT => s.split.as_ref().map(|t| t.get_ref().as_str()),
+            remora_certs::policy::ROUTES => s.routes.as_ref().map(|t| t.get_ref().as_str()),
             _ => None,
         })
         .map_err(|e| {
@@ -148,6 +151,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
                 _ if e.starts_with(RETRIES) => s.retries.as_ref().map(|r| r.span().start),
                 _ if e.starts_with(remora_certs::policy::SPLIT) => {
                     s.split.as_ref().map(|r| r.span().start)
+                }
+                _ if e.starts_with(remora_certs::policy::ROUTES) => {
+                    s.routes.as_ref().map(|r| r.span().start)
                 }
                 _ => s.failure_accrual.as_ref().map(|r| r.span().start),
             };
@@ -160,32 +166,40 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
                 format!("service {name}: {e}"),
             )
         })?;
-        // Split targets are authorities here (host:port), as clients address them.
-        let mut split = Vec::with_capacity(policy.split.len());
-        for t in &policy.split {
-            let to = remora_certs::normalize_authority(&t.to)
+        // Split and route targets are authorities here (host:port), as clients address them.
+        let authority = |to: &str, field: &str, span: Option<usize>| {
+            remora_certs::normalize_authority(to)
                 .filter(|n| {
                     n.rsplit_once(':')
                         .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
                 })
                 .ok_or_else(|| {
-                    let start = s
-                        .split
-                        .as_ref()
-                        .map_or(s.name.span().start, |r| r.span().start);
                     at(
-                        start,
-                        format!("service {name}: split: target {:?} is not host:port", t.to),
+                        span.unwrap_or(s.name.span().start),
+                        format!("service {name}: {field}: target {to:?} is not host:port"),
                     )
-                })?;
+                })
+        };
+        let split_at = s.split.as_ref().map(|r| r.span().start);
+        let routes_at = s.routes.as_ref().map(|r| r.span().start);
+        let mut split = Vec::with_capacity(policy.split.len());
+        for t in &policy.split {
             split.push(remora_certs::Split {
-                to,
+                to: authority(&t.to, "split", split_at)?,
                 percent: t.percent,
+            });
+        }
+        let mut routes = Vec::with_capacity(policy.routes.len());
+        for r in &policy.routes {
+            routes.push(remora_certs::Route {
+                when: r.when.clone(),
+                to: authority(&r.to, "routes", routes_at)?,
             });
         }
         let policy = policy
             .with_split(split)
-            .map_err(|e| at(s.name.span().start, format!("service {name}: split: {e}")))?;
+            .and_then(|p| p.with_routes(routes))
+            .map_err(|e| at(s.name.span().start, format!("service {name}: {e}")))?;
         if table
             .insert(name.clone(), Published::with_policy(endpoints, policy))
             .is_some()

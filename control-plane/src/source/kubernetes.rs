@@ -526,17 +526,24 @@ impl State {
             return Arc::default();
         };
         let annotations = svc.metadata.annotations.as_ref();
-        let parsed =
-            Policy::from_fields(|k| annotations.and_then(|a| a.get(k)).map(String::as_str))
-                .and_then(|p| match p.split.iter().find(|s| !is_label(&s.to)) {
-                    // Split targets are Services of the same namespace, by name.
-                    Some(s) => Err(format!(
-                        "{}: {:?} is not a Service name; name a Service in the same namespace",
-                        remora_certs::policy::SPLIT,
-                        s.to
-                    )),
-                    None => Ok(p),
-                });
+        let parsed = Policy::from_fields(|k| {
+            annotations.and_then(|a| a.get(k)).map(String::as_str)
+        })
+        .and_then(|p| {
+            // Split and route targets are Services of the same namespace, by name.
+            let bad = |field: &str, to: &str| {
+                Err(format!(
+                    "{field}: {to:?} is not a Service name; name a Service in the same namespace"
+                ))
+            };
+            if let Some(s) = p.split.iter().find(|s| !is_label(&s.to)) {
+                return bad(remora_certs::policy::SPLIT, &s.to);
+            }
+            if let Some(r) = p.routes.iter().find(|r| !is_label(&r.to)) {
+                return bad(remora_certs::policy::ROUTES, &r.to);
+            }
+            Ok(p)
+        });
         let entry = policies.entry(key).or_default();
         match parsed {
             Ok(p) => {
@@ -914,20 +921,19 @@ pub fn service_table(
     for (port, port_name, sp) in &ports {
         let opaque = opaque_protocol(sp.app_protocol.as_deref());
         // Split targets name Services of this namespace; on this port they are authorities.
-        let policy = match policy.split.is_empty() {
+        let policy = match policy.split.is_empty() && policy.routes.is_empty() {
             true => policy.clone(),
             false => {
-                let split = policy
-                    .split
-                    .iter()
-                    .map(|s| remora_certs::Split {
-                        to: format!("{}.{ns}.svc.{cluster_domain}:{port}", s.to)
-                            .to_ascii_lowercase(),
-                        percent: s.percent,
-                    })
-                    .collect();
+                let full = |to: &str| {
+                    format!("{to}.{ns}.svc.{cluster_domain}:{port}").to_ascii_lowercase()
+                };
                 let mut p = (**policy).clone();
-                p.split = split;
+                for s in &mut p.split {
+                    s.to = full(&s.to);
+                }
+                for r in &mut p.routes {
+                    r.to = full(&r.to);
+                }
                 Arc::new(p)
             }
         };
@@ -1721,6 +1727,11 @@ mod tests {
         let sent = t.names[&format!("web.shop.svc.{CD}:80")].policy().unwrap();
         assert_eq!(sent.split[0].to, format!("web-canary.shop.svc.{CD}:80"));
         assert_eq!(sent.split[0].percent, 5);
+        let routed = annotated(&[("remora.io/routes", "header:x-canary=true=>web-canary")]);
+        let p = State::policy(&mut policies, &routed);
+        let t = service_table(&routed, &[&a], CD, &p, plain);
+        let sent = t.names[&format!("web.shop.svc.{CD}:80")].policy().unwrap();
+        assert_eq!(sent.routes[0].to, format!("web-canary.shop.svc.{CD}:80"));
         let bad = annotated(&[("remora.io/split", "web.other:80=5")]);
         assert_eq!(
             State::policy(&mut policies, &bad),

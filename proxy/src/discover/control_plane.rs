@@ -117,8 +117,26 @@ fn policy(p: remora_api::Policy) -> Option<remora_certs::Policy> {
             None => Err(format!("split target {:?} is not host:port", s.to)),
         })
         .collect::<Result<Vec<_>, _>>();
+    let routes = p
+        .routes
+        .iter()
+        .map(|r| {
+            let to = remora_certs::normalize_authority(&r.to)
+                .ok_or_else(|| format!("route target {:?} is not host:port", r.to))?;
+            let when = match r.header.is_empty() {
+                false => remora_certs::Match::Header {
+                    name: r.header.clone(),
+                    value: r.value.clone(),
+                },
+                true => remora_certs::Match::PathPrefix(r.path_prefix.clone()),
+            };
+            Ok(remora_certs::Route { when, to })
+        })
+        .collect::<Result<Vec<_>, String>>();
     let policy = split.and_then(|split| {
-        remora_certs::Policy::with_accrual(timeout, p.retries, p.failure_accrual)?.with_split(split)
+        remora_certs::Policy::with_accrual(timeout, p.retries, p.failure_accrual)?
+            .with_split(split)?
+            .with_routes(routes?)
     });
     match policy {
         Ok(p) => Some(p),
@@ -278,7 +296,12 @@ async fn follow(
                                     alias = Some(a);
                                     // Unresolvable at first: no endpoints rather than stale
                                     // ones from before the Service became an alias.
-                                    vec![Update::Reset(list.unwrap_or_default())]
+                                    // An alias carries no policy: what the name had
+                                    // with endpoints goes.
+                                    vec![
+                                        Update::Policy(remora_certs::Policy::default()),
+                                        Update::Reset(list.unwrap_or_default()),
+                                    ]
                                 }
                             };
                             for u in updates {

@@ -415,7 +415,7 @@ impl Forwarder {
         };
         let (dst, dest) = match &self.route {
             Route::Destinations(d) if req.method() != Method::CONNECT => {
-                Box::pin(self.split(d, dst, dest)).await?
+                Box::pin(self.policy_route(d, dst, dest, &req)).await?
             }
             _ => (dst, dest),
         };
@@ -453,31 +453,45 @@ impl Forwarder {
         }
     }
 
-    /// A weighted split (`remora.io/split`): this request stays with `dest` or goes to one of
-    /// its policy's split targets, drawn per request. One level only: a target's own split
-    /// is not followed, so splits cannot chain or loop.
-    async fn split(
+    /// The destination's routes and split (`remora.io/routes`, `remora.io/split`): the first
+    /// route rule the request matches (header value or path prefix) sends it to its target;
+    /// otherwise it stays with `dest` or goes to a split target, drawn per request. One level
+    /// only: a target's own routes and split are not followed, so they cannot chain or loop.
+    async fn policy_route(
         &self,
         d: &crate::discover::Destinations,
         dst: String,
         dest: Arc<Destination>,
+        req: &Request<Scrubbed>,
     ) -> Result<(String, Arc<Destination>), ForwardError> {
         let policy = dest.policy();
-        if policy.split.is_empty() {
+        if policy.split.is_empty() && policy.routes.is_empty() {
             return Ok((dst, dest));
         }
-        let Some(to) = policy.split_for(crate::random::below(100) as u32) else {
-            return Ok((dst, dest));
+        let header = |name: &str| req.headers().get(name).map(|v| v.as_bytes());
+        let (to, by) = match policy.route_for(req.uri().path(), header) {
+            Some(r) => (
+                &r.to,
+                match r.when {
+                    remora_certs::Match::Header { .. } => "header",
+                    remora_certs::Match::PathPrefix(_) => "path",
+                },
+            ),
+            None => match policy.split_for(crate::random::below(100) as u32) {
+                Some(s) => (&s.to, "split"),
+                None => return Ok((dst, dest)),
+            },
         };
         self.metrics
-            .policy_splits
-            .get_or_create(&crate::metrics::SplitLabels {
+            .policy_routed
+            .get_or_create(&crate::metrics::RoutedLabels {
                 destination: dst,
-                to: to.to.clone(),
+                to: to.clone(),
+                by,
             })
             .inc();
-        let other = Box::pin(d.resolve(&to.to)).await?;
-        Ok((to.to.clone(), other))
+        let other = Box::pin(d.resolve(to)).await?;
+        Ok((to.clone(), other))
     }
 
     /// Phase 2: the embedding application's choice of destination, normalised.
