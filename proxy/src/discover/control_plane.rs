@@ -183,14 +183,20 @@ fn translate(update: remora_api::Update) -> Translated {
                     None => remove.extend(e.addr.parse::<SocketAddr>().ok()),
                 }
             }
-            let mut out = Vec::new();
+            // A changed policy first, as with a snapshot: new endpoints never serve under the
+            // old policy.
+            let mut out: Vec<Update> = d
+                .policy
+                .and_then(policy)
+                .map(Update::Policy)
+                .into_iter()
+                .collect();
             if !remove.is_empty() {
                 out.push(Update::Remove(remove));
             }
             if !add.is_empty() {
                 out.push(Update::Add(add));
             }
-            out.extend(d.policy.and_then(policy).map(Update::Policy));
             out
         }
         Some(Kind::NoSuchService(_)) => vec![Update::DoesNotExist],
