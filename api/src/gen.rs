@@ -64,6 +64,12 @@ pub struct Policy {
     /// Rules sending matching requests to other services; the first match wins, before the split.
     #[prost(message, repeated, tag = "5")]
     pub routes: ::prost::alloc::vec::Vec<Route>,
+    /// For an endpoint's own address (WatchAddr of a pod IP:port): the requests per second its
+    /// proxy serves in all, and per calling identity; 0: no limit.
+    #[prost(uint32, tag = "6")]
+    pub rate_limit: u32,
+    #[prost(uint32, tag = "7")]
+    pub rate_limit_per_client: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -10,6 +10,8 @@
 //! | `remora.io/retries` | a count, 0 … 10 | a request answered `503` or gRPC `UNAVAILABLE` is tried again on another endpoint, up to this many times, within the destination's retry budget |
 //! | `remora.io/split` | `other=PERCENT[,…]`: Services in the same namespace, whole percents, 100 at most in all | that share of the Service's requests goes to the other Service (same port) instead, picked per request; the rest stays (a canary at 5, then 50) |
 //! | `remora.io/routes` | `header:NAME=VALUE=>other[; path:/PREFIX=>other…]`: Services in the same namespace | a request with that header value (exact) or path prefix goes to the other Service (same port); the first rule that matches wins, before any split |
+//! | `remora.io/rate-limit` | requests per second, 1 … 1,000,000 | each endpoint (pod) of the Service serves at most this many requests per second (a burst of one second's worth); the rest get `429` with `retry-after`, or `grpc-status: 8` (RESOURCE_EXHAUSTED). Enforced by the endpoint's own proxy, on the inbound side |
+//! | `remora.io/rate-limit-per-client` | requests per second, 1 … 1,000,000 | the same, per calling identity (the verified peer; callers without one share one bucket) |
 //! | `remora.io/failure-accrual` | a count, 0 … 1000 (default 7; 0: off) | an endpoint whose answers failed (5xx, gRPC `UNAVAILABLE`) this many times in a row is ejected from balancing for a backoff, then probed; never the last ready endpoint |
 //!
 //! A policy is validated whole: one bad field refuses the whole policy with a message naming
@@ -18,7 +20,21 @@
 use std::time::Duration;
 
 /// The Service annotations the Kubernetes source reads (a contract: documented in the README).
-pub const ANNOTATIONS: [&str; 5] = [TIMEOUT, RETRIES, FAILURE_ACCRUAL, SPLIT, ROUTES];
+pub const ANNOTATIONS: [&str; 7] = [
+    TIMEOUT,
+    RETRIES,
+    FAILURE_ACCRUAL,
+    SPLIT,
+    ROUTES,
+    RATE_LIMIT,
+    RATE_LIMIT_PER_CLIENT,
+];
+/// `remora.io/rate-limit`: requests per second each endpoint serves.
+pub const RATE_LIMIT: &str = "remora.io/rate-limit";
+/// `remora.io/rate-limit-per-client`: the same per calling identity.
+pub const RATE_LIMIT_PER_CLIENT: &str = "remora.io/rate-limit-per-client";
+/// The highest rate limit.
+pub const MAX_RATE_LIMIT: u32 = 1_000_000;
 /// `remora.io/timeout`: the per-request timeout.
 pub const TIMEOUT: &str = "remora.io/timeout";
 /// `remora.io/retries`: retries of `503` / gRPC `UNAVAILABLE` answers.
@@ -66,6 +82,10 @@ pub struct Policy {
     /// Rules sending matching requests to other destinations; the first match wins, before
     /// the split.
     pub routes: Vec<Route>,
+    /// Inbound: requests per second each endpoint serves (all callers together).
+    pub rate_limit: Option<u32>,
+    /// Inbound: requests per second each endpoint serves to one calling identity.
+    pub rate_limit_per_client: Option<u32>,
 }
 
 /// One rule of a [`Policy::routes`].
@@ -143,7 +163,39 @@ impl Policy {
             failure_accrual,
             split: Vec::new(),
             routes: Vec::new(),
+            rate_limit: None,
+            rate_limit_per_client: None,
         })
+    }
+
+    /// The policy with inbound rate limits (each 1 … [`MAX_RATE_LIMIT`] per second).
+    pub fn with_rate_limits(
+        mut self,
+        total: Option<u32>,
+        per_client: Option<u32>,
+    ) -> Result<Policy, String> {
+        for (what, v) in [("rate-limit", total), ("rate-limit-per-client", per_client)] {
+            if let Some(v) = v
+                && !(1..=MAX_RATE_LIMIT).contains(&v)
+            {
+                return Err(format!(
+                    "{what} {v} is out of range; use 1 to {MAX_RATE_LIMIT} requests per second"
+                ));
+            }
+        }
+        self.rate_limit = total;
+        self.rate_limit_per_client = per_client;
+        Ok(self)
+    }
+
+    /// What an endpoint's own proxy enforces of its Service's policy (the rate limits), as
+    /// published for the endpoint's address.
+    pub fn inbound_part(&self) -> Policy {
+        Policy {
+            rate_limit: self.rate_limit,
+            rate_limit_per_client: self.rate_limit_per_client,
+            ..Policy::default()
+        }
     }
 
     /// The policy with these route rules (checked: at most [`MAX_ROUTES`], header names and
@@ -239,11 +291,28 @@ impl Policy {
             None => Vec::new(),
             Some(v) => parse_routes(v).map_err(|e| format!("{ROUTES}: {e}"))?,
         };
+        let rate = |field: &str| match get(field) {
+            None => Ok(None),
+            Some(v) => v.trim().parse::<u32>().map(Some).map_err(|_| {
+                format!(
+                    "{field}: {v:?} is not a rate; give requests per second, 1 to {MAX_RATE_LIMIT}"
+                )
+            }),
+        };
+        let (total, per_client) = (rate(RATE_LIMIT)?, rate(RATE_LIMIT_PER_CLIENT)?);
         policy
             .with_split(split)
             .map_err(|e| format!("{SPLIT}: {e}"))?
             .with_routes(routes)
-            .map_err(|e| format!("{ROUTES}: {e}"))
+            .map_err(|e| format!("{ROUTES}: {e}"))?
+            .with_rate_limits(total, per_client)
+            .map_err(|e| {
+                let field = match e.starts_with("rate-limit-per-client") {
+                    true => RATE_LIMIT_PER_CLIENT,
+                    false => RATE_LIMIT,
+                };
+                format!("{field}: {e}")
+            })
     }
 }
 
@@ -400,6 +469,8 @@ mod tests {
                 failure_accrual: None,
                 split: Vec::new(),
                 routes: Vec::new(),
+                rate_limit: None,
+                rate_limit_per_client: None,
             })
         );
         assert_eq!(
@@ -482,6 +553,9 @@ mod tests {
             (SPLIT, "a=60,b=50", "add up to 110"),
             (SPLIT, "a=5,a=5", "named twice"),
             (ROUTES, "header:x=1", "no =>"),
+            (RATE_LIMIT, "lots", "not a rate"),
+            (RATE_LIMIT, "0", "out of range"),
+            (RATE_LIMIT_PER_CLIENT, "2000000", "out of range"),
             (ROUTES, "cookie:x=1=>b", "neither header: nor path:"),
             (ROUTES, "path:v2=>b", "must start with /"),
             (ROUTES, "header:bad name=1=>b", "not a header name"),

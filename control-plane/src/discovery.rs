@@ -208,6 +208,8 @@ fn policy(p: &Policy) -> Option<remora_api::Policy> {
                 percent: s.percent,
             })
             .collect(),
+        rate_limit: p.rate_limit.unwrap_or(0),
+        rate_limit_per_client: p.rate_limit_per_client.unwrap_or(0),
         routes: p
             .routes
             .iter()

@@ -13,6 +13,7 @@ use crate::scrub::Rules;
 
 pub(crate) fn listener(
     cfg: &Config,
+    limits: Option<Arc<crate::ratelimit::RateLimits>>,
     metrics: Arc<Metrics>,
     drain: Drain,
     rules: Arc<Rules>,
@@ -31,6 +32,7 @@ pub(crate) fn listener(
         hooks_active: per_request.hooks.is_some(),
         access_log: cfg.access_log.and_then(crate::access_log::AccessLog::new),
         tracer: per_request.tracer,
+        limits,
         hooks: per_request.hooks.unwrap_or_else(|| Arc::new(NoHooks)),
         local_ips: Vec::new(),
     });

@@ -58,6 +58,7 @@ mod metrics;
 mod outbound;
 mod panics;
 mod random;
+mod ratelimit;
 mod respond;
 mod retry;
 mod route_metrics;
@@ -614,8 +615,16 @@ impl Proxy {
             },
             None => None,
         };
+        // Rate limits come from the control plane (for the pod's own addresses).
+        let limits = self.cfg.control.is_some().then(|| {
+            Arc::new(ratelimit::RateLimits::new(
+                self.destinations.clone(),
+                self.cfg.probe_paths.clone(),
+            ))
+        });
         let mut inbound = inbound::listener(
             &self.cfg,
+            limits,
             metrics.clone(),
             in_drain.clone(),
             rules.clone(),

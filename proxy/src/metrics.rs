@@ -170,6 +170,12 @@ pub struct TlsLabels {
     pub result: TlsResult,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitedLabels {
+    pub direction: Direction,
+    pub scope: &'static str,
+}
+
 /// A route or split decision: the destination asked for, the one the request went to, and
 /// the kind of rule. All come from the operator's policy (bounded targets per destination),
 /// not from clients.
@@ -276,6 +282,8 @@ pub struct Metrics {
     pub detect: Family<DetectLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
+    /// Requests refused by an inbound rate limit.
+    pub rate_limited: Family<RateLimitedLabels, Counter>,
     /// Requests a destination's routes or split sent to another destination.
     pub policy_routed: Family<RoutedLabels, Counter>,
     /// Requests sent again because of a destination policy's retries.
@@ -323,6 +331,7 @@ impl Metrics {
             errors: Family::default(),
             policy_retries: Family::default(),
             policy_routed: Family::default(),
+            rate_limited: Family::default(),
             requests_in_flight: Family::default(),
             ready: Gauge::default(),
             draining: Gauge::default(),
@@ -382,6 +391,11 @@ impl Metrics {
             "errors",
             "Requests answered or connections closed by the proxy because of an error, by kind",
             self.errors.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Requests refused with 429 / RESOURCE_EXHAUSTED by a rate limit (remora.io/rate-limit: scope total; -per-client: scope client)",
+            self.rate_limited.clone(),
         );
         r.register(
             "policy_routed",

@@ -31,6 +31,7 @@ pub(crate) fn listener(
         hooks_active: per_request.hooks.is_some(),
         access_log: cfg.access_log.and_then(crate::access_log::AccessLog::new),
         tracer: per_request.tracer,
+        limits: None,
         hooks: per_request.hooks.unwrap_or_else(|| Arc::new(NoHooks)),
         local_ips: crate::http::forward::local_addresses(),
     });

@@ -21,6 +21,7 @@ pub fn local_response(status: StatusCode, grpc: bool, message: &str) -> Response
             StatusCode::BAD_REQUEST => "13", // INTERNAL: the request could not be routed
             StatusCode::NOT_FOUND => "12",   // UNIMPLEMENTED
             StatusCode::GATEWAY_TIMEOUT => "4", // DEADLINE_EXCEEDED
+            StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
             StatusCode::INTERNAL_SERVER_ERROR => "13", // INTERNAL
             _ => "14",                       // UNAVAILABLE
         };

@@ -466,3 +466,90 @@ async fn header_and_path_routes_send_matching_requests_elsewhere_first_match_win
         assert_eq!(metric(&m, "remora_policy_routed_total", &labels), n, "{m}");
     }
 }
+
+/// GET `/` for `authority` through `proxy` with curl; (status, retry-after header).
+async fn status_via(proxy: SocketAddr, authority: &str) -> (u16, Option<String>) {
+    let url = format!("http://{proxy}/");
+    let host = format!("host: {authority}");
+    let out = run(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-H",
+            &host,
+            &url,
+        ],
+    )
+    .await;
+    assert_eq!(out.status, 0, "curl: {}", out.stderr);
+    (
+        status(&out.stdout),
+        header(&out.stdout, "retry-after").map(str::to_string),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_are_enforced_by_the_endpoints_own_proxy_per_client_and_in_total() {
+    let pki = Pki::new("cluster.local");
+    let app = PolicyApp::start("web", Behaviour::Ok).await;
+    let (a_id, b_id, web_id) = (pki.id("a"), pki.id("b"), pki.id("web"));
+    const A: &str = "a-token-0123456789abcdef";
+    const B: &str = "b-token-0123456789abcdef";
+    const WEB: &str = "web-token-0123456789abcd";
+    let cp = TestControl::start(
+        loopback0(),
+        &pki,
+        "",
+        &[(A, &a_id), (B, &b_id), (WEB, &web_id)],
+        DAY,
+    )
+    .await;
+    let server = TestProxy::start(proxy_config(app.addr, &pki, &cp.target(), "web", WEB)).await;
+    cp.set_endpoints(&format!(
+        "[[service]]\nname = \"web.test:80\"\nrate_limit = 15\nrate_limit_per_client = 10\n\
+         endpoints = [{{ addr = \"{}\", identity = \"{web_id}\" }}]\n",
+        server.inbound
+    ));
+    let refused = refused_addr().await;
+    let a = TestProxy::start(proxy_config(refused, &pki, &cp.target(), "a", A)).await;
+    let b = TestProxy::start(proxy_config(refused, &pki, &cp.target(), "b", B)).await;
+
+    // The server's proxy learns its limits in the background after its first request.
+    wait_until("the limits to apply", async || {
+        status_via(a.outbound, "web.test:80").await.0 == 429
+    })
+    .await;
+    // Let both buckets fill again (1 s holds one second's worth).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // Per client: A's burst of 40 (h2load: milliseconds) gets its 10, give or take what
+    // refills meanwhile, and a refusal says when to come back.
+    let a_ok = h2load(a.outbound, "web.test:80", 40).await;
+    assert!((9..=13).contains(&a_ok), "A got {a_ok} of 40");
+    assert_eq!(
+        status_via(a.outbound, "web.test:80").await,
+        (429, Some("1".to_string()))
+    );
+    // gRPC callers get RESOURCE_EXHAUSTED.
+    let (grpc_status, _) = grpc_call(a.outbound, "web.test:80", &[]).await;
+    assert_eq!(grpc_status, "8");
+    // B has a bucket of its own, but the total (15 a second) has about 5 left.
+    let b_ok = h2load(b.outbound, "web.test:80", 40).await;
+    assert!((3..=9).contains(&b_ok), "B got {b_ok} of 40");
+    let m = server.metrics().await;
+    let limited = |scope| {
+        metric(
+            &m,
+            "remora_rate_limited_total",
+            &[("direction", "inbound"), ("scope", scope)],
+        )
+    };
+    assert!(limited("client") >= 20.0, "{m}");
+    assert!(limited("total") >= 20.0, "{m}");
+}

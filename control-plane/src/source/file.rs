@@ -55,6 +55,9 @@ struct Service {
     split: Option<Spanned<String>>,
     /// `"header:x-canary=true=>canary.svc:80; path:/v2/=>v2.svc:80"`: as `remora.io/routes`.
     routes: Option<Spanned<String>>,
+    /// Requests per second each endpoint serves (`remora.io/rate-limit`), and per client.
+    rate_limit: Option<Spanned<u32>>,
+    rate_limit_per_client: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -136,12 +139,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
         }
         let retries = s.retries.as_ref().map(|r| r.get_ref().to_string());
         let accrual = s.failure_accrual.as_ref().map(|r| r.get_ref().to_string());
+        let rate = s.rate_limit.as_ref().map(|r| r.get_ref().to_string());
+        let rate_per_client = s
+            .rate_limit_per_client
+            .as_ref()
+            .map(|r| r.get_ref().to_string());
         let policy = remora_certs::Policy::from_fields(|k| match k {
             remora_certs::policy::TIMEOUT => s.timeout.as_ref().map(|t| t.get_ref().as_str()),
             remora_certs::policy::RETRIES => retries.as_deref(),
             remora_certs::policy::FAILURE_ACCRUAL => accrual.as_deref(),
             remora_certs::policy::SPLIT => s.split.as_ref().map(|t| t.get_ref().as_str()),
             remora_certs::policy::ROUTES => s.routes.as_ref().map(|t| t.get_ref().as_str()),
+            remora_certs::policy::RATE_LIMIT => rate.as_deref(),
+            remora_certs::policy::RATE_LIMIT_PER_CLIENT => rate_per_client.as_deref(),
             _ => None,
         })
         .map_err(|e| {
@@ -155,12 +165,20 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
                 _ if e.starts_with(remora_certs::policy::ROUTES) => {
                     s.routes.as_ref().map(|r| r.span().start)
                 }
+                _ if e.starts_with(remora_certs::policy::RATE_LIMIT_PER_CLIENT) => {
+                    s.rate_limit_per_client.as_ref().map(|r| r.span().start)
+                }
+                _ if e.starts_with(remora_certs::policy::RATE_LIMIT) => {
+                    s.rate_limit.as_ref().map(|r| r.span().start)
+                }
                 _ => s.failure_accrual.as_ref().map(|r| r.span().start),
             };
             // The file's own key names: `timeout`, `retries`, `failure_accrual`.
             let e = e
                 .replacen("remora.io/", "", 1)
-                .replace("failure-accrual", "failure_accrual");
+                .replace("failure-accrual", "failure_accrual")
+                .replace("rate-limit", "rate_limit")
+                .replace("_limit-per-client", "_limit_per_client");
             at(
                 start.unwrap_or(s.name.span().start),
                 format!("service {name}: {e}"),
@@ -221,8 +239,10 @@ pub fn addresses(names: &Table) -> Table {
     for (name, p) in names {
         let Some(set) = p.set() else { continue };
         for e in set.values() {
+            // With the part of the service's policy the endpoint's own proxy enforces.
+            let inbound = p.policy().map(|p| p.inbound_part()).unwrap_or_default();
             out.entry(e.addr.to_string())
-                .or_insert_with(|| Published::endpoints(vec![e.clone()]));
+                .or_insert_with(|| Published::with_policy(vec![e.clone()], inbound));
         }
         let host = name.rsplit_once(':').map_or(name.as_str(), |(h, _)| h);
         if host

@@ -981,8 +981,11 @@ pub fn service_table(
         // Each endpoint is also known by its own address: an intercepted connection to a pod
         // IP (a headless Service, a StatefulSet peer) gets that pod's identity and mTLS.
         for (addr, spec) in &set {
-            out.addrs
-                .insert(addr.to_string(), Published::endpoints(vec![spec.clone()]));
+            // With the part of the Service's policy its own proxy enforces (rate limits).
+            out.addrs.insert(
+                addr.to_string(),
+                Published::with_policy(vec![spec.clone()], policy.inbound_part()),
+            );
         }
         // The Service's policy goes with its names and ClusterIPs; a pod's own address may
         // belong to several Services, so it carries none.
@@ -1727,6 +1730,12 @@ mod tests {
         let sent = t.names[&format!("web.shop.svc.{CD}:80")].policy().unwrap();
         assert_eq!(sent.split[0].to, format!("web-canary.shop.svc.{CD}:80"));
         assert_eq!(sent.split[0].percent, 5);
+        // Rate limits go to each pod's own address (its proxy enforces them), alone.
+        let limited = annotated(&[("remora.io/rate-limit", "100"), ("remora.io/timeout", "1s")]);
+        let p = State::policy(&mut policies, &limited);
+        let t = service_table(&limited, &[&a], CD, &p, plain);
+        let own = t.addrs["10.1.0.1:8080"].policy().unwrap();
+        assert_eq!((own.rate_limit, own.timeout), (Some(100), None));
         let routed = annotated(&[("remora.io/routes", "header:x-canary=true=>web-canary")]);
         let p = State::policy(&mut policies, &routed);
         let t = service_table(&routed, &[&a], CD, &p, plain);

@@ -136,7 +136,11 @@ fn policy(p: remora_api::Policy) -> Option<remora_certs::Policy> {
     let policy = split.and_then(|split| {
         remora_certs::Policy::with_accrual(timeout, p.retries, p.failure_accrual)?
             .with_split(split)?
-            .with_routes(routes?)
+            .with_routes(routes?)?
+            .with_rate_limits(
+                (p.rate_limit > 0).then_some(p.rate_limit),
+                (p.rate_limit_per_client > 0).then_some(p.rate_limit_per_client),
+            )
     });
     match policy {
         Ok(p) => Some(p),

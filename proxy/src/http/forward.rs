@@ -147,6 +147,8 @@ pub struct Forwarder {
     pub access_log: Option<crate::access_log::AccessLog>,
     /// `REMORA_TRACE_COLLECTOR`: spans for sampled requests.
     pub tracer: Option<Arc<crate::trace::Tracer>>,
+    /// Inbound, with a control plane: the rate limits of the addresses the app is reached on.
+    pub limits: Option<Arc<crate::ratelimit::RateLimits>>,
 }
 
 #[derive(Clone)]
@@ -240,6 +242,19 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
             rsp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return Box::pin(std::future::ready(Ok(rsp)));
+        }
+        if let (Some(limits), Some(local)) = (&shared.limits, conn.local) {
+            let client = req
+                .headers()
+                .get(&CLIENT_ID_HEADER)
+                .and_then(|v| v.to_str().ok());
+            if !limits.is_probe(req.method(), req.uri().path(), client)
+                && let Err(l) = limits.check(local, client)
+            {
+                return Box::pin(std::future::ready(Ok(
+                    shared.limited(&req, local, client, l)
+                )));
+            }
         }
         Box::pin(async move {
             let grpc = is_grpc(&req);
@@ -374,6 +389,44 @@ pub fn request_authority<B>(req: &Request<B>) -> Result<Option<String>, String> 
 }
 
 impl Forwarder {
+    /// The answer to a request over its rate limit: `429` with `retry-after`, or
+    /// `grpc-status: 8` (RESOURCE_EXHAUSTED); counted, and one debug line naming the policy.
+    fn limited(
+        &self,
+        req: &Request<Scrubbed>,
+        local: SocketAddr,
+        client: Option<&str>,
+        l: crate::ratelimit::Limited,
+    ) -> Response<Body> {
+        let scope = match l.per_client {
+            true => "client",
+            false => "total",
+        };
+        self.metrics
+            .rate_limited
+            .get_or_create(&crate::metrics::RateLimitedLabels {
+                direction: self.direction,
+                scope,
+            })
+            .inc();
+        let policy = match l.per_client {
+            true => "remora.io/rate-limit-per-client",
+            false => "remora.io/rate-limit",
+        };
+        tracing::debug!(%local, client = client.unwrap_or(""), limit = l.limit, "request refused by {policy} of the Service behind {local}");
+        let msg = format!(
+            "rate limited: {policy} {} requests per second for {local}",
+            l.limit
+        );
+        let mut rsp =
+            local_response(StatusCode::TOO_MANY_REQUESTS, is_grpc(req), &msg).map(Either::Right);
+        let secs = l.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            rsp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        rsp
+    }
+
     async fn forward(
         &self,
         req: Request<Scrubbed>,

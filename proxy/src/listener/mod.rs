@@ -84,6 +84,9 @@ pub struct Conn {
     pub app: Option<Arc<Endpoint>>,
     /// Outbound: where the app was connecting before the redirect.
     pub original: Option<std::net::SocketAddr>,
+    /// Inbound: the address the peer reached (the pod's IP and port: the original destination
+    /// when intercepted), whose rate limits apply.
+    pub local: Option<std::net::SocketAddr>,
 }
 
 /// Inbound interception: the app is reached on the port the peer connected to.
@@ -299,6 +302,7 @@ impl Listener {
                 let conn = Conn {
                     app: Some(ports.endpoint(port)),
                     original: None,
+                    local: Some(original),
                 };
                 Some((conn, self.opaque_ports.contains(&port)))
             }
@@ -315,6 +319,7 @@ impl Listener {
                 let conn = Conn {
                     app: None,
                     original: Some(original),
+                    local: None,
                 };
                 Some((conn, opaque))
             }
@@ -328,7 +333,19 @@ impl Listener {
         self.open.inc();
         let _open = GaugeGuard(&self.open);
         let (conn, skip) = match tcp.tcp().and_then(original_dst::original_dst) {
-            None => (Conn::default(), self.skip_detection),
+            None => {
+                let local = match self.direction {
+                    Direction::Inbound => tcp.tcp().and_then(|t| t.local_addr().ok()),
+                    Direction::Outbound => None,
+                };
+                (
+                    Conn {
+                        local,
+                        ..Conn::default()
+                    },
+                    self.skip_detection,
+                )
+            }
             Some(original) => match self.intercepted(original).await {
                 Some(c) => c,
                 None => return,

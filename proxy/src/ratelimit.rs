@@ -1,0 +1,217 @@
+//! Inbound rate limits (`remora.io/rate-limit`, `remora.io/rate-limit-per-client`): a local
+//! token bucket per address the app is reached on, and one per calling identity.
+//!
+//! The limits are the Service's, published by the control plane for each endpoint's own
+//! address (`WatchAddr(pod IP:port)`), so the proxy learns them the way callers learn
+//! endpoints, with no knob: the first request on an address starts following it (in the
+//! background: requests never wait for the control plane) and is served; the limits apply as
+//! soon as they are known. A bucket holds one second's worth of requests (the burst) and
+//! refills at the rate. Everything is bounded: [`MAX_ADDRS`] addresses, [`MAX_CLIENTS`]
+//! identities per address (then the idle ones are forgotten, and past that unknown callers
+//! share one bucket).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use tokio::time::Instant;
+
+use crate::balance::Destination;
+use crate::discover::Destinations;
+
+/// Addresses followed for limits (ports × pod IPs: a handful).
+const MAX_ADDRS: usize = 64;
+/// Calling identities with a bucket of their own, per address.
+const MAX_CLIENTS: usize = 1024;
+/// How often an address's destination is asked for again (keeps its watch from going idle).
+const REFRESH: Duration = Duration::from_secs(30);
+/// A client bucket unused this long is forgotten when the table is full.
+const CLIENT_IDLE: Duration = Duration::from_secs(10);
+
+/// A token bucket: `rate` per second, at most one second's worth saved.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(rate: u32, now: Instant) -> Self {
+        Bucket {
+            tokens: f64::from(rate),
+            at: now,
+        }
+    }
+
+    /// Refills for the time since the last look; then `Ok` when a token is there, or how
+    /// long until one is. Takes nothing.
+    fn ready(&mut self, rate: u32, now: Instant) -> Result<(), Duration> {
+        let r = f64::from(rate.max(1));
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * r).min(r);
+        self.at = now;
+        match self.tokens >= 1.0 {
+            true => Ok(()),
+            false => Err(Duration::from_secs_f64((1.0 - self.tokens) / r)),
+        }
+    }
+
+    /// Takes one token, or says how long until one is there.
+    #[cfg(test)]
+    fn take(&mut self, rate: u32, now: Instant) -> Result<(), Duration> {
+        self.ready(rate, now)?;
+        self.tokens -= 1.0;
+        Ok(())
+    }
+}
+
+/// A request over its limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Limited {
+    /// The per-client limit (else the total).
+    pub per_client: bool,
+    /// Requests per second of the limit hit.
+    pub limit: u32,
+    /// When a token is next available.
+    pub retry_after: Duration,
+}
+
+struct AddrLimits {
+    dest: ArcSwapOption<Destination>,
+    total: Mutex<Option<Bucket>>,
+    clients: Mutex<HashMap<Box<str>, Bucket>>,
+}
+
+pub(crate) struct RateLimits {
+    destinations: Arc<Destinations>,
+    addrs: Mutex<HashMap<SocketAddr, Arc<AddrLimits>>>,
+    /// Kubelet probes (`REMORA_PROBE_PATHS`, GET/HEAD without a verified caller) are never
+    /// limited: a refused liveness probe restarts the pod.
+    probe_paths: Vec<String>,
+}
+
+impl RateLimits {
+    pub(crate) fn new(destinations: Arc<Destinations>, probe_paths: Vec<String>) -> Self {
+        RateLimits {
+            destinations,
+            addrs: Mutex::new(HashMap::new()),
+            probe_paths,
+        }
+    }
+
+    /// A kubelet probe: exempt.
+    pub(crate) fn is_probe(&self, method: &http::Method, path: &str, client: Option<&str>) -> bool {
+        client.is_none()
+            && matches!(*method, http::Method::GET | http::Method::HEAD)
+            && self.probe_paths.iter().any(|p| p == path)
+    }
+
+    /// The limits of `local`, following it from the first call on.
+    fn limits(&self, local: SocketAddr) -> Option<Arc<AddrLimits>> {
+        let mut addrs = self.addrs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = addrs.get(&local) {
+            return Some(a.clone());
+        }
+        if addrs.len() >= MAX_ADDRS {
+            return None;
+        }
+        let a = Arc::new(AddrLimits {
+            dest: ArcSwapOption::empty(),
+            total: Mutex::new(None),
+            clients: Mutex::new(HashMap::new()),
+        });
+        addrs.insert(local, a.clone());
+        drop(addrs);
+        let (follow, destinations) = (Arc::downgrade(&a), self.destinations.clone());
+        tokio::spawn(async move {
+            let name = local.to_string();
+            loop {
+                let Some(a) = follow.upgrade() else { return };
+                if let Ok(d) = destinations.resolve(&name).await {
+                    a.dest.store(Some(d));
+                }
+                drop(a);
+                tokio::time::sleep(REFRESH).await;
+            }
+        });
+        Some(a)
+    }
+
+    /// Whether a request to `local` from `client` (its verified identity) may be served now.
+    pub(crate) fn check(&self, local: SocketAddr, client: Option<&str>) -> Result<(), Limited> {
+        let Some(a) = self.limits(local) else {
+            return Ok(());
+        };
+        let Some(dest) = a.dest.load_full() else {
+            return Ok(());
+        };
+        let policy = dest.policy();
+        let now = Instant::now();
+        // A request is served only when both buckets have a token, and takes from both only
+        // then: one refused by the total must not spend its caller's share, nor the reverse.
+        let mut clients = a.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut total = a.total.lock().unwrap_or_else(|p| p.into_inner());
+        let client_bucket = match policy.rate_limit_per_client {
+            None => None,
+            Some(rate) => {
+                let id = client.unwrap_or("");
+                if clients.len() >= MAX_CLIENTS && !clients.contains_key(id) {
+                    clients.retain(|_, b| now.saturating_duration_since(b.at) < CLIENT_IDLE);
+                }
+                // Still full: callers without a bucket share the anonymous one.
+                let key = match clients.len() < MAX_CLIENTS || clients.contains_key(id) {
+                    true => id,
+                    false => "",
+                };
+                let bucket = clients
+                    .entry(key.into())
+                    .or_insert_with(|| Bucket::full(rate, now));
+                bucket.ready(rate, now).map_err(|retry_after| Limited {
+                    per_client: true,
+                    limit: rate,
+                    retry_after,
+                })?;
+                Some(bucket)
+            }
+        };
+        let total_bucket = match policy.rate_limit {
+            None => None,
+            Some(rate) => {
+                let bucket = total.get_or_insert_with(|| Bucket::full(rate, now));
+                bucket.ready(rate, now).map_err(|retry_after| Limited {
+                    per_client: false,
+                    limit: rate,
+                    retry_after,
+                })?;
+                Some(bucket)
+            }
+        };
+        for b in [client_bucket, total_bucket].into_iter().flatten() {
+            b.tokens -= 1.0;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_a_seconds_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::full(10, t0);
+        for i in 0..10 {
+            assert!(b.take(10, t0).is_ok(), "burst {i}");
+        }
+        let wait = b.take(10, t0).expect_err("empty");
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
+        // 100 ms later one more; a long idle saves no more than the burst.
+        assert!(b.take(10, t0 + Duration::from_millis(100)).is_ok());
+        let later = t0 + Duration::from_secs(60);
+        let served = (0..100).filter(|_| b.take(10, later).is_ok()).count();
+        assert_eq!(served, 10);
+    }
+}
