@@ -1,7 +1,7 @@
 //! remora's benchmark harness. Scenario so far: one hop, h2c, small responses from nghttpd,
 //! fixed concurrency — direct (the baseline row) against remora's inbound.
 //!
-//!   cargo run -p benches --release -- [compare|one-hop|rolling-restart|balance|mtls|control|kube-scale|soak|all] [--quick]
+//!   cargo run -p benches --release -- [compare|one-hop|rolling-restart|balance|mtls|control|policy|kube-scale|soak|all] [--quick]
 //!   (`kube-scale` needs the real API server of tests/kube/cluster.sh; `all` does not run it,
 //!   CI runs it on its own)
 //!   (`soak` is long: 30 min by default, `--duration`, `--quick` for 20 s; `all` runs it only with `--soak`)
@@ -24,6 +24,7 @@ mod load;
 mod mtls;
 mod peers;
 mod plot;
+mod policy;
 mod soak;
 
 use std::net::TcpListener;
@@ -590,18 +591,20 @@ fn main() -> std::process::ExitCode {
         Some("compare") => compare::run(quick),
         Some("control") => control::run(quick),
         Some("kube-scale") => kube_scale::run(quick),
+        Some("policy") => policy::run(quick),
         Some("soak") => soak::run(quick, &args[1..]),
         Some("all") | Some("--quick") | None => compare::run(quick)
             .and_then(|()| rolling_restart(quick))
             .and_then(|()| balance::run(quick))
             .and_then(|()| mtls::run(quick))
             .and_then(|()| control::run(quick))
+            .and_then(|()| policy::run(quick))
             .and_then(|()| match args.iter().any(|a| a == "--soak") {
                 true => soak::run(quick, &args[1..]),
                 false => Ok(()),
             }),
         Some(other) => Err(format!(
-            "unknown scenario `{other}`; scenarios: compare, one-hop, rolling-restart, balance, mtls, control, kube-scale, soak, all"
+            "unknown scenario `{other}`; scenarios: compare, one-hop, rolling-restart, balance, mtls, control, policy, kube-scale, soak, all"
         )),
     };
     report(result)

@@ -53,6 +53,8 @@ pub struct Destination {
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     /// The traffic policy its source sent (timeout, retries); the default until one does.
     policy: ArcSwap<Policy>,
+    /// Serialises failure-accrual ejections.
+    ejecting: std::sync::Mutex<()>,
     saw_h2: AtomicBool,
 }
 
@@ -63,13 +65,14 @@ impl Destination {
             budget: RetryBudget::default(),
             endpoints: ArcSwap::from_pointee(endpoints),
             policy: ArcSwap::default(),
+            ejecting: std::sync::Mutex::new(()),
             saw_h2: AtomicBool::new(false),
         }
     }
 
-    /// The policy requests to this destination follow now.
-    pub fn policy(&self) -> Arc<Policy> {
-        self.policy.load_full()
+    /// The policy, for a look on the request path (no reference count taken).
+    pub fn policy_now(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.policy.load()
     }
 
     /// Replaces the policy; requests already under way keep the one they started with.
@@ -110,17 +113,19 @@ impl Destination {
         }
     }
 
-    /// Failure accrual: counts `ep`'s answer (failed: 5xx, or gRPC `UNAVAILABLE` in the head)
-    /// and ejects the endpoint once the policy's number of answers in a row failed — unless no
-    /// other endpoint is ready: ejecting the last one would turn errors into no answer at all.
-    /// Returns true when it ejected.
+    /// Failure accrual: counts `ep`'s answer (failed: 502, 503, 504 or gRPC `UNAVAILABLE` in
+    /// the head — the answers of an endpoint that cannot serve; a 500 or 501 is the app's
+    /// answer to one request, which callers could provoke to eject endpoints at will) and
+    /// ejects the endpoint once the policy's number of answers in a row failed, as long as at
+    /// most half of the endpoints are ejected, and never the last ready one. Returns true when
+    /// it ejected.
     pub fn accrue(
         &self,
         ep: &Endpoint,
         status: http::StatusCode,
         headers: &http::HeaderMap,
     ) -> bool {
-        let failed = status.is_server_error()
+        let failed = matches!(status.as_u16(), 502..=504)
             || headers
                 .get("grpc-status")
                 .is_some_and(|v| v.as_bytes() == b"14");
@@ -132,16 +137,20 @@ impl Destination {
         if threshold == 0 || in_a_row < threshold {
             return false;
         }
+        // One decision at a time: concurrent failures of every endpoint (a shared database
+        // down) must not each see "others are ready" and eject them all. Taken only when a
+        // threshold is crossed, never on the common path.
+        let _one = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let others = self
-            .endpoints
-            .load()
-            .iter()
-            .any(|e| e.addr != ep.addr && e.is_ready(now));
-        if others {
+        let eps = self.endpoints.load();
+        let ready = eps.iter().filter(|e| e.is_ready(now)).count();
+        let others = eps.iter().any(|e| e.addr != ep.addr && e.is_ready(now));
+        // At most half ejected (Envoy's max ejection percent): ready after this one ≥ half.
+        let allowed = others && (ready.saturating_sub(1)) * 2 >= eps.len();
+        if allowed {
             ep.eject(in_a_row, threshold, status);
         }
-        others
+        allowed
     }
 
     /// Picks an endpoint for one request, skipping `exclude` (an endpoint that just failed).

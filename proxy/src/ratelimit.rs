@@ -27,6 +27,8 @@ const MAX_ADDRS: usize = 64;
 const MAX_CLIENTS: usize = 1024;
 /// How often an address's destination is asked for again (keeps its watch from going idle).
 const REFRESH: Duration = Duration::from_secs(30);
+/// How soon an address that could not be looked up is asked for again.
+const RETRY: Duration = Duration::from_secs(1);
 /// A client bucket unused this long is forgotten when the table is full.
 const CLIENT_IDLE: Duration = Duration::from_secs(10);
 
@@ -101,11 +103,14 @@ impl RateLimits {
         }
     }
 
-    /// A kubelet probe: exempt.
-    pub(crate) fn is_probe(&self, method: &http::Method, path: &str, client: Option<&str>) -> bool {
-        client.is_none()
-            && matches!(*method, http::Method::GET | http::Method::HEAD)
-            && self.probe_paths.iter().any(|p| p == path)
+    /// A kubelet probe (the same test strict mode applies: GET/HEAD to a probe path, no
+    /// upgrade, no body) from no verified caller: exempt.
+    pub(crate) fn is_probe<B: http_body::Body>(
+        &self,
+        req: &http::Request<B>,
+        client: Option<&str>,
+    ) -> bool {
+        client.is_none() && crate::http::forward::is_probe(req, &self.probe_paths)
     }
 
     /// The limits of `local`, following it from the first call on.
@@ -115,7 +120,17 @@ impl RateLimits {
             return Some(a.clone());
         }
         if addrs.len() >= MAX_ADDRS {
-            return None;
+            // Full: forget addresses known to have no limits (a caller touching many ports
+            // must not crowd out the app's real one); their follow tasks end with them.
+            addrs.retain(|_, a| {
+                a.dest.load().as_ref().is_none_or(|d| {
+                    d.policy_now().rate_limit.is_some()
+                        || d.policy_now().rate_limit_per_client.is_some()
+                })
+            });
+            if addrs.len() >= MAX_ADDRS {
+                return None;
+            }
         }
         let a = Arc::new(AddrLimits {
             dest: ArcSwapOption::empty(),
@@ -129,11 +144,17 @@ impl RateLimits {
             let name = local.to_string();
             loop {
                 let Some(a) = follow.upgrade() else { return };
-                if let Ok(d) = destinations.resolve(&name).await {
-                    a.dest.store(Some(d));
-                }
+                // Asked again soon when not known yet, then only to keep the watch alive
+                // (the destination's policy follows the control plane in between).
+                let wait = match destinations.resolve(&name).await {
+                    Ok(d) => {
+                        a.dest.store(Some(d));
+                        REFRESH
+                    }
+                    Err(_) => RETRY,
+                };
                 drop(a);
-                tokio::time::sleep(REFRESH).await;
+                tokio::time::sleep(wait).await;
             }
         });
         Some(a)
@@ -147,7 +168,10 @@ impl RateLimits {
         let Some(dest) = a.dest.load_full() else {
             return Ok(());
         };
-        let policy = dest.policy();
+        let policy = dest.policy_now();
+        if policy.rate_limit.is_none() && policy.rate_limit_per_client.is_none() {
+            return Ok(());
+        }
         let now = Instant::now();
         // A request is served only when both buckets have a token, and takes from both only
         // then: one refused by the total must not spend its caller's share, nor the reverse.
@@ -165,9 +189,12 @@ impl RateLimits {
                     true => id,
                     false => "",
                 };
-                let bucket = clients
-                    .entry(key.into())
-                    .or_insert_with(|| Bucket::full(rate, now));
+                if !clients.contains_key(key) {
+                    clients.insert(key.into(), Bucket::full(rate, now));
+                }
+                let Some(bucket) = clients.get_mut(key) else {
+                    return Ok(());
+                };
                 bucket.ready(rate, now).map_err(|retry_after| Limited {
                     per_client: true,
                     limit: rate,

@@ -145,7 +145,7 @@ async fn timeouts_and_retries_from_the_file_source_are_enforced_changed_live_and
     let file = |slow_policy: &str, flaky_policy: &str| {
         service("slow.test:80", &[&slow], slow_policy)
             + &service("flaky.test:80", &[&down, &up], flaky_policy)
-            + &service("broken.test:80", &[&down], "")
+            + &service("broken.test:80", &[&down], "retries = 2")
     };
     let client_id = pki.id("client");
     let cp = TestControl::start(
@@ -220,7 +220,8 @@ async fn timeouts_and_retries_from_the_file_source_are_enforced_changed_live_and
     );
     let flaky_down_hits = down.hits.load(Ordering::Relaxed) as f64;
     // Never the last ready endpoint: a service whose only endpoint fails keeps reaching it
-    // (the app's own 503), instead of the proxy answering for an empty set.
+    // (the app's own 503), instead of the proxy answering for an empty set; with retries and
+    // nowhere else to go, the client gets the backend's own answer.
     for _ in 0..20 {
         let (status, body) = get_via(proxy.outbound, "broken.test:80").await.unwrap();
         assert_eq!((status, body.as_str()), (503, "down"));

@@ -488,6 +488,36 @@ struct Names {
     addrs: BTreeSet<String>,
 }
 
+/// What each Service publishes for an address: a pod's address can belong to several
+/// Services (a canary and a stable one, a headless twin), and must stay while any has it.
+type AddrOwners = HashMap<String, BTreeMap<ServiceKey, Published>>;
+
+/// One address's entry from all the Services that publish it: the first Service's (in key
+/// order, so the same every time), with the strictest of their rate limits.
+fn merged(owners: &BTreeMap<ServiceKey, Published>) -> Option<Published> {
+    let mut it = owners.values();
+    let first = it.next()?.clone();
+    let Published::Endpoints(set, policy) = first else {
+        return Some(first);
+    };
+    let min = |a: Option<u32>, b: Option<u32>| match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    };
+    let (mut total, mut per_client) = (policy.rate_limit, policy.rate_limit_per_client);
+    for p in it.filter_map(Published::policy) {
+        total = min(total, p.rate_limit);
+        per_client = min(per_client, p.rate_limit_per_client);
+    }
+    if (total, per_client) == (policy.rate_limit, policy.rate_limit_per_client) {
+        return Some(Published::Endpoints(set, policy));
+    }
+    let mut p = (*policy).clone();
+    p.rate_limit = total;
+    p.rate_limit_per_client = per_client;
+    Some(Published::Endpoints(set, Arc::new(p)))
+}
+
 /// Each Service's last good policy and the annotation error last logged for it.
 type Policies = HashMap<ServiceKey, (Arc<Policy>, Option<String>)>;
 
@@ -501,6 +531,7 @@ struct State {
     /// Each Service's last good policy, and the annotation error last logged for it: a bad
     /// annotation is refused (logged once per error) and the last good policy keeps serving.
     policies: Policies,
+    addr_owners: AddrOwners,
     /// The registry follows the caches (all listed).
     live: bool,
 }
@@ -514,6 +545,7 @@ impl State {
             services: Cache::default(),
             published: HashMap::new(),
             policies: HashMap::new(),
+            addr_owners: HashMap::new(),
             live: false,
         }
     }
@@ -681,8 +713,8 @@ impl State {
         let mut old_policies = std::mem::take(&mut self.policies);
         let by = self.slices_by_service();
         let mut names = Table::new();
-        let mut addrs = Table::new();
         let mut published = HashMap::new();
+        let mut owners: AddrOwners = HashMap::new();
         let mut policies = Policies::new();
         for (key, svc) in &self.services.items {
             let slices = by.get(key).map(Vec::as_slice).unwrap_or_default();
@@ -701,8 +733,15 @@ impl State {
                 },
             );
             names.extend(t.names);
-            addrs.extend(t.addrs);
+            for (a, p) in t.addrs {
+                owners.entry(a).or_default().insert(key.clone(), p);
+            }
         }
+        let addrs: Table = owners
+            .iter()
+            .filter_map(|(a, o)| Some((a.clone(), merged(o)?)))
+            .collect();
+        self.addr_owners = owners;
         self.published = published;
         self.policies = policies;
         sink.names.replace_all(names);
@@ -750,7 +789,18 @@ impl State {
             sink.names.publish(gone, None);
         }
         for gone in old.addrs.iter().filter(|n| !t.addrs.contains_key(*n)) {
-            sink.addrs.publish(gone, None);
+            // Another Service may still select this pod address: it keeps what they publish.
+            let left = match self.addr_owners.get_mut(gone) {
+                Some(owners) => {
+                    owners.remove(key);
+                    merged(owners)
+                }
+                None => None,
+            };
+            if left.is_none() {
+                self.addr_owners.remove(gone);
+            }
+            sink.addrs.publish(gone, left);
         }
         let now = Names {
             names: t.names.keys().cloned().collect(),
@@ -760,7 +810,9 @@ impl State {
             sink.names.publish(&n, Some(p));
         }
         for (a, p) in t.addrs {
-            sink.addrs.publish(&a, Some(p));
+            let owners = self.addr_owners.entry(a.clone()).or_default();
+            owners.insert(key.clone(), p);
+            sink.addrs.publish(&a, merged(owners));
         }
         if self.services.items.contains_key(key) {
             self.published.insert(key.clone(), now);
@@ -1747,5 +1799,29 @@ mod tests {
             p,
             "not a Service name: refused"
         );
+    }
+
+    #[test]
+    fn an_address_several_services_publish_keeps_the_strictest_limit_and_outlives_each() {
+        let pod = || vec![EndpointSpec::new("10.1.0.1:8080".parse().unwrap())];
+        let limit = |r: Option<u32>| {
+            Published::with_policy(pod(), Policy::default().with_rate_limits(r, None).unwrap())
+        };
+        let key = |n: &str| ("shop".to_string(), n.to_string());
+        let mut owners = BTreeMap::new();
+        owners.insert(key("web"), limit(Some(100)));
+        owners.insert(key("web-canary"), limit(None));
+        owners.insert(key("web-hl"), limit(Some(40)));
+        let m = merged(&owners).unwrap();
+        assert_eq!(m.policy().unwrap().rate_limit, Some(40));
+        assert_eq!(m.set().unwrap().len(), 1);
+        // One Service letting go leaves the others' entry, not a deletion.
+        owners.remove(&key("web-hl"));
+        assert_eq!(
+            merged(&owners).unwrap().policy().unwrap().rate_limit,
+            Some(100)
+        );
+        owners.clear();
+        assert!(merged(&owners).is_none());
     }
 }

@@ -979,13 +979,13 @@ mod tests {
         let d = chain(vec![("static", statics.clone())], false);
         // The first answer already carries the policy: no request runs without it.
         let dest = d.resolve("web:80").await.expect("known");
-        assert_eq!(*dest.policy(), two_s);
+        assert_eq!(**dest.policy_now(), two_s);
         // Changed live; endpoints replaced later keep it.
         let three = Policy::new(None, 3).expect("policy");
         statics.set_policy("web:80", three.clone());
         statics.set("web:80", vec![spec(9), spec(10)]);
         tokio::time::timeout(FIRST_ANSWER, async {
-            while ports(&dest) != [9, 10] || *dest.policy() != three {
+            while ports(&dest) != [9, 10] || **dest.policy_now() != three {
                 tokio::task::yield_now().await;
             }
         })

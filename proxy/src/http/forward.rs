@@ -207,7 +207,7 @@ impl FailedAt {
 
 /// A kubelet probe: GET/HEAD to a listed path, with no Upgrade (an upgrade would turn the
 /// exempted plaintext connection into a tunnel past strict mode) and no body.
-fn is_probe<B: http_body::Body>(req: &Request<B>, paths: &[String]) -> bool {
+pub(crate) fn is_probe<B: http_body::Body>(req: &Request<B>, paths: &[String]) -> bool {
     matches!(*req.method(), Method::GET | Method::HEAD)
         && !req.headers().contains_key(header::UPGRADE)
         && req.body().is_end_stream()
@@ -248,7 +248,7 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
                 .headers()
                 .get(&CLIENT_ID_HEADER)
                 .and_then(|v| v.to_str().ok());
-            if !limits.is_probe(req.method(), req.uri().path(), client)
+            if !limits.is_probe(&req, client)
                 && let Err(l) = limits.check(local, client)
             {
                 return Box::pin(std::future::ready(Ok(
@@ -482,17 +482,17 @@ impl Forwarder {
             let req = self.upstream_phase(req, &cx, &ep)?;
             return Box::pin(self.connect(req, &dst, &dest, &ep)).await;
         }
-        let policy = dest.policy();
+        let timeout = dest.policy_now().timeout;
         let grpc = is_grpc(&req);
         let limit = match req.headers().contains_key(header::UPGRADE) {
             // An upgraded stream lives as long as its peers want; only its 101 could be timed.
             true => None,
-            false => crate::deadline::deadline(policy.timeout, req.headers(), grpc),
+            false => crate::deadline::deadline(timeout, req.headers(), grpc),
         };
         let Some(limit) = limit else {
             return self.send(req, &dst, &ep, Some(&dest), &cx).await;
         };
-        let why = match policy.timeout == Some(limit) {
+        let why = match timeout == Some(limit) {
             true => "the destination's timeout policy",
             false => "the caller's grpc-timeout",
         };
@@ -517,7 +517,7 @@ impl Forwarder {
         dest: Arc<Destination>,
         req: &Request<Scrubbed>,
     ) -> Result<(String, Arc<Destination>), ForwardError> {
-        let policy = dest.policy();
+        let policy = dest.policy_now();
         if policy.split.is_empty() && policy.routes.is_empty() {
             return Ok((dst, dest));
         }
@@ -535,6 +535,9 @@ impl Forwarder {
                 None => return Ok((dst, dest)),
             },
         };
+        let to = to.clone();
+        // The policy is not held across the lookup below.
+        drop(policy);
         self.metrics
             .policy_routed
             .get_or_create(&crate::metrics::RoutedLabels {
@@ -543,8 +546,8 @@ impl Forwarder {
                 by,
             })
             .inc();
-        let other = Box::pin(d.resolve(to)).await?;
-        Ok((to.clone(), other))
+        let other = Box::pin(d.resolve(&to)).await?;
+        Ok((to, other))
     }
 
     /// Phase 2: the embedding application's choice of destination, normalised.
@@ -686,7 +689,7 @@ impl Forwarder {
             dest.saw_h2();
         }
         dest.budget.deposit();
-        let retries = dest.policy().retries;
+        let retries = dest.policy_now().retries;
         if retries > 0 && crate::retry::policy_may_retry(&req, is_grpc(&req)) {
             return Box::pin(self.send_with_retries(req, dst, ep, dest, cx, retries)).await;
         }
@@ -757,60 +760,72 @@ impl Forwarder {
         let mut ep = ep.clone();
         let mut left = retries;
         loop {
-            let failed = match ep.send(req).await {
+            let endpoint_error = |source| ForwardError::Endpoint {
+                dst: dst.to_string(),
+                source,
+            };
+            let next = match ep.send(req).await {
                 Ok(rsp) => {
                     dest.accrue(&ep, rsp.status(), rsp.headers());
                     if !(left > 0
                         && crate::retry::retryable_answer(rsp.status(), rsp.headers())
-                        && Box::pin(replay.settled(SETTLE)).await
-                        && dest.budget.withdraw())
+                        && Box::pin(replay.settled(SETTLE)).await)
                     {
                         return Ok(self.answered(rsp, &ep));
                     }
-                    tracing::debug!(dst, endpoint = %ep.addr, status = %rsp.status(), "retryable answer; trying another endpoint (destination policy)");
+                    // Another endpoint first: with none (or none ready within failfast), the
+                    // client gets the backend's own answer, not the proxy's.
+                    let Ok(other) = Box::pin(dest.pick(Some(&ep))).await else {
+                        return Ok(self.answered(rsp, &ep));
+                    };
+                    if other.addr == ep.addr || !dest.budget.withdraw() {
+                        return Ok(self.answered(rsp, &ep));
+                    }
+                    tracing::debug!(dst, endpoint = %ep.addr, status = %rsp.status(), retry = %other.addr, "retryable answer; trying another endpoint (destination policy)");
                     // Dropping the answer lets go of the request body, so it can be replayed.
                     drop(rsp);
-                    None
-                }
-                Err(e) => Some(e),
-            };
-            let next = match failed {
-                // Never sent: safe anywhere, no budget needed.
-                Some(crate::endpoint::SendError {
-                    unsent: Some(unsent),
-                    ..
-                }) => unsent,
-                Some(e) => {
-                    // `body` below waits for the attempt to let go and says if it can replay.
-                    if !(left > 0 && dest.budget.withdraw()) {
-                        return Err(ForwardError::Endpoint {
-                            dst: dst.to_string(),
-                            source: e.error,
-                        });
-                    }
-                    match Box::pin(replay.body()).await {
-                        Some(b) => again(b),
-                        None => {
-                            return Err(ForwardError::Endpoint {
-                                dst: dst.to_string(),
-                                source: e.error,
-                            });
-                        }
-                    }
-                }
-                None => {
-                    match Box::pin(replay.body()).await {
-                        Some(b) => again(b),
-                        None => {
-                            // The attempt kept the body: answer as the backend did.
-                            return Ok(local_response(
+                    let Some(b) = Box::pin(replay.body()).await else {
+                        return Ok(local_response(
                             StatusCode::SERVICE_UNAVAILABLE,
                             grpc,
-                            &format!("{dst}: {} was unavailable and the request could not be replayed", ep.addr),
+                            &format!(
+                                "{dst}: {} was unavailable and the request could not be replayed",
+                                ep.addr
+                            ),
                         )
                         .map(Either::Right));
-                        }
+                    };
+                    ep = other;
+                    again(b)
+                }
+                // Never sent: safe anywhere and needs no budget, but counts as a try, so a
+                // destination whose endpoints all refuse connections is not looped over.
+                Err(crate::endpoint::SendError {
+                    unsent: Some(unsent),
+                    error,
+                }) => {
+                    if left == 0 {
+                        return Err(endpoint_error(error));
                     }
+                    ep = match Box::pin(dest.pick(Some(&ep))).await {
+                        Ok(o) => o,
+                        Err(_) => return Err(endpoint_error(error)),
+                    };
+                    unsent
+                }
+                Err(e) => {
+                    // `body` waits for the attempt to let go and says if it can replay.
+                    if !(left > 0 && dest.budget.withdraw()) {
+                        return Err(endpoint_error(e.error));
+                    }
+                    let Some(b) = Box::pin(replay.body()).await else {
+                        return Err(endpoint_error(e.error));
+                    };
+                    ep = match Box::pin(dest.pick(Some(&ep))).await {
+                        Ok(o) => o,
+                        Err(_) => return Err(endpoint_error(e.error)),
+                    };
+                    again(b)
                 }
             };
             left = left.saturating_sub(1);
@@ -820,10 +835,6 @@ impl Forwarder {
                     direction: self.direction,
                 })
                 .inc();
-            ep = match Box::pin(dest.pick(Some(&ep))).await {
-                Ok(o) => o,
-                Err(e) => return Err(e.into()),
-            };
             self.check_loop(dst, &ep)?;
             let mut next = next;
             upstream_uri(&mut next, ep.addr);
