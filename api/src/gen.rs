@@ -70,6 +70,18 @@ pub struct Policy {
     pub rate_limit: u32,
     #[prost(uint32, tag = "7")]
     pub rate_limit_per_client: u32,
+    /// Per route: requests whose path starts with the prefix get this timeout instead of
+    /// timeout_ms (the longest matching prefix wins).
+    #[prost(message, repeated, tag = "8")]
+    pub route_timeouts: ::prost::alloc::vec::Vec<RouteTimeout>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteTimeout {
+    #[prost(string, tag = "1")]
+    pub path_prefix: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub timeout_ms: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -6,7 +6,7 @@
 //!
 //! | annotation | value | meaning |
 //! |---|---|---|
-//! | `remora.io/timeout` | a duration: `500ms`, `2s`, `1m` (1 ms … 1 h) | each request must have its response head by then: `504`, or `grpc-status: 4` (DEADLINE_EXCEEDED) |
+//! | `remora.io/timeout` | a duration: `500ms`, `2s`, `1m` (1 ms … 1 h), then optionally per route `; /PREFIX=DURATION` (a path prefix or a gRPC `/pkg.Service/Method`; the longest matching prefix wins): `500ms; /pkg.Reports/=30s` | each request must have its response head by then: `504`, or `grpc-status: 4` (DEADLINE_EXCEEDED) |
 //! | `remora.io/retries` | a count, 0 … 10 | a request answered `503` or gRPC `UNAVAILABLE` is tried again on another endpoint, up to this many times, within the destination's retry budget |
 //! | `remora.io/split` | `other=PERCENT[,…]`: Services in the same namespace, whole percents, 100 at most in all | that share of the Service's requests goes to the other Service (same port) instead, picked per request; the rest stays (a canary at 5, then 50) |
 //! | `remora.io/routes` | `header:NAME=VALUE=>other[; path:/PREFIX=>other…]`: Services in the same namespace | a request with that header value (exact) or path prefix goes to the other Service (same port); the first rule that matches wins, before any split |
@@ -72,6 +72,9 @@ pub const MAX_RETRIES: u32 = 10;
 pub struct Policy {
     /// Each request must have its response head within this.
     pub timeout: Option<Duration>,
+    /// Per route: requests whose path starts with the prefix get this timeout instead (the
+    /// longest matching prefix wins).
+    pub route_timeouts: Vec<(String, Duration)>,
     /// Retries of a request answered `503` or gRPC `UNAVAILABLE`.
     pub retries: u32,
     /// Consecutive failed answers that eject an endpoint; `None`: the default
@@ -165,7 +168,44 @@ impl Policy {
             routes: Vec::new(),
             rate_limit: None,
             rate_limit_per_client: None,
+            route_timeouts: Vec::new(),
         })
+    }
+
+    /// The policy with per-route timeouts (at most [`MAX_ROUTES`], prefixes starting with `/`).
+    pub fn with_route_timeouts(mut self, t: Vec<(String, Duration)>) -> Result<Policy, String> {
+        if t.len() > MAX_ROUTES {
+            return Err(format!(
+                "timeout: {} routes; use at most {MAX_ROUTES}",
+                t.len()
+            ));
+        }
+        for (prefix, d) in &t {
+            if !prefix.starts_with('/') || prefix.bytes().any(|b| b.is_ascii_control() || b == b' ')
+            {
+                return Err(format!(
+                    "timeout: route {prefix:?} must be a path prefix starting with /"
+                ));
+            }
+            if *d < Duration::from_millis(1) || *d > MAX_TIMEOUT {
+                return Err(format!(
+                    "timeout: {d:?} for {prefix} is out of range; use 1ms to {}s",
+                    MAX_TIMEOUT.as_secs()
+                ));
+            }
+        }
+        self.route_timeouts = t;
+        Ok(self)
+    }
+
+    /// The timeout of a request to `path`: its longest matching route's, else the default.
+    pub fn timeout_for(&self, path: &str) -> Option<Duration> {
+        self.route_timeouts
+            .iter()
+            .filter(|(p, _)| path.starts_with(p.as_str()))
+            .max_by_key(|(p, _)| p.len())
+            .map(|(_, d)| *d)
+            .or(self.timeout)
     }
 
     /// The policy with inbound rate limits (each 1 … [`MAX_RATE_LIMIT`] per second).
@@ -257,10 +297,32 @@ impl Policy {
     /// the `remora.io/` prefix). Unknown `remora.io/*` keys are not this function's business.
     /// Errors name the field and the value's expected form.
     pub fn from_fields<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<Policy, String> {
-        let timeout = match get(TIMEOUT) {
-            None => None,
-            Some(v) => Some(parse_duration(v).map_err(|e| format!("{TIMEOUT}: {v:?} {e}"))?),
-        };
+        // `DEFAULT; /prefix=D; …`: the default (optional) first, then routes.
+        let mut timeout = None;
+        let mut route_timeouts = Vec::new();
+        for (i, part) in get(TIMEOUT)
+            .unwrap_or("")
+            .split(';')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .enumerate()
+        {
+            match part.rsplit_once('=') {
+                Some((prefix, d)) => route_timeouts.push((
+                    prefix.trim().to_string(),
+                    parse_duration(d).map_err(|e| format!("{TIMEOUT}: {d:?} for {prefix} {e}"))?,
+                )),
+                None if i == 0 => {
+                    timeout =
+                        Some(parse_duration(part).map_err(|e| format!("{TIMEOUT}: {part:?} {e}"))?)
+                }
+                None => {
+                    return Err(format!(
+                        "{TIMEOUT}: {part:?} has no route; write /PREFIX=DURATION after the default"
+                    ));
+                }
+            }
+        }
         let retries = match get(RETRIES) {
             None => 0,
             Some(v) => v.trim().parse::<u32>().map_err(|_| {
@@ -301,6 +363,8 @@ impl Policy {
         };
         let (total, per_client) = (rate(RATE_LIMIT)?, rate(RATE_LIMIT_PER_CLIENT)?);
         policy
+            .with_route_timeouts(route_timeouts)
+            .map_err(|e| format!("{TIMEOUT}: {}", e.trim_start_matches("timeout: ")))?
             .with_split(split)
             .map_err(|e| format!("{SPLIT}: {e}"))?
             .with_routes(routes)
@@ -471,6 +535,7 @@ mod tests {
                 routes: Vec::new(),
                 rate_limit: None,
                 rate_limit_per_client: None,
+                route_timeouts: Vec::new(),
             })
         );
         assert_eq!(
@@ -494,6 +559,23 @@ mod tests {
                     percent: 10
                 }
             ]
+        );
+        let t = fields(&[(TIMEOUT, "500ms; /pkg.Reports/=30s; /pkg.Reports/Quick=1s")]).unwrap();
+        let ms = |v| Some(Duration::from_millis(v));
+        assert_eq!(t.timeout_for("/pkg.Svc/Get"), ms(500));
+        assert_eq!(t.timeout_for("/pkg.Reports/Year"), ms(30_000));
+        assert_eq!(
+            t.timeout_for("/pkg.Reports/Quick"),
+            ms(1_000),
+            "the longest prefix"
+        );
+        let only_routes = fields(&[(TIMEOUT, "/slow/=5s")]).unwrap();
+        assert_eq!(
+            (
+                only_routes.timeout_for("/x"),
+                only_routes.timeout_for("/slow/a")
+            ),
+            (None, ms(5_000))
         );
         let r = fields(&[(
             ROUTES,
@@ -553,6 +635,9 @@ mod tests {
             (SPLIT, "a=60,b=50", "add up to 110"),
             (SPLIT, "a=5,a=5", "named twice"),
             (ROUTES, "header:x=1", "no =>"),
+            (TIMEOUT, "1s; 2s", "has no route"),
+            (TIMEOUT, "1s; reports=2s", "must be a path prefix"),
+            (TIMEOUT, "1s; /r=soon", "not a duration"),
             (RATE_LIMIT, "lots", "not a rate"),
             (RATE_LIMIT, "0", "out of range"),
             (RATE_LIMIT_PER_CLIENT, "2000000", "out of range"),

@@ -208,6 +208,14 @@ fn policy(p: &Policy) -> Option<remora_api::Policy> {
                 percent: s.percent,
             })
             .collect(),
+        route_timeouts: p
+            .route_timeouts
+            .iter()
+            .map(|(prefix, d)| remora_api::RouteTimeout {
+                path_prefix: prefix.clone(),
+                timeout_ms: u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+            })
+            .collect(),
         rate_limit: p.rate_limit.unwrap_or(0),
         rate_limit_per_client: p.rate_limit_per_client.unwrap_or(0),
         routes: p

@@ -554,3 +554,47 @@ async fn rate_limits_are_enforced_by_the_endpoints_own_proxy_per_client_and_in_t
     assert!(limited("client") >= 20.0, "{m}");
     assert!(limited("total") >= 20.0, "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_route_timeouts_take_the_longest_matching_prefix() {
+    let pki = Pki::new("cluster.local");
+    let slow = PolicyApp::start("slow", Behaviour::Slow(Duration::from_millis(600))).await;
+    let toml = service(
+        "slow.test:80",
+        &[&slow],
+        "timeout = \"2s; /pkg.Reports/=150ms; /pkg.Reports/Year=5s\"",
+    );
+    let client_id = pki.id("client");
+    let cp = TestControl::start(loopback0(), &pki, &toml, &[(TOKEN, &client_id)], DAY).await;
+    let proxy = TestProxy::start(proxy_config(
+        refused_addr().await,
+        &pki,
+        &cp.target(),
+        "client",
+        TOKEN,
+    ))
+    .await;
+    let code = async |path: &str| {
+        let url = format!("http://{}{path}", proxy.outbound);
+        let out = run(
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "host: slow.test:80",
+                &url,
+            ],
+        )
+        .await;
+        out.stdout
+    };
+    // The route's 150 ms cuts the 600 ms app short; the longer prefix's 5 s and the default 2 s
+    // do not.
+    assert_eq!(code("/pkg.Reports/Month").await, "504");
+    assert_eq!(code("/pkg.Reports/Year").await, "200");
+    assert_eq!(code("/other").await, "200");
+}

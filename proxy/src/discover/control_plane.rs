@@ -140,6 +140,17 @@ fn policy(p: remora_api::Policy) -> Option<remora_certs::Policy> {
             .with_rate_limits(
                 (p.rate_limit > 0).then_some(p.rate_limit),
                 (p.rate_limit_per_client > 0).then_some(p.rate_limit_per_client),
+            )?
+            .with_route_timeouts(
+                p.route_timeouts
+                    .iter()
+                    .map(|t| {
+                        (
+                            t.path_prefix.clone(),
+                            std::time::Duration::from_millis(t.timeout_ms),
+                        )
+                    })
+                    .collect(),
             )
     });
     match policy {

@@ -482,7 +482,7 @@ impl Forwarder {
             let req = self.upstream_phase(req, &cx, &ep)?;
             return Box::pin(self.connect(req, &dst, &dest, &ep)).await;
         }
-        let timeout = dest.policy_now().timeout;
+        let timeout = dest.policy_now().timeout_for(req.uri().path());
         let grpc = is_grpc(&req);
         let limit = match req.headers().contains_key(header::UPGRADE) {
             // An upgraded stream lives as long as its peers want; only its 101 could be timed.
