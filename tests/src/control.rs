@@ -287,6 +287,41 @@ pub fn proxy_config_for(
     cfg
 }
 
+/// A free port on every one of `ips` (pods of one slice share their port number).
+pub fn port_on(ips: &[[u8; 4]]) -> u16 {
+    for _ in 0..50 {
+        let first = std::net::TcpListener::bind(SocketAddr::from((ips[0], 0))).expect("bind");
+        let port = first.local_addr().expect("addr").port();
+        let rest: Vec<_> = ips[1..]
+            .iter()
+            .map(|ip| std::net::TcpListener::bind(SocketAddr::from((*ip, port))))
+            .collect();
+        if rest.iter().all(|r| r.is_ok()) {
+            return port;
+        }
+    }
+    panic!("no port free on all of {ips:?}");
+}
+
+/// A proxy whose identity (from the control plane, with `token`) is `ns/sa`.
+pub fn meshed(
+    pki: &Pki,
+    cp: &TestControl,
+    app: SocketAddr,
+    ns: &str,
+    sa: &str,
+    token: &str,
+) -> Config {
+    let mut cfg = proxy_config(app, pki, &cp.target(), sa, token);
+    if let IdentityMode::Control { token, .. } = cfg.identity_mode {
+        cfg.identity_mode = IdentityMode::Control {
+            id: remora_certs::SpiffeId::workload(&pki.trust_domain, ns, sa).expect("id"),
+            token,
+        };
+    }
+    cfg
+}
+
 /// An HTTP/1.1 + HTTP/2 app that answers every request with its `name`.
 pub struct NamedApp {
     pub addr: SocketAddr,

@@ -243,6 +243,22 @@ impl ApiServer {
             .insert(ns.to_string());
     }
 
+    /// Creates or replaces (server-side apply, forced) the object at `path`
+    /// (`…/<kind plural>/<name>`). Fields this manager set before and left out now are removed
+    /// (how an annotation goes).
+    pub fn apply_path(&self, path: &str, body: &Value) {
+        let (code, text) = self.request(
+            "PATCH",
+            &format!("{path}?fieldManager=remora-tests&force=true"),
+            Some("application/apply-patch+yaml"),
+            Some(&body.to_string()),
+        );
+        assert!(
+            code == 200 || code == 201,
+            "applying {path}: HTTP {code}: {text}"
+        );
+    }
+
     /// Creates or replaces object `name` in the collection at `path_collection` (e.g.
     /// `/api/v1/namespaces/shop/services`) by server-side apply, creating its namespace first.
     /// `json` is the whole object, with `apiVersion`, `kind` and `metadata.name`.

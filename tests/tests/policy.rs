@@ -89,6 +89,21 @@ impl PolicyApp {
     }
 }
 
+/// A control plane serving `toml` (file source) and a client proxy fed by it.
+async fn client_mesh(pki: &Pki, toml: &str) -> (TestControl, TestProxy) {
+    let client_id = pki.id("client");
+    let cp = TestControl::start(loopback0(), pki, toml, &[(TOKEN, &client_id)], DAY).await;
+    let proxy = TestProxy::start(proxy_config(
+        refused_addr().await,
+        pki,
+        &cp.target(),
+        "client",
+        TOKEN,
+    ))
+    .await;
+    (cp, proxy)
+}
+
 /// The file-source TOML of one service with `policy` lines (`timeout = …`, `retries = …`).
 fn service(name: &str, apps: &[&PolicyApp], policy: &str) -> String {
     let eps: Vec<String> = apps
@@ -147,23 +162,7 @@ async fn timeouts_and_retries_from_the_file_source_are_enforced_changed_live_and
             + &service("flaky.test:80", &[&down, &up], flaky_policy)
             + &service("broken.test:80", &[&down], "retries = 2")
     };
-    let client_id = pki.id("client");
-    let cp = TestControl::start(
-        loopback0(),
-        &pki,
-        &file("timeout = \"150ms\"", "retries = 2"),
-        &[(TOKEN, &client_id)],
-        DAY,
-    )
-    .await;
-    let proxy = TestProxy::start(proxy_config(
-        refused_addr().await,
-        &pki,
-        &cp.target(),
-        "client",
-        TOKEN,
-    ))
-    .await;
+    let (cp, proxy) = client_mesh(&pki, &file("timeout = \"150ms\"", "retries = 2")).await;
 
     // Timeout: HTTP gets 504 naming the policy, well before the app's 600 ms.
     let started = Instant::now();
@@ -334,23 +333,7 @@ async fn a_split_sends_its_share_to_the_canary_and_follows_changes_without_failu
     let file = |split: &str| {
         service("web.test:80", &[&stable], split) + &service("web-canary.test:80", &[&canary], "")
     };
-    let client_id = pki.id("client");
-    let cp = TestControl::start(
-        loopback0(),
-        &pki,
-        &file("split = \"web-canary.test:80=5\""),
-        &[(TOKEN, &client_id)],
-        DAY,
-    )
-    .await;
-    let proxy = TestProxy::start(proxy_config(
-        refused_addr().await,
-        &pki,
-        &cp.target(),
-        "client",
-        TOKEN,
-    ))
-    .await;
+    let (cp, proxy) = client_mesh(&pki, &file("split = \"web-canary.test:80=5\"")).await;
     let share = |before: (u64, u64)| {
         let s = stable.hits.load(Ordering::Relaxed) - before.0;
         let c = canary.hits.load(Ordering::Relaxed) - before.1;
@@ -429,16 +412,7 @@ async fn header_and_path_routes_send_matching_requests_elsewhere_first_match_win
     let toml = service("web.test:80", &[&stable], routes)
         + &service("web-canary.test:80", &[&canary], "")
         + &service("web-v2.test:80", &[&v2], "");
-    let client_id = pki.id("client");
-    let cp = TestControl::start(loopback0(), &pki, &toml, &[(TOKEN, &client_id)], DAY).await;
-    let proxy = TestProxy::start(proxy_config(
-        refused_addr().await,
-        &pki,
-        &cp.target(),
-        "client",
-        TOKEN,
-    ))
-    .await;
+    let (_cp, proxy) = client_mesh(&pki, &toml).await;
     let out = proxy.outbound;
     let canary_hdr = ["-H", "x-canary: true"];
     for _ in 0..20 {
@@ -564,16 +538,7 @@ async fn per_route_timeouts_take_the_longest_matching_prefix() {
         &[&slow],
         "timeout = \"2s; /pkg.Reports/=150ms; /pkg.Reports/Year=5s\"",
     );
-    let client_id = pki.id("client");
-    let cp = TestControl::start(loopback0(), &pki, &toml, &[(TOKEN, &client_id)], DAY).await;
-    let proxy = TestProxy::start(proxy_config(
-        refused_addr().await,
-        &pki,
-        &cp.target(),
-        "client",
-        TOKEN,
-    ))
-    .await;
+    let (_cp, proxy) = client_mesh(&pki, &toml).await;
     let code = async |path: &str| {
         let url = format!("http://{}{path}", proxy.outbound);
         let out = run(

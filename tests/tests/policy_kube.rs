@@ -22,8 +22,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use remora_certs::SpiffeId;
 use remora_control_plane::registry::Published;
-use remora_proxy::{Config, IdentityMode};
-use remora_tests::control::{TestControl, capture_logs, captured_logs, get_via, proxy_config};
+
+use remora_tests::control::{TestControl, capture_logs, captured_logs, get_via, meshed, port_on};
 use remora_tests::kube::ApiServer;
 use remora_tests::{Pki, TestProxy, header, metric, refused_addr, run, status};
 use serde_json::{Value, json};
@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 const CHANGE: Duration = Duration::from_secs(10);
 
 /// How long the slow app takes to answer.
-const SLOW: Duration = Duration::from_secs(1);
+const SLOW: Duration = Duration::from_secs(2);
 
 /// The wait before each request to the Service with a 503 pod, so the policy's retries stay
 /// within the retry budget: it refills 10 a second and each request deposits 0.2, so every
@@ -44,24 +44,8 @@ const SLOW: Duration = Duration::from_secs(1);
 /// balancer favours it: it answers fastest), whatever the budget was left at before.
 const PACE: Duration = Duration::from_millis(100);
 
-/// Creates or replaces (server-side apply) the object at `path` (`…/<kind plural>/<name>`).
-/// Fields this manager set before and left out now are removed (how an annotation goes).
-fn apply(server: &ApiServer, path: &str, body: &Value) {
-    let (code, text) = server.request(
-        "PATCH",
-        &format!("{path}?fieldManager=remora-tests&force=true"),
-        Some("application/apply-patch+yaml"),
-        Some(&body.to_string()),
-    );
-    assert!(
-        code == 200 || code == 201,
-        "applying {path}: HTTP {code}: {text}"
-    );
-}
-
 fn namespace(server: &ApiServer, ns: &str) {
-    apply(
-        server,
+    server.apply_path(
         &format!("/api/v1/namespaces/{ns}"),
         &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
     );
@@ -69,8 +53,7 @@ fn namespace(server: &ApiServer, ns: &str) {
 
 /// Service `shop/name` with `annotations` and one port 80 → `target`.
 fn service(server: &ApiServer, name: &str, annotations: Value, target: u16) {
-    apply(
-        server,
+    server.apply_path(
         &format!("/api/v1/namespaces/shop/services/{name}"),
         &json!({"apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": name, "namespace": "shop", "annotations": annotations},
@@ -81,8 +64,7 @@ fn service(server: &ApiServer, name: &str, annotations: Value, target: u16) {
 
 /// EndpointSlice `shop/name` of `svc`: port `http` → `port`, ready endpoints at `ips`.
 fn slice(server: &ApiServer, name: &str, svc: &str, port: u16, ips: &[&str]) {
-    apply(
-        server,
+    server.apply_path(
         &format!("/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/{name}"),
         &json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -104,34 +86,6 @@ fn ep(ip: &str) -> Value {
 fn flaky(mut annotations: Value) -> Value {
     annotations["remora.io/failure-accrual"] = json!("0");
     annotations
-}
-
-/// A free port on every one of `ips` (pods of one slice share their port number).
-fn port_on(ips: &[[u8; 4]]) -> u16 {
-    for _ in 0..50 {
-        let first = std::net::TcpListener::bind(SocketAddr::from((ips[0], 0))).expect("bind");
-        let port = first.local_addr().expect("addr").port();
-        let rest: Vec<_> = ips[1..]
-            .iter()
-            .map(|ip| std::net::TcpListener::bind(SocketAddr::from((*ip, port))))
-            .collect();
-        if rest.iter().all(|r| r.is_ok()) {
-            return port;
-        }
-    }
-    panic!("no port free on all of {ips:?}");
-}
-
-/// A proxy whose identity (from the control plane, with `token`) is `ns/sa`.
-fn meshed(pki: &Pki, cp: &TestControl, app: SocketAddr, ns: &str, sa: &str, token: &str) -> Config {
-    let mut cfg = proxy_config(app, pki, &cp.target(), sa, token);
-    if let IdentityMode::Control { token, .. } = cfg.identity_mode {
-        cfg.identity_mode = IdentityMode::Control {
-            id: SpiffeId::workload(&pki.trust_domain, ns, sa).expect("id"),
-            token,
-        };
-    }
-    cfg
 }
 
 /// A control plane on the API server (with the permissions `remora install` gives it) and a
@@ -724,8 +678,7 @@ async fn a_service_turned_external_name_leaves_its_policy_behind() {
     let (cp, proxy) = mesh(&server).await;
     // An ExternalName answers on the port the caller asked for: the Service port is the apps'.
     let edge = |annotations: Value, spec: Value| {
-        apply(
-            &server,
+        server.apply_path(
             "/api/v1/namespaces/shop/services/edge",
             &json!({"apiVersion": "v1", "kind": "Service",
                     "metadata": {"name": "edge", "namespace": "shop", "annotations": annotations},

@@ -13,9 +13,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use remora_certs::SpiffeId;
-use remora_proxy::{Config, IdentityMode, MtlsMode};
+use remora_proxy::MtlsMode;
 use remora_tests::control::{
-    Answers, NamedApp, TestControl, first_answer_from, get_via, proxy_config, settle,
+    Answers, NamedApp, TestControl, first_answer_from, get_via, meshed, port_on, settle,
 };
 use remora_tests::kube::ApiServer;
 use remora_tests::{Pki, TestProxy, refused_addr, tcp_echo};
@@ -26,20 +26,6 @@ use tokio::sync::watch;
 /// A change must be visible to callers within this long after the API write.
 const CHANGE: Duration = Duration::from_secs(2);
 
-/// Creates or replaces (server-side apply) the object at `path` (`…/<kind plural>/<name>`).
-fn apply(server: &ApiServer, path: &str, body: &Value) {
-    let (code, text) = server.request(
-        "PATCH",
-        &format!("{path}?fieldManager=remora-tests&force=true"),
-        Some("application/apply-patch+yaml"),
-        Some(&body.to_string()),
-    );
-    assert!(
-        code == 200 || code == 201,
-        "applying {path}: HTTP {code}: {text}"
-    );
-}
-
 fn delete(server: &ApiServer, path: &str) {
     let (code, text) = server.request("DELETE", path, None, None);
     assert!(
@@ -49,8 +35,7 @@ fn delete(server: &ApiServer, path: &str) {
 }
 
 fn namespace(server: &ApiServer, ns: &str) {
-    apply(
-        server,
+    server.apply_path(
         &format!("/api/v1/namespaces/{ns}"),
         &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
     );
@@ -59,8 +44,7 @@ fn namespace(server: &ApiServer, ns: &str) {
 /// Service `shop/name` with `spec` (ports, type, clusterIP…); returns the stored object.
 fn service(server: &ApiServer, name: &str, spec: Value) -> Value {
     let path = format!("/api/v1/namespaces/shop/services/{name}");
-    apply(
-        server,
+    server.apply_path(
         &path,
         &json!({"apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": name, "namespace": "shop"}, "spec": spec}),
@@ -72,8 +56,7 @@ fn service(server: &ApiServer, name: &str, spec: Value) -> Value {
 
 /// EndpointSlice `shop/name` of `svc`: `ports` are `(name, number)`, `endpoints` JSON objects.
 fn slice(server: &ApiServer, name: &str, svc: &str, ports: &[(&str, u16)], endpoints: Vec<Value>) {
-    apply(
-        server,
+    server.apply_path(
         &format!("/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/{name}"),
         &json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -99,41 +82,12 @@ fn pod_ep(ip: &str, pod: &str) -> Value {
 
 /// Pod `shop/name` running as service account `sa` (what gives its endpoints an identity).
 fn pod(server: &ApiServer, name: &str, sa: &str) {
-    apply(
-        server,
+    server.apply_path(
         &format!("/api/v1/namespaces/shop/pods/{name}"),
         &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "shop"},
                 "spec": {"serviceAccountName": sa,
                          "containers": [{"name": "app", "image": "example.org/app:1"}]}}),
     );
-}
-
-/// A free port on every one of `ips` (pods of one slice share their port number).
-fn port_on(ips: &[[u8; 4]]) -> u16 {
-    for _ in 0..50 {
-        let first = std::net::TcpListener::bind(SocketAddr::from((ips[0], 0))).expect("bind");
-        let port = first.local_addr().expect("addr").port();
-        let rest: Vec<_> = ips[1..]
-            .iter()
-            .map(|ip| std::net::TcpListener::bind(SocketAddr::from((*ip, port))))
-            .collect();
-        if rest.iter().all(|r| r.is_ok()) {
-            return port;
-        }
-    }
-    panic!("no port free on all of {ips:?}");
-}
-
-/// A proxy whose identity (from the control plane, with `token`) is `ns/sa`.
-fn meshed(pki: &Pki, cp: &TestControl, app: SocketAddr, ns: &str, sa: &str, token: &str) -> Config {
-    let mut cfg = proxy_config(app, pki, &cp.target(), sa, token);
-    if let IdentityMode::Control { token, .. } = cfg.identity_mode {
-        cfg.identity_mode = IdentityMode::Control {
-            id: SpiffeId::workload(&pki.trust_domain, ns, sa).expect("id"),
-            token,
-        };
-    }
-    cfg
 }
 
 /// Requests `authority` through `proxy` until the answers (app names) cover `want`, within

@@ -864,9 +864,9 @@ impl Endpoint {
 /// True when an HTTP/2 connection failed because the peer answered in HTTP/1 (`HTTP/1.1 400`
 /// read as a frame header is far beyond the maximum frame size) or with other non-frames.
 /// What a resend needs of a request besides its body.
-type RequestHead = (http::Method, http::Uri, http::Version, http::HeaderMap);
+pub(crate) type RequestHead = (http::Method, http::Uri, http::Version, http::HeaderMap);
 
-fn rebuild<B>((method, uri, version, headers): RequestHead, body: B) -> Request<B> {
+pub(crate) fn rebuild<B>((method, uri, version, headers): RequestHead, body: B) -> Request<B> {
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;

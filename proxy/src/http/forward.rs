@@ -746,15 +746,7 @@ impl Forwarder {
             parts.version,
             parts.headers.clone(),
         );
-        let again = |body| {
-            let (method, uri, version, headers) = head.clone();
-            let mut r = Request::new(body);
-            *r.method_mut() = method;
-            *r.uri_mut() = uri;
-            *r.version_mut() = version;
-            *r.headers_mut() = headers;
-            r
-        };
+        let again = |body| crate::endpoint::rebuild(head.clone(), body);
         let (body, replay) = UpstreamBody::Plain(body).recording();
         let mut req = Request::from_parts(parts, body);
         let mut ep = ep.clone();

@@ -94,6 +94,12 @@ impl Replay {
     /// body on its own after the response head has come — then says whether it is
     /// [`Replay::complete`].
     pub async fn settled(&self, max: std::time::Duration) -> bool {
+        let _ = self.released(max).await;
+        self.complete()
+    }
+
+    /// Waits (at most `max`) until the attempt has dropped the body; false on timeout.
+    async fn released(&self, max: std::time::Duration) -> bool {
         let wait = async {
             loop {
                 let notified = self.dropped.notified();
@@ -103,8 +109,7 @@ impl Replay {
                 notified.await;
             }
         };
-        let _ = tokio::time::timeout(max, wait).await;
-        self.complete()
+        tokio::time::timeout(max, wait).await.is_ok()
     }
 
     /// The body again: the recorded part, then the unread rest. `None` when more than
@@ -112,19 +117,7 @@ impl Replay {
     pub async fn body(&self) -> Option<UpstreamBody> {
         // hyper drops the failed attempt's body on its connection task, which may run a moment
         // after we hear of the failure.
-        let wait = async {
-            loop {
-                let notified = self.dropped.notified();
-                if !self.copy.lock().unwrap_or_else(|p| p.into_inner()).alive {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        if tokio::time::timeout(std::time::Duration::from_secs(1), wait)
-            .await
-            .is_err()
-        {
+        if !self.released(std::time::Duration::from_secs(1)).await {
             return None;
         }
         let mut copy = self.copy.lock().unwrap_or_else(|p| p.into_inner());
