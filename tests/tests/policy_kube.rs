@@ -379,7 +379,7 @@ async fn a_timeout_annotation_answers_504_or_deadline_exceeded_and_follows_live_
     );
     assert!(timeouts >= 5.0, "timeouts counted: {timeouts}\n{m}");
 
-    // The annotation edited live to 5s: the app's 1 s answers get through again.
+    // The annotation edited live to 5s: the app's 2 s answers get through again.
     let t = Instant::now();
     service(&server, "slow", json!({"remora.io/timeout": "5s"}), port);
     let mut answers = Vec::new();
