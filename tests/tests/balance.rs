@@ -216,11 +216,16 @@ async fn all_endpoints_down_fails_fast() {
         "{:?}",
         started.elapsed()
     );
+    // The next request is answered at once while the soonest retry is more than the
+    // failfast window (3 s) away, and within it plus a connect attempt when the backoff has
+    // just come under it (the proxy then waits for that endpoint and tries it: 502). Either
+    // way an honest answer, never a hang.
     let quick = Instant::now();
     let out = curl(&route, "/", &["-D", "-", "--http2-prior-knowledge"]).await;
-    assert_eq!(status(&out.stdout), 503);
+    let s = status(&out.stdout);
+    assert!(s == 502 || s == 503, "{}", out.stdout);
     assert!(
-        quick.elapsed() < Duration::from_secs(2),
+        quick.elapsed() < Duration::from_secs(5),
         "failfast answered in {:?}",
         quick.elapsed()
     );
