@@ -372,6 +372,18 @@ struct View {
     frames: u64,
 }
 
+/// A bordered table: its columns (header and width) and title.
+fn table<'a>(
+    rows: impl IntoIterator<Item = Row<'a>>,
+    columns: &[(&'a str, Constraint)],
+    title: &'a str,
+) -> Table<'a> {
+    let bold = Style::default().add_modifier(Modifier::BOLD);
+    Table::new(rows, columns.iter().map(|c| c.1))
+        .header(Row::new(columns.iter().map(|c| c.0)).style(bold))
+        .block(Block::bordered().title(title))
+}
+
 fn draw(f: &mut ratatui::Frame<'_>, v: &View) {
     let [head, top, bottom, foot] = Layout::vertical([
         Constraint::Length(1),
@@ -390,7 +402,6 @@ fn draw(f: &mut ratatui::Frame<'_>, v: &View) {
         .style(Style::default().add_modifier(Modifier::BOLD)),
         head,
     );
-    let bold = Style::default().add_modifier(Modifier::BOLD);
     let route_rows = v.routes.iter().map(|r| {
         Row::new(vec![
             r.key.proxy.clone(),
@@ -404,26 +415,20 @@ fn draw(f: &mut ratatui::Frame<'_>, v: &View) {
         ])
     });
     f.render_widget(
-        Table::new(
+        table(
             route_rows,
-            [
-                Constraint::Length(21),
-                Constraint::Length(8),
-                Constraint::Min(20),
-                Constraint::Min(16),
-                Constraint::Length(9),
-                Constraint::Length(8),
-                Constraint::Length(9),
-                Constraint::Length(9),
+            &[
+                ("PROXY", Constraint::Length(21)),
+                ("DIR", Constraint::Length(8)),
+                ("ROUTE", Constraint::Min(20)),
+                ("PEER", Constraint::Min(16)),
+                ("RPS", Constraint::Length(9)),
+                ("SUCCESS", Constraint::Length(8)),
+                ("P50", Constraint::Length(9)),
+                ("P99", Constraint::Length(9)),
             ],
-        )
-        .header(
-            Row::new([
-                "PROXY", "DIR", "ROUTE", "PEER", "RPS", "SUCCESS", "P50", "P99",
-            ])
-            .style(bold),
-        )
-        .block(Block::bordered().title(" routes ")),
+            " routes ",
+        ),
         top,
     );
     let ep_rows = v.endpoints.iter().map(|e| {
@@ -438,31 +443,19 @@ fn draw(f: &mut ratatui::Frame<'_>, v: &View) {
         ])
     });
     f.render_widget(
-        Table::new(
+        table(
             ep_rows,
-            [
-                Constraint::Length(21),
-                Constraint::Min(20),
-                Constraint::Length(22),
-                Constraint::Length(9),
-                Constraint::Length(8),
-                Constraint::Length(9),
-                Constraint::Length(9),
+            &[
+                ("PROXY", Constraint::Length(21)),
+                ("DESTINATION", Constraint::Min(20)),
+                ("ENDPOINT", Constraint::Length(22)),
+                ("RPS", Constraint::Length(9)),
+                ("SUCCESS", Constraint::Length(8)),
+                ("EWMA", Constraint::Length(9)),
+                ("IN FLIGHT", Constraint::Length(9)),
             ],
-        )
-        .header(
-            Row::new([
-                "PROXY",
-                "DESTINATION",
-                "ENDPOINT",
-                "RPS",
-                "SUCCESS",
-                "EWMA",
-                "IN FLIGHT",
-            ])
-            .style(bold),
-        )
-        .block(Block::bordered().title(" endpoints ")),
+            " endpoints ",
+        ),
         bottom,
     );
     let status = match v.errors.is_empty() {
