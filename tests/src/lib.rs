@@ -583,18 +583,36 @@ pub fn random_file(len: usize) -> (PathBuf, Vec<u8>) {
             x as u8
         })
         .collect();
-    let dir = std::env::temp_dir().join(format!(
-        "remora-test-{}-{}",
-        std::process::id(),
-        NEXT_FILE.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = fresh_temp_dir();
     let path = dir.join("body.bin");
     std::fs::write(&path, &data).expect("write body");
     (path, data)
 }
 
 static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
+
+/// A directory no one has used before. The process id alone is not enough: PIDs are small and
+/// reused in CI containers, and a directory left by an earlier test binary with the same PID
+/// once made `Pki::new` find "a CA already there". `create_dir` (not `_all`) refuses an
+/// existing directory, so a collision moves on to the next name instead of sharing it.
+pub fn fresh_temp_dir() -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    loop {
+        let dir = std::env::temp_dir().join(format!(
+            "remora-test-{}-{nanos:x}-{}",
+            std::process::id(),
+            NEXT_FILE.fetch_add(1, Ordering::Relaxed)
+        ));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return dir,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => panic!("temp dir {}: {e}", dir.display()),
+        }
+    }
+}
 
 /// Polls `cond` until it holds (bounded by [`WAIT`]).
 pub async fn wait_until(what: &str, mut cond: impl AsyncFnMut() -> bool) {

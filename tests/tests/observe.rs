@@ -119,8 +119,7 @@ async fn grpc_methods_get_their_own_route_metrics_with_the_peer_identity() {
 async fn a_path_scanning_client_cannot_grow_the_route_labels_past_their_cap() {
     let app = EchoApp::start().await;
     let proxy = TestProxy::start(config(app.addr)).await;
-    let dir = std::env::temp_dir().join(format!("remora-scan-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = remora_tests::fresh_temp_dir();
     let uris = dir.join("uris.txt");
     let list: String = (0..10_000)
         .map(|i| format!("http://{}/scan.Svc{i}/M{i}\n", proxy.inbound))
