@@ -41,6 +41,13 @@ pub struct Endpoint {
     /// appProtocol such as `mysql` or `tcp`): callers skip protocol detection for it.
     #[prost(bool, tag = "4")]
     pub opaque: bool,
+    /// The endpoint's zone (Kubernetes: the EndpointSlice endpoint's `zone`); empty: unknown.
+    #[prost(string, tag = "5")]
+    pub zone: ::prost::alloc::string::String,
+    /// The zones whose callers should use this endpoint (EndpointSlice `hints.forZones`, set
+    /// for topology-aware routing); when present they, not `zone`, say whom it is local to.
+    #[prost(string, repeated, tag = "6")]
+    pub for_zones: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// How callers treat requests to the service (Kubernetes: the Service's remora.io/\*
 /// annotations; the file source: the service's fields). Absent or empty: no policy.
@@ -114,6 +121,11 @@ pub struct Snapshot {
     pub endpoints: ::prost::alloc::vec::Vec<Endpoint>,
     #[prost(message, optional, tag = "2")]
     pub policy: ::core::option::Option<Policy>,
+    /// The zone of the watching caller as the control plane sees it (Kubernetes: the zone of the
+    /// EndpointSlice endpoint at the stream's peer address); empty: unknown. Callers prefer
+    /// endpoints of their own zone.
+    #[prost(string, tag = "3")]
+    pub caller_zone: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

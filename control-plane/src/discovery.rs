@@ -68,6 +68,16 @@ impl DiscoveryService {
         self
     }
 
+    /// The zone of the endpoint at the address the caller connects from (a sidecar connects
+    /// from its pod's IP); empty when it is not an endpoint or its zone is not known.
+    fn caller_zone<T>(&self, request: &Request<T>) -> String {
+        request
+            .extensions()
+            .get::<crate::server::PeerAddr>()
+            .and_then(|p| self.by_addr.zone_of(p.0.ip()))
+            .unwrap_or_default()
+    }
+
     fn permit(&self) -> Result<OwnedSemaphorePermit, Status> {
         self.watch_permits.clone().try_acquire_owned().map_err(|_| {
             self.metrics.watches_refused.inc();
@@ -80,7 +90,15 @@ impl DiscoveryService {
 
     /// Streams what the first of `names` that is known publishes, following all of them (an
     /// earlier name appearing later takes over, as it would in the caller's resolver).
-    fn stream(&self, registry: &Arc<Registry>, names: Vec<String>) -> Result<WatchStream, Status> {
+    ///
+    /// `caller_zone` goes with every snapshot: the caller's zone as far as this control plane
+    /// knows it (see [`Registry::zone_of`]).
+    fn stream(
+        &self,
+        registry: &Arc<Registry>,
+        names: Vec<String>,
+        caller_zone: String,
+    ) -> Result<WatchStream, Status> {
         let permit = self.permit()?;
         let (tx, out) = mpsc::channel::<Result<Update, Status>>(1);
         let metrics = self.metrics.clone();
@@ -107,7 +125,10 @@ impl DiscoveryService {
                         now = v;
                     }
                 }
-                if let Some(msg) = diff(sent.as_ref(), &now) {
+                if let Some(mut msg) = diff(sent.as_ref(), &now) {
+                    if let Some(update::Kind::Snapshot(s)) = msg.kind.as_mut() {
+                        s.caller_zone.clone_from(&caller_zone);
+                    }
                     // Waits while the proxy is slow; meanwhile changes collapse in `rxs`.
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
@@ -188,6 +209,8 @@ fn endpoint(e: &EndpointSpec) -> Endpoint {
             .unwrap_or_default(),
         weight: e.weight,
         opaque: e.opaque,
+        zone: e.locality.zone.clone().unwrap_or_default(),
+        for_zones: e.locality.for_zones.clone(),
     }
 }
 
@@ -276,6 +299,7 @@ pub fn diff(sent: Option<&Option<Published>>, now: &Option<Published>) -> Option
         (_, Some(Published::Endpoints(new, p))) => update::Kind::Snapshot(Snapshot {
             endpoints: new.values().map(endpoint).collect(),
             policy: policy(p),
+            caller_zone: String::new(),
         }),
         (_, None) => update::Kind::NoSuchService(NoSuchService {}),
     };
@@ -310,6 +334,7 @@ impl remora_api::discovery_server::Discovery for DiscoveryService {
     type WatchAddrStream = WatchStream;
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let zone = self.caller_zone(&request);
         let req = request.into_inner();
         let name = remora_certs::normalize_authority(&req.service)
             .filter(|n| n.len() <= MAX_NAME)
@@ -327,13 +352,14 @@ impl remora_api::discovery_server::Discovery for DiscoveryService {
         .then_some(ns);
         let names = candidates(&name, ns.as_deref(), &self.cluster_domain);
         tracing::debug!(service = %name, client = %req.client, ?names, "watch");
-        Ok(Response::new(self.stream(&self.registry, names)?))
+        Ok(Response::new(self.stream(&self.registry, names, zone)?))
     }
 
     async fn watch_addr(
         &self,
         request: Request<WatchAddrRequest>,
     ) -> Result<Response<WatchStream>, Status> {
+        let zone = self.caller_zone(&request);
         let req = request.into_inner();
         let addr: std::net::SocketAddr = req.addr.parse().map_err(|_| {
             Status::invalid_argument(format!(
@@ -342,9 +368,11 @@ impl remora_api::discovery_server::Discovery for DiscoveryService {
             ))
         })?;
         tracing::debug!(%addr, client = %req.client, "watch by address");
-        Ok(Response::new(
-            self.stream(&self.by_addr, vec![addr.to_string()])?,
-        ))
+        Ok(Response::new(self.stream(
+            &self.by_addr,
+            vec![addr.to_string()],
+            zone,
+        )?))
     }
 }
 
@@ -367,6 +395,7 @@ mod tests {
                                 weight: *w,
                                 identity: None,
                                 opaque: false,
+                                locality: Default::default(),
                             },
                         )
                     })
@@ -406,6 +435,7 @@ mod tests {
                 weight: 1,
                 identity: None,
                 opaque: false,
+                locality: Default::default(),
             }]),
         );
         synced_tx.send(true).unwrap();

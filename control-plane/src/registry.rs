@@ -7,7 +7,7 @@
 //! bound, and bursts of changes collapse into one delta.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use remora_certs::{EndpointSpec, Policy};
@@ -67,6 +67,20 @@ type Channels = HashMap<String, watch::Sender<Option<Published>>>;
 #[derive(Default)]
 pub struct Registry {
     services: Mutex<Channels>,
+    /// The zone of each endpoint published under its own address (the Kubernetes source's
+    /// pod-address entries), so the control plane can tell a watching proxy its zone from the
+    /// address it connects from instead of asking for a knob.
+    zones: Mutex<BTreeMap<SocketAddr, String>>,
+}
+
+/// The zone of the endpoint `name` publishes under its own address, if it is one.
+fn own_zone(name: &str, published: Option<&Published>) -> Option<(SocketAddr, Option<String>)> {
+    let addr: SocketAddr = name.parse().ok()?;
+    let zone = published
+        .and_then(Published::set)
+        .and_then(|set| set.get(&addr))
+        .and_then(|e| e.locality.zone.clone());
+    Some((addr, zone))
 }
 
 fn to_set(eps: Vec<EndpointSpec>) -> EndpointSet {
@@ -101,8 +115,30 @@ impl Registry {
         self.publish(name, endpoints.map(Published::endpoints));
     }
 
+    fn lock_zones(&self) -> std::sync::MutexGuard<'_, BTreeMap<SocketAddr, String>> {
+        self.zones.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The zone of the endpoints published at `ip` (any port); `None` when unknown or when
+    /// they disagree.
+    pub fn zone_of(&self, ip: IpAddr) -> Option<String> {
+        let zones = self.lock_zones();
+        let mut found = zones
+            .range(SocketAddr::new(ip, 0)..=SocketAddr::new(ip, u16::MAX))
+            .map(|(_, z)| z);
+        let first = found.next()?;
+        found.all(|z| z == first).then(|| first.clone())
+    }
+
     /// Sets one name to what it publishes (`None` deletes it).
     pub fn publish(&self, name: &str, next: Option<Published>) {
+        if let Some((addr, zone)) = own_zone(name, next.as_ref()) {
+            let mut zones = self.lock_zones();
+            match zone {
+                Some(z) => zones.insert(addr, z),
+                None => zones.remove(&addr),
+            };
+        }
         let mut map = self.lock();
         match map.get(name) {
             Some(tx) => {
@@ -127,6 +163,13 @@ impl Registry {
     /// Replaces everything a whole-table source knows (the file source, a Kubernetes re-list):
     /// services missing from `table` are deleted.
     pub fn replace_all(&self, mut table: Table) {
+        *self.lock_zones() = table
+            .iter()
+            .filter_map(|(name, p)| match own_zone(name, Some(p))? {
+                (addr, Some(zone)) => Some((addr, zone)),
+                _ => None,
+            })
+            .collect();
         let mut map = self.lock();
         map.retain(|name, tx| {
             let next = table.remove(name);
@@ -190,7 +233,37 @@ mod tests {
             weight: 1,
             identity: None,
             opaque: false,
+            locality: Default::default(),
         }
+    }
+
+    /// The zone index answers for endpoints published under their own address, follows
+    /// updates and re-lists, and says nothing when the endpoints at one IP disagree.
+    #[test]
+    fn zone_of_an_ip_follows_its_own_address_entries() {
+        let zoned = |a: &str, z: &str| {
+            let mut e = ep(a);
+            e.locality = remora_certs::Locality::zone(z);
+            Some(Published::endpoints(vec![e]))
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let r = Registry::new();
+        r.publish("10.0.0.1:8080", zoned("10.0.0.1:8080", "a"));
+        r.publish("10.0.0.1:9090", zoned("10.0.0.1:9090", "a"));
+        // A ClusterIP entry: its set holds other addresses, so it says nothing of 10.96.0.1.
+        r.publish("10.96.0.1:80", zoned("10.0.0.1:8080", "a"));
+        assert_eq!(r.zone_of(ip("10.0.0.1")).as_deref(), Some("a"));
+        assert_eq!(r.zone_of(ip("10.96.0.1")), None);
+        assert_eq!(r.zone_of(ip("10.0.0.2")), None);
+        r.publish("10.0.0.1:9090", zoned("10.0.0.1:9090", "b"));
+        assert_eq!(r.zone_of(ip("10.0.0.1")), None, "two zones at one IP");
+        r.publish("10.0.0.1:9090", None);
+        assert_eq!(r.zone_of(ip("10.0.0.1")).as_deref(), Some("a"));
+        let mut table = Table::new();
+        table.insert("10.0.0.2:80".into(), zoned("10.0.0.2:80", "c").unwrap());
+        r.replace_all(table);
+        assert_eq!(r.zone_of(ip("10.0.0.1")), None);
+        assert_eq!(r.zone_of(ip("10.0.0.2")).as_deref(), Some("c"));
     }
 
     #[tokio::test]

@@ -6,6 +6,12 @@
 //! slow for seconds (shares 28–38 %), 1 s kept every share within 3 % of even while a +50 ms
 //! backend still got 0.1 % of calls.
 //!
+//! Zones: once the control plane has told the proxy its zone, P2C runs within the endpoints
+//! local to it (their zone, or the EndpointSlice hints that assign them to it) and within the
+//! others, and the local pick wins unless it costs more than [`ZONE_SPILL_FACTOR`] times the
+//! other zone's — slowed down, queued up, or failing (not ready) — so traffic stays in the zone
+//! while it is healthy and spills over per request, without a threshold to tune per service.
+//!
 //! Why not `tower::balance::p2c::Balance` itself: it is a `&mut self` service fed by a
 //! `Discover` stream, so sharing one destination across every connection of a listener would
 //! need a `Buffer` in front (a task and a channel hop per request). Here endpoints are shared
@@ -46,10 +52,50 @@ pub enum PickError {
     },
 }
 
+/// How much costlier than the best endpoint of another zone the best of the caller's own
+/// zone may be before a request spills over. Latency is what the cost is made of, so a
+/// cross-zone hop's extra milliseconds are part of the other zone's cost already; 2× keeps
+/// same-zone traffic local through the ordinary jitter of a healthy zone and moves it when the
+/// local endpoints are slowed (a slow answer is a peak, taken at once) or queue up (requests
+/// in flight multiply the cost).
+pub const ZONE_SPILL_FACTOR: f64 = 2.0;
+/// How slowly another zone's last measured cost fades while it gets no traffic. The usual
+/// [`DECAY`](crate::endpoint::load::DECAY) of 1 s would make an idle remote endpoint look
+/// free within seconds and draw a probe request every second; 10 s probes it rarely, and a
+/// remote endpoint is still measured afresh whenever traffic does spill over.
+pub const ZONE_MEMORY: Duration = Duration::from_secs(10);
+
+/// The proxy's own zone, shared by every destination: learned from the control plane (which
+/// knows the zone of the endpoint at the proxy's address), never configured. Until it is
+/// known, endpoints are balanced without regard to zones.
+#[derive(Clone, Default)]
+pub struct Zone(Arc<arc_swap::ArcSwapOption<String>>);
+
+impl Zone {
+    /// Takes `zone` as the proxy's zone (the latest word wins: a pod does not change zones,
+    /// but a control plane that could not tell at first may later).
+    pub fn learn(&self, zone: &str) {
+        if self.0.load().as_deref().map(String::as_str) != Some(zone) {
+            tracing::info!(
+                zone,
+                "this proxy is in zone {zone}; same-zone endpoints are preferred"
+            );
+            self.0.store(Some(Arc::new(zone.to_string())));
+        }
+    }
+
+    /// The zone, for a look on the request path (no reference count taken).
+    pub fn get(&self) -> arc_swap::Guard<Option<Arc<String>>> {
+        self.0.load()
+    }
+}
+
 /// A destination's endpoints and how each request picks one.
 pub struct Destination {
     pub name: String,
     pub budget: RetryBudget,
+    /// The proxy's zone, for preferring same-zone endpoints.
+    zone: Zone,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     /// The traffic policy its source sent (timeout, retries); the default until one does.
     policy: ArcSwap<Policy>,
@@ -63,11 +109,18 @@ impl Destination {
         Destination {
             name,
             budget: RetryBudget::default(),
+            zone: Zone::default(),
             endpoints: ArcSwap::from_pointee(endpoints),
             policy: ArcSwap::default(),
             ejecting: std::sync::Mutex::new(()),
             saw_h2: AtomicBool::new(false),
         }
+    }
+
+    /// Prefers the endpoints of `zone` (the proxy's, once known).
+    pub fn with_zone(mut self, zone: Zone) -> Self {
+        self.zone = zone;
+        self
     }
 
     /// The policy, for a look on the request path (no reference count taken).
@@ -167,16 +220,9 @@ impl Destination {
         // the count and the choice must come from the same snapshot.
         let ready: Vec<&Arc<Endpoint>> = candidates().filter(|e| e.is_ready(now)).collect();
         match ready.len() {
+            0 => {}
             1 => return Ok(ready[0].clone()),
-            n if n >= 2 => {
-                // Two distinct candidates, uniformly: j is drawn from the n - 1 others.
-                let n = n as u64;
-                let i = crate::random::below(n) as usize;
-                let mut j = crate::random::below(n - 1) as usize;
-                if j >= i {
-                    j += 1;
-                }
-                let (x, y) = (ready[i], ready[j]);
+            _ => {
                 // An endpoint that has not answered yet is scored with the mean of those that
                 // have: a newcomer competes evenly instead of being shunned for the default
                 // latency (or flooded for having none).
@@ -200,13 +246,34 @@ impl Destination {
                     };
                     c / e.weight as f64
                 };
-                return Ok(if cost(x) <= cost(y) {
-                    x.clone()
-                } else {
-                    y.clone()
-                });
+                let zone = self.zone.get();
+                if let Some(zone) = zone.as_deref() {
+                    let (local, remote): (Vec<&Arc<Endpoint>>, Vec<&Arc<Endpoint>>) = ready
+                        .iter()
+                        .partition(|e| e.locality.is_local_to(zone.as_str()));
+                    if !local.is_empty() && !remote.is_empty() {
+                        let l = p2c(&local, cost);
+                        let r = p2c(&remote, cost);
+                        // Another zone's endpoint never measured counts as free, so that it
+                        // gets one request and is measured: lending it the mean of the
+                        // others (the local ones) would hide a slow local zone behind its
+                        // own latency, and the other zone would never be tried.
+                        let remembered = |e: &Endpoint| {
+                            if e.load.observed() {
+                                e.load.cost_remembered(ZONE_MEMORY) / e.weight as f64
+                            } else {
+                                0.0
+                            }
+                        };
+                        return Ok(if cost(l) <= ZONE_SPILL_FACTOR * remembered(r) {
+                            l.clone()
+                        } else {
+                            r.clone()
+                        });
+                    }
+                }
+                return Ok(p2c(&ready, cost).clone());
             }
-            _ => {}
         }
         // Nothing ready: everyone is backing off after failures.
         let Some(soonest) = candidates().min_by_key(|e| e.retry_at()) else {
@@ -226,6 +293,22 @@ impl Destination {
         tokio::time::sleep(retry_in).await;
         Ok(soonest.clone())
     }
+}
+
+/// Power of two choices: two distinct candidates drawn uniformly, the cheaper wins.
+fn p2c<'a>(ready: &[&'a Arc<Endpoint>], cost: impl Fn(&Endpoint) -> f64) -> &'a Arc<Endpoint> {
+    let n = ready.len() as u64;
+    if n < 2 {
+        return ready[0];
+    }
+    let i = crate::random::below(n) as usize;
+    // j is drawn from the n - 1 others.
+    let mut j = crate::random::below(n - 1) as usize;
+    if j >= i {
+        j += 1;
+    }
+    let (x, y) = (ready[i], ready[j]);
+    if cost(x) <= cost(y) { x } else { y }
 }
 
 #[cfg(test)]
@@ -417,6 +500,175 @@ mod tests {
             empty.pick(None).await,
             Err(PickError::Empty { .. })
         ));
+    }
+
+    /// Endpoints in the given zones (`""`: unknown), each having answered once in `rtt_ms`.
+    fn zoned(zones: &[(&str, u64)]) -> Vec<Arc<Endpoint>> {
+        zones
+            .iter()
+            .enumerate()
+            .map(|(i, (z, rtt_ms))| {
+                let mut e = Endpoint::new(
+                    SocketAddr::from(([127, 0, 0, 1], 3000 + i as u16)),
+                    1,
+                    Duration::from_secs(1),
+                    None,
+                );
+                if !z.is_empty() {
+                    e = e.with_locality(remora_certs::Locality::zone(z));
+                }
+                e.load.start();
+                e.load.finish(Duration::from_millis(*rtt_ms));
+                Arc::new(e)
+            })
+            .collect()
+    }
+
+    fn in_zone(eps: &[Arc<Endpoint>], zone: &str) -> Destination {
+        let z = Zone::default();
+        z.learn(zone);
+        Destination::new("zoned.test:80".into(), eps.to_vec()).with_zone(z)
+    }
+
+    /// The choice between zones, as a table: the caller is in zone a; each row gives the
+    /// endpoints (zone, measured latency), how many requests are in flight on each, and which
+    /// endpoints may be picked.
+    #[tokio::test(start_paused = true)]
+    async fn same_zone_is_preferred_while_it_is_healthy_and_not_overloaded() {
+        #[allow(clippy::type_complexity)]
+        let rows: &[(&str, &[(&str, u64)], &[u64], &[usize])] = &[
+            (
+                "healthy local zone, remote behind a cross-zone hop",
+                &[("a", 1), ("a", 1), ("b", 3), ("b", 3)],
+                &[0, 0, 0, 0],
+                &[0, 1],
+            ),
+            (
+                "equally fast zones: local still wins",
+                &[("a", 2), ("b", 2), ("b", 2)],
+                &[0, 0, 0],
+                &[0],
+            ),
+            (
+                "local slowed past twice the remote: spill",
+                &[("a", 10), ("a", 12), ("b", 3), ("b", 3)],
+                &[0, 0, 0, 0],
+                &[2, 3],
+            ),
+            (
+                "local queueing (3 in flight each): spill",
+                &[("a", 1), ("a", 1), ("b", 1)],
+                &[3, 3, 0],
+                &[2],
+            ),
+            (
+                "local busy but within the factor: stay",
+                &[("a", 1), ("b", 1)],
+                &[1, 0],
+                &[0],
+            ),
+            (
+                "no local endpoint: ordinary P2C over the others",
+                &[("b", 1), ("c", 1)],
+                &[0, 0],
+                &[0, 1],
+            ),
+            (
+                "zones unknown: ordinary P2C over all",
+                &[("", 1), ("", 1)],
+                &[0, 0],
+                &[0, 1],
+            ),
+        ];
+        for (what, zones, pending, allowed) in rows {
+            let eps = zoned(zones);
+            for (e, p) in eps.iter().zip(pending.iter()) {
+                for _ in 0..*p {
+                    e.load.start();
+                }
+            }
+            let dest = in_zone(&eps, "a");
+            let counts = shares(&dest, &eps, 2_000).await;
+            for (i, c) in counts.iter().enumerate() {
+                assert_eq!(
+                    *c > 0,
+                    allowed.contains(&i),
+                    "{what}: picks {counts:?}, expected only {allowed:?}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zones_are_ignored_until_known_and_unready_local_endpoints_spill() {
+        let eps = zoned(&[("a", 1), ("b", 1)]);
+        // Not told its zone: even.
+        let dest = Destination::new("zoned.test:80".into(), eps.clone());
+        let counts = shares(&dest, &eps, 2_000).await;
+        assert!(counts.iter().all(|c| *c > 800), "{counts:?}");
+        // Told later (the control plane's first snapshot): from then on, local.
+        let z = Zone::default();
+        let dest = Destination::new("zoned.test:80".into(), eps.clone()).with_zone(z.clone());
+        z.learn("a");
+        assert_eq!(shares(&dest, &eps, 1_000).await, vec![1_000, 0]);
+        // The local endpoint backing off after a failure: the other zone takes everything.
+        eps[0].set_ready_for_test(false);
+        assert_eq!(shares(&dest, &eps, 1_000).await, vec![0, 1_000]);
+    }
+
+    /// Another zone's endpoints that never answered are tried once each, then measured:
+    /// local traffic resumes, and a slowed local zone has a real figure to spill against.
+    #[tokio::test(start_paused = true)]
+    async fn an_unmeasured_remote_endpoint_is_tried_once_then_local_resumes() {
+        let mut eps = zoned(&[("a", 1)]);
+        eps.push(Arc::new(
+            Endpoint::new(
+                SocketAddr::from(([127, 0, 0, 2], 3000)),
+                1,
+                Duration::from_secs(1),
+                None,
+            )
+            .with_locality(remora_certs::Locality::zone("b")),
+        ));
+        let dest = in_zone(&eps, "a");
+        let first = dest.pick(None).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &eps[1]), "the unmeasured remote is tried");
+        first.load.start();
+        first.load.finish(Duration::from_millis(3));
+        assert_eq!(shares(&dest, &eps, 1_000).await, vec![1_000, 0]);
+    }
+
+    /// Topology hints (`forZones`) decide over the endpoint's own zone: Kubernetes assigned
+    /// the zone-b endpoint to zone a's callers.
+    #[tokio::test(start_paused = true)]
+    async fn topology_hints_decide_which_endpoints_are_local() {
+        let eps = zoned(&[("a", 1), ("b", 1), ("b", 1)]);
+        let hinted = Endpoint::new(eps[1].addr, 1, Duration::from_secs(1), None).with_locality(
+            remora_certs::Locality {
+                zone: Some("b".into()),
+                for_zones: vec!["a".into()],
+            },
+        );
+        hinted.load.start();
+        hinted.load.finish(Duration::from_millis(1));
+        let eps = vec![eps[0].clone(), Arc::new(hinted), eps[2].clone()];
+        let counts = shares(&in_zone(&eps, "a"), &eps, 4_000).await;
+        assert!(counts[0] > 1_000 && counts[1] > 1_000, "{counts:?}");
+        assert_eq!(counts[2], 0, "{counts:?}");
+    }
+
+    /// Another zone's cost is remembered over ZONE_MEMORY, not the 1 s decay: after a few
+    /// quiet seconds a cross-zone endpoint still does not look cheaper than a local one that
+    /// answered just now.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_remote_zone_does_not_look_free_after_a_quiet_spell() {
+        let eps = zoned(&[("a", 1), ("b", 5)]);
+        let dest = in_zone(&eps, "a");
+        tokio::time::advance(Duration::from_secs(3)).await;
+        eps[0].load.start();
+        eps[0].load.finish(Duration::from_millis(3));
+        // 1 s decay would put the remote at 5·e^-3 ≈ 0.25 ms against 3 ms: a spill.
+        assert_eq!(shares(&dest, &eps, 1_000).await, vec![1_000, 0]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -247,6 +247,7 @@ impl StaticDestination {
                     weight: 1,
                     identity: None,
                     opaque: false,
+                    locality: Default::default(),
                 })
                 .collect(),
         }
@@ -294,6 +295,7 @@ impl std::str::FromStr for StaticDestination {
                 weight,
                 identity,
                 opaque: false,
+                locality: Default::default(),
             });
         }
         if parsed.is_empty() {

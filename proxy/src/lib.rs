@@ -363,6 +363,8 @@ impl Builder {
         for d in &cfg.destinations {
             statics.set(&d.name, d.endpoints.clone());
         }
+        // The proxy's zone: the control plane tells it (no knob); until then zones are ignored.
+        let zone = balance::Zone::default();
         let mut chain = vec![discover::Source {
             label: "static".into(),
             source: statics.clone(),
@@ -408,6 +410,7 @@ impl Builder {
                     client,
                     metrics.clone(),
                     namespace,
+                    zone.clone(),
                 )),
             });
         }
@@ -419,6 +422,7 @@ impl Builder {
             cfg.discovery_idle_timeout,
             metrics.clone(),
             identity.clone(),
+            zone,
         ));
         let admin_state = Arc::new(admin::AdminState {
             metrics,

@@ -7,6 +7,7 @@
 //! endpoints = [
 //!   { addr = "10.0.0.7:8080", identity = "spiffe://cluster.local/ns/shop/sa/web" },
 //!   { addr = "10.0.0.8:8080", weight = 2 },     # no identity: plaintext to it
+//!   { addr = "10.0.1.9:8080", zone = "eu-west-1b" }, # callers prefer their own zone
 //! ]
 //! timeout = "500ms"                               # policy (optional): as the Service
 //! retries = 2                                     # annotations remora.io/timeout, /retries
@@ -66,6 +67,9 @@ struct Endpoint {
     addr: Spanned<String>,
     identity: Option<Spanned<String>>,
     weight: Option<Spanned<u32>>,
+    /// Its zone: callers in the same zone prefer it (see the proxy's `balance`), and a proxy
+    /// connecting from this endpoint's address learns it is in that zone.
+    zone: Option<Spanned<String>>,
 }
 
 /// Parses and validates a whole endpoints file. Errors name the file and line.
@@ -130,11 +134,27 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
                     ));
                 }
             };
+            let locality = match &e.zone {
+                None => remora_certs::Locality::default(),
+                Some(z) if remora_certs::is_zone_name(z.get_ref()) => {
+                    remora_certs::Locality::zone(z.get_ref())
+                }
+                Some(z) => {
+                    return Err(at(
+                        z.span().start,
+                        format!(
+                            "zone {:?} is not a zone name (1-63 letters, digits, '-', '_', '.')",
+                            z.get_ref()
+                        ),
+                    ));
+                }
+            };
             endpoints.push(EndpointSpec {
                 addr,
                 weight,
                 identity,
                 opaque: s.opaque,
+                locality,
             });
         }
         let retries = s.retries.as_ref().map(|r| r.get_ref().to_string());
@@ -449,6 +469,11 @@ name = "empty:80"
                 "[[service]]\nname = \"a:1\"\nendpoints = [{ addr = \"1.2.3.4:5\", weight = 0 }]\n",
                 "line 3",
                 "weight 0",
+            ),
+            (
+                "[[service]]\nname = \"a:1\"\nendpoints = [{ addr = \"1.2.3.4:5\", zone = \"a b\" }]\n",
+                "line 3",
+                "zone \"a b\" is not a zone name",
             ),
             (
                 "[[service]]\nname = \"a:1\"\n[[service]]\nname = \"a:1\"\n",

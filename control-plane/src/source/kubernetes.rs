@@ -52,7 +52,7 @@ use kube::api::{Api, ListParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
-use remora_certs::{EndpointSpec, Policy, SpiffeId};
+use remora_certs::{EndpointSpec, Locality, Policy, SpiffeId};
 use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
 
@@ -837,6 +837,22 @@ pub fn authority(ns: &str, svc: &str, cluster_domain: &str, port: u16) -> String
     format!("{svc}.{ns}.svc.{cluster_domain}:{port}").to_ascii_lowercase()
 }
 
+/// An endpoint's zone and topology hints (`hints.forZones`), as far as they are zone names.
+fn locality(ep: &Endpoint) -> Locality {
+    let valid = |z: &str| remora_certs::is_zone_name(z).then(|| z.to_string());
+    Locality {
+        zone: ep.zone.as_deref().and_then(valid),
+        for_zones: ep
+            .hints
+            .iter()
+            .flat_map(|h| h.for_zones.iter().flatten())
+            .filter_map(|z| valid(&z.name))
+            // The controller lists a handful; a bound keeps a hostile slice from growing it.
+            .take(8)
+            .collect(),
+    }
+}
+
 /// Ready and not terminating; missing conditions mean ready and not terminating (API docs).
 fn takes_traffic(ep: &Endpoint) -> bool {
     let c = ep.conditions.as_ref();
@@ -1022,6 +1038,7 @@ pub fn service_table(
                         weight: 1,
                         identity: identity.clone(),
                         opaque,
+                        locality: locality(ep),
                     };
                     if let Some(h) = hostname {
                         per_pod.entry(h.to_string()).or_default().push(spec.clone());

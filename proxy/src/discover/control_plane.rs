@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::source::{Discover, Target, Update, UpdateSender, Updates};
+use crate::balance::Zone;
 use crate::config::EndpointSpec;
 use crate::control::ControlClient;
 use crate::metrics::Metrics;
@@ -25,14 +26,22 @@ pub(crate) struct ControlPlane {
     client: ControlClient,
     metrics: Arc<Metrics>,
     namespace: Namespace,
+    /// The proxy's zone, as the control plane tells it in every snapshot.
+    zone: Zone,
 }
 
 impl ControlPlane {
-    pub(crate) fn new(client: ControlClient, metrics: Arc<Metrics>, namespace: Namespace) -> Self {
+    pub(crate) fn new(
+        client: ControlClient,
+        metrics: Arc<Metrics>,
+        namespace: Namespace,
+        zone: Zone,
+    ) -> Self {
         ControlPlane {
             client,
             metrics,
             namespace,
+            zone,
         }
     }
 }
@@ -60,14 +69,15 @@ impl Discover for ControlPlane {
             Target::Addr(a) => Asked::Addr(a),
         };
         let (tx, updates) = Updates::channel(16);
-        let (client, metrics, ns) = (
+        let (client, metrics, ns, zone) = (
             self.client.clone(),
             self.metrics.clone(),
             self.namespace.clone(),
+            self.zone.clone(),
         );
         tokio::spawn(async move {
             tokio::select! {
-                _ = follow(&client, &metrics, &ns, &asked, &tx) => {}
+                _ = follow(&client, &metrics, &ns, &zone, &asked, &tx) => {}
                 _ = tx.closed() => {}
             }
         });
@@ -94,11 +104,17 @@ fn spec(e: &remora_api::Endpoint) -> Option<EndpointSpec> {
             }
         }
     };
+    // Zone names the proxy cannot use are dropped, not the endpoint: it still serves.
+    let zone = |z: &String| remora_certs::is_zone_name(z).then(|| z.clone());
     Some(EndpointSpec {
         addr,
         weight: e.weight.clamp(1, crate::config::MAX_WEIGHT),
         identity,
         opaque: e.opaque,
+        locality: remora_certs::Locality {
+            zone: zone(&e.zone),
+            for_zones: e.for_zones.iter().filter_map(zone).take(8).collect(),
+        },
     })
 }
 
@@ -242,6 +258,7 @@ async fn follow(
     client: &ControlClient,
     metrics: &Metrics,
     namespace: &Namespace,
+    zone: &Zone,
     asked: &Asked,
     tx: &UpdateSender,
 ) {
@@ -307,6 +324,11 @@ async fn follow(
                         Ok(Some(update)) => {
                             backoff.reset();
                             metrics.discovery_updates.inc();
+                            if let Some(remora_api::update::Kind::Snapshot(snap)) = &update.kind
+                                && remora_certs::is_zone_name(&snap.caller_zone)
+                            {
+                                zone.learn(&snap.caller_zone);
+                            }
                             let updates = match translate(update) {
                                 Translated::Updates(u) => {
                                     alias = None;
@@ -375,6 +397,8 @@ mod tests {
             weight: 1,
             identity: String::new(),
             opaque: false,
+            zone: String::new(),
+            for_zones: Vec::new(),
         }
     }
 

@@ -28,7 +28,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::balance::Destination;
+use crate::balance::{Destination, Zone};
 use crate::config::EndpointSpec;
 use crate::endpoint::{Endpoint, EndpointTls};
 use crate::identity::IdentityStore;
@@ -77,6 +77,8 @@ pub(crate) struct Destinations {
     idle: Duration,
     /// Ends every follow task when the proxy has stopped.
     stop: tokio_util::sync::CancellationToken,
+    /// The proxy's zone (learned from the control plane), given to every destination.
+    zone: Zone,
 }
 
 type Followed = Arc<Mutex<HashMap<String, Arc<Follow>>>>;
@@ -131,6 +133,7 @@ impl Destinations {
         idle: Duration,
         metrics: Arc<Metrics>,
         identity: Option<Arc<IdentityStore>>,
+        zone: Zone,
     ) -> Self {
         Destinations {
             statics,
@@ -146,6 +149,7 @@ impl Destinations {
             followed: Default::default(),
             idle,
             stop: Default::default(),
+            zone,
         }
     }
 
@@ -221,6 +225,7 @@ impl Factory {
                         e.addr == s.addr
                             && e.weight == s.weight
                             && e.opaque == s.opaque
+                            && e.locality == s.locality
                             && e.tls.as_ref().map(|t| &t.id) == s.identity.as_ref()
                     })
                     .cloned()
@@ -253,7 +258,8 @@ impl Factory {
                 Some(EndpointMetrics::new(&self.metrics, name, s.addr)),
             )
             .with_tls(tls)
-            .with_opaque(s.opaque),
+            .with_opaque(s.opaque)
+            .with_locality(s.locality.clone()),
         )
     }
 }
@@ -327,6 +333,7 @@ impl Destinations {
                 weight: 1,
                 identity: None,
                 opaque: false,
+                locality: Default::default(),
             })
             .collect();
         let mut cache = dns.lock().unwrap_or_else(|p| p.into_inner());
@@ -386,7 +393,10 @@ impl Destinations {
                         return None;
                     }
                     let w = Arc::new(Follow {
-                        dest: Arc::new(Destination::new(authority.to_string(), Vec::new())),
+                        dest: Arc::new(
+                            Destination::new(authority.to_string(), Vec::new())
+                                .with_zone(self.zone.clone()),
+                        ),
                         known: watch::channel(Known::Waiting).0,
                         last_used: Default::default(),
                         epoch: Instant::now(),
@@ -792,6 +802,7 @@ mod tests {
             Duration::from_secs(600),
             Arc::new(Metrics::new()),
             None,
+            Zone::default(),
         )
     }
 

@@ -61,6 +61,16 @@ impl PeakEwma {
         self.cost_with(self.rtt_ns_now())
     }
 
+    /// The cost with the latency estimate fading over `memory` instead of [`DECAY`]: what an
+    /// endpoint that gets no traffic (another zone's) was last seen to cost, forgotten slowly
+    /// enough that a quiet spell does not make it look free.
+    pub fn cost_remembered(&self, memory: Duration) -> f64 {
+        let stored = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let idle = now.saturating_sub(self.stamp.load(Ordering::Relaxed)) as f64;
+        self.cost_with(stored * (-idle / memory.as_nanos() as f64).exp())
+    }
+
     /// The cost with a given latency estimate (for endpoints not yet observed).
     pub fn cost_with(&self, rtt_ns: f64) -> f64 {
         rtt_ns * (self.pending() + 1) as f64

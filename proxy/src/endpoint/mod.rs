@@ -180,6 +180,8 @@ pub struct Endpoint {
     /// The port carries an opaque protocol (discovery said so): tunnels to it over mTLS
     /// offer [`crate::tls::ALPN_OPAQUE`] so the peer proxy skips detection.
     pub opaque: bool,
+    /// Its zone and topology hints, for callers preferring their own zone.
+    pub locality: remora_certs::Locality,
     pub load: PeakEwma,
     health: Mutex<Health>,
     /// Failure accrual: answers that failed in a row (5xx, gRPC UNAVAILABLE).
@@ -235,6 +237,7 @@ impl Endpoint {
             unix: None,
             tls: None,
             opaque: false,
+            locality: Default::default(),
             weight: weight.max(1),
             load: PeakEwma::default(),
             health: Mutex::new(Health::default()),
@@ -367,6 +370,11 @@ impl Endpoint {
 
     pub fn with_opaque(mut self, opaque: bool) -> Self {
         self.opaque = opaque;
+        self
+    }
+
+    pub fn with_locality(mut self, locality: remora_certs::Locality) -> Self {
+        self.locality = locality;
         self
     }
 
