@@ -1,8 +1,9 @@
-//! Zone-aware routing, end to end from the file source: the control plane tells a proxy its
-//! zone (the zone of the endpoints at the address the proxy connects from: 127.0.0.1 here),
-//! the proxy keeps traffic in its zone while the local endpoints are healthy, spills over to
-//! the other zone when they slow down, comes back when they recover, and follows a live edit
-//! of the zones, all under h2load with no failed request.
+//! Zone-aware routing, end to end: the control plane tells a proxy its zone (the zone of the
+//! endpoints at the address the proxy connects from: 127.0.0.1 here), the proxy keeps
+//! traffic in its zone while the local endpoints are healthy, spills over to the other zone
+//! when they slow down, comes back when they recover, and follows a live edit of the zones,
+//! all under h2load with no failed request. From the file source, and from EndpointSlices
+//! (`zone`, `hints.forZones`) on a real kube-apiserver.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,8 +14,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use remora_certs::SpiffeId;
 use remora_tests::control::*;
+use remora_tests::kube::ApiServer;
 use remora_tests::*;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 const TOKEN: &str = "client-token-0123456789";
@@ -36,9 +40,11 @@ impl Drop for ZoneApp {
 
 impl ZoneApp {
     async fn start(ip: [u8; 4], delay_ms: u64) -> ZoneApp {
-        let listener = TcpListener::bind(SocketAddr::from((ip, 0)))
-            .await
-            .expect("bind");
+        Self::start_on(SocketAddr::from((ip, 0)), delay_ms).await
+    }
+
+    async fn start_on(addr: SocketAddr, delay_ms: u64) -> ZoneApp {
+        let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let hits = Arc::new(AtomicU64::new(0));
         let delay = Arc::new(AtomicU64::new(delay_ms));
@@ -91,8 +97,13 @@ fn web(apps: &[(&ZoneApp, &str)]) -> String {
 }
 
 /// `h2load -n N` (2 connections, 1 stream each: a steady trickle, not a flood) through
-/// `proxy`; returns how many answers were 2xx.
+/// `proxy` to `web.test:80`; returns how many answers were 2xx.
 async fn h2load(proxy: SocketAddr, n: u32) -> u32 {
+    h2load_to(proxy, "web.test:80", n).await
+}
+
+async fn h2load_to(proxy: SocketAddr, authority: &str, n: u32) -> u32 {
+    let authority = format!(":authority: {authority}");
     let url = format!("http://{proxy}/");
     let n = n.to_string();
     let out = run(
@@ -105,7 +116,7 @@ async fn h2load(proxy: SocketAddr, n: u32) -> u32 {
             "-m",
             "1",
             "-H",
-            ":authority: web.test:80",
+            &authority,
             &url,
         ],
     )
@@ -209,5 +220,126 @@ async fn traffic_stays_in_the_callers_zone_spills_when_it_slows_and_follows_live
         got[3]
     );
     assert!(got[2] > 100, "b1 takes local traffic now: {got:?}");
+    proxy.stop().await;
+}
+
+/// EndpointSlice `shop/name` of Service `svc` on `port`: ready endpoints `(ip, zone, hints)`.
+fn slice(server: &ApiServer, name: &str, svc: &str, port: u16, eps: &[(&str, &str, &[&str])]) {
+    let endpoints: Vec<Value> = eps
+        .iter()
+        .map(|(ip, zone, hints)| {
+            let mut e = json!({"addresses": [ip], "zone": zone,
+                "conditions": {"ready": true, "serving": true, "terminating": false}});
+            if !hints.is_empty() {
+                e["hints"] = json!({"forZones": hints.iter().map(|z| json!({"name": z})).collect::<Vec<_>>()});
+            }
+            e
+        })
+        .collect();
+    server.apply_path(
+        &format!("/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/{name}"),
+        &json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        }),
+    );
+}
+
+fn service(server: &ApiServer, name: &str, port: u16) {
+    server.apply_path(
+        &format!("/api/v1/namespaces/shop/services/{name}"),
+        &json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"ports": [{"name": "http", "port": 80, "targetPort": port,
+                                    "protocol": "TCP"}]}}),
+    );
+}
+
+/// From Kubernetes: the client proxy's pod (127.0.0.1) is an endpoint in zone a, so the
+/// control plane tells it "zone a"; `web`'s endpoints carry zones, then topology hints that
+/// assign a zone-b endpoint to zone a, and the proxy follows both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_slice_zones_and_hints_steer_traffic_on_a_real_api_server() {
+    let server = ApiServer::start();
+    server.create_namespace("shop");
+    let port = port_on(&[[127, 0, 0, 3], [127, 0, 0, 4], [127, 0, 0, 5]]);
+    let at = |last: u8| SocketAddr::from(([127, 0, 0, last], port));
+    let a3 = ZoneApp::start_on(at(3), 0).await;
+    let b4 = ZoneApp::start_on(at(4), 3).await;
+    let b5 = ZoneApp::start_on(at(5), 3).await;
+    let apps = [&a3, &b4, &b5];
+    // The client's own Service: only its zone matters here.
+    service(&server, "client", 8080);
+    slice(&server, "client-1", "client", 8080, &[("127.0.0.1", "a", &[])]);
+    service(&server, "web", port);
+    slice(
+        &server,
+        "web-1",
+        "web",
+        port,
+        &[
+            ("127.0.0.3", "a", &[]),
+            ("127.0.0.4", "b", &[]),
+            ("127.0.0.5", "b", &[]),
+        ],
+    );
+    let pki = Pki::new("cluster.local");
+    let client_id = SpiffeId::workload("cluster.local", "shop", "client").expect("id");
+    let cp = TestControl::start_kube(
+        &pki,
+        &server.installed_control_plane_kubeconfig(),
+        &[("token-client-0123456789", &client_id)],
+    )
+    .await;
+    let proxy = TestProxy::start(meshed(
+        &pki,
+        &cp,
+        refused_addr().await,
+        "shop",
+        "client",
+        "token-client-0123456789",
+    ))
+    .await;
+    let web = "web.shop.svc.cluster.local:80";
+    assert_eq!(h2load_to(proxy.outbound, web, 200).await, 200);
+    let before: Vec<u64> = apps.iter().map(|a| a.hits()).collect();
+    assert_eq!(h2load_to(proxy.outbound, web, 2_000).await, 2_000);
+    let got = since(&apps, &before);
+    assert!(
+        got[0] * 100 >= 95 * 2_000,
+        "the zone-a endpoint got {} of 2000: {got:?}",
+        got[0]
+    );
+
+    // Topology hints assign 127.0.0.4 (zone b) to zone a: it becomes local, 127.0.0.5 stays
+    // remote. No request fails while the slice changes.
+    b4.delay_ms.store(0, Ordering::Relaxed);
+    let load = {
+        let outbound = proxy.outbound;
+        tokio::spawn(async move { h2load_to(outbound, web, 5_000).await })
+    };
+    slice(
+        &server,
+        "web-1",
+        "web",
+        port,
+        &[
+            ("127.0.0.3", "a", &["a"]),
+            ("127.0.0.4", "b", &["a"]),
+            ("127.0.0.5", "b", &["b"]),
+        ],
+    );
+    wait_until("127.0.0.4 serving zone a", async || {
+        let before: Vec<u64> = apps.iter().map(|a| a.hits()).collect();
+        assert_eq!(h2load_to(proxy.outbound, web, 500).await, 500);
+        let got = since(&apps, &before);
+        got[1] > 0 && got[2] * 100 <= 5 * 500
+    })
+    .await;
+    assert_eq!(load.await.expect("h2load"), 5_000, "no request failed");
     proxy.stop().await;
 }
