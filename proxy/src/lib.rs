@@ -414,16 +414,18 @@ impl Builder {
                 )),
             });
         }
-        let destinations = Arc::new(discover::Destinations::new(
-            Some(statics.clone()),
-            chain,
-            dns_fallback,
-            cfg.connect_timeout,
-            cfg.discovery_idle_timeout,
-            metrics.clone(),
-            identity.clone(),
-            zone,
-        ));
+        let destinations = Arc::new(
+            discover::Destinations::new(
+                Some(statics.clone()),
+                chain,
+                dns_fallback,
+                cfg.connect_timeout,
+                cfg.discovery_idle_timeout,
+                metrics.clone(),
+                identity.clone(),
+            )
+            .with_zone(zone),
+        );
         let admin_state = Arc::new(admin::AdminState {
             metrics,
             identity,

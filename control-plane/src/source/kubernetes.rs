@@ -39,6 +39,12 @@
 //!   recomputed when it appears. Endpoints without a Pod `targetRef` (external addresses) have
 //!   no identity. When Pods cannot be read (RBAC), one warning says so and endpoints get no
 //!   identity. A watch refused with 403 logs the RBAC rule to add ([`super::permission`]).
+//! - **Policy.** A Service's annotations (`remora.io/*`) and, where the cluster has the Gateway
+//!   API CRDs, the `HTTPRoute`s / `GRPCRoute`s attached to it ([`super::gateway`]) give the
+//!   policy published with its names. A route kind the API server does not serve (404: no CRD)
+//!   is logged once at info and looked for again every [`ROUTES_RECHECK`]; publishing waits
+//!   for the first answer of each route watch, so a Service's first policy already has its
+//!   routes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -48,7 +54,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, PodSpec, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
-use kube::api::{Api, ListParams};
+use kube::api::{Api, DynamicObject, ListParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
@@ -56,6 +62,7 @@ use remora_certs::{EndpointSpec, Locality, Policy, SpiffeId};
 use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
 
+use super::gateway::{self, Routes, RoutesChanged};
 use crate::registry::{Published, Registry, Table};
 
 /// The label the EndpointSlice controller puts on every slice it manages.
@@ -126,6 +133,9 @@ impl KubeSource {
         let mut pods = state.identities.is_some().then(|| pod_events(&self.client));
         let mut slices = slice_events(&self.client);
         let mut services = service_events(&self.client);
+        state.routes.follow();
+        let mut http_routes = RouteWatch::new(&self.client, gateway::Kind::Http);
+        let mut grpc_routes = RouteWatch::new(&self.client, gateway::Kind::Grpc);
         // Resources whose missing permission was logged; logged again only after it worked.
         let mut hinted = Hinted::default();
         loop {
@@ -167,6 +177,8 @@ impl KubeSource {
                         pods = Some(pod_events(&self.client));
                     }
                 },
+                ev = http_routes.next() => state.on_route_watch(&mut http_routes, ev, &mut hinted, &sink),
+                ev = grpc_routes.next() => state.on_route_watch(&mut grpc_routes, ev, &mut hinted, &sink),
             }
         }
     }
@@ -239,6 +251,94 @@ fn service_events(client: &kube::Client) -> EventStream<Service> {
             })
             .default_backoff(),
     )
+}
+
+/// How long after the API server answered 404 for a route kind (the Gateway API CRDs are not
+/// installed) the control plane looks for it again: routes then apply without a restart, and
+/// a cluster without the CRDs costs one list request a minute per kind, and no log line.
+pub const ROUTES_RECHECK: Duration = Duration::from_secs(60);
+
+/// The watch of one Gateway API route kind, stopped while the API server does not serve it.
+struct RouteWatch {
+    kind: gateway::Kind,
+    client: kube::Client,
+    events: Option<EventStream<DynamicObject>>,
+    /// While stopped: when to look again.
+    recheck: tokio::time::Instant,
+}
+
+impl RouteWatch {
+    fn new(client: &kube::Client, kind: gateway::Kind) -> Self {
+        RouteWatch {
+            kind,
+            client: client.clone(),
+            events: Some(route_events(client, kind)),
+            recheck: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The next event; while stopped, waits for the recheck first. Cancel-safe: the recheck is
+    /// a deadline, not a fresh sleep each time another branch of the loop wins.
+    async fn next(&mut self) -> Option<Result<Event<DynamicObject>, watcher::Error>> {
+        if self.events.is_none() {
+            tokio::time::sleep_until(self.recheck).await;
+            self.events = Some(route_events(&self.client, self.kind));
+        }
+        match &mut self.events {
+            Some(events) => events.next().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn stop(&mut self) {
+        self.events = None;
+        self.recheck = tokio::time::Instant::now() + ROUTES_RECHECK;
+    }
+}
+
+fn route_events(client: &kube::Client, kind: gateway::Kind) -> EventStream<DynamicObject> {
+    let config = watcher::Config {
+        bookmarks: true,
+        ..watcher::Config::default()
+    };
+    let api = Api::<DynamicObject>::all_with(client.clone(), &kind.api_resource());
+    Box::pin(
+        watcher::watcher(api, config)
+            // Only the spec is read; the status lists conditions for every parent.
+            .modify(|r| {
+                r.metadata.managed_fields = None;
+                r.metadata.annotations = None;
+                r.metadata.labels = None;
+                if let Some(o) = r.data.as_object_mut() {
+                    o.retain(|k, _| k == "spec");
+                }
+            })
+            .default_backoff(),
+    )
+}
+
+/// Whether the API server answered 404 for the resource itself: it does not serve it (a CRD
+/// that is not installed).
+fn not_served(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
+}
+
+/// The TCP port numbers of a Service.
+fn tcp_ports(svc: &Service) -> Vec<u16> {
+    let ports: BTreeSet<u16> = svc
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .filter(|p| is_tcp(p.protocol.as_deref()))
+        .filter_map(|p| u16::try_from(p.port).ok().filter(|&n| n != 0))
+        .collect();
+    ports.into_iter().collect()
 }
 
 /// Watch failures, logged with the permission to add when the API server said 403: that hint
@@ -528,9 +628,12 @@ struct State {
     slices: Cache<EndpointSlice>,
     services: Cache<Service>,
     published: HashMap<ServiceKey, Names>,
-    /// Each Service's last good policy, and the annotation error last logged for it: a bad
-    /// annotation is refused (logged once per error) and the last good policy keeps serving.
+    /// Each Service's last good policy, and the annotation or route error last logged for it:
+    /// a bad annotation or route is refused (logged once per error) and the last good policy
+    /// keeps serving.
     policies: Policies,
+    /// Gateway API routes attached to Services.
+    routes: Routes,
     addr_owners: AddrOwners,
     /// The registry follows the caches (all listed).
     live: bool,
@@ -545,15 +648,17 @@ impl State {
             services: Cache::default(),
             published: HashMap::new(),
             policies: HashMap::new(),
+            routes: Routes::default(),
             addr_owners: HashMap::new(),
             live: false,
         }
     }
 
-    /// The policy `svc`'s annotations give; when they do not parse, the last good one (none
-    /// for a Service never seen with a good one), with one log line naming the Service and
-    /// the field.
-    fn policy(policies: &mut Policies, svc: &Service) -> Arc<Policy> {
+    /// The policy `svc`'s annotations give, with the routes attached to it applied
+    /// ([`gateway::apply`]: routes, split and timeouts from the routes, the rest from the
+    /// annotations); when either is refused, the last good one (none for a Service never seen
+    /// with a good one), with one log line naming the object and the field.
+    fn policy(policies: &mut Policies, svc: &Service, routes: &Routes) -> Arc<Policy> {
         let Some(key) = service_key(svc) else {
             return Arc::default();
         };
@@ -576,6 +681,14 @@ impl State {
             }
             Ok(p)
         });
+        let (ns, name) = &key;
+        let parsed = match parsed {
+            Err(e) => Err(format!(
+                "Service {ns}/{name}: annotation refused: {e}; keeping its last good policy"
+            )),
+            Ok(p) => gateway::apply(p, &key, &tcp_ports(svc), &routes.attached(ns, name))
+                .map_err(|e| format!("{e}; Service {ns}/{name} keeps its last good policy")),
+        };
         let entry = policies.entry(key).or_default();
         match parsed {
             Ok(p) => {
@@ -587,7 +700,7 @@ impl State {
             Err(e) => {
                 if entry.1.as_ref() != Some(&e) {
                     let (ns, name) = service_key(svc).unwrap_or_default();
-                    tracing::warn!(service = %format!("{ns}/{name}"), "Service {ns}/{name}: annotation refused: {e}; keeping its last good policy");
+                    tracing::warn!(service = %format!("{ns}/{name}"), "{e}");
                     entry.1 = Some(e);
                 }
             }
@@ -618,6 +731,60 @@ impl State {
             tracing::info!(services = self.services.items.len(), "Services listed");
         }
         self.changed(changed, sink);
+    }
+
+    fn on_route(&mut self, kind: gateway::Kind, ev: Event<DynamicObject>, sink: &Sink<'_>) {
+        let changed = self.routes.apply(kind, ev);
+        self.routes_changed(changed, sink);
+    }
+
+    fn routes_changed(&mut self, changed: RoutesChanged, sink: &Sink<'_>) {
+        let changed = match changed {
+            RoutesChanged::Nothing => Changed::Nothing,
+            RoutesChanged::All => Changed::All,
+            RoutesChanged::Services(s) => Changed::Services(s.into_iter().collect()),
+        };
+        self.changed(changed, sink);
+    }
+
+    /// One answer of a route watch: an event, the kind not served (no CRD: the watch stops
+    /// until [`ROUTES_RECHECK`], logged once), or another error (logged; publishing does not
+    /// wait for routes it cannot read, and the routes already read stay).
+    fn on_route_watch(
+        &mut self,
+        watch: &mut RouteWatch,
+        ev: Option<Result<Event<DynamicObject>, watcher::Error>>,
+        hinted: &mut Hinted,
+        sink: &Sink<'_>,
+    ) {
+        let kind = watch.kind;
+        match ev {
+            Some(Ok(ev)) => {
+                hinted.ok(kind.plural());
+                self.on_route(kind, ev, sink);
+            }
+            Some(Err(e)) if not_served(&e) => {
+                if !self.routes.is_unavailable(kind) {
+                    tracing::info!(
+                        "{}s are not served by the API server (the Gateway API CRDs are not installed): no route applies; looking again every {}s",
+                        kind.name(),
+                        ROUTES_RECHECK.as_secs()
+                    );
+                }
+                watch.stop();
+                let changed = self.routes.unavailable(kind);
+                self.routes_changed(changed, sink);
+            }
+            Some(Err(e)) => {
+                hinted.warn(kind.name(), kind.plural(), gateway::GROUP, &e);
+                let changed = self.routes.settle(kind);
+                self.routes_changed(changed, sink);
+            }
+            None => {
+                tracing::warn!("{} watch ended; starting it again", kind.name());
+                watch.stop();
+            }
+        }
     }
 
     fn changed(&mut self, changed: Changed, sink: &Sink<'_>) {
@@ -682,7 +849,7 @@ impl State {
     /// Publishes the whole table the first time everything needed is listed.
     fn go_live(&mut self, sink: &Sink<'_>) {
         let pods_listed = self.identities.as_ref().is_none_or(|i| i.listed);
-        let listed = self.slices.listed && self.services.listed;
+        let listed = self.slices.listed && self.services.listed && !self.routes.pending();
         if self.live || !listed || !pods_listed {
             if listed && !pods_listed {
                 tracing::info!(
@@ -721,7 +888,7 @@ impl State {
             if let Some(p) = old_policies.remove(key) {
                 policies.insert(key.clone(), p);
             }
-            let policy = State::policy(&mut policies, svc);
+            let policy = State::policy(&mut policies, svc, &self.routes);
             let t = service_table(svc, slices, &self.cluster_domain, &policy, |ns, ep| {
                 self.expect(ns, ep)
             });
@@ -776,7 +943,7 @@ impl State {
                     .in_namespace(ns)
                     .filter(|s| service_of(s).is_some_and(|(_, n)| &n == name))
                     .collect();
-                let policy = State::policy(&mut policies, svc);
+                let policy = State::policy(&mut policies, svc, &self.routes);
                 service_table(svc, &slices, &self.cluster_domain, &policy, |ns, ep| {
                     self.expect(ns, ep)
                 })
@@ -865,7 +1032,7 @@ fn is_tcp(protocol: Option<&str>) -> bool {
 }
 
 /// A DNS label (RFC 1123), as Kubernetes requires of hostnames and namespace names.
-fn is_label(s: &str) -> bool {
+pub(crate) fn is_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -1764,7 +1931,7 @@ mod tests {
         };
         let mut policies = Policies::new();
         let good = annotated(&[("remora.io/timeout", "300ms"), ("remora.io/retries", "1")]);
-        let p = State::policy(&mut policies, &good);
+        let p = State::policy(&mut policies, &good, &Routes::default());
         assert_eq!(
             (p.timeout, p.retries),
             (Some(Duration::from_millis(300)), 1)
@@ -1785,34 +1952,34 @@ mod tests {
         assert!(t.addrs["10.1.0.1:8080"].policy().unwrap().is_default());
         // Refused: the last good policy stays.
         let bad = annotated(&[("remora.io/timeout", "soon"), ("remora.io/retries", "1")]);
-        assert_eq!(State::policy(&mut policies, &bad), p);
+        assert_eq!(State::policy(&mut policies, &bad, &Routes::default()), p);
         assert!(policies.values().any(|(_, e)| {
             e.as_deref()
                 .is_some_and(|e| e.contains("remora.io/timeout"))
         }));
         // Annotations removed: no policy.
-        assert!(State::policy(&mut policies, &web()).is_default());
+        assert!(State::policy(&mut policies, &web(), &Routes::default()).is_default());
         // A split names Services of the namespace; each port gets their authorities.
         let split = annotated(&[("remora.io/split", "web-canary=5")]);
-        let p = State::policy(&mut policies, &split);
+        let p = State::policy(&mut policies, &split, &Routes::default());
         let t = service_table(&split, &[&a], CD, &p, plain);
         let sent = t.names[&format!("web.shop.svc.{CD}:80")].policy().unwrap();
         assert_eq!(sent.split[0].to, format!("web-canary.shop.svc.{CD}:80"));
         assert_eq!(sent.split[0].percent, 5);
         // Rate limits go to each pod's own address (its proxy enforces them), alone.
         let limited = annotated(&[("remora.io/rate-limit", "100"), ("remora.io/timeout", "1s")]);
-        let p = State::policy(&mut policies, &limited);
+        let p = State::policy(&mut policies, &limited, &Routes::default());
         let t = service_table(&limited, &[&a], CD, &p, plain);
         let own = t.addrs["10.1.0.1:8080"].policy().unwrap();
         assert_eq!((own.rate_limit, own.timeout), (Some(100), None));
         let routed = annotated(&[("remora.io/routes", "header:x-canary=true=>web-canary")]);
-        let p = State::policy(&mut policies, &routed);
+        let p = State::policy(&mut policies, &routed, &Routes::default());
         let t = service_table(&routed, &[&a], CD, &p, plain);
         let sent = t.names[&format!("web.shop.svc.{CD}:80")].policy().unwrap();
         assert_eq!(sent.routes[0].to, format!("web-canary.shop.svc.{CD}:80"));
         let bad = annotated(&[("remora.io/split", "web.other:80=5")]);
         assert_eq!(
-            State::policy(&mut policies, &bad),
+            State::policy(&mut policies, &bad, &Routes::default()),
             p,
             "not a Service name: refused"
         );

@@ -49,6 +49,18 @@ pub const RULES: &[Rule] = &[
         needed_for: "discovery needs it",
     },
     Rule {
+        group: "gateway.networking.k8s.io",
+        resource: "httproutes",
+        verbs: &["list", "watch"],
+        needed_for: "policy from Gateway API HTTPRoutes needs it, where the CRDs are installed",
+    },
+    Rule {
+        group: "gateway.networking.k8s.io",
+        resource: "grpcroutes",
+        verbs: &["list", "watch"],
+        needed_for: "policy from Gateway API GRPCRoutes needs it, where the CRDs are installed",
+    },
+    Rule {
         group: "authentication.k8s.io",
         resource: "tokenreviews",
         verbs: &["create"],

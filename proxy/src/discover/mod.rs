@@ -133,7 +133,6 @@ impl Destinations {
         idle: Duration,
         metrics: Arc<Metrics>,
         identity: Option<Arc<IdentityStore>>,
-        zone: Zone,
     ) -> Self {
         Destinations {
             statics,
@@ -149,8 +148,14 @@ impl Destinations {
             followed: Default::default(),
             idle,
             stop: Default::default(),
-            zone,
+            zone: Zone::default(),
         }
+    }
+
+    /// Shares the proxy's zone (learned by the control-plane source) with every destination.
+    pub(crate) fn with_zone(mut self, zone: Zone) -> Self {
+        self.zone = zone;
+        self
     }
 
     /// Ends every follow task (the proxy has stopped).
@@ -802,7 +807,6 @@ mod tests {
             Duration::from_secs(600),
             Arc::new(Metrics::new()),
             None,
-            Zone::default(),
         )
     }
 
