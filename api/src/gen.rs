@@ -81,6 +81,47 @@ pub struct Policy {
     /// timeout_ms (the longest matching prefix wins).
     #[prost(message, repeated, tag = "8")]
     pub route_timeouts: ::prost::alloc::vec::Vec<RouteTimeout>,
+    /// Per route: retries of requests whose path starts with the prefix (longest wins).
+    #[prost(message, repeated, tag = "9")]
+    pub route_retries: ::prost::alloc::vec::Vec<RouteCount>,
+    /// Which answers are retried; absent: 503 and gRPC UNAVAILABLE, idempotent requests only.
+    #[prost(message, optional, tag = "10")]
+    pub retry_on: ::core::option::Option<RetryOn>,
+    /// Each try of a request with retries must have its response head within this; 0: none.
+    #[prost(uint64, tag = "11")]
+    pub retry_timeout_ms: u64,
+    /// A stream with no data either way this long is ended; 0: no idle timeout.
+    #[prost(uint64, tag = "12")]
+    pub idle_timeout_ms: u64,
+    #[prost(message, repeated, tag = "13")]
+    pub route_idle_timeouts: ::prost::alloc::vec::Vec<RouteTimeout>,
+    /// For an endpoint's own address: requests per second it serves per route prefix.
+    #[prost(message, repeated, tag = "14")]
+    pub route_rate_limits: ::prost::alloc::vec::Vec<RouteCount>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteCount {
+    #[prost(string, tag = "1")]
+    pub path_prefix: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "2")]
+    pub count: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RetryOn {
+    /// HTTP statuses 400-599.
+    #[prost(uint32, repeated, tag = "1")]
+    pub statuses: ::prost::alloc::vec::Vec<u32>,
+    /// Every 5xx.
+    #[prost(bool, tag = "2")]
+    pub any_5xx: bool,
+    /// gRPC codes 1-16.
+    #[prost(uint32, repeated, tag = "3")]
+    pub grpc_codes: ::prost::alloc::vec::Vec<u32>,
+    /// Requests with methods that are not idempotent may be repeated.
+    #[prost(bool, tag = "4")]
+    pub non_idempotent: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

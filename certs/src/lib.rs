@@ -17,5 +17,5 @@ pub mod validate;
 pub use authority::normalize_authority;
 pub use endpoint::{EndpointSpec, Locality, MAX_WEIGHT, is_zone_name};
 pub use identity::SpiffeId;
-pub use policy::{Match, Policy, Route, Split};
+pub use policy::{Match, Policy, RetryOn, Route, Split};
 pub use validate::{Credentials, Problem, ValidationError};

@@ -7,10 +7,13 @@
 //! | annotation | value | meaning |
 //! |---|---|---|
 //! | `remora.io/timeout` | a duration: `500ms`, `2s`, `1m` (1 ms … 1 h), then optionally per route `; /PREFIX=DURATION` (a path prefix or a gRPC `/pkg.Service/Method`; the longest matching prefix wins): `500ms; /pkg.Reports/=30s` | each request must have its response head by then: `504`, or `grpc-status: 4` (DEADLINE_EXCEEDED) |
-//! | `remora.io/retries` | a count, 0 … 10 | a request answered `503` or gRPC `UNAVAILABLE` is tried again on another endpoint, up to this many times, within the destination's retry budget |
+//! | `remora.io/retries` | a count, 0 … 10, then optionally per route `; /PREFIX=COUNT` (as `timeout`): `2; /pkg.Orders/Create=0` | a request given a retryable answer (`remora.io/retry-on`) is tried again on another endpoint, up to this many times, within the destination's retry budget; a body larger than 64 KiB is never replayed |
+//! | `remora.io/retry-on` | a list of `5xx`, `gateway-error` (502, 503, 504), status codes 400 … 599, `grpc:NAME` or `grpc:CODE` (`grpc:unavailable`, `grpc:resource-exhausted`, `grpc:14`), and `non-idempotent`; default `503,grpc:unavailable` | which answers are retried; requests with methods that are not idempotent (a plain `POST`, `PATCH`) are repeated only with `non-idempotent` (gRPC calls are retried on the listed gRPC codes) |
+//! | `remora.io/retry-timeout` | a duration | each try of a request with retries must have its response head by then, or it is abandoned and tried again (the last one answers `504` / `grpc-status: 4`) |
+//! | `remora.io/idle-timeout` | a duration, then optionally per route `; /PREFIX=DURATION` | a request or response stream with no data in either direction for this long is ended: gRPC gets `grpc-status: 4` (DEADLINE_EXCEEDED) in trailers, other streams are reset |
 //! | `remora.io/split` | `other=PERCENT[,…]`: Services in the same namespace, whole percents, 100 at most in all | that share of the Service's requests goes to the other Service (same port) instead, picked per request; the rest stays (a canary at 5, then 50) |
 //! | `remora.io/routes` | `header:NAME=VALUE=>other[; path:/PREFIX=>other…]`: Services in the same namespace | a request with that header value (exact) or path prefix goes to the other Service (same port); the first rule that matches wins, before any split |
-//! | `remora.io/rate-limit` | requests per second, 1 … 1,000,000 | each endpoint (pod) of the Service serves at most this many requests per second (a burst of one second's worth); the rest get `429` with `retry-after`, or `grpc-status: 8` (RESOURCE_EXHAUSTED). Enforced by the endpoint's own proxy, on the inbound side |
+//! | `remora.io/rate-limit` | requests per second, 1 … 1,000,000, then optionally per route `; /PREFIX=RATE` (`100; /pkg.Reports/=5`: a route's requests count against both) | each endpoint (pod) of the Service serves at most this many requests per second (a burst of one second's worth); the rest get `429` with `retry-after`, or `grpc-status: 8` (RESOURCE_EXHAUSTED). Enforced by the endpoint's own proxy, on the inbound side |
 //! | `remora.io/rate-limit-per-client` | requests per second, 1 … 1,000,000 | the same, per calling identity (the verified peer; callers without one share one bucket) |
 //! | `remora.io/failure-accrual` | a count, 0 … 1000 (default 7; 0: off) | an endpoint whose answers failed (5xx, gRPC `UNAVAILABLE`) this many times in a row is ejected from balancing for a backoff, then probed; never the last ready endpoint |
 //!
@@ -20,15 +23,26 @@
 use std::time::Duration;
 
 /// The Service annotations the Kubernetes source reads (a contract: documented in the README).
-pub const ANNOTATIONS: [&str; 7] = [
+pub const ANNOTATIONS: [&str; 10] = [
     TIMEOUT,
     RETRIES,
+    RETRY_ON,
+    RETRY_TIMEOUT,
+    IDLE_TIMEOUT,
     FAILURE_ACCRUAL,
     SPLIT,
     ROUTES,
     RATE_LIMIT,
     RATE_LIMIT_PER_CLIENT,
 ];
+/// `remora.io/retry-on`: which answers are retried.
+pub const RETRY_ON: &str = "remora.io/retry-on";
+/// `remora.io/retry-timeout`: the time each try has for its response head.
+pub const RETRY_TIMEOUT: &str = "remora.io/retry-timeout";
+/// `remora.io/idle-timeout`: how long a stream may carry no data.
+pub const IDLE_TIMEOUT: &str = "remora.io/idle-timeout";
+/// HTTP statuses `remora.io/retry-on` may list one by one.
+pub const MAX_RETRY_STATUSES: usize = 16;
 /// `remora.io/rate-limit`: requests per second each endpoint serves.
 pub const RATE_LIMIT: &str = "remora.io/rate-limit";
 /// `remora.io/rate-limit-per-client`: the same per calling identity.
@@ -89,6 +103,194 @@ pub struct Policy {
     pub rate_limit: Option<u32>,
     /// Inbound: requests per second each endpoint serves to one calling identity.
     pub rate_limit_per_client: Option<u32>,
+    /// Per route: retries of requests whose path starts with the prefix (longest wins).
+    pub route_retries: Vec<(String, u32)>,
+    /// Which answers are retried, and whether non-idempotent requests may be.
+    pub retry_on: RetryOn,
+    /// Each try of a request with retries must have its response head within this.
+    pub retry_timeout: Option<Duration>,
+    /// A stream with no data in either direction this long is ended.
+    pub idle_timeout: Option<Duration>,
+    /// Per route idle timeouts (longest prefix wins).
+    pub route_idle_timeouts: Vec<(String, Duration)>,
+    /// Inbound, per route: requests per second each endpoint serves on the prefix.
+    pub route_rate_limits: Vec<(String, u32)>,
+}
+
+/// Which answers a policy's retries repeat (`remora.io/retry-on`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RetryOn {
+    /// HTTP statuses, 400 … 599, sorted, at most [`MAX_RETRY_STATUSES`].
+    pub statuses: Vec<u16>,
+    /// Every 5xx.
+    pub any_5xx: bool,
+    /// gRPC codes, bit `1 << code` (codes 1 … 16).
+    pub grpc: u32,
+    /// Requests whose method is not idempotent (a plain `POST`, `PATCH`) may be repeated.
+    pub non_idempotent: bool,
+}
+
+impl Default for RetryOn {
+    /// `503` and gRPC `UNAVAILABLE`: the answers that say the request was not carried out.
+    fn default() -> Self {
+        RetryOn {
+            statuses: vec![503],
+            any_5xx: false,
+            grpc: 1 << 14,
+            non_idempotent: false,
+        }
+    }
+}
+
+/// gRPC status codes `retry-on` knows by name.
+const GRPC_CODES: [(&str, u32); 16] = [
+    ("cancelled", 1),
+    ("unknown", 2),
+    ("invalid-argument", 3),
+    ("deadline-exceeded", 4),
+    ("not-found", 5),
+    ("already-exists", 6),
+    ("permission-denied", 7),
+    ("resource-exhausted", 8),
+    ("failed-precondition", 9),
+    ("aborted", 10),
+    ("out-of-range", 11),
+    ("unimplemented", 12),
+    ("internal", 13),
+    ("unavailable", 14),
+    ("data-loss", 15),
+    ("unauthenticated", 16),
+];
+
+impl RetryOn {
+    /// Whether an answer with this status and (head) `grpc-status` value is retried.
+    pub fn retries(&self, status: u16, grpc_status: Option<&[u8]>) -> bool {
+        if let Some(code) = grpc_status
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|c| (1..=16).contains(c))
+            && self.grpc & (1 << code) != 0
+        {
+            return true;
+        }
+        (self.any_5xx && (500..=599).contains(&status)) || self.statuses.contains(&status)
+    }
+
+    /// Parses `5xx,gateway-error,429,grpc:unavailable,grpc:8,non-idempotent`.
+    pub fn parse(v: &str) -> Result<RetryOn, String> {
+        let mut r = RetryOn {
+            statuses: Vec::new(),
+            any_5xx: false,
+            grpc: 0,
+            non_idempotent: false,
+        };
+        let mut listed_answers = false;
+        for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let item = item.to_ascii_lowercase();
+            match item.as_str() {
+                "non-idempotent" => {
+                    r.non_idempotent = true;
+                    continue;
+                }
+                "5xx" => r.any_5xx = true,
+                "gateway-error" => r.statuses.extend([502, 503, 504]),
+                _ => {
+                    if let Some(g) = item.strip_prefix("grpc:") {
+                        let code = GRPC_CODES
+                            .iter()
+                            .find(|(n, _)| *n == g)
+                            .map(|(_, c)| *c)
+                            .or_else(|| g.parse::<u32>().ok().filter(|c| (1..=16).contains(c)))
+                            .ok_or_else(|| {
+                                format!("{item:?} is not a gRPC code; use a name such as grpc:unavailable or a number 1 to 16")
+                            })?;
+                        r.grpc |= 1 << code;
+                    } else {
+                        let code = item
+                            .parse::<u16>()
+                            .ok()
+                            .filter(|c| (400..=599).contains(c))
+                            .ok_or_else(|| {
+                                format!("{item:?} is neither 5xx, gateway-error, a status 400 to 599, grpc:CODE nor non-idempotent")
+                            })?;
+                        r.statuses.push(code);
+                    }
+                }
+            }
+            listed_answers = true;
+        }
+        if !listed_answers {
+            // `non-idempotent` alone widens who is retried, not which answers.
+            let d = RetryOn::default();
+            (r.statuses, r.grpc) = (d.statuses, d.grpc);
+        }
+        r.statuses.sort_unstable();
+        r.statuses.dedup();
+        if r.statuses.len() > MAX_RETRY_STATUSES {
+            return Err(format!(
+                "lists {} statuses; use at most {MAX_RETRY_STATUSES} (or 5xx)",
+                r.statuses.len()
+            ));
+        }
+        Ok(r)
+    }
+}
+
+/// `[DEFAULT][; /PREFIX=VALUE …]`: a default (optional) and per-route values, the form of
+/// `timeout`, `retries`, `idle-timeout` and `rate-limit`. Prefixes start with `/`, at most
+/// [`MAX_ROUTES`].
+fn parse_routed<T>(
+    v: &str,
+    what: &str,
+    value: impl Fn(&str) -> Result<T, String>,
+) -> Result<(Option<T>, Vec<(String, T)>), String> {
+    let mut default = None;
+    let mut routes = Vec::new();
+    for (i, part) in v
+        .split(';')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .enumerate()
+    {
+        match part.rsplit_once('=') {
+            Some((prefix, x)) => {
+                let prefix = prefix.trim();
+                check_prefix(prefix)?;
+                routes.push((
+                    prefix.to_string(),
+                    value(x).map_err(|e| format!("{x:?} for {prefix} {e}"))?,
+                ));
+            }
+            None if i == 0 => default = Some(value(part).map_err(|e| format!("{part:?} {e}"))?),
+            None => {
+                return Err(format!(
+                    "{part:?} has no route; write /PREFIX={what} after the default"
+                ));
+            }
+        }
+    }
+    if routes.len() > MAX_ROUTES {
+        return Err(format!("{} routes; use at most {MAX_ROUTES}", routes.len()));
+    }
+    Ok((default, routes))
+}
+
+fn check_prefix(prefix: &str) -> Result<(), String> {
+    if !prefix.starts_with('/') || prefix.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(format!(
+            "route {prefix:?} must be a path prefix starting with /"
+        ));
+    }
+    Ok(())
+}
+
+/// The value of the longest prefix of `path` in `routes`.
+fn longest<'a, T>(routes: &'a [(String, T)], path: &str) -> Option<&'a T> {
+    routes
+        .iter()
+        .filter(|(p, _)| path.starts_with(p.as_str()))
+        .max_by_key(|(p, _)| p.len())
+        .map(|(_, v)| v)
 }
 
 /// One rule of a [`Policy::routes`].
@@ -164,12 +366,127 @@ impl Policy {
             timeout,
             retries,
             failure_accrual,
-            split: Vec::new(),
-            routes: Vec::new(),
-            rate_limit: None,
-            rate_limit_per_client: None,
-            route_timeouts: Vec::new(),
+            ..Policy::default()
         })
+    }
+
+    /// The policy with per-route retries, which answers are retried and a per-try timeout.
+    pub fn with_retry_policy(
+        mut self,
+        route_retries: Vec<(String, u32)>,
+        retry_on: RetryOn,
+        retry_timeout: Option<Duration>,
+    ) -> Result<Policy, String> {
+        if route_retries.len() > MAX_ROUTES {
+            return Err(format!(
+                "retries: {} routes; use at most {MAX_ROUTES}",
+                route_retries.len()
+            ));
+        }
+        for (prefix, n) in &route_retries {
+            check_prefix(prefix).map_err(|e| format!("retries: {e}"))?;
+            if *n > MAX_RETRIES {
+                return Err(format!(
+                    "retries: {n} for {prefix} is too many; use 0 to {MAX_RETRIES}"
+                ));
+            }
+        }
+        if retry_on.statuses.len() > MAX_RETRY_STATUSES
+            || retry_on.statuses.iter().any(|c| !(400..=599).contains(c))
+            || retry_on.grpc & 1 != 0
+            || retry_on.grpc >> 17 != 0
+        {
+            return Err(format!(
+                "retry-on: statuses must be 400 to 599 (at most {MAX_RETRY_STATUSES}), gRPC codes 1 to 16"
+            ));
+        }
+        if let Some(t) = retry_timeout
+            && (t < Duration::from_millis(1) || t > MAX_TIMEOUT)
+        {
+            return Err(format!(
+                "retry-timeout {t:?} is out of range; use 1ms to {}s",
+                MAX_TIMEOUT.as_secs()
+            ));
+        }
+        self.route_retries = route_retries;
+        self.retry_on = retry_on;
+        self.retry_timeout = retry_timeout;
+        Ok(self)
+    }
+
+    /// The retries of a request to `path`: its longest matching route's, else the default.
+    pub fn retries_for(&self, path: &str) -> u32 {
+        longest(&self.route_retries, path)
+            .copied()
+            .unwrap_or(self.retries)
+    }
+
+    /// The policy with an idle timeout, by default and per route.
+    pub fn with_idle_timeouts(
+        mut self,
+        default: Option<Duration>,
+        routes: Vec<(String, Duration)>,
+    ) -> Result<Policy, String> {
+        if routes.len() > MAX_ROUTES {
+            return Err(format!(
+                "idle-timeout: {} routes; use at most {MAX_ROUTES}",
+                routes.len()
+            ));
+        }
+        for (prefix, d) in routes
+            .iter()
+            .map(|(p, d)| (p.as_str(), d))
+            .chain(default.as_ref().map(|d| ("the default", d)))
+        {
+            if prefix != "the default" {
+                check_prefix(prefix).map_err(|e| format!("idle-timeout: {e}"))?;
+            }
+            if *d < Duration::from_millis(1) || *d > MAX_TIMEOUT {
+                return Err(format!(
+                    "idle-timeout: {d:?} for {prefix} is out of range; use 1ms to {}s",
+                    MAX_TIMEOUT.as_secs()
+                ));
+            }
+        }
+        self.idle_timeout = default;
+        self.route_idle_timeouts = routes;
+        Ok(self)
+    }
+
+    /// The idle timeout of a request to `path`: its longest matching route's, else the default.
+    pub fn idle_timeout_for(&self, path: &str) -> Option<Duration> {
+        longest(&self.route_idle_timeouts, path)
+            .copied()
+            .or(self.idle_timeout)
+    }
+
+    /// The policy with per-route inbound rate limits (each 1 … [`MAX_RATE_LIMIT`]).
+    pub fn with_route_rate_limits(mut self, routes: Vec<(String, u32)>) -> Result<Policy, String> {
+        if routes.len() > MAX_ROUTES {
+            return Err(format!(
+                "rate-limit: {} routes; use at most {MAX_ROUTES}",
+                routes.len()
+            ));
+        }
+        for (prefix, v) in &routes {
+            check_prefix(prefix).map_err(|e| format!("rate-limit: {e}"))?;
+            if !(1..=MAX_RATE_LIMIT).contains(v) {
+                return Err(format!(
+                    "rate-limit: {v} for {prefix} is out of range; use 1 to {MAX_RATE_LIMIT} requests per second"
+                ));
+            }
+        }
+        self.route_rate_limits = routes;
+        Ok(self)
+    }
+
+    /// The rate limit of the longest route prefix of `path`, with that prefix.
+    pub fn route_rate_limit_for(&self, path: &str) -> Option<(&str, u32)> {
+        self.route_rate_limits
+            .iter()
+            .filter(|(p, _)| path.starts_with(p.as_str()))
+            .max_by_key(|(p, _)| p.len())
+            .map(|(p, v)| (p.as_str(), *v))
     }
 
     /// The policy with per-route timeouts (at most [`MAX_ROUTES`], prefixes starting with `/`).
@@ -200,11 +517,8 @@ impl Policy {
 
     /// The timeout of a request to `path`: its longest matching route's, else the default.
     pub fn timeout_for(&self, path: &str) -> Option<Duration> {
-        self.route_timeouts
-            .iter()
-            .filter(|(p, _)| path.starts_with(p.as_str()))
-            .max_by_key(|(p, _)| p.len())
-            .map(|(_, d)| *d)
+        longest(&self.route_timeouts, path)
+            .copied()
             .or(self.timeout)
     }
 
@@ -234,6 +548,7 @@ impl Policy {
         Policy {
             rate_limit: self.rate_limit,
             rate_limit_per_client: self.rate_limit_per_client,
+            route_rate_limits: self.route_rate_limits.clone(),
             ..Policy::default()
         }
     }
@@ -298,39 +613,28 @@ impl Policy {
     /// Errors name the field and the value's expected form.
     pub fn from_fields<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<Policy, String> {
         // `DEFAULT; /prefix=D; …`: the default (optional) first, then routes.
-        let mut timeout = None;
-        let mut route_timeouts = Vec::new();
-        for (i, part) in get(TIMEOUT)
-            .unwrap_or("")
-            .split(';')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .enumerate()
-        {
-            match part.rsplit_once('=') {
-                Some((prefix, d)) => route_timeouts.push((
-                    prefix.trim().to_string(),
-                    parse_duration(d).map_err(|e| format!("{TIMEOUT}: {d:?} for {prefix} {e}"))?,
-                )),
-                None if i == 0 => {
-                    timeout =
-                        Some(parse_duration(part).map_err(|e| format!("{TIMEOUT}: {part:?} {e}"))?)
-                }
-                None => {
-                    return Err(format!(
-                        "{TIMEOUT}: {part:?} has no route; write /PREFIX=DURATION after the default"
-                    ));
-                }
-            }
-        }
-        let retries = match get(RETRIES) {
-            None => 0,
-            Some(v) => v.trim().parse::<u32>().map_err(|_| {
-                format!(
-                    "{RETRIES}: {v:?} is not a count; use a whole number from 0 to {MAX_RETRIES}"
-                )
-            })?,
+        let duration = |v: &str| parse_duration(v);
+        let (timeout, route_timeouts) =
+            parse_routed(get(TIMEOUT).unwrap_or(""), "DURATION", duration)
+                .map_err(|e| format!("{TIMEOUT}: {e}"))?;
+        let count = |v: &str| {
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("is not a count; use a whole number from 0 to {MAX_RETRIES}"))
         };
+        let (retries, route_retries) = parse_routed(get(RETRIES).unwrap_or(""), "COUNT", count)
+            .map_err(|e| format!("{RETRIES}: {e}"))?;
+        let retries = retries.unwrap_or(0);
+        let retry_on = match get(RETRY_ON) {
+            None => RetryOn::default(),
+            Some(v) => RetryOn::parse(v).map_err(|e| format!("{RETRY_ON}: {e}"))?,
+        };
+        let retry_timeout = get(RETRY_TIMEOUT)
+            .map(|v| parse_duration(v).map_err(|e| format!("{RETRY_TIMEOUT}: {v:?} {e}")))
+            .transpose()?;
+        let (idle, route_idle) =
+            parse_routed(get(IDLE_TIMEOUT).unwrap_or(""), "DURATION", duration)
+                .map_err(|e| format!("{IDLE_TIMEOUT}: {e}"))?;
         let failure_accrual = match get(FAILURE_ACCRUAL) {
             None => None,
             Some(v) => Some(v.trim().parse::<u32>().map_err(|_| {
@@ -353,16 +657,27 @@ impl Policy {
             None => Vec::new(),
             Some(v) => parse_routes(v).map_err(|e| format!("{ROUTES}: {e}"))?,
         };
-        let rate = |field: &str| match get(field) {
-            None => Ok(None),
-            Some(v) => v.trim().parse::<u32>().map(Some).map_err(|_| {
-                format!(
-                    "{field}: {v:?} is not a rate; give requests per second, 1 to {MAX_RATE_LIMIT}"
-                )
-            }),
+        let rate = |v: &str| {
+            v.trim().parse::<u32>().map_err(|_| {
+                format!("is not a rate; give requests per second, 1 to {MAX_RATE_LIMIT}")
+            })
         };
-        let (total, per_client) = (rate(RATE_LIMIT)?, rate(RATE_LIMIT_PER_CLIENT)?);
+        let (total, route_rates) = parse_routed(get(RATE_LIMIT).unwrap_or(""), "RATE", rate)
+            .map_err(|e| format!("{RATE_LIMIT}: {e}"))?;
+        let per_client = get(RATE_LIMIT_PER_CLIENT)
+            .map(|v| rate(v).map_err(|e| format!("{RATE_LIMIT_PER_CLIENT}: {v:?} {e}")))
+            .transpose()?;
         policy
+            .with_retry_policy(route_retries, retry_on, retry_timeout)
+            .map_err(|e| match e.strip_prefix("retry-timeout") {
+                Some(_) => format!("{RETRY_TIMEOUT}: {e}"),
+                None if e.starts_with("retry-on") => format!("{RETRY_ON}: {e}"),
+                None => format!("{RETRIES}: {}", e.trim_start_matches("retries: ")),
+            })?
+            .with_idle_timeouts(idle, route_idle)
+            .map_err(|e| format!("{IDLE_TIMEOUT}: {}", e.trim_start_matches("idle-timeout: ")))?
+            .with_route_rate_limits(route_rates)
+            .map_err(|e| format!("{RATE_LIMIT}: {}", e.trim_start_matches("rate-limit: ")))?
             .with_route_timeouts(route_timeouts)
             .map_err(|e| format!("{TIMEOUT}: {}", e.trim_start_matches("timeout: ")))?
             .with_split(split)
@@ -530,12 +845,7 @@ mod tests {
             Ok(Policy {
                 timeout: Some(Duration::from_millis(500)),
                 retries: 2,
-                failure_accrual: None,
-                split: Vec::new(),
-                routes: Vec::new(),
-                rate_limit: None,
-                rate_limit_per_client: None,
-                route_timeouts: Vec::new(),
+                ..Policy::default()
             })
         );
         assert_eq!(
@@ -644,9 +954,64 @@ mod tests {
             (ROUTES, "cookie:x=1=>b", "neither header: nor path:"),
             (ROUTES, "path:v2=>b", "must start with /"),
             (ROUTES, "header:bad name=1=>b", "not a header name"),
+            (RETRIES, "2; /a=11", "too many"),
+            (RETRIES, "2; a=1", "must be a path prefix"),
+            (RETRY_ON, "5xx,teapot", "neither 5xx"),
+            (RETRY_ON, "grpc:sleepy", "not a gRPC code"),
+            (RETRY_ON, "grpc:17", "not a gRPC code"),
+            (RETRY_ON, "399", "neither 5xx"),
+            (RETRY_TIMEOUT, "soon", "not a duration"),
+            (IDLE_TIMEOUT, "0ms", "out of range"),
+            (IDLE_TIMEOUT, "1s; /x", "has no route"),
+            (RATE_LIMIT, "10; /x=0", "out of range"),
         ] {
             let e = fields(&[(k, v)]).expect_err(v);
             assert!(e.starts_with(k) && e.contains(says), "{k}={v}: {e}");
         }
+    }
+
+    #[test]
+    fn per_route_retries_retry_on_idle_and_route_rate_limits() {
+        let p = fields(&[
+            (RETRIES, "2; /pkg.Orders/Create=0; /pkg.Orders/=3"),
+            (
+                RETRY_ON,
+                "gateway-error, 429, grpc:resource-exhausted, non-idempotent",
+            ),
+            (RETRY_TIMEOUT, "300ms"),
+            (IDLE_TIMEOUT, "30s; /pkg.Watch/=10m"),
+            (RATE_LIMIT, "100; /pkg.Reports/=5"),
+        ])
+        .unwrap();
+        assert_eq!(p.retries_for("/pkg.Users/Get"), 2);
+        assert_eq!(p.retries_for("/pkg.Orders/Create"), 0);
+        assert_eq!(p.retries_for("/pkg.Orders/List"), 3);
+        let r = &p.retry_on;
+        assert!(r.non_idempotent);
+        assert!(r.retries(502, None) && r.retries(504, None) && r.retries(429, None));
+        assert!(!r.retries(500, None), "not listed");
+        assert!(r.retries(200, Some(b"8")) && !r.retries(200, Some(b"14")));
+        assert_eq!(p.retry_timeout, Some(Duration::from_millis(300)));
+        assert_eq!(p.idle_timeout_for("/x"), Some(Duration::from_secs(30)));
+        assert_eq!(
+            p.idle_timeout_for("/pkg.Watch/All"),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(p.rate_limit, Some(100));
+        assert_eq!(
+            p.route_rate_limit_for("/pkg.Reports/Year"),
+            Some(("/pkg.Reports/", 5))
+        );
+        assert_eq!(p.route_rate_limit_for("/pkg.Users/Get"), None);
+        assert_eq!(p.inbound_part().route_rate_limits, p.route_rate_limits);
+        // The defaults: 503 and UNAVAILABLE, idempotent requests only; `non-idempotent` alone
+        // keeps those answers.
+        let d = fields(&[]).unwrap().retry_on;
+        assert!(d.retries(503, None) && d.retries(200, Some(b"14")));
+        assert!(!d.retries(502, None) && !d.non_idempotent);
+        let n = fields(&[(RETRY_ON, "non-idempotent")]).unwrap().retry_on;
+        assert!(n.non_idempotent && n.retries(503, None) && !n.retries(502, None));
+        let all = fields(&[(RETRY_ON, "5xx")]).unwrap().retry_on;
+        assert!(all.retries(500, None) && all.retries(599, None) && !all.retries(200, Some(b"14")));
     }
 }

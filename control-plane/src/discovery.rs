@@ -214,6 +214,20 @@ fn endpoint(e: &EndpointSpec) -> Endpoint {
     }
 }
 
+fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn counts(routes: &[(String, u32)]) -> Vec<remora_api::RouteCount> {
+    routes
+        .iter()
+        .map(|(prefix, n)| remora_api::RouteCount {
+            path_prefix: prefix.clone(),
+            count: *n,
+        })
+        .collect()
+}
+
 /// The policy as the API carries it; `None` for no policy.
 fn policy(p: &Policy) -> Option<remora_api::Policy> {
     (!p.is_default()).then(|| remora_api::Policy {
@@ -241,6 +255,26 @@ fn policy(p: &Policy) -> Option<remora_api::Policy> {
             .collect(),
         rate_limit: p.rate_limit.unwrap_or(0),
         rate_limit_per_client: p.rate_limit_per_client.unwrap_or(0),
+        route_retries: counts(&p.route_retries),
+        retry_on: (p.retry_on != remora_certs::RetryOn::default()).then(|| remora_api::RetryOn {
+            statuses: p.retry_on.statuses.iter().map(|&c| u32::from(c)).collect(),
+            any_5xx: p.retry_on.any_5xx,
+            grpc_codes: (1..=16)
+                .filter(|c| p.retry_on.grpc & (1 << c) != 0)
+                .collect(),
+            non_idempotent: p.retry_on.non_idempotent,
+        }),
+        retry_timeout_ms: p.retry_timeout.map(ms).unwrap_or(0),
+        idle_timeout_ms: p.idle_timeout.map(ms).unwrap_or(0),
+        route_idle_timeouts: p
+            .route_idle_timeouts
+            .iter()
+            .map(|(prefix, d)| remora_api::RouteTimeout {
+                path_prefix: prefix.clone(),
+                timeout_ms: ms(*d),
+            })
+            .collect(),
+        route_rate_limits: counts(&p.route_rate_limits),
         routes: p
             .routes
             .iter()

@@ -50,15 +50,37 @@ struct Service {
     endpoints: Vec<Endpoint>,
     /// Policy, as the Service annotations `remora.io/timeout` and `remora.io/retries`.
     timeout: Option<Spanned<String>>,
-    retries: Option<Spanned<u32>>,
+    /// A count, or `"2; /pkg.Orders/=0"` with routes.
+    retries: Option<Spanned<CountOrRoutes>>,
+    /// As `remora.io/retry-on`, `/retry-timeout`, `/idle-timeout`.
+    retry_on: Option<Spanned<String>>,
+    retry_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
     failure_accrual: Option<Spanned<u32>>,
     /// `"other.service:80=5[,…]"`: as the annotation `remora.io/split`, with authorities.
     split: Option<Spanned<String>>,
     /// `"header:x-canary=true=>canary.svc:80; path:/v2/=>v2.svc:80"`: as `remora.io/routes`.
     routes: Option<Spanned<String>>,
     /// Requests per second each endpoint serves (`remora.io/rate-limit`), and per client.
-    rate_limit: Option<Spanned<u32>>,
+    rate_limit: Option<Spanned<CountOrRoutes>>,
     rate_limit_per_client: Option<Spanned<u32>>,
+}
+
+/// `retries = 2` or `retries = "2; /pkg.Orders/=0"` (the annotation's form, with routes).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CountOrRoutes {
+    Count(u32),
+    Routes(String),
+}
+
+impl std::fmt::Display for CountOrRoutes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CountOrRoutes::Count(n) => write!(f, "{n}"),
+            CountOrRoutes::Routes(s) => f.write_str(s),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -172,11 +194,27 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
             remora_certs::policy::ROUTES => s.routes.as_ref().map(|t| t.get_ref().as_str()),
             remora_certs::policy::RATE_LIMIT => rate.as_deref(),
             remora_certs::policy::RATE_LIMIT_PER_CLIENT => rate_per_client.as_deref(),
+            remora_certs::policy::RETRY_ON => s.retry_on.as_ref().map(|t| t.get_ref().as_str()),
+            remora_certs::policy::RETRY_TIMEOUT => {
+                s.retry_timeout.as_ref().map(|t| t.get_ref().as_str())
+            }
+            remora_certs::policy::IDLE_TIMEOUT => {
+                s.idle_timeout.as_ref().map(|t| t.get_ref().as_str())
+            }
             _ => None,
         })
         .map_err(|e| {
             use remora_certs::policy::{RETRIES, TIMEOUT};
             let start = match () {
+                _ if e.starts_with(remora_certs::policy::RETRY_ON) => {
+                    s.retry_on.as_ref().map(|t| t.span().start)
+                }
+                _ if e.starts_with(remora_certs::policy::RETRY_TIMEOUT) => {
+                    s.retry_timeout.as_ref().map(|t| t.span().start)
+                }
+                _ if e.starts_with(remora_certs::policy::IDLE_TIMEOUT) => {
+                    s.idle_timeout.as_ref().map(|t| t.span().start)
+                }
                 _ if e.starts_with(TIMEOUT) => s.timeout.as_ref().map(|t| t.span().start),
                 _ if e.starts_with(RETRIES) => s.retries.as_ref().map(|r| r.span().start),
                 _ if e.starts_with(remora_certs::policy::SPLIT) => {
@@ -198,6 +236,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
                 .replacen("remora.io/", "", 1)
                 .replace("failure-accrual", "failure_accrual")
                 .replace("rate-limit", "rate_limit")
+                .replace("retry-on", "retry_on")
+                .replace("retry-timeout", "retry_timeout")
+                .replace("idle-timeout", "idle_timeout")
                 .replace("_limit-per-client", "_limit_per_client");
             at(
                 start.unwrap_or(s.name.span().start),

@@ -605,16 +605,37 @@ fn merged(owners: &BTreeMap<ServiceKey, Published>) -> Option<Published> {
         (x, y) => x.or(y),
     };
     let (mut total, mut per_client) = (policy.rate_limit, policy.rate_limit_per_client);
+    let mut routes = policy.route_rate_limits.clone();
     for p in it.filter_map(Published::policy) {
         total = min(total, p.rate_limit);
         per_client = min(per_client, p.rate_limit_per_client);
+        // Per route: the strictest limit of each prefix; prefixes only one Service names
+        // apply as they are (bounded: the model refuses more than MAX_ROUTES per Service,
+        // and the union is capped the same way, the strictest kept).
+        for (prefix, v) in &p.route_rate_limits {
+            match routes.iter_mut().find(|(q, _)| q == prefix) {
+                Some((_, w)) => *w = (*w).min(*v),
+                None => routes.push((prefix.clone(), *v)),
+            }
+        }
     }
-    if (total, per_client) == (policy.rate_limit, policy.rate_limit_per_client) {
+    if routes.len() > remora_certs::policy::MAX_ROUTES {
+        routes.sort_by_key(|(_, v)| *v);
+        routes.truncate(remora_certs::policy::MAX_ROUTES);
+    }
+    if (total, per_client, &routes)
+        == (
+            policy.rate_limit,
+            policy.rate_limit_per_client,
+            &policy.route_rate_limits,
+        )
+    {
         return Some(Published::Endpoints(set, policy));
     }
     let mut p = (*policy).clone();
     p.rate_limit = total;
     p.rate_limit_per_client = per_client;
+    p.route_rate_limits = routes;
     Some(Published::Endpoints(set, Arc::new(p)))
 }
 

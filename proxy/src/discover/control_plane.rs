@@ -118,6 +118,56 @@ fn spec(e: &remora_api::Endpoint) -> Option<EndpointSpec> {
     })
 }
 
+fn durations(t: &[remora_api::RouteTimeout]) -> Vec<(String, std::time::Duration)> {
+    t.iter()
+        .map(|t| {
+            (
+                t.path_prefix.clone(),
+                std::time::Duration::from_millis(t.timeout_ms),
+            )
+        })
+        .collect()
+}
+
+fn counts(t: &[remora_api::RouteCount]) -> Vec<(String, u32)> {
+    t.iter().map(|t| (t.path_prefix.clone(), t.count)).collect()
+}
+
+/// Milliseconds, 0 for none.
+fn ms(v: u64) -> Option<std::time::Duration> {
+    (v > 0).then(|| std::time::Duration::from_millis(v))
+}
+
+fn retry_on(r: Option<&remora_api::RetryOn>) -> Result<remora_certs::RetryOn, String> {
+    let Some(r) = r else {
+        return Ok(remora_certs::RetryOn::default());
+    };
+    let mut grpc = 0u32;
+    for &c in &r.grpc_codes {
+        if !(1..=16).contains(&c) {
+            return Err(format!("retry-on gRPC code {c} is not 1 to 16"));
+        }
+        grpc |= 1 << c;
+    }
+    let mut statuses = Vec::with_capacity(r.statuses.len());
+    for &c in &r.statuses {
+        statuses.push(
+            u16::try_from(c)
+                .ok()
+                .filter(|c| (400..=599).contains(c))
+                .ok_or_else(|| format!("retry-on status {c} is not 400 to 599"))?,
+        );
+    }
+    statuses.sort_unstable();
+    statuses.dedup();
+    Ok(remora_certs::RetryOn {
+        statuses,
+        any_5xx: r.any_5xx,
+        grpc,
+        non_idempotent: r.non_idempotent,
+    })
+}
+
 /// A policy from the control plane; one it should never have sent (out of range) is ignored
 /// with a log line, and the last one stands.
 fn policy(p: remora_api::Policy) -> Option<remora_certs::Policy> {
@@ -157,17 +207,14 @@ fn policy(p: remora_api::Policy) -> Option<remora_certs::Policy> {
                 (p.rate_limit > 0).then_some(p.rate_limit),
                 (p.rate_limit_per_client > 0).then_some(p.rate_limit_per_client),
             )?
-            .with_route_timeouts(
-                p.route_timeouts
-                    .iter()
-                    .map(|t| {
-                        (
-                            t.path_prefix.clone(),
-                            std::time::Duration::from_millis(t.timeout_ms),
-                        )
-                    })
-                    .collect(),
-            )
+            .with_route_timeouts(durations(&p.route_timeouts))?
+            .with_retry_policy(
+                counts(&p.route_retries),
+                retry_on(p.retry_on.as_ref())?,
+                ms(p.retry_timeout_ms),
+            )?
+            .with_idle_timeouts(ms(p.idle_timeout_ms), durations(&p.route_idle_timeouts))?
+            .with_route_rate_limits(counts(&p.route_rate_limits))
     });
     match policy {
         Ok(p) => Some(p),
