@@ -632,7 +632,10 @@ mod tests {
         ));
         let dest = in_zone(&eps, "a");
         let first = dest.pick(None).await.unwrap();
-        assert!(Arc::ptr_eq(&first, &eps[1]), "the unmeasured remote is tried");
+        assert!(
+            Arc::ptr_eq(&first, &eps[1]),
+            "the unmeasured remote is tried"
+        );
         first.load.start();
         first.load.finish(Duration::from_millis(3));
         assert_eq!(shares(&dest, &eps, 1_000).await, vec![1_000, 0]);

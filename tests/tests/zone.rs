@@ -108,17 +108,7 @@ async fn h2load_to(proxy: SocketAddr, authority: &str, n: u32) -> u32 {
     let n = n.to_string();
     let out = run(
         "h2load",
-        &[
-            "-n",
-            &n,
-            "-c",
-            "2",
-            "-m",
-            "1",
-            "-H",
-            &authority,
-            &url,
-        ],
+        &["-n", &n, "-c", "2", "-m", "1", "-H", &authority, &url],
     )
     .await;
     assert_eq!(out.status, 0, "h2load: {}", out.stderr);
@@ -132,10 +122,7 @@ async fn h2load_to(proxy: SocketAddr, authority: &str, n: u32) -> u32 {
 
 /// Requests the apps got since `before`.
 fn since(apps: &[&ZoneApp], before: &[u64]) -> Vec<u64> {
-    apps.iter()
-        .zip(before)
-        .map(|(a, b)| a.hits() - b)
-        .collect()
+    apps.iter().zip(before).map(|(a, b)| a.hits() - b).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,7 +261,13 @@ async fn endpoint_slice_zones_and_hints_steer_traffic_on_a_real_api_server() {
     let apps = [&a3, &b4, &b5];
     // The client's own Service: only its zone matters here.
     service(&server, "client", 8080);
-    slice(&server, "client-1", "client", 8080, &[("127.0.0.1", "a", &[])]);
+    slice(
+        &server,
+        "client-1",
+        "client",
+        8080,
+        &[("127.0.0.1", "a", &[])],
+    );
     service(&server, "web", port);
     slice(
         &server,
