@@ -28,6 +28,8 @@ enum Behaviour {
     Unavailable,
     /// `200` after this long.
     Slow(Duration),
+    /// This status, for every method.
+    Status(u16),
 }
 
 /// An HTTP/1.1 + HTTP/2 app with a fixed behaviour that counts the requests it gets.
@@ -65,6 +67,9 @@ impl PolicyApp {
                             )));
                             match b {
                                 Behaviour::Ok => {}
+                                Behaviour::Status(code) => {
+                                    *rsp.status_mut() = code.try_into().unwrap()
+                                }
                                 Behaviour::Slow(d) => tokio::time::sleep(d).await,
                                 Behaviour::Unavailable if grpc => {
                                     *rsp.body_mut() = Full::new(Bytes::new());
@@ -577,4 +582,144 @@ async fn per_route_timeouts_take_the_longest_matching_prefix() {
     assert_eq!(code("/pkg.Reports/Month").await, "504");
     assert_eq!(code("/pkg.Reports/Year").await, "200");
     assert_eq!(code("/other").await, "200");
+}
+
+/// curl through the outbound proxy: (status, body), with `extra` arguments (a method, data).
+async fn call_via(proxy: SocketAddr, authority: &str, path: &str, extra: &[&str]) -> (u16, String) {
+    let url = format!("http://{proxy}{path}");
+    let host = format!("host: {authority}");
+    let mut args = vec![
+        "-sS",
+        "--max-time",
+        "10",
+        "-w",
+        "\n%{http_code}",
+        "-H",
+        &host,
+    ];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    let out = run("curl", &args).await;
+    assert_eq!(out.status, 0, "curl: {}", out.stderr);
+    let (body, code) = out.stdout.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// Which answers are retried (`retry_on`), per-route retry counts, the opt-in for
+/// non-idempotent requests and the per-try timeout, from the file source, each checked against
+/// its absence: without it the failing endpoint's answers reach the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_on_per_route_retries_non_idempotent_opt_in_and_per_try_timeout() {
+    let pki = Pki::new("cluster.local");
+    let bad = PolicyApp::start("bad", Behaviour::Status(502)).await;
+    let down = PolicyApp::start("down", Behaviour::Unavailable).await;
+    let hung = PolicyApp::start("hung", Behaviour::Slow(Duration::from_secs(3))).await;
+    let up = PolicyApp::start("up", Behaviour::Ok).await;
+    // Failure accrual off: an ejected failing endpoint would hide whether retries happen.
+    let file = |gw: &str, post: &str, hang: &str| {
+        service(
+            "gw.test:80",
+            &[&bad, &up],
+            &format!("failure_accrual = 0\n{gw}"),
+        ) + &service(
+            "post.test:80",
+            &[&down, &up],
+            &format!("failure_accrual = 0\n{post}"),
+        ) + &service(
+            "hang.test:80",
+            &[&hung, &up],
+            &format!("failure_accrual = 0\n{hang}"),
+        )
+    };
+    let (cp, proxy) = client_mesh(
+        &pki,
+        &file(
+            "retries = 2",
+            "retries = 2",
+            "retries = 2\ntimeout = \"10s\"",
+        ),
+    )
+    .await;
+    let out = proxy.outbound;
+    // The default retry-on is 503 and UNAVAILABLE: a 502 reaches the client.
+    wait_until("a 502 passed through", async || {
+        call_via(out, "gw.test:80", "/", &[]).await.0 == 502
+    })
+    .await;
+    // A POST answered 503 is not repeated without the opt-in.
+    wait_until("a POST's 503 passed through", async || {
+        call_via(out, "post.test:80", "/", &["-d", "x"]).await.0 == 503
+    })
+    .await;
+
+    cp.set_endpoints(&file(
+        "retries = \"2; /orders/=0\"\nretry_on = \"gateway-error\"",
+        "retries = 2\nretry_on = \"non-idempotent\"",
+        "retries = 2\ntimeout = \"10s\"\nretry_timeout = \"200ms\"",
+    ));
+    // Now every GET outside /orders/ and every POST ends on the endpoint that works. Each
+    // service's policy arrives on its own watch: wait until ten of each in a row succeed (by
+    // chance alone, with the failing endpoint answering faster, one time in a million).
+    wait_until("the new policies", async || {
+        for _ in 0..10 {
+            if call_via(out, "gw.test:80", "/", &[]).await != (200, "up".into())
+                || call_via(out, "post.test:80", "/", &["-d", "x"]).await != (200, "up".into())
+            {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    // Paced: retries draw on the destination's retry budget (10 a second plus a fifth per
+    // request); back-to-back curls would outrun it and rightly see the 502 / 503.
+    for i in 0..15 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            call_via(out, "gw.test:80", "/items", &[]).await,
+            (200, "up".to_string()),
+            "GET {i}"
+        );
+        assert_eq!(
+            call_via(out, "post.test:80", "/", &["-d", "x"]).await,
+            (200, "up".to_string()),
+            "POST {i}"
+        );
+    }
+    // /orders/ has 0 retries of its own: its 502s reach the client again.
+    wait_until("no retries under /orders/", async || {
+        call_via(out, "gw.test:80", "/orders/1", &[]).await.0 == 502
+    })
+    .await;
+
+    // The hung endpoint never answers within the 200 ms per-try timeout: each request that
+    // goes there first is abandoned and answered by the other, far sooner than the app's 3 s.
+    let before = hung.hits.load(Ordering::Relaxed);
+    for i in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        assert_eq!(
+            call_via(out, "hang.test:80", "/", &[]).await,
+            (200, "up".to_string()),
+            "request {i}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(2_000),
+            "request {i} took {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(
+        hung.hits.load(Ordering::Relaxed) > before,
+        "the hung endpoint was tried (and abandoned)"
+    );
+    let m = proxy.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "remora_policy_retries_total",
+            &[("direction", "outbound")]
+        ) >= 20.0,
+        "{m}"
+    );
 }

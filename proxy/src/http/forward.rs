@@ -689,10 +689,18 @@ impl Forwarder {
             dest.saw_h2();
         }
         dest.budget.deposit();
-        let retries = dest.policy_now().retries;
-        if retries > 0 && crate::retry::policy_may_retry(&req, is_grpc(&req)) {
-            return Box::pin(self.send_with_retries(req, dst, ep, dest, cx, retries)).await;
+        let policy = dest.policy_now();
+        let retries = policy.retries_for(req.uri().path());
+        if retries > 0
+            && (policy.retry_on.non_idempotent
+                || crate::retry::policy_may_retry(&req, is_grpc(&req)))
+        {
+            // Held for the request's tries: a policy change applies from the next request.
+            let policy = arc_swap::Guard::into_inner(policy);
+            return Box::pin(self.send_with_retries(req, dst, ep, dest, cx, retries, &policy))
+                .await;
         }
+        drop(policy);
         let second = SecondTry::new(&req);
         let err = match ep.send(req.map(UpstreamBody::Plain)).await {
             Ok(rsp) => {
@@ -737,6 +745,7 @@ impl Forwarder {
         dest: &Destination,
         cx: &RequestContext<'_>,
         retries: u32,
+        policy: &remora_certs::Policy,
     ) -> Result<Response<Body>, ForwardError> {
         let grpc = is_grpc(&req);
         let (parts, body) = req.into_parts();
@@ -756,13 +765,48 @@ impl Forwarder {
                 dst: dst.to_string(),
                 source,
             };
-            let next = match ep.send(req).await {
+            // Each try within the per-try timeout (`remora.io/retry-timeout`): one that has no
+            // answer by then is abandoned (its stream reset) and tried again on another
+            // endpoint while retries and budget last; the last one answers 504.
+            let sent = match policy.retry_timeout {
+                None => ep.send(req).await,
+                Some(per_try) => match tokio::time::timeout(per_try, ep.send(req)).await {
+                    Ok(sent) => sent,
+                    Err(_) => {
+                        let timed_out = || ForwardError::Timeout {
+                            dst: dst.to_string(),
+                            after: per_try,
+                            why: "the retry-timeout policy, on the last try",
+                        };
+                        if !(left > 0 && dest.budget.withdraw()) {
+                            return Err(timed_out());
+                        }
+                        let Some(b) = Box::pin(replay.body()).await else {
+                            return Err(timed_out());
+                        };
+                        let Ok(other) = Box::pin(dest.pick(Some(&ep))).await else {
+                            return Err(timed_out());
+                        };
+                        tracing::debug!(dst, endpoint = %ep.addr, retry = %other.addr, "no answer within the retry timeout; trying another endpoint");
+                        ep = other;
+                        left -= 1;
+                        self.count_retry();
+                        self.check_loop(dst, &ep)?;
+                        let mut next = again(b);
+                        upstream_uri(&mut next, ep.addr);
+                        req = self.upstream_phase(next, cx, &ep)?;
+                        continue;
+                    }
+                },
+            };
+            let next = match sent {
                 Ok(rsp) => {
                     dest.accrue(&ep, rsp.status(), rsp.headers());
-                    if !(left > 0
-                        && crate::retry::retryable_answer(rsp.status(), rsp.headers())
-                        && Box::pin(replay.settled(SETTLE)).await)
-                    {
+                    let retryable = policy.retry_on.retries(
+                        rsp.status().as_u16(),
+                        rsp.headers().get("grpc-status").map(|v| v.as_bytes()),
+                    );
+                    if !(left > 0 && retryable && Box::pin(replay.settled(SETTLE)).await) {
                         return Ok(self.answered(rsp, &ep));
                     }
                     // Another endpoint first: with none (or none ready within failfast), the
@@ -821,17 +865,21 @@ impl Forwarder {
                 }
             };
             left = left.saturating_sub(1);
-            self.metrics
-                .policy_retries
-                .get_or_create(&crate::metrics::DirectionLabels {
-                    direction: self.direction,
-                })
-                .inc();
+            self.count_retry();
             self.check_loop(dst, &ep)?;
             let mut next = next;
             upstream_uri(&mut next, ep.addr);
             req = self.upstream_phase(next, cx, &ep)?;
         }
+    }
+
+    fn count_retry(&self) {
+        self.metrics
+            .policy_retries
+            .get_or_create(&crate::metrics::DirectionLabels {
+                direction: self.direction,
+            })
+            .inc();
     }
 
     /// An upstream response, scrubbed, marked with the endpoint that sent it.

@@ -60,22 +60,14 @@ impl RetryBudget {
 
 /// Whether a policy's retries may repeat a request that a backend answered: the methods RFC 9110
 /// calls idempotent, and gRPC calls (a gRPC `UNAVAILABLE` means the call was not carried out,
-/// which is why gRPC's own retry policy repeats them). A plain `POST` or `PATCH` is never
-/// repeated: the first try may have done its work.
+/// which is why gRPC's own retry policy repeats them). A plain `POST` or `PATCH` is repeated
+/// only when the policy opts in (`remora.io/retry-on: non-idempotent`): the first try may have
+/// done its work.
 pub(crate) fn policy_may_retry<B>(req: &Request<B>, grpc: bool) -> bool {
     grpc || matches!(
         *req.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
-}
-
-/// An answer a policy retries: `503`, or a gRPC `UNAVAILABLE` (14) in the response head (a
-/// trailers-only answer; a status in trailers comes after a body the client already has).
-pub(crate) fn retryable_answer(status: http::StatusCode, headers: &http::HeaderMap) -> bool {
-    status == http::StatusCode::SERVICE_UNAVAILABLE
-        || headers
-            .get("grpc-status")
-            .is_some_and(|v| v.as_bytes() == b"14")
 }
 
 /// What a request keeps for a second try: a copy of its head when it may be repeated even after
