@@ -236,6 +236,9 @@ impl RetryOn {
     }
 }
 
+/// A default value and per-route (path prefix) values.
+type Routed<T> = (Option<T>, Vec<(String, T)>);
+
 /// `[DEFAULT][; /PREFIX=VALUE …]`: a default (optional) and per-route values, the form of
 /// `timeout`, `retries`, `idle-timeout` and `rate-limit`. Prefixes start with `/`, at most
 /// [`MAX_ROUTES`].
@@ -243,7 +246,7 @@ fn parse_routed<T>(
     v: &str,
     what: &str,
     value: impl Fn(&str) -> Result<T, String>,
-) -> Result<(Option<T>, Vec<(String, T)>), String> {
+) -> Result<Routed<T>, String> {
     let mut default = None;
     let mut routes = Vec::new();
     for (i, part) in v
