@@ -245,7 +245,7 @@ fn translate(update: remora_api::Update) -> Translated {
                 Some(p) => policy(p),
                 None => Some(remora_certs::Policy::default()),
             };
-            let mut out: Vec<Update> = p.into_iter().map(Update::Policy).collect();
+            let mut out: Vec<Update> = p.into_iter().map(|p| Update::Policy(Box::new(p))).collect();
             out.push(Update::Reset(
                 snap.endpoints.iter().filter_map(spec).collect(),
             ));
@@ -266,7 +266,7 @@ fn translate(update: remora_api::Update) -> Translated {
             let mut out: Vec<Update> = d
                 .policy
                 .and_then(policy)
-                .map(Update::Policy)
+                .map(|p| Update::Policy(Box::new(p)))
                 .into_iter()
                 .collect();
             if !remove.is_empty() {
@@ -389,7 +389,7 @@ async fn follow(
                                     // An alias carries no policy: what the name had
                                     // with endpoints goes.
                                     vec![
-                                        Update::Policy(remora_certs::Policy::default()),
+                                        Update::Policy(Box::default()),
                                         Update::Reset(list.unwrap_or_default()),
                                     ]
                                 }

@@ -501,7 +501,7 @@ struct Slot {
 impl Slot {
     fn apply(&mut self, u: Update) {
         if let Update::Policy(p) = u {
-            self.policy = Arc::new(p);
+            self.policy = Arc::from(p);
             if let Said::Known { fresh, .. } = &mut self.said {
                 *fresh = true;
             }
@@ -1013,7 +1013,7 @@ mod tests {
     fn reset_keeps_the_policy_and_does_not_exist_clears_it() {
         let mut slot = Slot::default();
         let p = Policy::new(None, 2).expect("policy");
-        slot.apply(Update::Policy(p.clone()));
+        slot.apply(Update::Policy(Box::new(p.clone())));
         slot.apply(Update::Reset(vec![spec(1)]));
         assert_eq!(*slot.policy, p);
         assert!(matches!(slot.said, Said::Known { fresh: true, .. }));
@@ -1021,9 +1021,9 @@ mod tests {
             *fresh = false;
         }
         // A policy change alone makes the set fresh (to be published).
-        slot.apply(Update::Policy(Policy::default()));
+        slot.apply(Update::Policy(Box::default()));
         assert!(matches!(slot.said, Said::Known { fresh: true, .. }));
-        slot.apply(Update::Policy(p));
+        slot.apply(Update::Policy(Box::new(p)));
         slot.apply(Update::DoesNotExist);
         assert!(slot.policy.is_default());
     }

@@ -49,8 +49,9 @@ pub enum Update {
     DoesNotExist,
     /// The destination's traffic policy (timeout, retries, failure accrual), replacing the
     /// previous one; `Reset`, `Add` and `Remove` keep it, `DoesNotExist` clears it. Send it
-    /// *before* the `Reset` it goes with, so the first requests see both.
-    Policy(Policy),
+    /// *before* the `Reset` it goes with, so the first requests see both. Boxed: a policy is
+    /// far larger than the other updates and rare.
+    Policy(Box<Policy>),
 }
 
 /// A source of endpoints: static configuration, the control plane, a file, or the embedding

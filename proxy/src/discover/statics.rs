@@ -140,7 +140,7 @@ impl Discover for Static {
                             let (set, policy) = rx.borrow_and_update().clone();
                             // The policy before the endpoints it goes with.
                             let updates = vec![
-                                Update::Policy(policy.as_ref().clone()),
+                                Update::Policy(Box::new(policy.as_ref().clone())),
                                 Update::Reset(set.as_ref().clone()),
                             ];
                             return Some((updates, State::Known(rx, false)));

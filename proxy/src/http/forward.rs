@@ -697,8 +697,7 @@ impl Forwarder {
         {
             // Held for the request's tries: a policy change applies from the next request.
             let policy = arc_swap::Guard::into_inner(policy);
-            return Box::pin(self.send_with_retries(req, dst, ep, dest, cx, retries, &policy))
-                .await;
+            return Box::pin(self.send_with_retries(req, dst, ep, dest, cx, &policy)).await;
         }
         drop(policy);
         let second = SecondTry::new(&req);
@@ -744,10 +743,10 @@ impl Forwarder {
         ep: &Arc<Endpoint>,
         dest: &Destination,
         cx: &RequestContext<'_>,
-        retries: u32,
         policy: &remora_certs::Policy,
     ) -> Result<Response<Body>, ForwardError> {
         let grpc = is_grpc(&req);
+        let retries = policy.retries_for(req.uri().path());
         let (parts, body) = req.into_parts();
         let head = (
             parts.method.clone(),
