@@ -173,7 +173,10 @@ pub struct TlsLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RateLimitedLabels {
     pub direction: Direction,
+    /// `total`, `client` or `route`.
     pub scope: &'static str,
+    /// The route prefix for `route`, else empty.
+    pub route: String,
 }
 
 /// A route or split decision: the destination asked for, the one the request went to, and

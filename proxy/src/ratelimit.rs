@@ -1,5 +1,6 @@
 //! Inbound rate limits (`remora.io/rate-limit`, `remora.io/rate-limit-per-client`): a local
-//! token bucket per address the app is reached on, and one per calling identity.
+//! token bucket per address the app is reached on, one per calling identity, and one per route
+//! prefix with a limit of its own (`remora.io/rate-limit: "100; /pkg.Reports/=5"`).
 //!
 //! The limits are the Service's, published by the control plane for each endpoint's own
 //! address (`WatchAddr(pod IP:port)`), so the proxy learns them the way callers learn
@@ -70,10 +71,12 @@ impl Bucket {
 }
 
 /// A request over its limit.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Limited {
-    /// The per-client limit (else the total).
+    /// The per-client limit (else the total, or a route's).
     pub per_client: bool,
+    /// The route (path prefix) whose limit it hit, for a per-route limit.
+    pub route: Option<Box<str>>,
     /// Requests per second of the limit hit.
     pub limit: u32,
     /// When a token is next available.
@@ -84,6 +87,9 @@ struct AddrLimits {
     dest: ArcSwapOption<Destination>,
     total: Mutex<Option<Bucket>>,
     clients: Mutex<HashMap<Box<str>, Bucket>>,
+    /// One bucket per route prefix with a limit (at most MAX_ROUTES in a policy; prefixes a
+    /// changed policy dropped are forgotten when the table outgrows that).
+    routes: Mutex<HashMap<Box<str>, Bucket>>,
 }
 
 pub(crate) struct RateLimits {
@@ -124,8 +130,10 @@ impl RateLimits {
             // must not crowd out the app's real one); their follow tasks end with them.
             addrs.retain(|_, a| {
                 a.dest.load().as_ref().is_none_or(|d| {
-                    d.policy_now().rate_limit.is_some()
-                        || d.policy_now().rate_limit_per_client.is_some()
+                    let p = d.policy_now();
+                    p.rate_limit.is_some()
+                        || p.rate_limit_per_client.is_some()
+                        || !p.route_rate_limits.is_empty()
                 })
             });
             if addrs.len() >= MAX_ADDRS {
@@ -136,6 +144,7 @@ impl RateLimits {
             dest: ArcSwapOption::empty(),
             total: Mutex::new(None),
             clients: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
         });
         addrs.insert(local, a.clone());
         drop(addrs);
@@ -160,8 +169,14 @@ impl RateLimits {
         Some(a)
     }
 
-    /// Whether a request to `local` from `client` (its verified identity) may be served now.
-    pub(crate) fn check(&self, local: SocketAddr, client: Option<&str>) -> Result<(), Limited> {
+    /// Whether a request for `path` to `local` from `client` (its verified identity) may be
+    /// served now.
+    pub(crate) fn check(
+        &self,
+        local: SocketAddr,
+        client: Option<&str>,
+        path: &str,
+    ) -> Result<(), Limited> {
         let Some(a) = self.limits(local) else {
             return Ok(());
         };
@@ -169,14 +184,38 @@ impl RateLimits {
             return Ok(());
         };
         let policy = dest.policy_now();
-        if policy.rate_limit.is_none() && policy.rate_limit_per_client.is_none() {
+        let route = policy.route_rate_limit_for(path);
+        if policy.rate_limit.is_none() && policy.rate_limit_per_client.is_none() && route.is_none()
+        {
             return Ok(());
         }
         let now = Instant::now();
-        // A request is served only when both buckets have a token, and takes from both only
-        // then: one refused by the total must not spend its caller's share, nor the reverse.
+        // A request is served only when every bucket it counts against has a token, and takes
+        // from them only then: one refused by the total must not spend its caller's share, nor
+        // the reverse.
         let mut clients = a.clients.lock().unwrap_or_else(|p| p.into_inner());
         let mut total = a.total.lock().unwrap_or_else(|p| p.into_inner());
+        let mut routes = a.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let route_bucket = match route {
+            None => None,
+            Some((prefix, rate)) => {
+                if routes.len() >= 2 * remora_certs::policy::MAX_ROUTES
+                    && !routes.contains_key(prefix)
+                {
+                    routes.retain(|p, _| policy.route_rate_limits.iter().any(|(q, _)| **q == **p));
+                }
+                let bucket = routes
+                    .entry(prefix.into())
+                    .or_insert_with(|| Bucket::full(rate, now));
+                bucket.ready(rate, now).map_err(|retry_after| Limited {
+                    per_client: false,
+                    route: Some(prefix.into()),
+                    limit: rate,
+                    retry_after,
+                })?;
+                Some(bucket)
+            }
+        };
         let client_bucket = match policy.rate_limit_per_client {
             None => None,
             Some(rate) => {
@@ -197,6 +236,7 @@ impl RateLimits {
                 };
                 bucket.ready(rate, now).map_err(|retry_after| Limited {
                     per_client: true,
+                    route: None,
                     limit: rate,
                     retry_after,
                 })?;
@@ -209,13 +249,17 @@ impl RateLimits {
                 let bucket = total.get_or_insert_with(|| Bucket::full(rate, now));
                 bucket.ready(rate, now).map_err(|retry_after| Limited {
                     per_client: false,
+                    route: None,
                     limit: rate,
                     retry_after,
                 })?;
                 Some(bucket)
             }
         };
-        for b in [client_bucket, total_bucket].into_iter().flatten() {
+        for b in [client_bucket, total_bucket, route_bucket]
+            .into_iter()
+            .flatten()
+        {
             b.tokens -= 1.0;
         }
         Ok(())

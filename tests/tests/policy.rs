@@ -307,7 +307,11 @@ async fn timeouts_and_retries_from_the_file_source_are_enforced_changed_live_and
 
 /// `h2load -n N` of GETs for `authority` through `proxy`; returns how many succeeded (2xx).
 async fn h2load(proxy: SocketAddr, authority: &str, n: u32) -> u32 {
-    let url = format!("http://{proxy}/");
+    h2load_path(proxy, authority, "/", n).await
+}
+
+async fn h2load_path(proxy: SocketAddr, authority: &str, path: &str, n: u32) -> u32 {
+    let url = format!("http://{proxy}{path}");
     let auth = format!(":authority: {authority}");
     let n = n.to_string();
     let out = run(
@@ -720,6 +724,46 @@ async fn retry_on_per_route_retries_non_idempotent_opt_in_and_per_try_timeout() 
             "remora_policy_retries_total",
             &[("direction", "outbound")]
         ) >= 20.0,
+        "{m}"
+    );
+}
+
+/// A per-route limit (`rate_limit = "1000; /heavy/=3"`) holds the route to its rate while the
+/// rest of the Service runs under the total, counted with the route's prefix as a label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_route_rate_limit_holds_its_route_and_leaves_the_others() {
+    let pki = Pki::new("cluster.local");
+    let app = PolicyApp::start("web", Behaviour::Ok).await;
+    let (a_id, web_id) = (pki.id("a"), pki.id("web"));
+    const A: &str = "a-token-0123456789abcdef";
+    const WEB: &str = "web-token-0123456789abcd";
+    let cp = TestControl::start(loopback0(), &pki, "", &[(A, &a_id), (WEB, &web_id)], DAY).await;
+    let server = TestProxy::start(proxy_config(app.addr, &pki, &cp.target(), "web", WEB)).await;
+    cp.set_endpoints(&format!(
+        "[[service]]\nname = \"web.test:80\"\nrate_limit = \"1000; /heavy/=3\"\n\
+         endpoints = [{{ addr = \"{}\", identity = \"{web_id}\" }}]\n",
+        server.inbound
+    ));
+    let a = TestProxy::start(proxy_config(refused_addr().await, &pki, &cp.target(), "a", A)).await;
+    // The server's proxy learns its limits in the background after its first request.
+    wait_until("the route's limit to apply", async || {
+        call_via(a.outbound, "web.test:80", "/heavy/report", &[]).await.0 == 429
+    })
+    .await;
+    // Let the route's bucket fill again (1 s holds one second's worth).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // A burst of 40 on the route: about its 3 (plus what refills in the milliseconds it
+    // takes); 40 elsewhere: all served.
+    let heavy = h2load_path(a.outbound, "web.test:80", "/heavy/report", 40).await;
+    assert!((3..=6).contains(&heavy), "the route served {heavy} of 40");
+    assert_eq!(h2load_path(a.outbound, "web.test:80", "/light", 40).await, 40);
+    let m = server.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "remora_rate_limited_total",
+            &[("direction", "inbound"), ("scope", "route"), ("route", "/heavy/")]
+        ) >= 34.0,
         "{m}"
     );
 }

@@ -561,6 +561,17 @@ name = "empty:80"
             (Some(Duration::from_millis(250)), 2, 0)
         );
         assert!(t["b:1"].policy().unwrap().is_default());
+        // The routed forms (strings) and the retry fields.
+        let t = p("[[service]]\nname = \"a:1\"\nretries = \"2; /orders/=0\"\nretry_on = \"5xx,non-idempotent\"\nretry_timeout = \"200ms\"\nidle_timeout = \"30s\"\nrate_limit = \"1000; /heavy/=3\"\n").unwrap();
+        let a = t["a:1"].policy().unwrap();
+        assert_eq!((a.retries_for("/x"), a.retries_for("/orders/1")), (2, 0));
+        assert!(a.retry_on.any_5xx && a.retry_on.non_idempotent);
+        assert_eq!(a.retry_timeout, Some(Duration::from_millis(200)));
+        assert_eq!(a.idle_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(a.rate_limit, Some(1000));
+        assert_eq!(a.route_rate_limit_for("/heavy/x"), Some(("/heavy/", 3)));
+        let e = p("[[service]]\nname = \"a:1\"\nretry_on = \"teapot\"\n").unwrap_err();
+        assert!(e.contains("line 3") && e.contains("retry_on: "), "{e}");
     }
 
     const GOOD: &str = "[[service]]\nname = \"web:80\"\nendpoints = [{ addr = \"10.0.0.1:80\" }]\n";

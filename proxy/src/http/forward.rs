@@ -249,7 +249,7 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
                 .get(&CLIENT_ID_HEADER)
                 .and_then(|v| v.to_str().ok());
             if !limits.is_probe(&req, client)
-                && let Err(l) = limits.check(local, client)
+                && let Err(l) = limits.check(local, client, req.uri().path())
             {
                 return Box::pin(std::future::ready(Ok(
                     shared.limited(&req, local, client, l)
@@ -398,20 +398,26 @@ impl Forwarder {
         client: Option<&str>,
         l: crate::ratelimit::Limited,
     ) -> Response<Body> {
-        let scope = match l.per_client {
-            true => "client",
-            false => "total",
+        let scope = match (l.per_client, &l.route) {
+            (true, _) => "client",
+            (false, Some(_)) => "route",
+            (false, None) => "total",
         };
+        // The route label is one of the policy's own prefixes (at most MAX_ROUTES per
+        // Service, written by its operator), never a path a caller chose.
+        let route = l.route.as_deref().unwrap_or("").to_string();
         self.metrics
             .rate_limited
             .get_or_create(&crate::metrics::RateLimitedLabels {
                 direction: self.direction,
                 scope,
+                route,
             })
             .inc();
-        let policy = match l.per_client {
-            true => "remora.io/rate-limit-per-client",
-            false => "remora.io/rate-limit",
+        let policy = match (l.per_client, &l.route) {
+            (true, _) => "remora.io/rate-limit-per-client".to_string(),
+            (false, Some(r)) => format!("remora.io/rate-limit (route {r})"),
+            (false, None) => "remora.io/rate-limit".to_string(),
         };
         tracing::debug!(%local, client = client.unwrap_or(""), limit = l.limit, "request refused by {policy} of the Service behind {local}");
         let msg = format!(
