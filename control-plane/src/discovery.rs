@@ -74,7 +74,8 @@ impl DiscoveryService {
         request
             .extensions()
             .get::<crate::server::PeerAddr>()
-            .and_then(|p| self.by_addr.zone_of(p.0.ip()))
+            // A dual-stack listener sees IPv4 callers as ::ffff:a.b.c.d.
+            .and_then(|p| self.by_addr.zone_of(p.0.ip().to_canonical()))
             .unwrap_or_default()
     }
 

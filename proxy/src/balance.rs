@@ -226,17 +226,20 @@ impl Destination {
                 // An endpoint that has not answered yet is scored with the mean of those that
                 // have: a newcomer competes evenly instead of being shunned for the default
                 // latency (or flooded for having none).
+                // Computed once per pick, and only when a newcomer is compared.
+                let seeded = std::cell::OnceCell::new();
                 let seed = || {
-                    let seen: Vec<f64> = eps
-                        .iter()
-                        .filter(|e| e.load.observed())
-                        .map(|e| e.load.rtt().as_nanos() as f64)
-                        .collect();
-                    if seen.is_empty() {
-                        DEFAULT_RTT.as_nanos() as f64
-                    } else {
-                        seen.iter().sum::<f64>() / seen.len() as f64
-                    }
+                    *seeded.get_or_init(|| {
+                        let (mut sum, mut n) = (0.0, 0u32);
+                        for e in eps.iter().filter(|e| e.load.observed()) {
+                            sum += e.load.rtt().as_nanos() as f64;
+                            n += 1;
+                        }
+                        match n {
+                            0 => DEFAULT_RTT.as_nanos() as f64,
+                            n => sum / f64::from(n),
+                        }
+                    })
                 };
                 let cost = |e: &Endpoint| {
                     let c = if e.load.observed() {
@@ -254,15 +257,19 @@ impl Destination {
                     if !local.is_empty() && !remote.is_empty() {
                         let l = p2c(&local, cost);
                         let r = p2c(&remote, cost);
-                        // Another zone's endpoint never measured counts as free, so that it
-                        // gets one request and is measured: lending it the mean of the
-                        // others (the local ones) would hide a slow local zone behind its
-                        // own latency, and the other zone would never be tried.
+                        // Another zone's endpoint never measured counts as free while it has
+                        // nothing in flight, so that it gets one request and is measured:
+                        // lending it the mean of the others (the local ones) would hide a
+                        // slow local zone behind its own latency, and the other zone would
+                        // never be tried. One probe at a time: a burst must not all go to a
+                        // newcomer there (a pod starting slowly would draw the whole zone).
                         let remembered = |e: &Endpoint| {
                             if e.load.observed() {
                                 e.load.cost_remembered(ZONE_MEMORY) / e.weight as f64
-                            } else {
+                            } else if e.load.pending() == 0 {
                                 0.0
+                            } else {
+                                e.load.cost_with(seed()) / e.weight as f64
                             }
                         };
                         return Ok(if cost(l) <= ZONE_SPILL_FACTOR * remembered(r) {
@@ -636,7 +643,10 @@ mod tests {
             Arc::ptr_eq(&first, &eps[1]),
             "the unmeasured remote is tried"
         );
+        // While that probe is in flight, the next requests stay local.
         first.load.start();
+        let second = dest.pick(None).await.unwrap();
+        assert!(Arc::ptr_eq(&second, &eps[0]), "one probe at a time");
         first.load.finish(Duration::from_millis(3));
         assert_eq!(shares(&dest, &eps, 1_000).await, vec![1_000, 0]);
     }
