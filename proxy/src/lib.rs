@@ -51,6 +51,7 @@ mod endpoint;
 mod hooks;
 mod http;
 mod identity;
+mod idle;
 mod inbound;
 mod io;
 mod listener;

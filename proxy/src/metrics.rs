@@ -50,7 +50,7 @@ snake_case_labels! {
         NoEndpoints => "no_endpoints", ConnectFailed => "connect_failed",
         UpstreamReset => "upstream_reset", BadRequest => "bad_request", Loop => "loop",
         NoDestination => "no_destination", ClientIo => "client_io", Hook => "hook",
-        Timeout => "timeout",
+        Timeout => "timeout", IdleTimeout => "idle_timeout",
     }
 }
 
@@ -132,6 +132,9 @@ pub enum ErrorKind {
     /// The destination policy's timeout (or the caller's `grpc-timeout`) ran out before the
     /// response head.
     Timeout,
+    /// A stream carried no data either way for the destination policy's idle timeout
+    /// (`remora.io/idle-timeout`) and was ended.
+    IdleTimeout,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

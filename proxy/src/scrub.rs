@@ -9,9 +9,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-/// A response body: the upstream's, streamed through (and scrubbed), or one the proxy wrote
-/// itself.
-pub type Body = http_body_util::Either<Scrubbed, http_body_util::Full<bytes::Bytes>>;
+/// A response body: the upstream's, streamed through (scrubbed, and under the idle watchdog
+/// when the destination's policy has one), or one the proxy wrote itself.
+pub type Body = http_body_util::Either<crate::idle::Streamed, http_body_util::Full<bytes::Bytes>>;
 
 /// Remora's peer identity header (contract): set only from a verified client certificate.
 pub const CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("x-remora-client-id");
@@ -197,11 +197,24 @@ impl Rules {
 pub struct Scrubbed {
     inner: Incoming,
     rules: Arc<Rules>,
+    /// An outbound request body under an idle timeout: each frame counts as activity of its
+    /// exchange (a client still uploading keeps the stream alive). `None` otherwise, which
+    /// costs one branch per frame and no allocation.
+    activity: Option<Arc<crate::idle::Activity>>,
 }
 
 impl Scrubbed {
     pub fn new(inner: Incoming, rules: Arc<Rules>) -> Self {
-        Scrubbed { inner, rules }
+        Scrubbed {
+            inner,
+            rules,
+            activity: None,
+        }
+    }
+
+    /// Makes every frame of this body count as activity of its exchange.
+    pub(crate) fn count_activity(&mut self, activity: Arc<crate::idle::Activity>) {
+        self.activity = Some(activity);
     }
 }
 
@@ -215,6 +228,9 @@ impl http_body::Body for Scrubbed {
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let frame = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx));
+        if let (Some(activity), Some(Ok(_))) = (&this.activity, &frame) {
+            activity.touch();
+        }
         Poll::Ready(frame.map(|f| {
             f.map(|f| match f.into_trailers() {
                 Ok(mut t) => {

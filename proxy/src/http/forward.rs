@@ -488,28 +488,101 @@ impl Forwarder {
             let req = self.upstream_phase(req, &cx, &ep)?;
             return Box::pin(self.connect(req, &dst, &dest, &ep)).await;
         }
-        let timeout = dest.policy_now().timeout_for(req.uri().path());
-        let grpc = is_grpc(&req);
-        let limit = match req.headers().contains_key(header::UPGRADE) {
-            // An upgraded stream lives as long as its peers want; only its 101 could be timed.
-            true => None,
-            false => crate::deadline::deadline(timeout, req.headers(), grpc),
+        let (timeout, idle) = {
+            let policy = dest.policy_now();
+            let path = req.uri().path();
+            (policy.timeout_for(path), policy.idle_timeout_for(path))
         };
+        let grpc = is_grpc(&req);
+        let (limit, idle) = match req.headers().contains_key(header::UPGRADE) {
+            // An upgraded stream lives as long as its peers want; only its 101 could be timed
+            // (its bytes have the tunnel's own idle timeout).
+            true => (None, None),
+            false => (
+                crate::deadline::deadline(timeout, req.headers(), grpc),
+                idle,
+            ),
+        };
+        match idle {
+            None => {
+                self.send_within(req, &dst, &ep, &dest, &cx, limit, timeout)
+                    .await
+            }
+            // Boxed: the common path's future does not carry the watchdog's state.
+            Some(after) => {
+                let within = (limit, timeout);
+                Box::pin(self.send_watched(req, &dst, &ep, &dest, &cx, within, after)).await
+            }
+        }
+    }
+
+    /// [`Forwarder::send`] within the request's deadline (`limit`: the policy's `timeout` or the
+    /// caller's `grpc-timeout`, whichever is shorter), which ends when the response head comes.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_within(
+        &self,
+        req: Request<Scrubbed>,
+        dst: &str,
+        ep: &Arc<Endpoint>,
+        dest: &Arc<Destination>,
+        cx: &RequestContext<'_>,
+        limit: Option<Duration>,
+        timeout: Option<Duration>,
+    ) -> Result<Response<Body>, ForwardError> {
         let Some(limit) = limit else {
-            return self.send(req, &dst, &ep, Some(&dest), &cx).await;
+            return self.send(req, dst, ep, Some(dest), cx).await;
         };
         let why = match timeout == Some(limit) {
             true => "the destination's timeout policy",
             false => "the caller's grpc-timeout",
         };
-        match tokio::time::timeout(limit, self.send(req, &dst, &ep, Some(&dest), &cx)).await {
+        match tokio::time::timeout(limit, self.send(req, dst, ep, Some(dest), cx)).await {
             Ok(res) => res,
             Err(_) => Err(ForwardError::Timeout {
-                dst,
+                dst: dst.to_string(),
                 after: limit,
                 why,
             }),
         }
+    }
+
+    /// [`Forwarder::send_within`] under the destination's idle timeout for the path
+    /// (`remora.io/idle-timeout`, [`crate::idle`]): frames of the request body count as
+    /// activity from the start; the watchdog itself is armed when the response head comes
+    /// (until then the deadline governs, as in `send_within`).
+    #[allow(clippy::too_many_arguments)]
+    async fn send_watched(
+        &self,
+        mut req: Request<Scrubbed>,
+        dst: &str,
+        ep: &Arc<Endpoint>,
+        dest: &Arc<Destination>,
+        cx: &RequestContext<'_>,
+        (limit, timeout): (Option<Duration>, Option<Duration>),
+        after: Duration,
+    ) -> Result<Response<Body>, ForwardError> {
+        let activity = crate::idle::Activity::new();
+        req.body_mut().count_activity(activity.clone());
+        // The path for the log line (a reference count, not a copy); the client's protocol
+        // decides whether gRPC trailers can reach it.
+        let uri = req.uri().clone();
+        let client_h2 = req.version() == Version::HTTP_2;
+        let mut rsp = self
+            .send_within(req, dst, ep, dest, cx, limit, timeout)
+            .await?;
+        crate::idle::arm(
+            &mut rsp,
+            crate::idle::Armed {
+                activity,
+                after,
+                dst,
+                path: uri.path(),
+                direction: self.direction,
+                metrics: &self.metrics,
+                client_h2,
+            },
+        );
+        Ok(rsp)
     }
 
     /// The destination's routes and split (`remora.io/routes`, `remora.io/split`): the first
@@ -889,7 +962,7 @@ impl Forwarder {
 
     /// An upstream response, scrubbed, marked with the endpoint that sent it.
     fn answered(&self, rsp: Response<hyper::body::Incoming>, ep: &Endpoint) -> Response<Body> {
-        let mut rsp = rsp.map(|b| Either::Left(Scrubbed::new(b, self.rules.clone())));
+        let mut rsp = rsp.map(|b| Either::Left(Scrubbed::new(b, self.rules.clone()).into()));
         rsp.extensions_mut().insert(Answered {
             addr: ep.addr,
             identity: ep.tls.as_ref().map(|t| t.label.clone()),
