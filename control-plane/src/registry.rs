@@ -71,6 +71,18 @@ pub struct Registry {
     /// pod-address entries), so the control plane can tell a watching proxy its zone from the
     /// address it connects from instead of asking for a knob.
     zones: Mutex<BTreeMap<SocketAddr, String>>,
+    /// Where pods run (pod IP → its Pod and node) and each node's zone (Kubernetes source):
+    /// the zone of any pod, selected by a Service or not, ready or not. Preferred to `zones`.
+    nodes: Mutex<NodeZones>,
+}
+
+/// Pod IP → (the Pod, its node); node → zone.
+#[derive(Default)]
+struct NodeZones {
+    pods: HashMap<IpAddr, (Arc<str>, Arc<str>)>,
+    /// The IPs each Pod was last seen with, so an update touches only its own entries.
+    ips: HashMap<Arc<str>, Vec<IpAddr>>,
+    zones: HashMap<Arc<str>, String>,
 }
 
 /// The zone of the endpoint `name` publishes under its own address, if it is one.
@@ -119,9 +131,63 @@ impl Registry {
         self.zones.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The zone of the endpoints published at `ip` (any port); `None` when unknown or when
-    /// they disagree.
+    fn lock_nodes(&self) -> std::sync::MutexGuard<'_, NodeZones> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that the Pod `pod` (`namespace/name`) has `ips` and runs on `node`; `None`
+    /// forgets it (an IP now another Pod's stays that one's).
+    pub fn set_pod(&self, pod: &str, ips: &[IpAddr], node: Option<&str>) {
+        let mut n = self.lock_nodes();
+        for old in n.ips.remove(pod).unwrap_or_default() {
+            if n.pods.get(&old).is_some_and(|(p, _)| &**p == pod) {
+                n.pods.remove(&old);
+            }
+        }
+        if let Some(node) = node.filter(|_| !ips.is_empty()) {
+            let (pod, node): (Arc<str>, Arc<str>) = (pod.into(), node.into());
+            for ip in ips {
+                n.pods.insert(*ip, (pod.clone(), node.clone()));
+            }
+            n.ips.insert(pod, ips.to_vec());
+        }
+    }
+
+    /// Replaces every Pod placement (a re-list): `(pod, ip, node)`.
+    pub fn replace_pods(&self, pods: Vec<(String, IpAddr, String)>) {
+        let mut n = self.lock_nodes();
+        n.pods.clear();
+        n.ips.clear();
+        for (pod, ip, node) in pods {
+            let pod: Arc<str> = pod.into();
+            n.ips.entry(pod.clone()).or_default().push(ip);
+            n.pods.insert(ip, (pod, node.into()));
+        }
+    }
+
+    /// Sets a node's zone (`None`: the node is gone or has no zone label).
+    pub fn set_node_zone(&self, node: &str, zone: Option<String>) {
+        let mut n = self.lock_nodes();
+        match zone {
+            Some(z) => n.zones.insert(node.into(), z),
+            None => n.zones.remove(node),
+        };
+    }
+
+    /// Replaces every node's zone (a re-list).
+    pub fn replace_node_zones(&self, zones: Vec<(String, String)>) {
+        self.lock_nodes().zones = zones.into_iter().map(|(n, z)| (n.into(), z)).collect();
+    }
+
+    /// The zone of whoever is at `ip`: its Pod's node's zone, else the zone of the endpoints
+    /// published at `ip` (any port); `None` when unknown or when those disagree.
     pub fn zone_of(&self, ip: IpAddr) -> Option<String> {
+        {
+            let n = self.lock_nodes();
+            if let Some(zone) = n.pods.get(&ip).and_then(|(_, node)| n.zones.get(node)) {
+                return Some(zone.clone());
+            }
+        }
         let zones = self.lock_zones();
         let mut found = zones
             .range(SocketAddr::new(ip, 0)..=SocketAddr::new(ip, u16::MAX))
@@ -264,6 +330,29 @@ mod tests {
         r.replace_all(table);
         assert_eq!(r.zone_of(ip("10.0.0.1")), None);
         assert_eq!(r.zone_of(ip("10.0.0.2")).as_deref(), Some("c"));
+    }
+
+    /// A Pod's node's zone answers first, for any pod; a Pod deleted after its IP went to
+    /// another Pod does not take the new one's placement with it.
+    #[test]
+    fn zone_of_a_pod_comes_from_its_node() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let r = Registry::new();
+        r.set_node_zone("node-1", Some("a".into()));
+        r.set_node_zone("node-2", Some("b".into()));
+        r.set_pod("shop/job-1", &[ip("10.0.0.9")], Some("node-1"));
+        assert_eq!(r.zone_of(ip("10.0.0.9")).as_deref(), Some("a"));
+        // The IP reused by a Pod on node-2 before the old Pod's deletion arrives.
+        r.set_pod("shop/web-2", &[ip("10.0.0.9")], Some("node-2"));
+        r.set_pod("shop/job-1", &[], None);
+        assert_eq!(r.zone_of(ip("10.0.0.9")).as_deref(), Some("b"));
+        r.set_node_zone("node-2", None);
+        assert_eq!(r.zone_of(ip("10.0.0.9")), None);
+        // A re-list replaces all.
+        r.replace_pods(vec![("shop/x".into(), ip("10.0.0.7"), "node-1".into())]);
+        r.replace_node_zones(vec![("node-1".into(), "c".into())]);
+        assert_eq!(r.zone_of(ip("10.0.0.7")).as_deref(), Some("c"));
+        assert_eq!(r.zone_of(ip("10.0.0.9")), None);
     }
 
     #[tokio::test]

@@ -223,40 +223,15 @@ impl Destination {
             0 => {}
             1 => return Ok(ready[0].clone()),
             _ => {
-                // An endpoint that has not answered yet is scored with the mean of those that
-                // have: a newcomer competes evenly instead of being shunned for the default
-                // latency (or flooded for having none).
-                // Computed once per pick, and only when a newcomer is compared.
-                let seeded = std::cell::OnceCell::new();
-                let seed = || {
-                    *seeded.get_or_init(|| {
-                        let (mut sum, mut n) = (0.0, 0u32);
-                        for e in eps.iter().filter(|e| e.load.observed()) {
-                            sum += e.load.rtt().as_nanos() as f64;
-                            n += 1;
-                        }
-                        match n {
-                            0 => DEFAULT_RTT.as_nanos() as f64,
-                            n => sum / f64::from(n),
-                        }
-                    })
-                };
-                let cost = |e: &Endpoint| {
-                    let c = if e.load.observed() {
-                        e.load.cost()
-                    } else {
-                        e.load.cost_with(seed())
-                    };
-                    c / e.weight as f64
-                };
                 let zone = self.zone.get();
                 if let Some(zone) = zone.as_deref() {
                     let (local, remote): (Vec<&Arc<Endpoint>>, Vec<&Arc<Endpoint>>) = ready
                         .iter()
                         .partition(|e| e.locality.is_local_to(zone.as_str()));
                     if !local.is_empty() && !remote.is_empty() {
-                        let l = p2c(&local, cost);
-                        let r = p2c(&remote, cost);
+                        let (lc, rc) = (Costs::new(&local), Costs::new(&remote));
+                        let l = p2c(&local, |e| lc.cost(e));
+                        let r = p2c(&remote, |e| rc.cost(e));
                         // Another zone's endpoint never measured counts as free while it has
                         // nothing in flight, so that it gets one request and is measured:
                         // lending it the mean of the others (the local ones) would hide a
@@ -269,17 +244,25 @@ impl Destination {
                             } else if e.load.pending() == 0 {
                                 0.0
                             } else {
-                                e.load.cost_with(seed()) / e.weight as f64
+                                rc.cost(e)
                             }
                         };
-                        return Ok(if cost(l) <= ZONE_SPILL_FACTOR * remembered(r) {
+                        // The same for a same-zone endpoint not measured yet: at start the
+                        // other zone may answer first, and a local newcomer scored with the
+                        // default latency would then never be tried, and the zone never used.
+                        let local = |e: &Endpoint| match e.load.observed() || e.load.pending() > 0 {
+                            true => lc.cost(e),
+                            false => 0.0,
+                        };
+                        return Ok(if local(l) <= ZONE_SPILL_FACTOR * remembered(r) {
                             l.clone()
                         } else {
                             r.clone()
                         });
                     }
                 }
-                return Ok(p2c(&ready, cost).clone());
+                let costs = Costs::new(&ready);
+                return Ok(p2c(&ready, |e| costs.cost(e)).clone());
             }
         }
         // Nothing ready: everyone is backing off after failures.
@@ -299,6 +282,49 @@ impl Destination {
         }
         tokio::time::sleep(retry_in).await;
         Ok(soonest.clone())
+    }
+}
+
+/// What P2C compares within one set of candidates: `PeakEWMA latency × (in flight + 1) /
+/// weight`. An endpoint that has not answered yet is scored with the mean latency of those in
+/// the set that have: a newcomer competes evenly instead of being shunned for the default
+/// latency (or flooded for having none). The set's, not the destination's: another zone's
+/// latency says nothing about a newcomer in this one.
+struct Costs<'a> {
+    set: &'a [&'a Arc<Endpoint>],
+    /// Computed once per pick, and only when a newcomer is compared.
+    seed: std::cell::OnceCell<f64>,
+}
+
+impl<'a> Costs<'a> {
+    fn new(set: &'a [&'a Arc<Endpoint>]) -> Self {
+        Costs {
+            set,
+            seed: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn seed(&self) -> f64 {
+        *self.seed.get_or_init(|| {
+            let (mut sum, mut n) = (0.0, 0u32);
+            for e in self.set.iter().filter(|e| e.load.observed()) {
+                sum += e.load.rtt().as_nanos() as f64;
+                n += 1;
+            }
+            match n {
+                0 => DEFAULT_RTT.as_nanos() as f64,
+                n => sum / f64::from(n),
+            }
+        })
+    }
+
+    fn cost(&self, e: &Endpoint) -> f64 {
+        let c = if e.load.observed() {
+            e.load.cost()
+        } else {
+            e.load.cost_with(self.seed())
+        };
+        c / e.weight as f64
     }
 }
 
@@ -649,6 +675,55 @@ mod tests {
         assert!(Arc::ptr_eq(&second, &eps[0]), "one probe at a time");
         first.load.finish(Duration::from_millis(3));
         assert_eq!(shares(&dest, &eps, 1_000).await, vec![1_000, 0]);
+    }
+
+    /// The other zone measured first (it answered the very first request), the caller's own
+    /// not yet: its endpoints are tried, not starved by the default latency, and then keep
+    /// the traffic.
+    #[tokio::test(start_paused = true)]
+    async fn a_zone_not_measured_yet_is_tried_even_after_the_other_answered() {
+        let mut eps: Vec<Arc<Endpoint>> = (0..2)
+            .map(|i| {
+                Arc::new(
+                    Endpoint::new(
+                        SocketAddr::from(([127, 0, 0, 1], 4000 + i)),
+                        1,
+                        Duration::from_secs(1),
+                        None,
+                    )
+                    .with_locality(remora_certs::Locality::zone("a")),
+                )
+            })
+            .collect();
+        eps.extend(zoned(&[("b", 12), ("b", 12)]));
+        let dest = in_zone(&eps, "a");
+        let first = dest.pick(None).await.unwrap();
+        assert!(first.locality.is_local_to("a"), "tried: {first:?}");
+        for e in &eps[..2] {
+            e.load.start();
+            e.load.finish(Duration::from_millis(1));
+        }
+        let counts = shares(&dest, &eps, 2_000).await;
+        assert_eq!(counts[2] + counts[3], 0, "{counts:?}");
+    }
+
+    /// A newcomer in the caller's zone is scored with that zone's latency, not the mean over
+    /// a far zone too (which made it look slow and never tried, as after a live zone change).
+    #[tokio::test(start_paused = true)]
+    async fn a_local_newcomer_competes_with_its_own_zone() {
+        let mut eps = zoned(&[("a", 1), ("b", 20)]);
+        eps.push(Arc::new(
+            Endpoint::new(
+                SocketAddr::from(([127, 0, 0, 3], 3000)),
+                1,
+                Duration::from_secs(1),
+                None,
+            )
+            .with_locality(remora_certs::Locality::zone("a")),
+        ));
+        let counts = shares(&in_zone(&eps, "a"), &eps, 2_000).await;
+        assert!(counts[0] > 500 && counts[2] > 500, "{counts:?}");
+        assert_eq!(counts[1], 0, "{counts:?}");
     }
 
     /// Topology hints (`forZones`) decide over the endpoint's own zone: Kubernetes assigned

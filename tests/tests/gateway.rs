@@ -3,9 +3,11 @@
 //! CRDs installed by the test only (`tests/kube/gateway-api-crds.yaml`; remora installs
 //! none): a header route and a weighted split written as an `HTTPRoute` reach the proxies
 //! through `remora control`'s discovery stream and decide where curl's requests go; an edit of
-//! the split under h2load load fails no request; a route remora cannot express is refused
-//! with one log line naming the route and the field while the last good policy keeps serving;
-//! a `GRPCRoute` method match sends a gRPC call to another Service.
+//! the split under h2load load fails no request; an edit remora cannot express is refused
+//! with one log line naming the route and the field while the route's last good rules keep
+//! serving; a `GRPCRoute` method match sends a gRPC call to another Service; a bad route
+//! added beside good ones is refused on its own, the good ones staying applied, and deleting
+//! a good one or editing the Service's annotations takes effect while the bad one stays.
 //!
 //! As in `policy_kube.rs`, no controllers run: the test writes the EndpointSlices, and "pods"
 //! are apps on loopback addresses 127.0.0.x sharing one port, reached in plaintext.
@@ -73,6 +75,30 @@ fn service(server: &ApiServer, name: &str, target: u16, ip: &str) {
             "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
         }),
     );
+}
+
+/// Service `shop/web` as [`service`] writes it, with these annotations.
+fn annotate_web(server: &ApiServer, target: u16, annotations: Value) {
+    server.apply_path(
+        "/api/v1/namespaces/shop/services/web",
+        &json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "web", "namespace": "shop", "annotations": annotations},
+                "spec": {"ports": [{"name": "http", "port": 80, "targetPort": target,
+                                    "protocol": "TCP"}]}}),
+    );
+}
+
+/// The log line containing `what`, once it is there.
+async fn log_line(what: &str) -> String {
+    wait_until(&format!("{what:?} in the log"), async || {
+        captured_logs().contains(what)
+    })
+    .await;
+    captured_logs()
+        .lines()
+        .find(|l| l.contains(what))
+        .map(str::to_string)
+        .unwrap_or_default()
 }
 
 /// Creates or replaces a route of namespace `shop`: created, else merge-patched whole (its
@@ -315,17 +341,10 @@ async fn an_httproute_routes_splits_follows_live_edits_and_a_bad_one_keeps_the_l
     http_route(&server, bad);
     let refused =
         "HTTPRoute shop/web-routes: refused: spec.rules[0].filters: filters are not supported";
-    wait_until("the refusal in the log", async || {
-        captured_logs().contains(refused)
-    })
-    .await;
-    let line = captured_logs()
-        .lines()
-        .find(|l| l.contains(refused))
-        .map(str::to_string)
-        .unwrap_or_default();
+    let line = log_line(refused).await;
     assert!(
-        line.contains("WARN") && line.contains("Service shop/web keeps its last good policy"),
+        line.contains("WARN")
+            && line.contains("Service shop/web keeps the route's last good rules"),
         "{line}"
     );
     published(&cp, "the last good policy", |p| {
@@ -371,11 +390,74 @@ async fn an_httproute_routes_splits_follows_live_edits_and_a_bad_one_keeps_the_l
         assert_eq!(curl(out, &canary_hdr).await, "canary");
     }
 
-    // The routes deleted: no policy left.
+    // A bad route beside the good ones: refused on its own, the good ones stay applied.
+    route(
+        &server,
+        "httproutes",
+        &json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web-bad", "namespace": "shop"},
+            "spec": {"parentRefs": [{"group": "core", "kind": "Service", "name": "web", "port": 80}],
+                     "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/bad"}}],
+                                "filters": [{"type": "RequestHeaderModifier",
+                                    "requestHeaderModifier": {"set": [{"name": "x-from", "value": "bad"}]}}],
+                                "backendRefs": [{"name": "web-v2", "port": 80}]}]},
+        }),
+    );
+    let line = log_line("HTTPRoute shop/web-bad: refused: spec.rules[0].filters").await;
+    assert!(
+        line.contains("WARN")
+            && line.contains(
+                "the route does not apply to Service shop/web (its other routes and its annotations do)"
+            ),
+        "{line}"
+    );
+    let grpc_only = |p: &Policy| {
+        p.routes.len() == 1
+            && p.routes[0].when == Match::PathPrefix("/shop.Reports/Export".into())
+            && p.split.is_empty()
+    };
+    published(&cp, "both good routes, the bad one left out", |p| {
+        p.routes.len() == 2 && p.routes.iter().any(|r| r.to == authority("web-canary"))
+    })
+    .await;
+    assert_eq!(curl(out, &canary_hdr).await, "canary");
+    assert_eq!(curl(out, &["-H", "x-from: none"]).await, "stable");
+
+    // The good HTTPRoute deleted while the bad one stays: that takes effect.
     server.delete("/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/web-routes");
+    published(&cp, "the GRPCRoute alone", grpc_only).await;
+    for _ in 0..5 {
+        assert_eq!(curl(out, &canary_hdr).await, "stable");
+        assert_eq!(grpc_call(out, "/shop.Reports/Export").await, "v2");
+    }
+
+    // An annotation edit takes effect while the bad one stays, beside the GRPCRoute.
+    annotate_web(&server, port, json!({"remora.io/timeout": "5s"}));
+    published(&cp, "the annotation's timeout beside the GRPCRoute", |p| {
+        grpc_only(p) && p.timeout == Some(Duration::from_secs(5))
+    })
+    .await;
+
+    // The GRPCRoute deleted: the annotations alone, the bad route still there.
     server.delete("/apis/gateway.networking.k8s.io/v1/namespaces/shop/grpcroutes/web-grpc");
+    published(&cp, "the annotations alone", |p| {
+        p.routes.is_empty() && p.split.is_empty() && p.timeout == Some(Duration::from_secs(5))
+    })
+    .await;
+    assert_eq!(grpc_call(out, "/shop.Reports/Export").await, "stable");
+
+    // Everything removed: no policy left; the refusals were logged once each.
+    server.delete("/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/web-bad");
+    annotate_web(&server, port, json!({}));
     published(&cp, "no policy", Policy::is_default).await;
     assert_eq!(curl(out, &canary_hdr).await, "stable");
+    let logs = captured_logs();
+    assert_eq!(
+        logs.matches("HTTPRoute shop/web-bad: refused").count(),
+        1,
+        "{logs}"
+    );
     drop(cp);
 }
 

@@ -43,8 +43,9 @@
 //!   API CRDs, the `HTTPRoute`s / `GRPCRoute`s attached to it ([`super::gateway`]) give the
 //!   policy published with its names. A route kind the API server does not serve (404: no CRD)
 //!   is logged once at info and looked for again every [`ROUTES_RECHECK`]; publishing waits
-//!   for the first answer of each route watch, so a Service's first policy already has its
-//!   routes.
+//!   for the first list of each route watch, so a Service's first policy already has its
+//!   routes. It stops waiting when the watch is refused (403: the RBAC hint is logged) or has
+//!   failed for [`gateway::PATIENCE`] (logged once), and the routes apply when a list succeeds.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -131,6 +132,11 @@ impl KubeSource {
             synced: &synced,
         };
         let mut pods = state.identities.is_some().then(|| pod_events(&self.client));
+        // Node zones only matter with the Pod placements above.
+        let mut nodes = pods
+            .is_some()
+            .then(|| super::zones::node_events(&self.client));
+        state.zones = super::zones::Zones::new(nodes.is_some());
         let mut slices = slice_events(&self.client);
         let mut services = service_events(&self.client);
         state.routes.follow();
@@ -165,6 +171,28 @@ impl KubeSource {
                         services = service_events(&self.client);
                     }
                 },
+                ev = next_or_pending(&mut nodes) => match ev {
+                    Some(Ok(ev)) => {
+                        hinted.ok("nodes");
+                        let was = state.zones.nodes_settled();
+                        state.zones.on_node(ev, sink.addrs);
+                        if !was && state.zones.nodes_settled() {
+                            state.go_live(&sink);
+                        }
+                    }
+                    // Without Nodes, proxies learn their zone from their EndpointSlice entry.
+                    Some(Err(e)) => {
+                        hinted.warn("Node", "nodes", "", &e);
+                        if state.zones.settle_nodes() {
+                            state.go_live(&sink);
+                        }
+                    }
+                    None => {
+                        tracing::warn!("Node watch ended; starting it again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        nodes = Some(super::zones::node_events(&self.client));
+                    }
+                },
                 ev = next_or_pending(&mut pods) => match ev {
                     Some(Ok(ev)) => {
                         hinted.ok("pods");
@@ -179,6 +207,11 @@ impl KubeSource {
                 },
                 ev = http_routes.next() => state.on_route_watch(&mut http_routes, ev, &mut hinted, &sink),
                 ev = grpc_routes.next() => state.on_route_watch(&mut grpc_routes, ev, &mut hinted, &sink),
+                // A route watch failing before its first list holds publishing back only so long.
+                () = sleep_until_some(state.routes.deadline()) => {
+                    let changed = state.routes.overdue(tokio::time::Instant::now());
+                    state.routes_changed(changed, &sink);
+                }
             }
         }
     }
@@ -317,6 +350,17 @@ fn route_events(client: &kube::Client, kind: gateway::Kind) -> EventStream<Dynam
     )
 }
 
+/// The slices of every service, by service.
+fn slices_by_service(slices: &Cache<EndpointSlice>) -> BTreeMap<ServiceKey, Vec<&EndpointSlice>> {
+    let mut by: BTreeMap<ServiceKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices.items.values() {
+        if let Some(k) = service_of(s) {
+            by.entry(k).or_default().push(s);
+        }
+    }
+    by
+}
+
 /// Whether the API server answered 404 for the resource itself: it does not serve it (a CRD
 /// that is not installed).
 fn not_served(e: &watcher::Error) -> bool {
@@ -325,6 +369,17 @@ fn not_served(e: &watcher::Error) -> bool {
         | watcher::Error::WatchStartFailed(kube::Error::Api(s))
         | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
         watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
+}
+
+/// Whether the API server refused the route watch (403): that lasts until the RBAC is fixed.
+fn forbidden(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 403,
+        watcher::Error::WatchError(s) => s.code == 403,
         _ => false,
     }
 }
@@ -370,14 +425,17 @@ fn pod_events(client: &kube::Client) -> EventStream<Pod> {
     };
     Box::pin(
         watcher::watcher(Api::<Pod>::all(client.clone()), config)
-            // Only the service account is read; a whole Pod is kilobytes, times every Pod.
+            // Only the service account and the placement (node, IPs: `zones`) are read; a whole
+            // Pod is kilobytes, times every Pod.
             .modify(|p| {
-                let service_account_name = p.spec.take().and_then(|s| s.service_account_name);
+                let spec = p.spec.take().unwrap_or_default();
                 p.spec = Some(PodSpec {
-                    service_account_name,
+                    service_account_name: spec.service_account_name,
+                    node_name: spec.node_name,
+                    host_network: spec.host_network,
                     ..PodSpec::default()
                 });
-                p.status = None;
+                super::zones::trim_pod_status(p);
                 p.metadata.managed_fields = None;
                 p.metadata.annotations = None;
                 p.metadata.labels = None;
@@ -385,6 +443,14 @@ fn pod_events(client: &kube::Client) -> EventStream<Pod> {
             })
             .default_backoff(),
     )
+}
+
+/// Sleeps until `deadline`; without one, forever.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn next_or_pending<S: Stream + Unpin>(s: &mut Option<S>) -> Option<S::Item> {
@@ -639,19 +705,31 @@ fn merged(owners: &BTreeMap<ServiceKey, Published>) -> Option<Published> {
     Some(Published::Endpoints(set, Arc::new(p)))
 }
 
-/// Each Service's last good policy and the annotation error last logged for it.
-type Policies = HashMap<ServiceKey, (Arc<Policy>, Option<String>)>;
+/// What each Service's policy was built from and last was.
+type Policies = HashMap<ServiceKey, Kept>;
+
+#[derive(Debug, Default)]
+struct Kept {
+    /// The policy of the last good annotations: a refused annotation keeps it.
+    annotated: Arc<Policy>,
+    /// The annotation error last logged.
+    error: Option<String>,
+    /// The policy last published (shared while unchanged).
+    published: Arc<Policy>,
+}
 
 /// The source's state between events.
 struct State {
     cluster_domain: String,
     identities: Option<Identities>,
+    /// Pod placements and node zones, written to the address registry's zone index.
+    zones: super::zones::Zones,
     slices: Cache<EndpointSlice>,
     services: Cache<Service>,
     published: HashMap<ServiceKey, Names>,
-    /// Each Service's last good policy, and the annotation or route error last logged for it:
-    /// a bad annotation or route is refused (logged once per error) and the last good policy
-    /// keeps serving.
+    /// Each Service's last good annotations, and the annotation error last logged for it: a
+    /// bad annotation is refused (logged once per error) and the last good annotations keep
+    /// serving. Routes are refused one by one ([`Routes::fragment`]).
     policies: Policies,
     /// Gateway API routes attached to Services.
     routes: Routes,
@@ -665,6 +743,7 @@ impl State {
         State {
             cluster_domain,
             identities,
+            zones: Default::default(),
             slices: Cache::default(),
             services: Cache::default(),
             published: HashMap::new(),
@@ -676,10 +755,11 @@ impl State {
     }
 
     /// The policy `svc`'s annotations give, with the routes attached to it applied
-    /// ([`gateway::apply`]: routes, split and timeouts from the routes, the rest from the
-    /// annotations); when either is refused, the last good one (none for a Service never seen
-    /// with a good one), with one log line naming the object and the field.
-    fn policy(policies: &mut Policies, svc: &Service, routes: &Routes) -> Arc<Policy> {
+    /// ([`gateway::apply`]: routes, split and timeouts from the accepted routes, the rest from
+    /// the annotations). Refused annotations: the Service's last good annotations (none for a
+    /// Service never seen with good ones), with one log line naming the Service and the field;
+    /// a refused route leaves out that route only ([`Routes::fragment`]).
+    fn policy(policies: &mut Policies, svc: &Service, routes: &mut Routes) -> Arc<Policy> {
         let Some(key) = service_key(svc) else {
             return Arc::default();
         };
@@ -702,31 +782,43 @@ impl State {
             }
             Ok(p)
         });
-        let (ns, name) = &key;
-        let parsed = match parsed {
-            Err(e) => Err(format!(
-                "Service {ns}/{name}: annotation refused: {e}; keeping its last good policy"
-            )),
-            Ok(p) => gateway::apply(p, &key, &tcp_ports(svc), &routes.attached(ns, name))
-                .map_err(|e| format!("{e}; Service {ns}/{name} keeps its last good policy")),
-        };
-        let entry = policies.entry(key).or_default();
+        let fragment = routes.fragment(&key, &tcp_ports(svc));
+        let (ns, name) = key.clone();
+        let entry = policies.entry(key.clone()).or_default();
         match parsed {
             Ok(p) => {
-                if *entry.0 != p {
-                    entry.0 = Arc::new(p);
+                if *entry.annotated != p {
+                    entry.annotated = Arc::new(p);
                 }
-                entry.1 = None;
+                entry.error = None;
             }
             Err(e) => {
-                if entry.1.as_ref() != Some(&e) {
-                    let (ns, name) = service_key(svc).unwrap_or_default();
+                let e = format!(
+                    "Service {ns}/{name}: annotation refused: {e}; keeping its last good policy from annotations"
+                );
+                if entry.error.as_ref() != Some(&e) {
                     tracing::warn!(service = %format!("{ns}/{name}"), "{e}");
-                    entry.1 = Some(e);
+                    entry.error = Some(e);
                 }
             }
         }
-        entry.0.clone()
+        if !fragment.applied {
+            entry.published = entry.annotated.clone();
+            return entry.published.clone();
+        }
+        let p = match gateway::apply((*entry.annotated).clone(), &key, &fragment) {
+            Ok(p) => p,
+            // Each route was checked on its own and the merge keeps within the model's
+            // bounds, so this is a bug; the annotations alone are the safe answer.
+            Err(e) => {
+                tracing::error!(service = %format!("{ns}/{name}"), "{e}; the Service's annotations alone apply");
+                (*entry.annotated).clone()
+            }
+        };
+        if *entry.published != p {
+            entry.published = Arc::new(p);
+        }
+        entry.published.clone()
     }
 
     fn expect(&self, slice_ns: &str, ep: &Endpoint) -> Expect {
@@ -769,8 +861,9 @@ impl State {
     }
 
     /// One answer of a route watch: an event, the kind not served (no CRD: the watch stops
-    /// until [`ROUTES_RECHECK`], logged once), or another error (logged; publishing does not
-    /// wait for routes it cannot read, and the routes already read stay).
+    /// until [`ROUTES_RECHECK`], logged once), or another error (logged; before the first list,
+    /// publishing stops waiting on a 403 at once and on other errors after
+    /// [`gateway::PATIENCE`]; the routes already read stay).
     fn on_route_watch(
         &mut self,
         watch: &mut RouteWatch,
@@ -798,7 +891,9 @@ impl State {
             }
             Some(Err(e)) => {
                 hinted.warn(kind.name(), kind.plural(), gateway::GROUP, &e);
-                let changed = self.routes.settle(kind);
+                let changed = self
+                    .routes
+                    .failed(kind, forbidden(&e), tokio::time::Instant::now());
                 self.routes_changed(changed, sink);
             }
             None => {
@@ -830,6 +925,7 @@ impl State {
     }
 
     fn on_pod(&mut self, ev: Event<Pod>, sink: &Sink<'_>) {
+        self.zones.on_pod(&ev, sink.addrs);
         let Some(ids) = &mut self.identities else {
             return;
         };
@@ -869,7 +965,10 @@ impl State {
 
     /// Publishes the whole table the first time everything needed is listed.
     fn go_live(&mut self, sink: &Sink<'_>) {
-        let pods_listed = self.identities.as_ref().is_none_or(|i| i.listed);
+        // Pods and Nodes too: endpoints carry their identity, and proxies learn their zone,
+        // from the first answer on.
+        let pods_listed =
+            self.identities.as_ref().is_none_or(|i| i.listed) && self.zones.nodes_settled();
         let listed = self.slices.listed && self.services.listed && !self.routes.pending();
         if self.live || !listed || !pods_listed {
             if listed && !pods_listed {
@@ -885,21 +984,10 @@ impl State {
         sink.synced.send_replace(true);
     }
 
-    /// The slices of every service, by service.
-    fn slices_by_service(&self) -> BTreeMap<ServiceKey, Vec<&EndpointSlice>> {
-        let mut by: BTreeMap<ServiceKey, Vec<&EndpointSlice>> = BTreeMap::new();
-        for s in self.slices.items.values() {
-            if let Some(k) = service_of(s) {
-                by.entry(k).or_default().push(s);
-            }
-        }
-        by
-    }
-
     fn publish_all(&mut self, sink: &Sink<'_>) {
         // Rebuilt from the Services that exist: a deleted one's entry goes.
         let mut old_policies = std::mem::take(&mut self.policies);
-        let by = self.slices_by_service();
+        let by = slices_by_service(&self.slices);
         let mut names = Table::new();
         let mut published = HashMap::new();
         let mut owners: AddrOwners = HashMap::new();
@@ -909,7 +997,7 @@ impl State {
             if let Some(p) = old_policies.remove(key) {
                 policies.insert(key.clone(), p);
             }
-            let policy = State::policy(&mut policies, svc, &self.routes);
+            let policy = State::policy(&mut policies, svc, &mut self.routes);
             let t = service_table(svc, slices, &self.cluster_domain, &policy, |ns, ep| {
                 self.expect(ns, ep)
             });
@@ -956,6 +1044,7 @@ impl State {
         let mut policies = std::mem::take(&mut self.policies);
         if !self.services.items.contains_key(key) {
             policies.remove(key);
+            self.routes.forget(key);
         }
         let t = match self.services.items.get(key) {
             Some(svc) => {
@@ -964,7 +1053,7 @@ impl State {
                     .in_namespace(ns)
                     .filter(|s| service_of(s).is_some_and(|(_, n)| &n == name))
                     .collect();
-                let policy = State::policy(&mut policies, svc, &self.routes);
+                let policy = State::policy(&mut policies, svc, &mut self.routes);
                 service_table(svc, &slices, &self.cluster_domain, &policy, |ns, ep| {
                     self.expect(ns, ep)
                 })
@@ -1952,7 +2041,7 @@ mod tests {
         };
         let mut policies = Policies::new();
         let good = annotated(&[("remora.io/timeout", "300ms"), ("remora.io/retries", "1")]);
-        let p = State::policy(&mut policies, &good, &Routes::default());
+        let p = State::policy(&mut policies, &good, &mut Routes::default());
         assert_eq!(
             (p.timeout, p.retries),
             (Some(Duration::from_millis(300)), 1)
@@ -1973,36 +2062,133 @@ mod tests {
         assert!(t.addrs["10.1.0.1:8080"].policy().unwrap().is_default());
         // Refused: the last good policy stays.
         let bad = annotated(&[("remora.io/timeout", "soon"), ("remora.io/retries", "1")]);
-        assert_eq!(State::policy(&mut policies, &bad, &Routes::default()), p);
-        assert!(policies.values().any(|(_, e)| {
-            e.as_deref()
+        assert_eq!(
+            State::policy(&mut policies, &bad, &mut Routes::default()),
+            p
+        );
+        assert!(policies.values().any(|k| {
+            k.error
+                .as_deref()
                 .is_some_and(|e| e.contains("remora.io/timeout"))
         }));
         // Annotations removed: no policy.
-        assert!(State::policy(&mut policies, &web(), &Routes::default()).is_default());
+        assert!(State::policy(&mut policies, &web(), &mut Routes::default()).is_default());
         // A split names Services of the namespace; each port gets their authorities.
         let split = annotated(&[("remora.io/split", "web-canary=5")]);
-        let p = State::policy(&mut policies, &split, &Routes::default());
+        let p = State::policy(&mut policies, &split, &mut Routes::default());
         let t = service_table(&split, &[&a], CD, &p, plain);
         let sent = t.names[&format!("web.shop.svc.{CD}:80")].policy().unwrap();
         assert_eq!(sent.split[0].to, format!("web-canary.shop.svc.{CD}:80"));
         assert_eq!(sent.split[0].percent, 5);
         // Rate limits go to each pod's own address (its proxy enforces them), alone.
         let limited = annotated(&[("remora.io/rate-limit", "100"), ("remora.io/timeout", "1s")]);
-        let p = State::policy(&mut policies, &limited, &Routes::default());
+        let p = State::policy(&mut policies, &limited, &mut Routes::default());
         let t = service_table(&limited, &[&a], CD, &p, plain);
         let own = t.addrs["10.1.0.1:8080"].policy().unwrap();
         assert_eq!((own.rate_limit, own.timeout), (Some(100), None));
         let routed = annotated(&[("remora.io/routes", "header:x-canary=true=>web-canary")]);
-        let p = State::policy(&mut policies, &routed, &Routes::default());
+        let p = State::policy(&mut policies, &routed, &mut Routes::default());
         let t = service_table(&routed, &[&a], CD, &p, plain);
         let sent = t.names[&format!("web.shop.svc.{CD}:80")].policy().unwrap();
         assert_eq!(sent.routes[0].to, format!("web-canary.shop.svc.{CD}:80"));
         let bad = annotated(&[("remora.io/split", "web.other:80=5")]);
         assert_eq!(
-            State::policy(&mut policies, &bad, &Routes::default()),
+            State::policy(&mut policies, &bad, &mut Routes::default()),
             p,
             "not a Service name: refused"
+        );
+    }
+
+    #[test]
+    fn routes_merge_with_the_annotations_and_each_is_refused_alone() {
+        use serde_json::json;
+        let annotated = |pairs: &[(&str, &str)]| {
+            let mut s = web();
+            s.metadata.annotations = Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>(),
+            );
+            s
+        };
+        let route = |name: &str, rules: serde_json::Value| {
+            DynamicObject::new(name, &gateway::Kind::Http.api_resource())
+                .within("shop")
+                .data(json!({"spec": {
+                    "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                    "rules": rules}}))
+        };
+        let good = route(
+            "a",
+            json!([{"backendRefs": [{"name": "web", "weight": 3}, {"name": "web-v2", "weight": 1}]}]),
+        );
+        let bad = route(
+            "b",
+            json!([{"matches": [{"path": {"value": "/b"}}], "backendRefs": [{"name": "b"}],
+                    "filters": [{"type": "RequestHeaderModifier"}]}]),
+        );
+        let mut routes = Routes::default();
+        routes.follow();
+        routes.unavailable(gateway::Kind::Grpc);
+        routes.apply(gateway::Kind::Http, Event::Init);
+        routes.apply(gateway::Kind::Http, Event::InitApply(good.clone()));
+        routes.apply(gateway::Kind::Http, Event::InitApply(bad));
+        routes.apply(gateway::Kind::Http, Event::InitDone);
+        let mut policies = Policies::new();
+        let limited = annotated(&[
+            ("remora.io/rate-limit", "100"),
+            ("remora.io/timeout", "2s"),
+            ("remora.io/split", "old=50"),
+        ]);
+        type Case = (
+            &'static str,
+            Service,
+            Option<u32>,
+            Option<Duration>,
+            &'static str,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "the good route's split beside the annotations' limit and timeout",
+                limited.clone(),
+                Some(100),
+                Some(Duration::from_secs(2)),
+                "web-v2",
+            ),
+            (
+                "an annotation edit applies while the bad route stays",
+                annotated(&[("remora.io/rate-limit", "50"), ("remora.io/timeout", "1s")]),
+                Some(50),
+                Some(Duration::from_secs(1)),
+                "web-v2",
+            ),
+            (
+                "a refused annotation keeps the last good annotations; the routes still apply",
+                annotated(&[("remora.io/rate-limit", "lots")]),
+                Some(50),
+                Some(Duration::from_secs(1)),
+                "web-v2",
+            ),
+        ];
+        for (what, svc, limit, timeout, split) in cases {
+            let p = State::policy(&mut policies, &svc, &mut routes);
+            assert_eq!(
+                (
+                    p.rate_limit,
+                    p.timeout,
+                    p.split.first().map(|s| s.to.as_str())
+                ),
+                (limit, timeout, Some(split)),
+                "{what}"
+            );
+        }
+        // The good route deleted, the bad one still there: the annotations' split is back.
+        routes.apply(gateway::Kind::Http, Event::Delete(good));
+        let p = State::policy(&mut policies, &limited, &mut routes);
+        assert_eq!(
+            (p.rate_limit, p.split.first().map(|s| s.to.as_str())),
+            (Some(100), Some("old"))
         );
     }
 

@@ -4,3 +4,4 @@ pub mod file;
 pub mod gateway;
 pub mod kubernetes;
 pub mod permission;
+pub mod zones;

@@ -43,6 +43,12 @@ pub const RULES: &[Rule] = &[
         needed_for: "endpoint identities need it",
     },
     Rule {
+        group: "",
+        resource: "nodes",
+        verbs: &["list", "watch"],
+        needed_for: "telling each proxy its zone (zone-aware routing) needs it",
+    },
+    Rule {
         group: "discovery.k8s.io",
         resource: "endpointslices",
         verbs: &["list", "watch"],
