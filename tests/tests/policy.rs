@@ -744,10 +744,20 @@ async fn a_per_route_rate_limit_holds_its_route_and_leaves_the_others() {
          endpoints = [{{ addr = \"{}\", identity = \"{web_id}\" }}]\n",
         server.inbound
     ));
-    let a = TestProxy::start(proxy_config(refused_addr().await, &pki, &cp.target(), "a", A)).await;
+    let a = TestProxy::start(proxy_config(
+        refused_addr().await,
+        &pki,
+        &cp.target(),
+        "a",
+        A,
+    ))
+    .await;
     // The server's proxy learns its limits in the background after its first request.
     wait_until("the route's limit to apply", async || {
-        call_via(a.outbound, "web.test:80", "/heavy/report", &[]).await.0 == 429
+        call_via(a.outbound, "web.test:80", "/heavy/report", &[])
+            .await
+            .0
+            == 429
     })
     .await;
     // Let the route's bucket fill again (1 s holds one second's worth).
@@ -756,13 +766,20 @@ async fn a_per_route_rate_limit_holds_its_route_and_leaves_the_others() {
     // takes); 40 elsewhere: all served.
     let heavy = h2load_path(a.outbound, "web.test:80", "/heavy/report", 40).await;
     assert!((3..=6).contains(&heavy), "the route served {heavy} of 40");
-    assert_eq!(h2load_path(a.outbound, "web.test:80", "/light", 40).await, 40);
+    assert_eq!(
+        h2load_path(a.outbound, "web.test:80", "/light", 40).await,
+        40
+    );
     let m = server.metrics().await;
     assert!(
         metric(
             &m,
             "remora_rate_limited_total",
-            &[("direction", "inbound"), ("scope", "route"), ("route", "/heavy/")]
+            &[
+                ("direction", "inbound"),
+                ("scope", "route"),
+                ("route", "/heavy/")
+            ]
         ) >= 34.0,
         "{m}"
     );
