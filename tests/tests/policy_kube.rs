@@ -25,7 +25,7 @@ use remora_control_plane::registry::Published;
 
 use remora_tests::control::{TestControl, capture_logs, captured_logs, get_via, meshed, port_on};
 use remora_tests::kube::ApiServer;
-use remora_tests::{Pki, TestProxy, header, metric, refused_addr, run, status};
+use remora_tests::{Pki, TestProxy, header, metric, refused_addr, run, status, wait_until};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -728,4 +728,160 @@ async fn a_service_turned_external_name_leaves_its_policy_behind() {
         );
     }
     drop(cp);
+}
+
+/// Split, header routes, a per-route rate limit and `retry-on` from Service annotations on the
+/// real API server: the split and the route steer callers, and the per-route limit is enforced
+/// by the endpoint's own proxy (published for its pod address), while the rest of the Service
+/// is served; a changed split applies under a request loop with no failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_routes_and_a_per_route_rate_limit_from_annotations() {
+    let server = ApiServer::start();
+    namespace(&server, "shop");
+    let (web_ip, canary_ip, app_ip) = ([127, 0, 0, 41], [127, 0, 0, 42], [127, 0, 0, 43]);
+    let port = port_on(&[web_ip, canary_ip]);
+    // web's pod is its proxy's inbound on 127.0.0.41 in front of the app; the canary is a
+    // bare app (its endpoint has no proxy and no limit).
+    // Another port than the inbound's: the proxy refuses an app address that could loop.
+    let app_port = std::iter::repeat_with(|| port_on(&[app_ip]))
+        .find(|p| *p != port)
+        .expect("a port");
+    let web_app = SocketAddr::from((app_ip, app_port));
+    let _web = App::start("web", web_app, 200, Duration::ZERO).await;
+    let canary = App::start(
+        "canary",
+        SocketAddr::from((canary_ip, port)),
+        200,
+        Duration::ZERO,
+    )
+    .await;
+    let pki = Pki::new("cluster.local");
+    let client_id = SpiffeId::workload("cluster.local", "shop", "client").expect("id");
+    let web_id = SpiffeId::workload("cluster.local", "shop", "web").expect("id");
+    let cp = TestControl::start_kube(
+        &pki,
+        &server.installed_control_plane_kubeconfig(),
+        &[
+            ("token-client-0123456789", &client_id),
+            ("token-web-0123456789ab", &web_id),
+        ],
+    )
+    .await;
+    let mut web_cfg = meshed(&pki, &cp, web_app, "shop", "web", "token-web-0123456789ab");
+    web_cfg.inbound_addr = SocketAddr::from((web_ip, port));
+    let web_proxy = TestProxy::start(web_cfg).await;
+    let client = TestProxy::start(meshed(
+        &pki,
+        &cp,
+        refused_addr().await,
+        "shop",
+        "client",
+        "token-client-0123456789",
+    ))
+    .await;
+    let annotations = |split: u32| {
+        json!({
+            "remora.io/split": format!("canary={split}"),
+            "remora.io/routes": "header:x-canary=always=>canary",
+            "remora.io/rate-limit": "1000; /heavy/=3",
+            "remora.io/retry-on": "gateway-error,grpc:unavailable",
+        })
+    };
+    service(&server, "web", annotations(50), port);
+    service(&server, "canary", json!({}), port);
+    slice(&server, "web-x", "web", port, &["127.0.0.41"]);
+    slice(&server, "canary-x", "canary", port, &["127.0.0.42"]);
+    published(&cp, "web.shop.svc.cluster.local:80", 1, |p| {
+        p.split.len() == 1 && p.routes.len() == 1 && p.retry_on.statuses == [502, 503, 504]
+    })
+    .await;
+    let web = "web.shop:80";
+    let body = |args: Vec<String>| async move {
+        let mut a: Vec<&str> = vec!["-sS", "--max-time", "10", "-w", "\n%{http_code}"];
+        a.extend(args.iter().map(String::as_str));
+        let out = run("curl", &a).await;
+        assert_eq!(out.status, 0, "curl: {}", out.stderr);
+        let (body, code) = out.stdout.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse::<u16>().unwrap_or(0), body.to_string())
+    };
+    let url = |path: &str| format!("http://{}{path}", client.outbound);
+    let host = format!("host: {web}");
+
+    // The header route always wins; without the header, the split draws about half.
+    for _ in 0..10 {
+        let got = body(vec![
+            "-H".into(),
+            host.clone(),
+            "-H".into(),
+            "x-canary: always".into(),
+            url("/"),
+        ])
+        .await;
+        assert_eq!(got, (200, "canary".to_string()));
+    }
+    let mut to_canary = 0;
+    for _ in 0..60 {
+        let (code, b) = body(vec!["-H".into(), host.clone(), url("/")]).await;
+        assert_eq!(code, 200);
+        to_canary += u32::from(b == "canary");
+    }
+    assert!(
+        (15..=45).contains(&to_canary),
+        "the canary got {to_canary} of 60"
+    );
+
+    // The per-route limit, enforced by web's own proxy: 429 on /heavy/ after its burst of 3,
+    // while other paths are served.
+    wait_until("the route's limit to apply", async || {
+        body(vec![
+            "-H".into(),
+            host.clone(),
+            "-H".into(),
+            "x-canary: never".into(),
+            url("/heavy/x"),
+        ])
+        .await
+        .0 == 429
+    })
+    .await;
+    let (code, _) = body(vec!["-H".into(), host.clone(), url("/light")]).await;
+    assert!(code == 200, "{code}");
+    let m = web_proxy.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "remora_rate_limited_total",
+            &[("scope", "route"), ("route", "/heavy/")]
+        ) >= 1.0,
+        "{m}"
+    );
+
+    // The split moved to 100 live, under a request loop that must not fail.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looping = {
+        let (stop, out) = (stop.clone(), client.outbound);
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) && n < 3000 {
+                let (code, _) = get_via(out, web).await.expect("request");
+                assert_eq!(code, 200, "request {n}");
+                n += 1;
+            }
+            n
+        })
+    };
+    service(&server, "web", annotations(100), port);
+    wait_until("everything to the canary", async || {
+        let before = canary.hits.load(Ordering::Relaxed);
+        for _ in 0..10 {
+            if body(vec!["-H".into(), host.clone(), url("/")]).await != (200, "canary".to_string())
+            {
+                return false;
+            }
+        }
+        canary.hits.load(Ordering::Relaxed) >= before + 10
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(looping.await.expect("no request of the loop failed") > 0);
 }

@@ -256,7 +256,10 @@ mod tests {
     #[test]
     fn nodes_settle_once_listed_or_refused() {
         let r = Registry::new();
-        assert!(Zones::default().nodes_settled(), "no Node watch: nothing to wait for");
+        assert!(
+            Zones::default().nodes_settled(),
+            "no Node watch: nothing to wait for"
+        );
         let mut z = Zones::new(true);
         assert!(!z.nodes_settled());
         z.on_node(Event::Init, &r);
