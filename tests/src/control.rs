@@ -322,6 +322,35 @@ pub fn meshed(
     cfg
 }
 
+/// The token [`kube_mesh`]'s client proxy proves `shop/client` with.
+pub const KUBE_CLIENT_TOKEN: &str = "token-client-0123456789";
+
+/// A control plane on the API server `server` (with the permissions `remora install` gives
+/// it) and a proxy for `shop/client` fed by it; `pki` is the mesh's CA.
+pub async fn kube_mesh(
+    server: &crate::kube::ApiServer,
+    pki: &Pki,
+) -> (TestControl, crate::TestProxy) {
+    let client_id =
+        remora_certs::SpiffeId::workload(&pki.trust_domain, "shop", "client").expect("id");
+    let cp = TestControl::start_kube(
+        pki,
+        &server.installed_control_plane_kubeconfig(),
+        &[(KUBE_CLIENT_TOKEN, &client_id)],
+    )
+    .await;
+    let proxy = crate::TestProxy::start(meshed(
+        pki,
+        &cp,
+        crate::refused_addr().await,
+        "shop",
+        "client",
+        KUBE_CLIENT_TOKEN,
+    ))
+    .await;
+    (cp, proxy)
+}
+
 /// An HTTP/1.1 + HTTP/2 app that answers every request with its `name`.
 pub struct NamedApp {
     pub addr: SocketAddr,

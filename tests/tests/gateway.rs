@@ -15,11 +15,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use remora_certs::{Match, Policy, SpiffeId};
+use remora_certs::{Match, Policy};
 use remora_control_plane::registry::Published;
-use remora_tests::control::{NamedApp, TestControl, capture_logs, captured_logs, meshed, port_on};
+use remora_tests::control::{NamedApp, TestControl, capture_logs, captured_logs, port_on};
 use remora_tests::kube::{ApiServer, manifest};
-use remora_tests::{Pki, TestProxy, metric, refused_addr, run, wait_until};
+use remora_tests::{Pki, TestProxy, metric, run, wait_until};
 use serde_json::{Value, json};
 
 /// What the Service `web` is published as.
@@ -266,22 +266,7 @@ async fn an_httproute_routes_splits_follows_live_edits_and_a_bad_one_keeps_the_l
     service(&server, "web-v2", port, "127.0.0.82");
 
     let pki = Pki::new("cluster.local");
-    let client_id = SpiffeId::workload("cluster.local", "shop", "client").expect("id");
-    let cp = TestControl::start_kube(
-        &pki,
-        &server.installed_control_plane_kubeconfig(),
-        &[("token-client-0123456789", &client_id)],
-    )
-    .await;
-    let proxy = TestProxy::start(meshed(
-        &pki,
-        &cp,
-        refused_addr().await,
-        "shop",
-        "client",
-        "token-client-0123456789",
-    ))
-    .await;
+    let (cp, proxy) = remora_tests::control::kube_mesh(&server, &pki).await;
     let out = proxy.outbound;
     published(&cp, "web without a policy", Policy::is_default).await;
     assert_eq!(curl(out, &[]).await, "stable");

@@ -91,24 +91,7 @@ fn flaky(mut annotations: Value) -> Value {
 /// A control plane on the API server (with the permissions `remora install` gives it) and a
 /// proxy for `shop/client` fed by it.
 async fn mesh(server: &ApiServer) -> (TestControl, TestProxy) {
-    let pki = Pki::new("cluster.local");
-    let client_id = SpiffeId::workload("cluster.local", "shop", "client").expect("id");
-    let cp = TestControl::start_kube(
-        &pki,
-        &server.installed_control_plane_kubeconfig(),
-        &[("token-client-0123456789", &client_id)],
-    )
-    .await;
-    let proxy = TestProxy::start(meshed(
-        &pki,
-        &cp,
-        refused_addr().await,
-        "shop",
-        "client",
-        "token-client-0123456789",
-    ))
-    .await;
-    (cp, proxy)
+    remora_tests::control::kube_mesh(server, &Pki::new("cluster.local")).await
 }
 
 /// An HTTP/1.1 + HTTP/2 "pod" that answers every request after `delay`: with `status` and its

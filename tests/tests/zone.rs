@@ -14,7 +14,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use remora_certs::SpiffeId;
 use remora_tests::control::*;
 use remora_tests::kube::ApiServer;
 use remora_tests::*;
@@ -317,22 +316,7 @@ async fn endpoint_slice_zones_and_hints_steer_traffic_on_a_real_api_server() {
         ],
     );
     let pki = Pki::new("cluster.local");
-    let client_id = SpiffeId::workload("cluster.local", "shop", "client").expect("id");
-    let cp = TestControl::start_kube(
-        &pki,
-        &server.installed_control_plane_kubeconfig(),
-        &[("token-client-0123456789", &client_id)],
-    )
-    .await;
-    let proxy = TestProxy::start(meshed(
-        &pki,
-        &cp,
-        refused_addr().await,
-        "shop",
-        "client",
-        "token-client-0123456789",
-    ))
-    .await;
+    let (_cp, proxy) = remora_tests::control::kube_mesh(&server, &pki).await;
     let web = "web.shop.svc.cluster.local:80";
     assert_eq!(h2load_to(proxy.outbound, web, 200).await, 200);
     assert!(
