@@ -228,10 +228,10 @@ impl Destination {
                     let (local, remote): (Vec<&Arc<Endpoint>>, Vec<&Arc<Endpoint>>) = ready
                         .iter()
                         .partition(|e| e.locality.is_local_to(zone.as_str()));
-                    if !local.is_empty() && !remote.is_empty() {
-                        let (lc, rc) = (Costs::new(&local), Costs::new(&remote));
-                        let l = p2c(&local, |e| lc.cost(e));
-                        let r = p2c(&remote, |e| rc.cost(e));
+                    let (lc, rc) = (Costs::new(&local), Costs::new(&remote));
+                    if let (Some(l), Some(r)) =
+                        (p2c(&local, |e| lc.cost(e)), p2c(&remote, |e| rc.cost(e)))
+                    {
                         // Another zone's endpoint never measured counts as free while it has
                         // nothing in flight, so that it gets one request and is measured:
                         // lending it the mean of the others (the local ones) would hide a
@@ -262,7 +262,9 @@ impl Destination {
                     }
                 }
                 let costs = Costs::new(&ready);
-                return Ok(p2c(&ready, |e| costs.cost(e)).clone());
+                if let Some(e) = p2c(&ready, |e| costs.cost(e)) {
+                    return Ok(e.clone());
+                }
             }
         }
         // Nothing ready: everyone is backing off after failures.
@@ -328,11 +330,16 @@ impl<'a> Costs<'a> {
     }
 }
 
-/// Power of two choices: two distinct candidates drawn uniformly, the cheaper wins.
-fn p2c<'a>(ready: &[&'a Arc<Endpoint>], cost: impl Fn(&Endpoint) -> f64) -> &'a Arc<Endpoint> {
+/// Power of two choices: two distinct candidates drawn uniformly, the cheaper wins; `None`
+/// only for an empty set (callers pass non-empty ones, and say what to do otherwise rather
+/// than index on the request path).
+fn p2c<'a>(
+    ready: &[&'a Arc<Endpoint>],
+    cost: impl Fn(&Endpoint) -> f64,
+) -> Option<&'a Arc<Endpoint>> {
     let n = ready.len() as u64;
     if n < 2 {
-        return ready[0];
+        return ready.first().copied();
     }
     let i = crate::random::below(n) as usize;
     // j is drawn from the n - 1 others.
@@ -340,8 +347,8 @@ fn p2c<'a>(ready: &[&'a Arc<Endpoint>], cost: impl Fn(&Endpoint) -> f64) -> &'a 
     if j >= i {
         j += 1;
     }
-    let (x, y) = (ready[i], ready[j]);
-    if cost(x) <= cost(y) { x } else { y }
+    let (x, y) = (ready.get(i)?, ready.get(j)?);
+    Some(if cost(x) <= cost(y) { x } else { y })
 }
 
 #[cfg(test)]
