@@ -180,6 +180,9 @@ pub struct Endpoint {
     /// The port carries an opaque protocol (discovery said so): tunnels to it over mTLS
     /// offer [`crate::tls::ALPN_OPAQUE`] so the peer proxy skips detection.
     pub opaque: bool,
+    /// The UDP port where the endpoint's proxy serves HTTP/3 over QUIC (mTLS), when it says
+    /// so (discovery's `quic` attribute); used per `REMORA_MESH_TRANSPORT`.
+    pub quic: Option<u16>,
     /// Its zone and topology hints, for callers preferring their own zone.
     pub locality: remora_certs::Locality,
     pub load: PeakEwma,
@@ -237,6 +240,7 @@ impl Endpoint {
             unix: None,
             tls: None,
             opaque: false,
+            quic: None,
             locality: Default::default(),
             weight: weight.max(1),
             load: PeakEwma::default(),
@@ -370,6 +374,12 @@ impl Endpoint {
 
     pub fn with_opaque(mut self, opaque: bool) -> Self {
         self.opaque = opaque;
+        self
+    }
+
+    /// The endpoint's proxy serves HTTP/3 on this UDP port (`None`: not advertised).
+    pub fn with_quic(mut self, port: Option<u16>) -> Self {
+        self.quic = port;
         self
     }
 
