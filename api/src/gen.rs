@@ -48,6 +48,10 @@ pub struct Endpoint {
     /// for topology-aware routing); when present they, not `zone`, say whom it is local to.
     #[prost(string, repeated, tag = "6")]
     pub for_zones: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The UDP port where the endpoint's proxy serves HTTP/3 over QUIC (with mTLS, so only
+    /// with an identity); 0: none advertised, TCP only.
+    #[prost(uint32, tag = "7")]
+    pub quic_port: u32,
 }
 /// How callers treat requests to the service (Kubernetes: the Service's remora.io/\*
 /// annotations; the file source: the service's fields). Absent or empty: no policy.

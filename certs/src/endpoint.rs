@@ -10,8 +10,9 @@ use crate::identity::SpiffeId;
 pub const MAX_WEIGHT: u32 = 10_000;
 
 /// An endpoint: its address, its weight (relative share of traffic, default 1), the identity
-/// it must prove when it is a peer proxy (then the proxy speaks mTLS to it), and whether its
-/// port carries an opaque (non-HTTP or server-speaks-first) protocol.
+/// it must prove when it is a peer proxy (then the proxy speaks mTLS to it), whether its
+/// port carries an opaque (non-HTTP or server-speaks-first) protocol, and the UDP port where
+/// its proxy also serves HTTP/3.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointSpec {
     pub addr: SocketAddr,
@@ -20,6 +21,9 @@ pub struct EndpointSpec {
     /// No protocol detection on this port: its peer proxy is told so in the mTLS handshake
     /// (ALPN), so a server-speaks-first protocol (MySQL, NATS) does not wait for detection.
     pub opaque: bool,
+    /// The UDP port where the endpoint's proxy serves HTTP/3 with mTLS; `None`: not
+    /// advertised, TCP only.
+    pub quic: Option<u16>,
     /// Where it runs, for callers that prefer their own zone.
     pub locality: Locality,
 }
@@ -91,6 +95,7 @@ impl EndpointSpec {
             weight: 1,
             identity: None,
             opaque: false,
+            quic: None,
             locality: Locality::default(),
         }
     }

@@ -443,6 +443,7 @@ pub async fn run(args: DemoArgs) -> Result<Report, String> {
             weight: 1,
             identity,
             opaque: false,
+            quic: None,
             locality: Default::default(),
         });
         proxies.push(p);

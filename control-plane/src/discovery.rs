@@ -212,6 +212,7 @@ fn endpoint(e: &EndpointSpec) -> Endpoint {
         opaque: e.opaque,
         zone: e.locality.zone.clone().unwrap_or_default(),
         for_zones: e.locality.for_zones.clone(),
+        quic_port: e.quic.map_or(0, u32::from),
     }
 }
 
@@ -430,6 +431,7 @@ mod tests {
                                 weight: *w,
                                 identity: None,
                                 opaque: false,
+                                quic: None,
                                 locality: Default::default(),
                             },
                         )
@@ -470,6 +472,7 @@ mod tests {
                 weight: 1,
                 identity: None,
                 opaque: false,
+                quic: None,
                 locality: Default::default(),
             }]),
         );
@@ -630,6 +633,32 @@ mod tests {
             kind(diff(Some(&None), &b)),
             Some(update::Kind::Snapshot(_))
         ));
+    }
+
+    /// The QUIC port rides the endpoint (0: none), and a change of it alone is re-sent.
+    #[test]
+    fn quic_ports_go_out_and_their_changes_are_deltas() {
+        let with_quic = |q: Option<u16>| {
+            let mut e = EndpointSpec::new("10.0.0.1:4143".parse().unwrap());
+            e.quic = q;
+            Some(Published::endpoints(vec![e]))
+        };
+        let Some(update::Kind::Snapshot(s)) = kind(diff(None, &with_quic(None))) else {
+            panic!("a snapshot first");
+        };
+        assert_eq!(s.endpoints[0].quic_port, 0);
+        let Some(update::Kind::Delta(d)) =
+            kind(diff(Some(&with_quic(None)), &with_quic(Some(4143))))
+        else {
+            panic!("a delta");
+        };
+        let added: Vec<_> = d
+            .add
+            .iter()
+            .map(|e| (e.addr.as_str(), e.quic_port))
+            .collect();
+        assert_eq!(added, [("10.0.0.1:4143", 4143)]);
+        assert!(d.remove.is_empty());
     }
 
     #[test]

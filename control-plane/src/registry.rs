@@ -299,6 +299,7 @@ mod tests {
             weight: 1,
             identity: None,
             opaque: false,
+            quic: None,
             locality: Default::default(),
         }
     }

@@ -216,6 +216,7 @@ async fn connections_beyond_the_per_peer_limit_are_closed_before_tls() {
             weight: 1,
             identity: None,
             opaque: false,
+            quic: None,
             locality: Default::default(),
         }]),
     );

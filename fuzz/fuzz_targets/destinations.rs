@@ -5,8 +5,9 @@
 //!
 //! Invariants:
 //! - a parsed destination has a normalized `host:port` name and at least one endpoint, each
-//!   with a weight in 1..=MAX_WEIGHT;
-//! - it round-trips: written back as `NAME=ADDR[#ID][*W],…` it parses to the same value;
+//!   with a weight in 1..=MAX_WEIGHT, and a QUIC port (never 0) only with an identity;
+//! - it round-trips: written back as `NAME=ADDR[#ID[+quic:PORT]][*W],…` it parses to the same
+//!   value;
 //! - clap accepts the spec exactly when every `;`-separated entry parses, with the same values;
 //! - a SPIFFE ID round-trips through `Display`, and its DNS name is non-empty ASCII.
 #![no_main]
@@ -37,7 +38,8 @@ fn write_back(d: &StaticDestination) -> String {
                 .as_ref()
                 .map(|i| format!("#{i}"))
                 .unwrap_or_default();
-            format!("{}{id}*{}", e.addr, e.weight)
+            let quic = e.quic.map(|q| format!("+quic:{q}")).unwrap_or_default();
+            format!("{}{id}{quic}*{}", e.addr, e.weight)
         })
         .collect();
     format!("{}={}", d.name, eps.join(","))
@@ -74,6 +76,8 @@ fuzz_target!(|data: &[u8]| {
                 assert!(!d.endpoints.is_empty());
                 for e in &d.endpoints {
                     assert!((1..=MAX_WEIGHT).contains(&e.weight));
+                    assert!(e.quic.is_none() || e.identity.is_some(), "{e:?}");
+                    assert_ne!(e.quic, Some(0));
                     if let Some(id) = &e.identity {
                         check_id(id);
                     }

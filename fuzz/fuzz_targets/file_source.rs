@@ -5,8 +5,8 @@
 //! Invariants:
 //! - errors name the file and a line that exists (`eps.toml: line N: …`, 1 <= N <= lines + 1),
 //!   or the file alone;
-//! - a table it accepts has normalized `host:port` names, weights in 1..=MAX_WEIGHT and no
-//!   address twice within a service.
+//! - a table it accepts has normalized `host:port` names, weights in 1..=MAX_WEIGHT, a QUIC
+//!   port (never 0) only with an identity, and no address twice within a service.
 #![no_main]
 
 use std::path::Path;
@@ -32,6 +32,8 @@ fuzz_target!(|data: &[u8]| {
                 for (addr, e) in set.iter() {
                     assert_eq!(*addr, e.addr);
                     assert!((1..=MAX_WEIGHT).contains(&e.weight));
+                    assert!(e.quic.is_none() || e.identity.is_some(), "{e:?}");
+                    assert_ne!(e.quic, Some(0));
                 }
             }
         }

@@ -78,6 +78,22 @@ pub struct Config {
     /// (`host:port`, plaintext). Set, sampled requests get a span each, exported there;
     /// `None` (the default) leaves trace headers untouched and exports nothing.
     pub trace_collector: Option<String>,
+    /// `REMORA_MESH_TRANSPORT`: how requests reach peer proxies (endpoints with an identity).
+    pub mesh_transport: MeshTransport,
+}
+
+/// The transport between two proxies (the meshed hop).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MeshTransport {
+    /// HTTP/3 over QUIC to endpoints that advertise it (discovery's `quic` port), TCP + mTLS
+    /// to the others.
+    Auto,
+    /// HTTP/3 over QUIC to every endpoint with an identity (its QUIC port, else the UDP port
+    /// of the same number), TCP + mTLS when QUIC cannot be reached.
+    Quic,
+    /// TCP + mTLS (HTTP/2 multiplexed) only.
+    #[default]
+    Tcp,
 }
 
 /// Raises the soft descriptor limit to the hard one and returns the per-listener connection
@@ -221,6 +237,7 @@ impl Default for Config {
             max_connections: None,
             access_log: None,
             trace_collector: None,
+            mesh_transport: MeshTransport::default(),
         }
     }
 }
@@ -247,6 +264,7 @@ impl StaticDestination {
                     weight: 1,
                     identity: None,
                     opaque: false,
+                    quic: None,
                     locality: Default::default(),
                 })
                 .collect(),
@@ -257,10 +275,12 @@ impl StaticDestination {
 impl std::str::FromStr for StaticDestination {
     type Err = String;
 
-    /// Parses `NAME:PORT=ADDR[*WEIGHT][,ADDR[*WEIGHT]…]`, e.g.
-    /// `echo.test:80=127.0.0.1:9001,127.0.0.1:9002*3`.
+    /// Parses `NAME:PORT=IP:PORT[#SPIFFE-ID[+quic[:UDP-PORT]]][*WEIGHT][,…]`, e.g.
+    /// `echo.test:80=127.0.0.1:9001,127.0.0.1:9002*3`. `+quic` says the endpoint's proxy
+    /// serves HTTP/3 over QUIC on the UDP port of the same number (`+quic:UDP-PORT`: on that
+    /// one); it needs the identity, as QUIC between proxies is mTLS only.
     fn from_str(s: &str) -> Result<Self, String> {
-        const FIX: &str = "expected NAME:PORT=IP:PORT[#SPIFFE-ID][*WEIGHT][,…], e.g. echo.test:80=127.0.0.1:9001,10.0.0.2:4143#spiffe://cluster.local/ns/default/sa/echo*2";
+        const FIX: &str = "expected NAME:PORT=IP:PORT[#SPIFFE-ID[+quic[:UDP-PORT]]][*WEIGHT][,…], e.g. echo.test:80=127.0.0.1:9001,10.0.0.2:4143#spiffe://cluster.local/ns/default/sa/echo+quic*2";
         let s = s.trim();
         let (name, addrs) = s
             .split_once('=')
@@ -280,6 +300,27 @@ impl std::str::FromStr for StaticDestination {
                     }
                 },
             };
+            // `+quic[:UDP-PORT]` (no SPIFFE ID or address holds a `+`); `None`: TCP only,
+            // `Some(None)`: the UDP port of the address's number.
+            let (a, quic) = match a.split_once('+') {
+                None => (a, None),
+                Some((a, q)) => match q.trim() {
+                    "quic" => (a.trim(), Some(None)),
+                    q => match q.strip_prefix("quic:").map(|p| p.trim().parse::<u16>()) {
+                        Some(Ok(p)) if p != 0 => (a.trim(), Some(Some(p))),
+                        Some(_) => {
+                            return Err(format!(
+                                "destination `{name}`: `+{q}`: the QUIC port is not a UDP port from 1 to 65535; {FIX}"
+                            ));
+                        }
+                        None => {
+                            return Err(format!(
+                                "destination `{name}`: `+{q}` is not `+quic` or `+quic:UDP-PORT` (after the #SPIFFE-ID); {FIX}"
+                            ));
+                        }
+                    },
+                },
+            };
             let (a, identity) = match a.split_once('#') {
                 None => (a, None),
                 Some((a, id)) => match id.trim().parse::<remora_certs::SpiffeId>() {
@@ -290,11 +331,17 @@ impl std::str::FromStr for StaticDestination {
             let addr = a.parse::<SocketAddr>().map_err(|_| {
                 format!("destination `{name}`: address `{a}` is not IP:PORT; {FIX}")
             })?;
+            if quic.is_some() && identity.is_none() {
+                return Err(format!(
+                    "destination `{name}`: `{a}+quic` needs the identity of the endpoint's proxy (HTTP/3 between proxies is mTLS only): write {a}#SPIFFE-ID+quic, or drop +quic"
+                ));
+            }
             parsed.push(EndpointSpec {
                 addr,
                 weight,
                 identity,
                 opaque: false,
+                quic: quic.map(|q| q.unwrap_or(addr.port())),
                 locality: Default::default(),
             });
         }
@@ -446,6 +493,92 @@ mod tests {
         assert!("echo.test:80=".parse::<StaticDestination>().is_err());
         assert!("echo.test:80=nope".parse::<StaticDestination>().is_err());
         assert!("[::1]:80=[::1]:9000".parse::<StaticDestination>().is_ok());
+    }
+
+    #[test]
+    fn destinations_advertise_quic_after_the_identity() {
+        const ID: &str = "spiffe://td/ns/a/sa/b";
+        // (input, [(quic, weight)] of its endpoints)
+        type QuicAndWeight = (Option<u16>, u32);
+        let good: &[(&str, &[QuicAndWeight])] = &[
+            ("e:80=10.0.0.1:4143", &[(None, 1)]),
+            ("e:80=10.0.0.1:4143#spiffe://td/ns/a/sa/b", &[(None, 1)]),
+            (
+                "e:80=10.0.0.1:4143#spiffe://td/ns/a/sa/b+quic",
+                &[(Some(4143), 1)],
+            ),
+            (
+                "e:80=10.0.0.1:4143#spiffe://td/ns/a/sa/b+quic:5143",
+                &[(Some(5143), 1)],
+            ),
+            (
+                "e:80=10.0.0.1:4143#spiffe://td/ns/a/sa/b+quic*3",
+                &[(Some(4143), 3)],
+            ),
+            (
+                "e:80=10.0.0.1:4143#spiffe://td/ns/a/sa/b+quic:65535*2",
+                &[(Some(65535), 2)],
+            ),
+            (
+                "e:80=[::1]:4143#spiffe://td/ns/a/sa/b+quic",
+                &[(Some(4143), 1)],
+            ),
+            (
+                " e:80= 10.0.0.1:4143#spiffe://td/ns/a/sa/b+quic:6143*2 ",
+                &[(Some(6143), 2)],
+            ),
+            (
+                "e:80=10.0.0.1:4143#spiffe://td/ns/a/sa/b+quic,10.0.0.2:8080",
+                &[(Some(4143), 1), (None, 1)],
+            ),
+        ];
+        for (input, want) in good {
+            let d: StaticDestination = input.parse().unwrap_or_else(|e| panic!("{input}: {e}"));
+            let got: Vec<_> = d.endpoints.iter().map(|e| (e.quic, e.weight)).collect();
+            assert_eq!(got, *want, "{input}");
+            for e in d.endpoints.iter().filter(|e| e.quic.is_some()) {
+                assert_eq!(
+                    e.identity.as_ref().map(|i| i.to_string()).as_deref(),
+                    Some(ID)
+                );
+            }
+        }
+        // (input, what the error says)
+        let bad = [
+            (
+                "e:80=10.0.0.1:4143+quic",
+                "destination `e:80`: `10.0.0.1:4143+quic` needs the identity of the endpoint's proxy (HTTP/3 between proxies is mTLS only): write 10.0.0.1:4143#SPIFFE-ID+quic, or drop +quic",
+            ),
+            ("e:80=10.0.0.1:4143+quic:5143*2", "needs the identity"),
+            (
+                "e:80=10.0.0.1:4143#spiffe://td/ns/a/sa/b+quic:0",
+                "destination `e:80`: `+quic:0`: the QUIC port is not a UDP port from 1 to 65535; expected NAME:PORT=IP:PORT[#SPIFFE-ID[+quic[:UDP-PORT]]]",
+            ),
+            (
+                "e:80=10.0.0.1:4143#spiffe://td/ns/a/sa/b+quic:65536",
+                "`+quic:65536`: the QUIC port",
+            ),
+            (
+                "e:80=10.0.0.1:4143#spiffe://td/ns/a/sa/b+quic:",
+                "`+quic:`: the QUIC port",
+            ),
+            (
+                "e:80=10.0.0.1:4143#spiffe://td/ns/a/sa/b+h3",
+                "destination `e:80`: `+h3` is not `+quic` or `+quic:UDP-PORT` (after the #SPIFFE-ID)",
+            ),
+            (
+                "e:80=10.0.0.1:4143+quic#spiffe://td/ns/a/sa/b",
+                "`+quic#spiffe://td/ns/a/sa/b` is not `+quic` or `+quic:UDP-PORT` (after the #SPIFFE-ID)",
+            ),
+            (
+                "e:80=10.0.0.1:4143#spiffe://td/ns/a/sa/b+quic+quic",
+                "`+quic+quic` is not `+quic`",
+            ),
+        ];
+        for (input, want) in bad {
+            let e = input.parse::<StaticDestination>().unwrap_err();
+            assert!(e.contains(want), "{input}: {e}");
+        }
     }
 
     #[test]

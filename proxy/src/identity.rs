@@ -53,6 +53,8 @@ pub struct Loaded {
     /// starts with none: rotated credentials apply at the next connection, and no session
     /// made under the old ones is offered again.
     clients: Mutex<ClientConfigs>,
+    /// The inbound QUIC server configuration built from this set, once.
+    quic_server: std::sync::OnceLock<Result<Arc<quinn::ServerConfig>, String>>,
 }
 
 impl Loaded {
@@ -79,6 +81,15 @@ impl Loaded {
             clients.clear();
         }
         Ok(clients.entry(key).or_insert(cfg).clone())
+    }
+
+    /// The inbound QUIC configuration of this set, built by `make` on first use and then
+    /// shared (it carries the session ticket keys resumption needs).
+    pub(crate) fn quic_server(
+        &self,
+        make: impl FnOnce(&Loaded) -> Result<Arc<quinn::ServerConfig>, String>,
+    ) -> Result<Arc<quinn::ServerConfig>, String> {
+        self.quic_server.get_or_init(|| make(self)).clone()
     }
 
     fn lock_clients(&self) -> std::sync::MutexGuard<'_, ClientConfigs> {
@@ -268,6 +279,7 @@ impl IdentityStore {
             server,
             anchors: Arc::new(anchors),
             clients: Mutex::default(),
+            quic_server: Default::default(),
         });
         self.current.store(Some(loaded.clone()));
         Ok(loaded)

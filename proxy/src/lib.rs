@@ -58,6 +58,7 @@ mod listener;
 mod metrics;
 mod outbound;
 mod panics;
+mod quic;
 mod random;
 mod ratelimit;
 mod respond;
@@ -80,7 +81,9 @@ use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, ControlTarget, EndpointSpec, IdentityMode, MtlsMode, StaticDestination};
+pub use config::{
+    Config, ControlTarget, EndpointSpec, IdentityMode, MeshTransport, MtlsMode, StaticDestination,
+};
 pub use direction::Direction;
 pub use hooks::{Completion, Hooks, NoHooks, RequestContext};
 pub use identity::{CredentialSet, IdentitySource};
@@ -320,6 +323,23 @@ impl Builder {
             a.unwrap_or(Listen::Addr(cfg.admin_addr)),
         )
         .await?;
+        // QUIC beside inbound mTLS, on the same port number over UDP (a peer proxy may carry
+        // its requests over HTTP/3). A port taken over UDP leaves inbound on TCP only.
+        let inbound_udp = match &inbound {
+            Some((_, local))
+                if cfg.mtls != MtlsMode::Disabled
+                    && (cfg.identity_dir.is_some() || source.is_some()) =>
+            {
+                match listener::quic::bind(*local) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::warn!(addr = %local, error = %e, "cannot listen for QUIC (UDP); inbound is TCP only");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let outbound_unix = match (&outbound, &cfg.outbound_unix) {
             (Some(_), Some(path)) => Some(unix_listener(path)?),
             _ => None,
@@ -425,7 +445,8 @@ impl Builder {
                 metrics.clone(),
                 identity.clone(),
             )
-            .with_zone(zone),
+            .with_zone(zone)
+            .with_quic(quic::client::QuicClient::new(cfg.mesh_transport)),
         );
         let admin_state = Arc::new(admin::AdminState {
             metrics,
@@ -438,6 +459,7 @@ impl Builder {
             cfg,
             inbound6: twin(&inbound).await,
             outbound6: twin(&outbound).await,
+            inbound_udp,
             inbound,
             outbound,
             outbound_unix,
@@ -547,6 +569,8 @@ pub struct Proxy {
     /// The IPv6 twins of the IPv4 inbound and outbound listeners (see [`twin`]).
     inbound6: Option<TcpListener>,
     outbound6: Option<TcpListener>,
+    /// QUIC at the inbound listener's port number (mTLS peers only).
+    inbound_udp: Option<std::net::UdpSocket>,
     admin: Option<(TcpListener, SocketAddr)>,
     admin_state: Arc<admin::AdminState>,
     destinations: Arc<discover::Destinations>,
@@ -682,6 +706,14 @@ impl Proxy {
                     .clone()
                     .serve(listener::Acceptor::Tcp(l), in_drain.clone()),
             );
+        }
+        if let (Some(udp), Some(store)) = (self.inbound_udp, &state.identity) {
+            tokio::spawn(listener::quic::serve(
+                inbound.clone(),
+                udp,
+                store.clone(),
+                in_drain.clone(),
+            ));
         }
         for l in self
             .outbound

@@ -40,6 +40,7 @@ snake_case_labels! {
         Malformed => "malformed",
     }
     Flow { Read => "read", Write => "write" }
+    Transport { Tcp => "tcp", Quic => "quic" }
     TlsResult {
         Mtls => "mtls", Plaintext => "plaintext", Passthrough => "passthrough",
         RefusedPlaintext => "refused_plaintext", HandshakeFailed => "handshake_failed",
@@ -105,6 +106,12 @@ pub enum TlsResult {
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Quic,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Flow {
     Read,
     Write,
@@ -165,6 +172,13 @@ pub struct DetectLabels {
 pub struct BytesLabels {
     pub direction: Direction,
     pub flow: Flow,
+}
+
+/// The meshed hop's connections by transport: HTTP/2 over TCP + mTLS, or HTTP/3 over QUIC.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MeshLabels {
+    pub direction: Direction,
+    pub transport: Transport,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -266,6 +280,9 @@ impl Drop for EndpointMetrics {
 pub struct Metrics {
     registry: Registry,
     pub tls: Family<TlsLabels, Counter>,
+    pub mesh_connections: Family<MeshLabels, Counter>,
+    /// Outbound QUIC handshakes that did not complete in time; the request went over TCP.
+    pub quic_fallbacks: Counter,
     pub identity_expiry: Gauge,
     pub identity_reloads: Counter,
     pub identity_reload_failures: Counter,
@@ -317,6 +334,8 @@ impl Metrics {
         let mut m = Metrics {
             registry: Registry::default(),
             tls: Family::default(),
+            mesh_connections: Family::default(),
+            quic_fallbacks: Counter::default(),
             identity_expiry: Gauge::default(),
             identity_reloads: Counter::default(),
             identity_reload_failures: Counter::default(),
@@ -358,6 +377,16 @@ impl Metrics {
     /// application passes to serve remora's metrics beside its own; the admin endpoint keeps
     /// serving them too. Names are `remora_*` when `r` has no prefix of its own.
     pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "mesh_connections",
+            "mTLS connections between proxies established, by direction and transport (tcp: HTTP/2 over TCP; quic: HTTP/3)",
+            self.mesh_connections.clone(),
+        );
+        r.register(
+            "quic_fallbacks",
+            "Outbound QUIC handshakes that did not complete in time (UDP blocked?); the request went over TCP + mTLS",
+            self.quic_fallbacks.clone(),
+        );
         r.register(
             "requests",
             "HTTP requests completed, by direction, HTTP status and gRPC status",
@@ -537,6 +566,15 @@ impl Metrics {
     pub fn tls(&self, direction: Direction, result: TlsResult) {
         self.tls
             .get_or_create(&TlsLabels { direction, result })
+            .inc();
+    }
+
+    pub fn mesh_connection(&self, direction: Direction, transport: Transport) {
+        self.mesh_connections
+            .get_or_create(&MeshLabels {
+                direction,
+                transport,
+            })
             .inc();
     }
 

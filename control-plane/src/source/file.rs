@@ -8,11 +8,16 @@
 //!   { addr = "10.0.0.7:8080", identity = "spiffe://cluster.local/ns/shop/sa/web" },
 //!   { addr = "10.0.0.8:8080", weight = 2 },     # no identity: plaintext to it
 //!   { addr = "10.0.1.9:8080", zone = "eu-west-1b" }, # callers prefer their own zone
-//! ]
+//!   { addr = "10.0.0.9:4143", identity = "spiffe://cluster.local/ns/shop/sa/web", quic = 4143 },
+//! ]                    # quic: the UDP port where its proxy serves HTTP/3 (needs an identity)
 //! timeout = "500ms"                               # policy (optional): as the Service
 //! retries = 2                                     # annotations remora.io/timeout, /retries
 //! failure_accrual = 5                             # and /failure-accrual
 //! ```
+//!
+//! `quic = PORT` (optional, 1-65535) is the UDP port where the endpoint's proxy serves HTTP/3
+//! over QUIC; it needs an `identity` (proxies speak QUIC to each other with mTLS only). Without
+//! it callers reach the endpoint over TCP.
 //!
 //! The file is polled by content (like certificates, so editors, `mv` and Kubernetes'
 //! ConfigMap symlink swaps all work). A new version is validated whole before it replaces the
@@ -92,6 +97,8 @@ struct Endpoint {
     /// Its zone: callers in the same zone prefer it (see the proxy's `balance`), and a proxy
     /// connecting from this endpoint's address learns it is in that zone.
     zone: Option<Spanned<String>>,
+    /// The UDP port where its proxy serves HTTP/3 over QUIC (mTLS: only with an identity).
+    quic: Option<Spanned<i64>>,
 }
 
 /// Parses and validates a whole endpoints file. Errors name the file and line.
@@ -171,11 +178,36 @@ pub fn parse(path: &Path, text: &str) -> Result<Table, String> {
                     ));
                 }
             };
+            let quic = match &e.quic {
+                None => None,
+                Some(q) if identity.is_none() => {
+                    return Err(at(
+                        q.span().start,
+                        format!(
+                            "endpoint {addr}: quic = {} needs an identity (proxies speak HTTP/3 to each other with mTLS only); add identity = \"spiffe://…\" or remove quic",
+                            q.get_ref()
+                        ),
+                    ));
+                }
+                Some(q) => match u16::try_from(*q.get_ref()) {
+                    Ok(port) if port != 0 => Some(port),
+                    _ => {
+                        return Err(at(
+                            q.span().start,
+                            format!(
+                                "endpoint {addr}: quic = {} is not a UDP port (1-65535)",
+                                q.get_ref()
+                            ),
+                        ));
+                    }
+                },
+            };
             endpoints.push(EndpointSpec {
                 addr,
                 weight,
                 identity,
                 opaque: s.opaque,
+                quic,
                 locality,
             });
         }
@@ -489,7 +521,78 @@ name = "empty:80"
         );
         assert_eq!(web[1].weight, 2);
         assert!(!web[0].opaque);
+        assert!(web.iter().all(|e| e.quic.is_none()));
         assert!(t["empty:80"].set().unwrap().is_empty());
+    }
+
+    #[test]
+    fn quic_ports_need_an_identity_and_a_port_number() {
+        let t = p(r#"
+[[service]]
+name = "web:80"
+endpoints = [
+  { addr = "10.0.0.7:4143", identity = "spiffe://cluster.local/ns/shop/sa/web", quic = 4143 },
+  { addr = "10.0.0.8:4143", identity = "spiffe://cluster.local/ns/shop/sa/web", quic = 5143 },
+  { addr = "10.0.0.9:4143", identity = "spiffe://cluster.local/ns/shop/sa/web" },
+]
+"#)
+        .unwrap();
+        let quic: Vec<_> = t["web:80"]
+            .set()
+            .unwrap()
+            .values()
+            .map(|e| (e.addr.to_string(), e.quic))
+            .collect();
+        assert_eq!(
+            quic,
+            [
+                ("10.0.0.7:4143".to_string(), Some(4143)),
+                ("10.0.0.8:4143".to_string(), Some(5143)),
+                ("10.0.0.9:4143".to_string(), None),
+            ]
+        );
+        // Carried to the endpoints' own addresses too.
+        assert_eq!(
+            addresses(&t)["10.0.0.8:4143"]
+                .set()
+                .unwrap()
+                .values()
+                .next()
+                .unwrap()
+                .quic,
+            Some(5143)
+        );
+        let id = "identity = \"spiffe://cluster.local/ns/shop/sa/web\"";
+        let cases = [
+            (
+                "{ addr = \"1.2.3.4:5\", quic = 4143 }".to_string(),
+                "endpoint 1.2.3.4:5: quic = 4143 needs an identity (proxies speak HTTP/3 to each other with mTLS only); add identity = \"spiffe://…\" or remove quic",
+            ),
+            (
+                format!("{{ addr = \"1.2.3.4:5\", {id}, quic = 0 }}"),
+                "endpoint 1.2.3.4:5: quic = 0 is not a UDP port (1-65535)",
+            ),
+            (
+                format!("{{ addr = \"1.2.3.4:5\", {id}, quic = 65536 }}"),
+                "endpoint 1.2.3.4:5: quic = 65536 is not a UDP port (1-65535)",
+            ),
+            (
+                format!("{{ addr = \"1.2.3.4:5\", {id}, quic = -1 }}"),
+                "endpoint 1.2.3.4:5: quic = -1 is not a UDP port (1-65535)",
+            ),
+            (
+                format!("{{ addr = \"1.2.3.4:5\", {id}, quic = \"4143\" }}"),
+                "invalid type",
+            ),
+        ];
+        for (ep, want) in cases {
+            let text = format!("[[service]]\nname = \"a:1\"\nendpoints = [\n  {ep},\n]\n");
+            let e = p(&text).unwrap_err();
+            assert!(
+                e.starts_with("eps.toml: line 4: ") && e.contains(want),
+                "{ep} gave {e}"
+            );
+        }
     }
 
     #[test]

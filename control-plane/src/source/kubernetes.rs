@@ -39,6 +39,11 @@
 //!   recomputed when it appears. Endpoints without a Pod `targetRef` (external addresses) have
 //!   no identity. When Pods cannot be read (RBAC), one warning says so and endpoints get no
 //!   identity. A watch refused with 403 logs the RBAC rule to add ([`super::permission`]).
+//! - **QUIC.** An endpoint with an identity (a meshed Pod) also advertises the UDP port where
+//!   its proxy serves HTTP/3: its inbound port, read from the Pod's `remora-proxy` container
+//!   ([`proxy_inbound_port`]: `--inbound-addr`, `REMORA_INBOUND_ADDR`, the `remora-inbound`
+//!   container port), else the proxy's default 4143, which `remora inject` keeps. Endpoints
+//!   without an identity advertise none.
 //! - **Policy.** A Service's annotations (`remora.io/*`) and, where the cluster has the Gateway
 //!   API CRDs, the `HTTPRoute`s / `GRPCRoute`s attached to it ([`super::gateway`]) give the
 //!   policy published with its names. A route kind the API server does not serve (404: no CRD)
@@ -53,7 +58,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, PodSpec, Service};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use kube::api::{Api, DynamicObject, ListParams};
 use kube::runtime::WatchStreamExt;
@@ -93,8 +98,9 @@ type EventStream<K> = Pin<Box<dyn Stream<Item = Result<Event<K>, watcher::Error>
 pub enum Expect {
     /// No identity to check (not a Pod, or Pods cannot be read): plaintext.
     Plain,
-    /// mTLS, and the peer must present exactly this identity.
-    Identity(SpiffeId),
+    /// mTLS, and the peer must present exactly this identity: a meshed Pod, whose proxy also
+    /// serves HTTP/3 over QUIC on UDP port `quic` (its inbound port, [`proxy_inbound_port`]).
+    Identity { id: SpiffeId, quic: u16 },
     /// A Pod whose service account is not known yet: not published until it is.
     Withhold,
 }
@@ -425,16 +431,11 @@ fn pod_events(client: &kube::Client) -> EventStream<Pod> {
     };
     Box::pin(
         watcher::watcher(Api::<Pod>::all(client.clone()), config)
-            // Only the service account and the placement (node, IPs: `zones`) are read; a whole
-            // Pod is kilobytes, times every Pod.
+            // Only the service account, the proxy's inbound port and the placement (node, IPs:
+            // `zones`) are read; a whole Pod is kilobytes, times every Pod.
             .modify(|p| {
                 let spec = p.spec.take().unwrap_or_default();
-                p.spec = Some(PodSpec {
-                    service_account_name: spec.service_account_name,
-                    node_name: spec.node_name,
-                    host_network: spec.host_network,
-                    ..PodSpec::default()
-                });
+                p.spec = Some(strip_pod_spec(spec));
                 super::zones::trim_pod_status(p);
                 p.metadata.managed_fields = None;
                 p.metadata.annotations = None;
@@ -443,6 +444,135 @@ fn pod_events(client: &kube::Client) -> EventStream<Pod> {
             })
             .default_backoff(),
     )
+}
+
+/// The injected proxy's container, as `remora inject` and the webhook name it (a native
+/// sidecar in `initContainers`, or with `--classic` the first of `containers`).
+const PROXY_CONTAINER: &str = "remora-proxy";
+/// Its inbound port's name in the container's `ports`, as `remora inject` writes it.
+const INBOUND_PORT_NAME: &str = "remora-inbound";
+/// The proxy's knob for its inbound listener.
+const INBOUND_ADDR_ENV: &str = "REMORA_INBOUND_ADDR";
+/// The proxy's inbound port when nothing in the Pod says otherwise: `REMORA_INBOUND_ADDR`'s
+/// default (`0.0.0.0:4143`), which `remora inject` leaves as it is.
+pub const DEFAULT_INBOUND_PORT: u16 = 4143;
+
+/// What the source keeps of a Pod's spec: the service account, the placement, and of the
+/// proxy's container only what [`proxy_inbound_port`] reads.
+fn strip_pod_spec(spec: PodSpec) -> PodSpec {
+    let proxy = |cs: Vec<Container>| -> Vec<Container> {
+        cs.into_iter()
+            .filter(|c| c.name == PROXY_CONTAINER)
+            .take(1)
+            .map(|c| Container {
+                env: c.env.map(|env| {
+                    env.into_iter()
+                        .filter(|e| e.name == INBOUND_ADDR_ENV)
+                        .map(|e| k8s_openapi::api::core::v1::EnvVar {
+                            value_from: None,
+                            ..e
+                        })
+                        .collect()
+                }),
+                args: c.args.map(|a| inbound_addr_args(&a)),
+                command: c.command.map(|a| inbound_addr_args(&a)),
+                ports: c.ports.map(|ports| {
+                    ports
+                        .into_iter()
+                        .filter(|p| p.name.as_deref() == Some(INBOUND_PORT_NAME))
+                        .collect()
+                }),
+                ..Container {
+                    name: c.name,
+                    ..Container::default()
+                }
+            })
+            .collect()
+    };
+    PodSpec {
+        service_account_name: spec.service_account_name,
+        node_name: spec.node_name,
+        host_network: spec.host_network,
+        init_containers: spec.init_containers.map(proxy),
+        containers: proxy(spec.containers),
+        ..PodSpec::default()
+    }
+}
+
+/// The `--inbound-addr ADDR` / `--inbound-addr=ADDR` arguments of a command line, alone.
+fn inbound_addr_args(args: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--inbound-addr" {
+            out.push(a.clone());
+            out.extend(it.next().cloned());
+        } else if a.starts_with("--inbound-addr=") {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+/// The inbound port of a meshed Pod's proxy, where it also serves HTTP/3 over UDP: from its
+/// `remora-proxy` container, the last `--inbound-addr` argument, else a literal
+/// `REMORA_INBOUND_ADDR`, else the container port named `remora-inbound`; when none says
+/// (no such container, a value from a ConfigMap), [`DEFAULT_INBOUND_PORT`], the proxy's
+/// default and what `remora inject` runs it with.
+pub fn proxy_inbound_port(spec: &PodSpec) -> u16 {
+    let port_of = |addr: &str| {
+        addr.trim()
+            .parse::<SocketAddr>()
+            .ok()
+            .map(|a| a.port())
+            .filter(|&p| p != 0)
+    };
+    let Some(c) = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .find(|c| c.name == PROXY_CONTAINER)
+    else {
+        return DEFAULT_INBOUND_PORT;
+    };
+    let arg = || {
+        let args: Vec<&String> = c
+            .command
+            .iter()
+            .flatten()
+            .chain(c.args.iter().flatten())
+            .collect();
+        let mut found = None;
+        for (i, a) in args.iter().enumerate() {
+            if *a == "--inbound-addr" {
+                found = args.get(i + 1).map(|v| v.as_str());
+            } else if let Some(v) = a.strip_prefix("--inbound-addr=") {
+                found = Some(v);
+            }
+        }
+        found.and_then(port_of)
+    };
+    let env = || {
+        c.env
+            .iter()
+            .flatten()
+            .rfind(|e| e.name == INBOUND_ADDR_ENV)
+            .and_then(|e| e.value.as_deref())
+            .and_then(port_of)
+    };
+    let named = || {
+        c.ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(INBOUND_PORT_NAME))
+            .and_then(|p| u16::try_from(p.container_port).ok())
+            .filter(|&p| p != 0)
+    };
+    arg()
+        .or_else(env)
+        .or_else(named)
+        .unwrap_or(DEFAULT_INBOUND_PORT)
 }
 
 /// Sleeps until `deadline`; without one, forever.
@@ -536,7 +666,13 @@ impl Identities {
             .filter(|s| !s.is_empty())
             .unwrap_or("default");
         match SpiffeId::workload(&self.trust_domain, ns, sa) {
-            Ok(id) => Expect::Identity(id),
+            Ok(id) => Expect::Identity {
+                id,
+                quic: pod
+                    .spec
+                    .as_ref()
+                    .map_or(DEFAULT_INBOUND_PORT, proxy_inbound_port),
+            },
             Err(e) => {
                 tracing::debug!(error = %e, pod = name, ns, "no identity for this Pod's service account");
                 Expect::Withhold
@@ -929,8 +1065,8 @@ impl State {
         let Some(ids) = &mut self.identities else {
             return;
         };
-        // A Pod's service account cannot change, so only a Pod seen for the first time can
-        // give a withheld endpoint its identity.
+        // A Pod's service account and containers cannot change, so only a Pod seen for the
+        // first time can give a withheld endpoint its identity (and QUIC port).
         let appeared = match &ev {
             Event::Apply(p) => ids.store.get(&ObjectRef::from_obj(p)).is_none().then(|| {
                 (
@@ -1302,9 +1438,10 @@ pub fn service_table(
                 continue;
             };
             for ep in slice.endpoints.iter().filter(|ep| takes_traffic(ep)) {
-                let identity = match expect(&ns, ep) {
-                    Expect::Plain => None,
-                    Expect::Identity(id) => Some(id),
+                // Only a meshed endpoint (one with an identity) has a proxy serving QUIC.
+                let (identity, quic) = match expect(&ns, ep) {
+                    Expect::Plain => (None, None),
+                    Expect::Identity { id, quic } => (Some(id), Some(quic)),
                     Expect::Withhold => continue,
                 };
                 let hostname = ep.hostname.as_deref().filter(|h| headless && is_label(h));
@@ -1315,6 +1452,7 @@ pub fn service_table(
                         weight: 1,
                         identity: identity.clone(),
                         opaque,
+                        quic,
                         locality: locality(ep),
                     };
                     if let Some(h) = hostname {
@@ -1734,7 +1872,10 @@ mod tests {
         let t = service_table(&web(), &[&s], CD, &Arc::default(), |ns, ep| {
             assert_eq!(ns, "shop");
             match ep.target_ref.as_ref().and_then(|t| t.name.as_deref()) {
-                Some("known") => Expect::Identity(id.clone()),
+                Some("known") => Expect::Identity {
+                    id: id.clone(),
+                    quic: 4143,
+                },
                 Some(_) => Expect::Withhold,
                 None => Expect::Plain,
             }
@@ -1746,6 +1887,9 @@ mod tests {
             Some(&id)
         );
         assert_eq!(set[&"10.0.0.3:8080".parse().unwrap()].identity, None);
+        // Only the meshed endpoint advertises its proxy's QUIC port.
+        assert_eq!(set[&"10.0.0.1:8080".parse().unwrap()].quic, Some(4143));
+        assert_eq!(set[&"10.0.0.3:8080".parse().unwrap()].quic, None);
     }
 
     struct Sinks {
@@ -2015,6 +2159,211 @@ mod tests {
             b.identity.as_ref().unwrap().to_string(),
             "spiffe://example.org/ns/shop/sa/default"
         );
+    }
+
+    /// A proxy container as `remora inject` writes it (native sidecar or `--classic`), with
+    /// extra environment and arguments, and an app container beside it.
+    fn meshed_pod(name: &str, classic: bool, env: &[(&str, &str)], args: &[&str]) -> Pod {
+        use k8s_openapi::api::core::v1::{ContainerPort, EnvVar};
+        let proxy = Container {
+            name: "remora-proxy".into(),
+            env: Some(
+                env.iter()
+                    .map(|(k, v)| EnvVar {
+                        name: k.to_string(),
+                        value: Some(v.to_string()),
+                        value_from: None,
+                    })
+                    .chain([EnvVar {
+                        name: "REMORA_IDENTITY_MODE".into(),
+                        value: Some("control".into()),
+                        value_from: None,
+                    }])
+                    .collect(),
+            ),
+            args: Some(args.iter().map(|a| a.to_string()).collect()),
+            ports: Some(vec![
+                ContainerPort {
+                    name: Some("remora-inbound".into()),
+                    container_port: 4143,
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                },
+                ContainerPort {
+                    name: Some("remora-admin".into()),
+                    container_port: 4191,
+                    ..ContainerPort::default()
+                },
+            ]),
+            ..Container::default()
+        };
+        let app = Container {
+            name: "web".into(),
+            env: Some(vec![EnvVar {
+                name: "REMORA_INBOUND_ADDR".into(),
+                value: Some("0.0.0.0:9999".into()),
+                value_from: None,
+            }]),
+            ..Container::default()
+        };
+        let mut p = pod(name, Some("web"));
+        let spec = p.spec.as_mut().unwrap();
+        if classic {
+            spec.containers = vec![proxy, app];
+        } else {
+            spec.init_containers = Some(vec![proxy]);
+            spec.containers = vec![app];
+        }
+        p
+    }
+
+    #[test]
+    fn a_meshed_pods_quic_port_is_its_proxys_inbound_port() {
+        // (pod, expected port): what the Pod says, else the proxy's default.
+        let with_port = |n: i32| {
+            let mut p = meshed_pod("p", false, &[], &[]);
+            let c = &mut p.spec.as_mut().unwrap().init_containers.as_mut().unwrap()[0];
+            c.ports.as_mut().unwrap()[0].container_port = n;
+            p
+        };
+        let from_elsewhere = {
+            let mut p = meshed_pod("p", true, &[], &[]);
+            p.spec.as_mut().unwrap().containers[0].env =
+                Some(vec![k8s_openapi::api::core::v1::EnvVar {
+                    name: "REMORA_INBOUND_ADDR".into(),
+                    value: None,
+                    value_from: Some(Default::default()),
+                }]);
+            p
+        };
+        let cases = [
+            ("not injected", pod("p", Some("web")), 4143),
+            (
+                "injected, native sidecar",
+                meshed_pod("p", false, &[], &[]),
+                4143,
+            ),
+            ("injected, classic", meshed_pod("p", true, &[], &[]), 4143),
+            (
+                "REMORA_INBOUND_ADDR",
+                meshed_pod("p", false, &[("REMORA_INBOUND_ADDR", "0.0.0.0:5143")], &[]),
+                5143,
+            ),
+            (
+                "REMORA_INBOUND_ADDR, IPv6, classic",
+                meshed_pod("p", true, &[("REMORA_INBOUND_ADDR", "[::]:5144")], &[]),
+                5144,
+            ),
+            (
+                "--inbound-addr beats the environment",
+                meshed_pod(
+                    "p",
+                    false,
+                    &[("REMORA_INBOUND_ADDR", "0.0.0.0:5143")],
+                    &["--inbound-addr", "0.0.0.0:6143"],
+                ),
+                6143,
+            ),
+            (
+                "--inbound-addr=",
+                meshed_pod(
+                    "p",
+                    true,
+                    &[],
+                    &["--threads", "2", "--inbound-addr=0.0.0.0:6144"],
+                ),
+                6144,
+            ),
+            (
+                "a value that is no address: the named port",
+                meshed_pod("p", false, &[("REMORA_INBOUND_ADDR", "$(ADDR)")], &[]),
+                4143,
+            ),
+            ("the named container port", with_port(7143), 7143),
+            ("a named port out of range", with_port(70000), 4143),
+            (
+                "a value from a ConfigMap: the named port",
+                from_elsewhere,
+                4143,
+            ),
+        ];
+        for (what, p, want) in cases {
+            let spec = p.spec.unwrap();
+            assert_eq!(proxy_inbound_port(&spec), want, "{what}");
+            // The store keeps only a stripped Pod: it still says the same.
+            let stripped = strip_pod_spec(spec);
+            assert_eq!(proxy_inbound_port(&stripped), want, "{what}, stripped");
+            assert!(
+                stripped
+                    .init_containers
+                    .iter()
+                    .flatten()
+                    .chain(&stripped.containers)
+                    .all(|c| c.name == "remora-proxy"
+                        && c.ports.iter().flatten().count() <= 1
+                        && c.env
+                            .iter()
+                            .flatten()
+                            .all(|e| e.name == "REMORA_INBOUND_ADDR" && e.value_from.is_none())),
+                "{what}: {stripped:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn meshed_endpoints_advertise_their_proxys_quic_port() {
+        let k = Sinks::new();
+        let sink = k.sink();
+        let (store, writer) = reflector::store();
+        let mut state = State::new(
+            CD.into(),
+            Some(Identities {
+                store,
+                writer,
+                trust_domain: "example.org".into(),
+                listed: false,
+            }),
+        );
+        let s = slice(
+            "web-1",
+            "web",
+            &[("http", 8080)],
+            vec![
+                pod_ep("10.0.0.1", "web-a"),
+                pod_ep("10.0.0.2", "web-b"),
+                ep("10.0.0.3", None, None),
+            ],
+        );
+        listed(&mut state, &k, vec![web()], vec![s]);
+        let stripped = |mut p: Pod| {
+            p.spec = p.spec.map(strip_pod_spec);
+            p
+        };
+        state.on_pod(Event::Init, &sink);
+        state.on_pod(
+            Event::InitApply(stripped(meshed_pod("web-a", false, &[], &[]))),
+            &sink,
+        );
+        state.on_pod(
+            Event::InitApply(stripped(meshed_pod(
+                "web-b",
+                true,
+                &[("REMORA_INBOUND_ADDR", "0.0.0.0:5143")],
+                &[],
+            ))),
+            &sink,
+        );
+        state.on_pod(Event::InitDone, &sink);
+        let set = k.names.get(WEB).unwrap();
+        let quic = |a: &str| set[&a.parse().unwrap()].quic;
+        assert_eq!(quic("10.0.0.1:8080"), Some(4143));
+        assert_eq!(quic("10.0.0.2:8080"), Some(5143));
+        // Not a Pod: no identity, no proxy known to serve QUIC.
+        assert_eq!(quic("10.0.0.3:8080"), None);
+        // The pod's own address and the ClusterIP carry the same.
+        assert_eq!(k.addrs.get("198.18.0.10:80").unwrap(), set);
+        let own = k.addrs.get("10.0.0.2:8080").unwrap();
+        assert_eq!(own[&"10.0.0.2:8080".parse().unwrap()].quic, Some(5143));
     }
 
     #[test]

@@ -132,6 +132,8 @@ fn main() {
         "echo.test:80=10.0.0.5:4143,10.0.0.6:4143;users:81=10.0.1.7:4143",
         "echo.test:80=127.0.0.1:9001,127.0.0.1:9002*3",
         "echo.test:80=127.0.0.1:9001,10.0.0.2:4143#spiffe://cluster.local/ns/default/sa/echo*2",
+        "echo.test:80=127.0.0.1:9001,10.0.0.2:4143#spiffe://cluster.local/ns/default/sa/echo+quic*2",
+        "echo.test:80=10.0.0.2:4143#spiffe://cluster.local/ns/default/sa/echo+quic:5143",
         "[::1]:80=[::1]:9000",
         "spiffe://cluster.local/ns/default/sa/web",
     ]
@@ -157,6 +159,18 @@ name = "empty:80"
 "#,
     );
     put(&out.join("file_source"), "comment.toml", b"# no services\n");
+    put(
+        &out.join("file_source"),
+        "quic.toml",
+        br#"
+[[service]]
+name = "web:80"
+endpoints = [
+  { addr = "10.0.0.7:4143", identity = "spiffe://cluster.local/ns/shop/sa/web", quic = 4143 },
+  { addr = "10.0.0.8:4143", quic = 5143 },
+]
+"#,
+    );
     put(
         &out.join("file_source"),
         "ipv6.toml",

@@ -111,6 +111,9 @@ fn spec(e: &remora_api::Endpoint) -> Option<EndpointSpec> {
         weight: e.weight.clamp(1, crate::config::MAX_WEIGHT),
         identity,
         opaque: e.opaque,
+        // 0 is "none"; a value no UDP port can have is ignored, not the endpoint: TCP
+        // still reaches it.
+        quic: u16::try_from(e.quic_port).ok().filter(|&p| p != 0),
         locality: remora_certs::Locality {
             zone: zone(&e.zone),
             for_zones: e.for_zones.iter().filter_map(zone).take(8).collect(),
@@ -446,6 +449,7 @@ mod tests {
             opaque: false,
             zone: String::new(),
             for_zones: Vec::new(),
+            quic_port: 0,
         }
     }
 
@@ -485,5 +489,26 @@ mod tests {
             })),
         };
         assert_eq!(translate(alias), Translated::Alias("db.example.org".into()));
+    }
+
+    /// `quic_port` 0 means none; a number no UDP port can have is dropped with the endpoint
+    /// kept (TCP still reaches it).
+    #[test]
+    fn quic_port_maps_to_an_optional_udp_port() {
+        for (port, want) in [
+            (0, None),
+            (1, Some(1)),
+            (4143, Some(4143)),
+            (65535, Some(65535)),
+            (65536, None),
+            (u32::MAX, None),
+        ] {
+            let mut e = ep("10.0.0.1:4143");
+            e.identity = "spiffe://cluster.local/ns/shop/sa/web".into();
+            e.quic_port = port;
+            let s = spec(&e).expect("the endpoint is kept");
+            assert_eq!(s.quic, want, "quic_port {port}");
+            assert!(s.identity.is_some());
+        }
     }
 }

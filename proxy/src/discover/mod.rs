@@ -125,6 +125,15 @@ impl Follow {
 }
 
 impl Destinations {
+    /// Endpoints with an identity may be reached over QUIC, per the client's policy. Set
+    /// before any endpoint is made.
+    pub(crate) fn with_quic(mut self, quic: Option<Arc<crate::quic::client::QuicClient>>) -> Self {
+        if let Some(f) = Arc::get_mut(&mut self.factory) {
+            f.quic = quic;
+        }
+        self
+    }
+
     pub(crate) fn new(
         statics: Option<Arc<Static>>,
         sources: Vec<Source>,
@@ -144,6 +153,7 @@ impl Destinations {
                 connect_timeout,
                 metrics,
                 identity,
+                quic: None,
             }),
             followed: Default::default(),
             idle,
@@ -210,11 +220,14 @@ struct Factory {
     connect_timeout: Duration,
     metrics: Arc<Metrics>,
     identity: Option<Arc<IdentityStore>>,
+    /// The QUIC hop's client side (`None`: `REMORA_MESH_TRANSPORT=tcp`).
+    quic: Option<Arc<crate::quic::client::QuicClient>>,
 }
 
 impl Factory {
     /// The endpoint set `specs` for destination `name`, reusing endpoints in `current` that
-    /// stay (same address, weight, identity and protocol) so they keep their connections and metrics.
+    /// stay (same address, weight, identity, protocol, QUIC port and locality) so they keep
+    /// their connections and metrics.
     fn build(
         &self,
         name: &str,
@@ -230,6 +243,7 @@ impl Factory {
                         e.addr == s.addr
                             && e.weight == s.weight
                             && e.opaque == s.opaque
+                            && e.quic == s.quic
                             && e.locality == s.locality
                             && e.tls.as_ref().map(|t| &t.id) == s.identity.as_ref()
                     })
@@ -246,6 +260,7 @@ impl Factory {
                 id: id.clone(),
                 store: store.clone(),
                 metrics: self.metrics.clone(),
+                quic: self.quic.clone(),
             }),
             // Validation refuses identities without REMORA_IDENTITY_DIR; an embedding caller
             // that skips it gets plaintext, and a warning.
@@ -264,6 +279,7 @@ impl Factory {
             )
             .with_tls(tls)
             .with_opaque(s.opaque)
+            .with_quic(s.quic)
             .with_locality(s.locality.clone()),
         )
     }
@@ -338,6 +354,7 @@ impl Destinations {
                 weight: 1,
                 identity: None,
                 opaque: false,
+                quic: None,
                 locality: Default::default(),
             })
             .collect();
@@ -812,6 +829,30 @@ mod tests {
 
     fn spec(port: u16) -> EndpointSpec {
         EndpointSpec::new(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// An endpoint whose QUIC port changes is rebuilt (like one whose identity changes); one
+    /// that stays the same is kept, with its connections.
+    #[test]
+    fn a_changed_quic_port_rebuilds_the_endpoint() {
+        let f = Factory {
+            connect_timeout: Duration::from_secs(1),
+            metrics: Arc::new(Metrics::new()),
+            identity: None,
+            quic: None,
+        };
+        let quic = |port, q| EndpointSpec {
+            quic: q,
+            ..spec(port)
+        };
+        let first = f.build("web:80", &[], &[quic(1, None), quic(2, Some(4143))]);
+        assert_eq!(first[0].quic, None);
+        assert_eq!(first[1].quic, Some(4143));
+        let same = f.build("web:80", &first, &[quic(1, None), quic(2, Some(4143))]);
+        assert!(Arc::ptr_eq(&first[0], &same[0]) && Arc::ptr_eq(&first[1], &same[1]));
+        let changed = f.build("web:80", &same, &[quic(1, Some(5143)), quic(2, None)]);
+        assert!(!Arc::ptr_eq(&same[0], &changed[0]) && !Arc::ptr_eq(&same[1], &changed[1]));
+        assert_eq!((changed[0].quic, changed[1].quic), (Some(5143), None));
     }
 
     fn ports(d: &Destination) -> Vec<u16> {

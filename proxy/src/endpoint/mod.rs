@@ -20,7 +20,8 @@ use crate::backoff::Backoff;
 use crate::endpoint::load::PeakEwma;
 use crate::identity::IdentityStore;
 use crate::io::UpstreamIo;
-use crate::metrics::{Direction, EndpointMetrics, Metrics, TlsResult};
+use crate::metrics::{Direction, EndpointMetrics, Metrics, TlsResult, Transport};
+use crate::quic::client::QuicClient;
 use crate::retry::replay::{UpstreamBody, never_processed};
 use remora_certs::SpiffeId;
 
@@ -68,6 +69,34 @@ impl Default for Health {
             backoff: Backoff::with_floor(BACKOFF_MIN, BACKOFF_MAX),
             retry_at: Instant::now(),
             last_error: String::new(),
+        }
+    }
+}
+
+/// How long an endpoint whose QUIC handshake went unanswered is reached over TCP only before
+/// QUIC is tried again: doubling from 10 s to 5 min while it keeps failing.
+const QUIC_RETRY_MIN: Duration = Duration::from_secs(10);
+const QUIC_RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// What trying QUIC gave.
+enum Quic {
+    Connected(tokio::io::DuplexStream),
+    /// Not wanted (policy, no identity) or backing off after a fallback: TCP.
+    NotTried,
+    /// The handshake went unanswered: TCP, and a fallback if TCP works.
+    Unanswered(String),
+}
+
+struct QuicFallback {
+    backoff: Backoff,
+    tcp_until: Option<Instant>,
+}
+
+impl Default for QuicFallback {
+    fn default() -> Self {
+        QuicFallback {
+            backoff: Backoff::with_floor(QUIC_RETRY_MIN, QUIC_RETRY_MAX),
+            tcp_until: None,
         }
     }
 }
@@ -169,6 +198,8 @@ pub struct EndpointTls {
     pub label: Arc<str>,
     pub store: Arc<IdentityStore>,
     pub metrics: Arc<Metrics>,
+    /// Set when the mesh transport policy may use QUIC.
+    pub quic: Option<Arc<QuicClient>>,
 }
 
 pub struct Endpoint {
@@ -196,6 +227,8 @@ pub struct Endpoint {
     h2_connect: tokio::sync::Mutex<()>,
     h2_failed: Mutex<Option<(Instant, std::io::ErrorKind, String)>>,
     h1: Mutex<Vec<http1::SendRequest<UpstreamBody>>>,
+    /// After a QUIC handshake went unanswered: TCP until then, QUIC again after.
+    quic_fallback: Mutex<QuicFallback>,
     /// The endpoint answered the HTTP/2 preface in HTTP/1: HTTP/2 requests are sent to it
     /// translated to HTTP/1.1 (an app that only speaks HTTP/1, as Linkerd also handles).
     h1_only: Arc<H1Only>,
@@ -252,6 +285,7 @@ impl Endpoint {
             h2_connect: tokio::sync::Mutex::new(()),
             h2_failed: Mutex::new(None),
             h1: Mutex::new(Vec::new()),
+            quic_fallback: Mutex::new(QuicFallback::default()),
             h1_only: Default::default(),
         }
     }
@@ -268,7 +302,11 @@ impl Endpoint {
         };
         let res = self.handshake(tls, tcp, alpn).await;
         match &res {
-            Ok(_) => tls.metrics.tls(Direction::Outbound, TlsResult::Established),
+            Ok(_) => {
+                tls.metrics.tls(Direction::Outbound, TlsResult::Established);
+                tls.metrics
+                    .mesh_connection(Direction::Outbound, Transport::Tcp);
+            }
             Err(e) => {
                 tls.metrics.tls(Direction::Outbound, TlsResult::Failed);
                 self.mark_down(e);
@@ -727,8 +765,18 @@ impl Endpoint {
                 source: std::io::Error::new(*kind, msg.clone()),
             });
         }
+        let quic_unanswered = match self.connect_quic().await? {
+            Quic::Connected(io) => return self.start_h2(io).await,
+            Quic::NotTried => None,
+            Quic::Unanswered(why) => Some(why),
+        };
         let tcp = match self.connect(Some(crate::tls::ALPN_H2)).await {
-            Ok(t) => t,
+            Ok(t) => {
+                if let Some(why) = quic_unanswered {
+                    self.quic_fell_back(&why);
+                }
+                t
+            }
             Err(e) => {
                 let (kind, msg) = match &e {
                     EndpointError::Connect { source, .. } => (source.kind(), source.to_string()),
@@ -739,6 +787,85 @@ impl Endpoint {
                 return Err(e);
             }
         };
+        self.start_h2(tcp).await
+    }
+
+    /// A QUIC connection to the endpoint's proxy, carrying this HTTP/2 connection, when the
+    /// transport policy says to try one (and no recent fallback says not to). A handshake the
+    /// peer answered and failed is an error, as it would be over TCP: no fallback.
+    async fn connect_quic(&self) -> Result<Quic, EndpointError> {
+        use crate::quic::client::ConnectError;
+        let Some(tls) = &self.tls else {
+            return Ok(Quic::NotTried);
+        };
+        let Some(client) = &tls.quic else {
+            return Ok(Quic::NotTried);
+        };
+        let Some(udp) = client.target(self.addr, self.quic) else {
+            return Ok(Quic::NotTried);
+        };
+        if self
+            .quic_fallback
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .tcp_until
+            .is_some_and(|t| Instant::now() < t)
+        {
+            return Ok(Quic::NotTried);
+        }
+        let fail = |reason: String| EndpointError::Tls {
+            addr: self.addr,
+            id: tls.id.to_string(),
+            reason,
+        };
+        let loaded = tls
+            .store
+            .current()
+            .ok_or_else(|| fail("this proxy has no identity yet (REMORA_IDENTITY_DIR)".into()))?;
+        let cfg = crate::quic::client_config(&loaded, &tls.id).map_err(fail)?;
+        let port = (udp.port() != self.addr.port()).then_some(self.addr.port());
+        match crate::quic::client::connect(client, udp, cfg, &tls.id.dns_name(), port).await {
+            Ok(io) => {
+                let mut f = self.quic_fallback.lock().unwrap_or_else(|p| p.into_inner());
+                f.backoff.reset();
+                f.tcp_until = None;
+                drop(f);
+                tls.metrics.tls(Direction::Outbound, TlsResult::Established);
+                tls.metrics
+                    .mesh_connection(Direction::Outbound, Transport::Quic);
+                self.mark_up();
+                Ok(Quic::Connected(io))
+            }
+            Err(ConnectError::Unreachable(why)) => Ok(Quic::Unanswered(format!("{udp}: {why}"))),
+            Err(ConnectError::Failed(reason)) => {
+                tls.metrics.tls(Direction::Outbound, TlsResult::Failed);
+                let e = fail(reason);
+                self.mark_down(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// QUIC went unanswered and TCP worked (had TCP failed too, the peer is down, not its UDP
+    /// path): TCP only for a while, then QUIC again; counted and logged.
+    fn quic_fell_back(&self, why: &str) {
+        let Some(tls) = &self.tls else { return };
+        let delay = {
+            let mut f = self.quic_fallback.lock().unwrap_or_else(|p| p.into_inner());
+            let d = f.backoff.next_delay();
+            f.tcp_until = Some(Instant::now() + d);
+            d
+        };
+        tls.metrics.quic_fallbacks.inc();
+        tracing::info!(addr = %self.addr, reason = %why, tcp_for = ?delay, "QUIC unavailable; using TCP + mTLS (counted in remora_quic_fallbacks_total)");
+    }
+
+    /// The HTTP/2 client handshake on a new connection (TCP, mTLS, or the pipe to a QUIC
+    /// bridge), its connection task spawned, the sender cached.
+    async fn start_h2<T>(&self, tcp: T) -> Result<http2::SendRequest<UpstreamBody>, EndpointError>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // Every downstream stream to this endpoint shares this connection. A downstream
@@ -1082,6 +1209,7 @@ mod tests {
                 label: Pki::id("server").to_string().into(),
                 store: client.clone(),
                 metrics,
+                quic: None,
             },
         ));
         assert_eq!(handshake_kind(&e).await, rustls::HandshakeKind::Full);

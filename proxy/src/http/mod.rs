@@ -53,8 +53,9 @@ where
 }
 
 /// Serves one HTTP/2 connection; on drain it sends a graceful GOAWAY and lets streams finish.
-pub async fn serve_h2<S, B>(io: ServerIo, svc: S, drain: &Drain)
+pub async fn serve_h2<S, B, I>(io: I, svc: S, drain: &Drain)
 where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>>
         + Clone
         + Send

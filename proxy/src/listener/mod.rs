@@ -4,6 +4,7 @@
 pub(crate) mod decide;
 pub(crate) mod detect;
 pub(crate) mod original_dst;
+pub(crate) mod quic;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -640,6 +641,8 @@ impl Listener {
             }
         };
         self.metrics.tls(self.direction, TlsResult::Mtls);
+        self.metrics
+            .mesh_connection(self.direction, crate::metrics::Transport::Tcp);
         if let Ok(id) = client_id.to_str() {
             tracing::Span::current().record("identity", id);
         }

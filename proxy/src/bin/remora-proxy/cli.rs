@@ -22,6 +22,13 @@ pub enum MtlsArg {
     Disabled,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TransportArg {
+    Auto,
+    Quic,
+    Tcp,
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "remora-proxy", version, about = "remora's sidecar proxy")]
 pub struct Args {
@@ -38,8 +45,10 @@ pub struct Args {
     /// Admin server: /live, /ready, /metrics, POST /shutdown.
     #[arg(long, env = "REMORA_ADMIN_ADDR", default_value = "0.0.0.0:4191")]
     pub admin_addr: SocketAddr,
-    /// Static destination NAME:PORT=IP:PORT[,IP:PORT…]; repeatable. The variable takes several
-    /// separated by `;`.
+    /// Static destination NAME:PORT=IP:PORT[#SPIFFE-ID[+quic[:UDP-PORT]]][*WEIGHT][,…];
+    /// repeatable. The variable takes several separated by `;`. An endpoint with an identity is
+    /// reached over mTLS; `+quic` says its proxy also serves HTTP/3 over QUIC on the UDP port
+    /// of the same number (`+quic:UDP-PORT`: on that one), and needs the identity.
     #[arg(long = "destination", env = "REMORA_DESTINATIONS", value_delimiter = ';',
           value_parser = parse_destination)]
     pub destinations: Vec<StaticDestination>,
@@ -121,6 +130,11 @@ pub struct Args {
     /// headers pass untouched.
     #[arg(long, env = "REMORA_TRACE_COLLECTOR")]
     pub trace_collector: Option<String>,
+    /// The transport to peer proxies: auto (HTTP/3 over QUIC to endpoints that advertise it,
+    /// TCP + mTLS to the rest), quic (try QUIC for every endpoint with an identity), tcp.
+    /// QUIC falls back to TCP when its handshake does not complete in time.
+    #[arg(long, env = "REMORA_MESH_TRANSPORT", value_enum, default_value = "tcp")]
+    pub mesh_transport: TransportArg,
     /// Runtime worker threads; 1 runs a single-threaded runtime (the light default).
     #[arg(long, env = "REMORA_THREADS", default_value = "1")]
     pub threads: usize,
@@ -261,6 +275,11 @@ impl Args {
                 MtlsArg::Permissive => remora_proxy::MtlsMode::Permissive,
                 MtlsArg::Strict => remora_proxy::MtlsMode::Strict,
                 MtlsArg::Disabled => remora_proxy::MtlsMode::Disabled,
+            },
+            mesh_transport: match self.mesh_transport {
+                TransportArg::Auto => remora_proxy::MeshTransport::Auto,
+                TransportArg::Quic => remora_proxy::MeshTransport::Quic,
+                TransportArg::Tcp => remora_proxy::MeshTransport::Tcp,
             },
             ..Config::default()
         })
