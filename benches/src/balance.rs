@@ -326,6 +326,7 @@ fn added(p1: u16, p2: u16, p_new: u16, secs: u64) -> Result<(), String> {
             weight: 1,
             identity: None,
             opaque: false,
+            quic: None,
             locality: Default::default(),
         };
         let added_at = Instant::now();

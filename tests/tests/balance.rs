@@ -130,6 +130,7 @@ async fn removing_an_endpoint_leaves_its_streams_running() {
             weight: 1,
             identity: None,
             opaque: false,
+            quic: None,
             locality: Default::default(),
         }],
     );
