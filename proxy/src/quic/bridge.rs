@@ -298,3 +298,41 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_codes_map_both_ways() {
+        // A request the peer never processed stays replayable on the other side, a cancel
+        // stays a cancel, anything else is an internal error (never a clean end).
+        let table = [
+            (Code::H3_REQUEST_REJECTED, h2::Reason::REFUSED_STREAM),
+            (Code::H3_REQUEST_CANCELLED, h2::Reason::CANCEL),
+            (Code::H3_NO_ERROR, h2::Reason::CANCEL),
+            (Code::H3_INTERNAL_ERROR, h2::Reason::INTERNAL_ERROR),
+            (Code::H3_MESSAGE_ERROR, h2::Reason::INTERNAL_ERROR),
+        ];
+        for (h3, h2) in table {
+            assert_eq!(h2_reason(h3), h2, "{h3:?}");
+        }
+        let back = [
+            (h2::Reason::REFUSED_STREAM, Code::H3_REQUEST_REJECTED),
+            (h2::Reason::CANCEL, Code::H3_REQUEST_CANCELLED),
+            (h2::Reason::INTERNAL_ERROR, Code::H3_INTERNAL_ERROR),
+            (h2::Reason::STREAM_CLOSED, Code::H3_INTERNAL_ERROR),
+        ];
+        for (h2, h3) in back {
+            let e = BridgeError::new(h2, "x");
+            assert_eq!(h3_code(&e), h3, "{h2:?}");
+        }
+        // A body error that carries no HTTP/2 reason: the sender went away.
+        let plain = std::io::Error::other("gone");
+        assert_eq!(h3_code(&plain), Code::H3_REQUEST_CANCELLED);
+        assert_eq!(
+            BridgeError::from_h3(&StreamError::RemoteClosing).h2.reason(),
+            Some(h2::Reason::REFUSED_STREAM)
+        );
+    }
+}

@@ -249,3 +249,28 @@ async fn send(
     }
     Ok(head.map(|()| rsp_body))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_endpoints_ride_quic() {
+        let addr: SocketAddr = "10.0.0.7:8080".parse().unwrap();
+        let at = |p: u16| Some(SocketAddr::new(addr.ip(), p));
+        // (policy, advertised port, where QUIC goes)
+        let table = [
+            (MeshTransport::Auto, None, None),
+            (MeshTransport::Auto, Some(4143), at(4143)),
+            (MeshTransport::Quic, None, Some(addr)),
+            (MeshTransport::Quic, Some(4143), at(4143)),
+        ];
+        for (mode, advertised, want) in table {
+            let Some(client) = QuicClient::new(mode) else {
+                panic!("{mode:?} has a QUIC client");
+            };
+            assert_eq!(client.target(addr, advertised), want, "{mode:?} {advertised:?}");
+        }
+        assert!(QuicClient::new(MeshTransport::Tcp).is_none(), "tcp never tries QUIC");
+    }
+}
