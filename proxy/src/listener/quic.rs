@@ -31,6 +31,9 @@ use crate::quic::streams::{self, Stopped};
 type RequestBody = H3Body<h3::server::RequestStream<streams::Recv, Bytes>>;
 type Bridge = http2::SendRequest<RequestBody>;
 
+/// Free connection slots below which new QUIC peers must validate their address first.
+const RETRY_BELOW_SLOTS: usize = 512;
+
 /// App ports one connection may address under interception (each holds an in-memory HTTP/2
 /// connection): a pod exposes a handful.
 const MAX_PORTS: usize = 16;
@@ -100,6 +103,16 @@ pub(crate) async fn serve(
             continue;
         }
         let peer = incoming.remote_address();
+        // A handshake holds a connection slot before the peer has proved anything, and an
+        // Initial packet can come from a forged address. When slots run low, a peer must
+        // first prove it receives at its address (a Retry round trip).
+        if listener.slots.available_permits() < RETRY_BELOW_SLOTS
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            let _ = incoming.retry();
+            continue;
+        }
         let Ok(slot) = listener.slots.clone().try_acquire_owned() else {
             listener.refused.inc();
             incoming.refuse();
@@ -225,14 +238,22 @@ impl Listener {
             };
             let bridges = bridges.clone();
             let stopped = stopped.clone();
+            let head_timeout = self.detect_timeout;
             drain.spawn(
                 "inbound HTTP/3 request",
                 Some(conn.remote_address()),
                 async move {
-                    let (req, stream) = match resolver.resolve_request().await {
-                        Ok(r) => r,
-                        Err(e) => {
+                    // A stream that never completes its head holds a task: bounded like a
+                    // TCP client's header read (h3 resets what it drops).
+                    let head = tokio::time::timeout(head_timeout, resolver.resolve_request());
+                    let (req, stream) = match head.await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(e)) => {
                             tracing::debug!(error = %e, "HTTP/3 request refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("HTTP/3 request head not received in time");
                             return;
                         }
                     };
@@ -306,8 +327,33 @@ impl Bridges {
                 ..Conn::default()
             },
             Some(p) => {
+                // The app port is reached at the address the peer reached (the pod's IP),
+                // never at loopback: a peer gets nothing over QUIC that the pod network does
+                // not already offer it (services bound to 127.0.0.1 stay private), and this
+                // connection's endpoint dies with it (no per-port state outlives it).
                 let ip = self.local_ip?;
-                self.listener.intercepted(SocketAddr::new(ip, p)).await?.0
+                let addr = SocketAddr::new(ip, p);
+                let ports = self.listener.app_ports.as_ref()?;
+                if ports.own_ports.contains(&p) {
+                    self.listener
+                        .metrics
+                        .error(self.listener.direction, crate::metrics::ErrorKind::Loop);
+                    tracing::info!(
+                        port = p,
+                        "HTTP/3 request for one of the proxy's own ports refused (it would loop)"
+                    );
+                    return None;
+                }
+                Conn {
+                    app: Some(Arc::new(crate::endpoint::Endpoint::new(
+                        addr,
+                        1,
+                        ports.connect_timeout,
+                        None,
+                    ))),
+                    original: None,
+                    local: Some(addr),
+                }
             }
         };
         let (ours, theirs) = tokio::io::duplex(crate::quic::PIPE_BUFFER);
@@ -316,9 +362,12 @@ impl Bridges {
             .stack(Some(self.client_id.clone()), None, &conn);
         self.listener
             .count_connection(super::detect::Protocol::Http2);
-        let d = self.drain.clone();
+        // Not told of the drain: the QUIC connection's GOAWAY is what tells the peer, and a
+        // stream the GOAWAY promised to serve must not meet a second one here. It ends when
+        // the QUIC connection drops its senders.
+        let undrained = Drain::new();
         self.drain.spawn("inbound HTTP/3 bridge", None, async move {
-            serve_h2(theirs, stack, &d).await;
+            serve_h2(theirs, stack, &undrained).await;
         });
         let (sender, h2) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -383,7 +432,12 @@ impl Bridges {
         let rsp = match rsp {
             Ok(r) => r,
             Err(e) => {
-                tx.reset(h3_code(&e));
+                let code = if crate::retry::replay::never_processed(&e) {
+                    Code::H3_REQUEST_REJECTED
+                } else {
+                    h3_code(&e)
+                };
+                tx.reset(code);
                 return;
             }
         };

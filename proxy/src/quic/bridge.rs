@@ -331,7 +331,9 @@ mod tests {
         let plain = std::io::Error::other("gone");
         assert_eq!(h3_code(&plain), Code::H3_REQUEST_CANCELLED);
         assert_eq!(
-            BridgeError::from_h3(&StreamError::RemoteClosing).h2.reason(),
+            BridgeError::from_h3(&StreamError::RemoteClosing)
+                .h2
+                .reason(),
             Some(h2::Reason::REFUSED_STREAM)
         );
     }

@@ -117,6 +117,15 @@ pub(crate) async fn connect(
                 super::HANDSHAKE_TIMEOUT
             )));
         }
+        // Refused before any TLS (the peer drains, or has no QUIC configuration): like an
+        // unanswered handshake, TCP decides whether the peer is there.
+        Ok(Err(quinn::ConnectionError::ConnectionClosed(c)))
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            return Err(ConnectError::Unreachable(format!(
+                "{udp} refused the QUIC connection"
+            )));
+        }
         Ok(Err(e)) => return Err(ConnectError::Failed(handshake_error(e))),
         Ok(Ok(c)) => c,
     };
@@ -208,6 +217,11 @@ async fn send(
     port: Option<HeaderValue>,
 ) -> Result<Response<ResponseBody>, BridgeError> {
     let (mut parts, body) = req.into_parts();
+    // HTTP/3 refuses a Host that differs from :authority as a connection error (every stream
+    // on it would fail); :authority is what HTTP/2 and HTTP/3 route on, so Host goes.
+    if parts.uri.authority().is_some() {
+        parts.headers.remove(http::header::HOST);
+    }
     if let Some(port) = port {
         parts.headers.insert(PORT_HEADER, port);
     }
@@ -269,8 +283,15 @@ mod tests {
             let Some(client) = QuicClient::new(mode) else {
                 panic!("{mode:?} has a QUIC client");
             };
-            assert_eq!(client.target(addr, advertised), want, "{mode:?} {advertised:?}");
+            assert_eq!(
+                client.target(addr, advertised),
+                want,
+                "{mode:?} {advertised:?}"
+            );
         }
-        assert!(QuicClient::new(MeshTransport::Tcp).is_none(), "tcp never tries QUIC");
+        assert!(
+            QuicClient::new(MeshTransport::Tcp).is_none(),
+            "tcp never tries QUIC"
+        );
     }
 }

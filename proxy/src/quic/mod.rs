@@ -81,6 +81,8 @@ fn transport(connection_streams: u32, keep_alive: bool) -> Arc<quinn::TransportC
     t.receive_window((connection_streams * STREAM_WINDOW).into());
     t.send_window(u64::from(128 * STREAM_WINDOW));
     t.initial_rtt(INITIAL_RTT);
+    // No datagrams in HTTP/3 here: nothing to buffer for them (quinn would keep 1.25 MB).
+    t.datagram_receive_buffer_size(None);
     t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
     t.keep_alive_interval(keep_alive.then_some(KEEP_ALIVE));
     Arc::new(t)

@@ -134,7 +134,10 @@ impl quic::Connection<Bytes> for Conn {
         });
         let res = ready!(fut.as_mut().poll(cx));
         self.accept_uni = None;
-        Poll::Ready(res.map(Recv::new).map_err(connection_error))
+        Poll::Ready(
+            res.map(|r| Recv::new(r, FrameLimit::Total(0)))
+                .map_err(connection_error),
+        )
     }
 
     fn poll_accept_bidi(
@@ -158,7 +161,7 @@ impl quic::Connection<Bytes> for Conn {
         }
         Poll::Ready(Ok(Bidi {
             send: Send::new(send),
-            recv: Recv::new(recv),
+            recv: Recv::new(recv, FrameLimit::frames()),
         }))
     }
 
@@ -223,7 +226,7 @@ impl quic::OpenStreams<Bytes> for Opener {
         let (send, recv) = res.map_err(stream_connection_error)?;
         Poll::Ready(Ok(Bidi {
             send: Send::new(send),
-            recv: Recv::new(recv),
+            recv: Recv::new(recv, FrameLimit::frames()),
         }))
     }
 
@@ -310,15 +313,121 @@ pub(crate) struct Recv {
     stream: Option<quinn::RecvStream>,
     id: StreamId,
     read: ReusableBoxFuture<'static, ReadResult>,
+    frames: FrameLimit,
 }
 
 impl Recv {
-    fn new(stream: quinn::RecvStream) -> Self {
+    fn new(stream: quinn::RecvStream, frames: FrameLimit) -> Self {
         Recv {
             id: stream_id(stream.id()),
             stream: Some(stream),
             read: ReusableBoxFuture::new(std::future::pending()),
+            frames,
         }
+    }
+}
+
+/// The largest HTTP/3 frame other than DATA a peer may send: a head (or trailers) at the
+/// HTTP/2 limit, with room for QPACK's overhead. h3 buffers such a frame whole before it looks
+/// at its size, and reading it re-opens QUIC's flow-control window, so without this a peer
+/// could declare a 2^61-byte HEADERS frame and grow our memory for as long as it sends.
+const MAX_FRAME: u64 = super::MAX_FIELD_SECTION + 16 * 1024;
+
+/// Bytes a unidirectional stream may carry in all (control and QPACK streams: SETTINGS,
+/// GOAWAY, a few instructions; this proxy's QPACK is static-only).
+const MAX_UNI_BYTES: u64 = 64 * 1024;
+
+/// Follows the HTTP/3 frame boundaries of what a stream delivers, refusing any frame other
+/// than DATA longer than [`MAX_FRAME`] (DATA is streamed by h3, never buffered whole).
+pub(crate) enum FrameLimit {
+    /// A request or response stream: frames from the first byte.
+    Frames(FrameState),
+    /// A unidirectional stream: bytes counted against [`MAX_UNI_BYTES`].
+    Total(u64),
+}
+
+pub(crate) enum FrameState {
+    /// Reading the frame type, then its length, as QUIC varints (bytes so far, value).
+    Type(Varint),
+    Len(u64, Varint),
+    /// Inside a frame's payload: bytes left.
+    Payload(u64),
+}
+
+#[derive(Default)]
+pub(crate) struct Varint {
+    need: u8,
+    value: u64,
+}
+
+impl Varint {
+    /// Feeds one byte; `Some(value)` when the varint is complete.
+    fn push(&mut self, b: u8) -> Option<u64> {
+        if self.need == 0 {
+            self.need = 1 << (b >> 6);
+            self.value = u64::from(b & 0x3f);
+        } else {
+            self.value = (self.value << 8) | u64::from(b);
+        }
+        self.need -= 1;
+        (self.need == 0).then_some(self.value)
+    }
+}
+
+impl FrameLimit {
+    fn frames() -> Self {
+        FrameLimit::Frames(FrameState::Type(Varint::default()))
+    }
+
+    /// Checks one chunk; `Err` names what the peer did wrong.
+    fn check(&mut self, mut chunk: &[u8]) -> Result<(), String> {
+        let state = match self {
+            FrameLimit::Total(n) => {
+                *n += chunk.len() as u64;
+                if *n > MAX_UNI_BYTES {
+                    return Err(format!("unidirectional stream over {MAX_UNI_BYTES} bytes"));
+                }
+                return Ok(());
+            }
+            FrameLimit::Frames(s) => s,
+        };
+        while !chunk.is_empty() {
+            match state {
+                FrameState::Payload(left) => {
+                    let n = (*left).min(chunk.len() as u64);
+                    *left -= n;
+                    chunk = &chunk[n as usize..];
+                    if *left == 0 {
+                        *state = FrameState::Type(Varint::default());
+                    }
+                }
+                FrameState::Type(v) => {
+                    let b = chunk[0];
+                    chunk = &chunk[1..];
+                    if let Some(ty) = v.push(b) {
+                        *state = FrameState::Len(ty, Varint::default());
+                    }
+                }
+                FrameState::Len(ty, v) => {
+                    let b = chunk[0];
+                    chunk = &chunk[1..];
+                    if let Some(len) = v.push(b) {
+                        // DATA (type 0) is streamed; every other frame is buffered whole.
+                        if *ty != 0 && len > MAX_FRAME {
+                            return Err(format!(
+                                "HTTP/3 frame of type {ty:#x} declares {len} bytes (at most {MAX_FRAME})"
+                            ));
+                        }
+                        *state = if len == 0 {
+                            FrameState::Type(Varint::default())
+                        } else {
+                            FrameState::Payload(len)
+                        };
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -338,7 +447,15 @@ impl quic::RecvStream for Recv {
         let (stream, chunk) = ready!(self.read.poll(cx));
         self.stream = Some(stream);
         self.read.set(std::future::pending());
-        Poll::Ready(chunk.map(|c| c.map(|c| c.bytes)).map_err(read_error))
+        let chunk = chunk.map(|c| c.map(|c| c.bytes)).map_err(read_error)?;
+        if let Some(bytes) = &chunk
+            && let Err(why) = self.frames.check(bytes)
+        {
+            // H3_EXCESSIVE_LOAD (RFC 9114 §8.1): stop the stream; h3 sees it fail.
+            self.stop_sending(0x0107);
+            return Poll::Ready(Err(StreamErrorIncoming::Unknown(why.into())));
+        }
+        Poll::Ready(Ok(chunk))
     }
 
     fn stop_sending(&mut self, error_code: u64) {
@@ -356,13 +473,14 @@ impl quic::RecvStream for Recv {
     }
 }
 
-/// The sending side of a stream. A quinn stream dropped without `finish` is finished by
-/// quinn; every caller here resets a stream it abandons (see `bridge`), so a truncated body
-/// never reads as a complete one.
+/// The sending side of a stream: finished explicitly, reset otherwise (see its `Drop`), so a
+/// truncated body never reads as a complete one.
 pub(crate) struct Send {
     stream: quinn::SendStream,
     id: StreamId,
     writing: Option<WriteBuf<Bytes>>,
+    /// Finished or reset: nothing more to say when dropped.
+    closed: bool,
 }
 
 impl Send {
@@ -371,6 +489,18 @@ impl Send {
             id: stream_id(stream.id()),
             stream,
             writing: None,
+            closed: false,
+        }
+    }
+}
+
+/// quinn finishes a stream dropped unfinished, which would end a half-written frame or body as
+/// if it were complete (a cancelled call in the middle of its head, a task cut by the drain
+/// deadline): reset it instead.
+impl Drop for Send {
+    fn drop(&mut self) {
+        if !self.closed {
+            let _ = self.stream.reset(varint(0x010c)); // H3_REQUEST_CANCELLED
         }
     }
 }
@@ -401,7 +531,10 @@ impl quic::SendStream<Bytes> for Send {
         Ok(())
     }
 
-    fn poll_finish(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), StreamErrorIncoming>> {
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), StreamErrorIncoming>> {
+        // What is still being written goes out first; the end must follow the last frame.
+        ready!(quic::SendStream::poll_ready(self, cx))?;
+        self.closed = true;
         Poll::Ready(
             self.stream
                 .finish()
@@ -410,10 +543,51 @@ impl quic::SendStream<Bytes> for Send {
     }
 
     fn reset(&mut self, reset_code: u64) {
+        self.closed = true;
         let _ = self.stream.reset(varint(reset_code));
     }
 
     fn send_id(&self) -> StreamId {
         self.id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(ty: u8, len: usize) -> Vec<u8> {
+        // Types and lengths below 2^14 as two-byte varints.
+        let mut f = vec![ty];
+        f.extend_from_slice(&(0x4000u16 | len as u16).to_be_bytes());
+        f.extend(std::iter::repeat_n(0u8, len));
+        f
+    }
+
+    #[test]
+    fn frames_are_followed_across_chunks_and_oversized_heads_refused() {
+        // HEADERS, DATA, trailers: fine, however the bytes are cut.
+        let mut ok = frame(1, 300);
+        ok.extend(frame(0, 9000));
+        ok.extend(frame(1, 40));
+        for cut in [1, 2, 3, 7, 1000] {
+            let mut limit = FrameLimit::frames();
+            for chunk in ok.chunks(cut) {
+                assert_eq!(limit.check(chunk), Ok(()), "cut {cut}");
+            }
+        }
+        // A HEADERS frame declaring 2^61 bytes, an unknown frame type declaring 1 MiB.
+        let huge = [0x01, 0xe0, 0, 0, 0, 0, 0, 0, 0];
+        let err = FrameLimit::frames().check(&huge).unwrap_err();
+        assert!(err.contains("type 0x1"), "{err}");
+        let unknown = [0x21, 0x80, 0x10, 0x00, 0x00];
+        assert!(FrameLimit::frames().check(&unknown).is_err());
+        // DATA may be as long as it likes: it is streamed, not buffered.
+        let data = [0x00, 0xc0, 0, 0, 0, 0x10, 0, 0, 0];
+        assert_eq!(FrameLimit::frames().check(&data), Ok(()));
+        // Unidirectional streams: bytes in all.
+        let mut uni = FrameLimit::Total(0);
+        assert!(uni.check(&[0; 60 * 1024]).is_ok());
+        assert!(uni.check(&[0; 8 * 1024]).is_err());
     }
 }
