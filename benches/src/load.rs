@@ -7,6 +7,12 @@
 //!   one HTTP/2 connection at a fixed rate (requests are sent on schedule whether or not earlier
 //!   ones have answered, so queueing shows up in the latency), printing
 //!   `ok errors p50_us p99_us p999_us`. h2load reports no percentiles, hence this.
+//! - `benches grpc-closed ADDR AUTHORITY STREAMS WARMUP_MS DURATION_MS`: a closed-loop gRPC
+//!   unary load generator on one HTTP/2 connection: STREAMS calls are always in flight (each
+//!   stream sends its next call when the last one has answered), for WARMUP_MS uncounted and
+//!   then DURATION_MS counted (calls started in that window), printing
+//!   `ok errors p50_us p99_us p999_us max_us`. A call that has not answered in 10 s counts as an
+//!   error; a closed connection ends the run with an error.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -160,5 +166,103 @@ pub fn grpc_load(addr: SocketAddr, authority: &str, rps: u64, secs: u64) -> Resu
             .unwrap_or(0)
     };
     println!("{ok} {errors} {} {} {}", pct(0.5), pct(0.99), pct(0.999));
+    Ok(())
+}
+
+/// How long one call of the closed loop may take before it counts as an error.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn grpc_closed(
+    addr: SocketAddr,
+    authority: &str,
+    streams: usize,
+    warmup: Duration,
+    window: Duration,
+) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let authority = authority.to_string();
+    let (ok, errors, mut lat) = rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .max_concurrent_reset_streams(1024)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let body = frame(&[7u8; 64]);
+        let counted_from = Instant::now() + warmup;
+        let end = counted_from + window;
+        let results = Arc::new(Mutex::new((0u64, 0u64, Vec::with_capacity(1 << 16))));
+        let mut tasks = Vec::with_capacity(streams);
+        for _ in 0..streams {
+            let mut s = sender.clone();
+            let results = results.clone();
+            let body = body.clone();
+            let uri = format!("http://{authority}/bench.Echo/Unary");
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < end {
+                    let req = Request::post(uri.as_str())
+                        .header("content-type", "application/grpc")
+                        .header("te", "trailers")
+                        .body(Full::new(body.clone()))
+                        .map_err(|e| e.to_string())?;
+                    let start = Instant::now();
+                    let call = async {
+                        match s.send_request(req).await {
+                            Ok(rsp) => match rsp.into_body().collect().await {
+                                Ok(b) => b
+                                    .trailers()
+                                    .and_then(|t| t.get("grpc-status"))
+                                    .is_some_and(|v| v == "0"),
+                                Err(_) => false,
+                            },
+                            Err(_) => false,
+                        }
+                    };
+                    let ok = tokio::time::timeout(CALL_TIMEOUT, call)
+                        .await
+                        .unwrap_or(false);
+                    if start >= counted_from {
+                        let us = start.elapsed().as_micros() as u64;
+                        let mut r = results.lock().unwrap_or_else(|p| p.into_inner());
+                        if ok {
+                            r.0 += 1;
+                            r.2.push(us);
+                        } else {
+                            r.1 += 1;
+                        }
+                    }
+                    if !ok && s.is_closed() {
+                        return Err(format!("the HTTP/2 connection to {addr} closed"));
+                    }
+                }
+                Ok::<_, String>(())
+            }));
+        }
+        for t in tasks {
+            t.await.map_err(|e| e.to_string())??;
+        }
+        let r = std::mem::take(&mut *results.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok::<_, String>(r)
+    })?;
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "{ok} {errors} {} {} {} {}",
+        pct(0.5),
+        pct(0.99),
+        pct(0.999),
+        lat.last().copied().unwrap_or(0)
+    );
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! remora's benchmark harness. Scenario so far: one hop, h2c, small responses from nghttpd,
 //! fixed concurrency — direct (the baseline row) against remora's inbound.
 //!
-//!   cargo run -p benches --release -- [compare|one-hop|rolling-restart|balance|mtls|control|policy|kube-scale|soak|all] [--quick]
+//!   cargo run -p benches --release -- [compare|one-hop|rolling-restart|balance|mtls|control|policy|kube-scale|soak|quic|all] [--quick]
 //!   (`kube-scale` needs the real API server of tests/kube/cluster.sh; `all` does not run it,
 //!   CI runs it on its own)
 //!   (`soak` is long: 30 min by default, `--duration`, `--quick` for 20 s; `all` runs it only with `--soak`)
+//!   (`quic`: the meshed hop over QUIC against TCP + mTLS on a lossy link between two network
+//!   namespaces; needs root and iproute2, `all` does not run it; see quic.rs)
 //!
 //! The remora-proxy measured is the workspace's release build, unless `--proxy-bin PATH` (or
 //! `REMORA_BENCH_PROXY=PATH`) names another binary. `one-hop` takes `--proxy-bin` more than once
@@ -25,6 +27,7 @@ mod mtls;
 mod peers;
 mod plot;
 mod policy;
+mod quic;
 mod soak;
 
 use std::net::TcpListener;
@@ -581,6 +584,21 @@ fn main() -> std::process::ExitCode {
                 None => Err("grpc-load ADDR AUTHORITY RPS SECS".into()),
             });
         }
+        Some("grpc-closed") => {
+            let addr = args.get(1).and_then(|a| a.parse().ok());
+            let auth = args.get(2).cloned().unwrap_or_default();
+            let num = |i: usize| args.get(i).and_then(|v| v.parse::<u64>().ok());
+            return report(match (addr, num(3), num(4), num(5)) {
+                (Some(a), Some(streams), Some(warmup), Some(window)) => load::grpc_closed(
+                    a,
+                    &auth,
+                    streams as usize,
+                    Duration::from_millis(warmup),
+                    Duration::from_millis(window),
+                ),
+                _ => Err("grpc-closed ADDR AUTHORITY STREAMS WARMUP_MS DURATION_MS".into()),
+            });
+        }
         _ => {}
     }
     let result = match args.first().map(String::as_str) {
@@ -593,6 +611,7 @@ fn main() -> std::process::ExitCode {
         Some("kube-scale") => kube_scale::run(quick),
         Some("policy") => policy::run(quick),
         Some("soak") => soak::run(quick, &args[1..]),
+        Some("quic") => quic::run(quick, &args[1..]),
         Some("all") | Some("--quick") | None => compare::run(quick)
             .and_then(|()| rolling_restart(quick))
             .and_then(|()| balance::run(quick))
@@ -604,7 +623,7 @@ fn main() -> std::process::ExitCode {
                 false => Ok(()),
             }),
         Some(other) => Err(format!(
-            "unknown scenario `{other}`; scenarios: compare, one-hop, rolling-restart, balance, mtls, control, policy, kube-scale, soak, all"
+            "unknown scenario `{other}`; scenarios: compare, one-hop, rolling-restart, balance, mtls, control, policy, kube-scale, soak, quic, all"
         )),
     };
     report(result)

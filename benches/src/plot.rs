@@ -207,6 +207,90 @@ pub(crate) fn time_series(
     })
 }
 
+/// One chart of [`panels`]: its title and its lines, (x, y) points each.
+pub(crate) type Panel = (String, Vec<Series>);
+
+/// Line charts side by side, one per panel, over the same x quantity (`x_desc`), each with its
+/// own y scale from 0 (values in `unit`): one line with a dot at every point per series, the
+/// same series in the same colour in every panel; the legend (the first panel's series names)
+/// under the title. For a few measured points per line, e.g. latency percentiles against loss.
+pub(crate) fn panels(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    unit: &str,
+    panels: &[Panel],
+) -> Result<(), String> {
+    let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
+    let xs = || {
+        panels
+            .iter()
+            .flat_map(|p| p.1.iter().flat_map(|s| s.1.iter().map(|q| finite(q.0))))
+    };
+    let x_min = xs().fold(f64::INFINITY, f64::min);
+    let x_max = xs().fold(f64::NEG_INFINITY, f64::max);
+    let (x_min, x_max) = match x_min < x_max {
+        true => (x_min, x_max),
+        false if x_min.is_finite() => (x_min - 1.0, x_min + 1.0),
+        false => (0.0, 1.0),
+    };
+    let pad = (x_max - x_min) * 0.06;
+    let n = panels.len().max(1);
+    let line_style = |i: usize| PALETTE[i % PALETTE.len()].stroke_width(2);
+    write_svg(path, (40 + 330 * n as u32, 420), |root| {
+        root.fill(&WHITE)?;
+        let body = root.titled(title, (FONT, 19).into_font().style(FontStyle::Bold))?;
+        let (legend, charts) = body.split_vertically(30);
+        let text = TextStyle::from((FONT, 15).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+        let names = panels.first().map(|p| p.1.as_slice()).unwrap_or_default();
+        for (i, (name, _)) in names.iter().enumerate() {
+            let x = 60 + 160 * i as i32;
+            legend.draw(&Rectangle::new(
+                [(x, 9), (x + 12, 21)],
+                line_style(i).filled(),
+            ))?;
+            legend.draw(&Text::new(name.as_str(), (x + 18, 15), text.clone()))?;
+        }
+        for (area, (name, series)) in charts.split_evenly((1, n)).iter().zip(panels) {
+            let y_max = series
+                .iter()
+                .flat_map(|s| s.1.iter().map(|p| finite(p.1)))
+                .fold(0.0, f64::max);
+            let y_max = if y_max > 0.0 { y_max * 1.1 } else { 1.0 };
+            let mut chart = ChartBuilder::on(area)
+                .caption(name, (FONT, 16))
+                .margin(10)
+                .x_label_area_size(40)
+                .y_label_area_size(55)
+                .build_cartesian_2d(x_min - pad..x_max + pad, 0.0..y_max)?;
+            chart
+                .configure_mesh()
+                .x_desc(x_desc)
+                .y_desc(unit)
+                .x_label_formatter(&tick)
+                .y_label_formatter(&tick)
+                .label_style((FONT, 14))
+                .axis_desc_style((FONT, 14))
+                .bold_line_style(RGBColor(0xee, 0xee, 0xee))
+                .max_light_lines(0)
+                .draw()?;
+            for (i, (_, points)) in series.iter().enumerate() {
+                let points: Vec<(f64, f64)> = points
+                    .iter()
+                    .map(|(x, y)| (finite(*x), finite(*y)))
+                    .collect();
+                chart.draw_series(LineSeries::new(points.clone(), line_style(i)))?;
+                chart.draw_series(
+                    points
+                        .iter()
+                        .map(|p| Circle::new(*p, 4, PALETTE[i % PALETTE.len()].filled())),
+                )?;
+            }
+        }
+        Ok(())
+    })
+}
+
 /// An axis label: the value without trailing zeros (plotters' own format prints "10.0").
 fn tick(v: &f64) -> String {
     let s = format!("{v:.3}");
@@ -380,6 +464,66 @@ pub(crate) mod tests {
         // The marker lines (2 + 1) and one legend sample per group, in the marker colours.
         assert_eq!(svg.matches(r##"stroke="#B0B0B0""##).count(), 2 + 1);
         assert_eq!(svg.matches(r##"stroke="#F4A460""##).count(), 1 + 1);
+    }
+
+    #[test]
+    fn panels_draw_every_series_in_every_panel() {
+        let dir = TempDir::new("panels");
+        let path = dir.0.join("panels.svg");
+        let line = |name: &str, ys: [f64; 3]| -> Series {
+            (
+                name.to_string(),
+                vec![(0.0, ys[0]), (1.0, ys[1]), (3.0, ys[2])],
+            )
+        };
+        let panels_in: Vec<Panel> = ["p50", "p99", "p99.9"]
+            .iter()
+            .enumerate()
+            .map(|(k, name)| {
+                let k = k as f64;
+                (
+                    name.to_string(),
+                    vec![
+                        line("TCP + mTLS", [10.0 + k, 20.0 + k, 200.0 + k]),
+                        line("QUIC", [10.0 + k, 15.0 + k, 30.0 + k]),
+                    ],
+                )
+            })
+            .collect();
+        panels(&path, "latency against loss", "loss %", "ms", &panels_in).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let svg = well_formed(&svg);
+        for text in [
+            "latency against loss",
+            "p50",
+            "p99",
+            "p99.9",
+            "TCP + mTLS",
+            "QUIC",
+            "loss %",
+        ] {
+            assert!(svg.contains(&format!("{text}\n</text>")), "no text {text}");
+        }
+        // One 3-point line per series and panel, one dot per point.
+        let lines = polylines(svg);
+        assert_eq!(lines.iter().filter(|n| **n == 3).count(), 6, "{lines:?}");
+        assert_eq!(svg.matches("<circle").count(), 18);
+    }
+
+    #[test]
+    fn panels_with_no_points_still_render() {
+        let dir = TempDir::new("panels-empty");
+        let path = dir.0.join("empty.svg");
+        panels(&path, "nothing", "loss %", "ms", &[]).unwrap();
+        panels(
+            &path,
+            "one",
+            "loss %",
+            "ms",
+            &[("p50".into(), vec![("a".into(), vec![(1.0, 2.0)])])],
+        )
+        .unwrap();
+        well_formed(&std::fs::read_to_string(&path).unwrap());
     }
 
     #[test]
