@@ -346,3 +346,95 @@ pub async fn first_speaker<C: AsyncRead + Unpin>(
         _ = app_speaks => Ok(None),
     }
 }
+
+pin_project_lite::pin_project! {
+    /// Upstream HTTP/2 writes, gathered: the first write of a burst waits one scheduler turn,
+    /// so frames queued by tasks that are already runnable leave in the same system call.
+    ///
+    /// Why: hyper's HTTP/2 client sends a request's HEADERS from the connection task, and its
+    /// body from a task that only gets send capacity once the stream is open, i.e. after the
+    /// connection task has flushed the HEADERS. A gRPC unary call thus took two `writev`s
+    /// (HEADERS, then DATA), each waking the upstream app: at a sidecar's load the wake-ups
+    /// and system calls, not parsing, are the cost. One turn of the scheduler costs a task
+    /// poll; the second system call and wake-up cost far more.
+    pub struct Gather<T> {
+        #[pin]
+        io: T,
+        waited: bool,
+    }
+}
+
+impl<T> Gather<T> {
+    pub fn new(io: T) -> Self {
+        Gather { io, waited: false }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Gather<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> Gather<T> {
+    /// `true` once this burst has waited its turn (then the write goes through).
+    fn turn(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
+        let me = self.project();
+        if *me.waited {
+            return true;
+        }
+        *me.waited = true;
+        cx.waker().wake_by_ref();
+        false
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Gather<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if !self.as_mut().turn(cx) {
+            return Poll::Pending;
+        }
+        let me = self.project();
+        let res = me.io.poll_write(cx, buf);
+        if res.is_ready() {
+            *me.waited = false;
+        }
+        res
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        if !self.as_mut().turn(cx) {
+            return Poll::Pending;
+        }
+        let me = self.project();
+        let res = me.io.poll_write_vectored(cx, bufs);
+        if res.is_ready() {
+            *me.waited = false;
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}

@@ -876,7 +876,7 @@ impl Endpoint {
             .initial_connection_window_size(128 * crate::http::STREAM_WINDOW)
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(tcp))
+            .handshake(TokioIo::new(crate::io::Gather::new(tcp)))
             .await
             .map_err(|source| EndpointError::Handshake {
                 addr: self.addr,
