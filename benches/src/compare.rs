@@ -5,6 +5,12 @@
 //! before counting; CPU from `/proc/PID/stat` of the proxy alone (CPU per request stays stable
 //! even when the generator is the bottleneck); RSS from `/proc/PID/status`; medians of the
 //! repetitions.
+//!
+//! Issue 16's figures: CPU per request and latency at a fixed 1,000 rps (open loop, `grpc-load`
+//! in load.rs) over 1 and 10 connections, h2c and gRPC, every proxy, repetitions interleaved
+//! across the proxies (forward, then backward...); the p50/p99/p99.9 each proxy adds over
+//! direct; RSS with 10,000 idle HTTP/2 connections (`idle-conns` in load.rs) on a fresh
+//! instance of each proxy; and a table of the issue's goals, met or with the gap.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -13,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::load::Kind;
 use crate::peers::{self, Peer};
 use crate::{Guard, build_proxy, cpu_seconds, free_port, rss_kib, spawn, wait_port, workspace};
 
@@ -110,8 +117,20 @@ pub(crate) fn h2load(args: &[&str]) -> Result<(f64, u64, u64), String> {
     ))
 }
 
-/// The gRPC open-loop generator (a child pinned to CPU 1): (ok, errors, p50, p99, p99.9) in µs.
-fn grpc_load(port: u16, rps: u64, secs: u64) -> Result<(u64, u64, f64, f64, f64), String> {
+/// One run of the open-loop generator: ok and failed requests counted after its warm-up,
+/// latency percentiles (µs) of the ok ones, and every request it sent, the warm-up's included.
+struct RateRun {
+    ok: u64,
+    errors: u64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    sent: u64,
+}
+
+/// The open-loop generator (a child pinned to CPU 1): `rps` for `secs` seconds over `conns`
+/// HTTP/2 connections, gRPC unary calls or h2c `GET /small`.
+fn rate_load(port: u16, rps: u64, secs: u64, conns: usize, kind: Kind) -> Result<RateRun, String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let out = Command::new("taskset")
         .args(["-c", "1"])
@@ -122,6 +141,11 @@ fn grpc_load(port: u16, rps: u64, secs: u64) -> Result<(u64, u64, f64, f64, f64)
             "echo.test:80",
             &rps.to_string(),
             &secs.to_string(),
+            &conns.to_string(),
+            match kind {
+                Kind::Grpc => "grpc",
+                Kind::H2c => "h2c",
+            },
         ])
         .output()
         .map_err(|e| e.to_string())?;
@@ -131,11 +155,82 @@ fn grpc_load(port: u16, rps: u64, secs: u64) -> Result<(u64, u64, f64, f64, f64)
         .filter_map(|x| x.parse().ok())
         .collect();
     match v.as_slice() {
-        [ok, err, p50, p99, p999] => Ok((*ok as u64, *err as u64, *p50, *p99, *p999)),
+        [ok, err, p50, p99, p999, sent] => Ok(RateRun {
+            ok: *ok as u64,
+            errors: *err as u64,
+            p50: *p50,
+            p99: *p99,
+            p999: *p999,
+            sent: *sent as u64,
+        }),
         _ => Err(format!(
             "grpc-load printed {text:?} ({})",
             String::from_utf8_lossy(&out.stderr)
         )),
+    }
+}
+
+/// A load of the fixed-rate runs: what is sent, over how many connections.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Load {
+    kind: Kind,
+    conns: usize,
+}
+
+/// Issue 16's four loads at 1,000 rps, in the report's order.
+const LOADS: [Load; 4] = [
+    Load {
+        kind: Kind::H2c,
+        conns: 1,
+    },
+    Load {
+        kind: Kind::H2c,
+        conns: 10,
+    },
+    Load {
+        kind: Kind::Grpc,
+        conns: 1,
+    },
+    Load {
+        kind: Kind::Grpc,
+        conns: 10,
+    },
+];
+
+impl Load {
+    fn label(&self) -> String {
+        let kind = match self.kind {
+            Kind::H2c => "h2c",
+            Kind::Grpc => "gRPC",
+        };
+        match self.conns {
+            1 => format!("{kind}, 1 connection"),
+            n => format!("{kind}, {n} connections"),
+        }
+    }
+}
+
+/// The rows of one load at 1,000 rps, direct first.
+type AtLoad = (Load, Vec<Row>);
+
+/// The proxies compare runs, in the report's order.
+const PROXIES: [&str; 4] = ["remora", "Envoy", "nginx", "haproxy"];
+
+/// Starts one of [`PROXIES`] in front of `backend`; `max_conns`: nginx's worker_connections and
+/// haproxy's maxconn when not their defaults.
+fn start_proxy(
+    name: &str,
+    bin: &str,
+    tmp: &Path,
+    backend: u16,
+    max_conns: Option<u32>,
+) -> Result<Peer, String> {
+    match name {
+        "remora" => peers::remora(bin, backend),
+        "Envoy" => peers::envoy(tmp, &[backend]),
+        "nginx" => peers::nginx(tmp, backend, max_conns),
+        "haproxy" => peers::haproxy(tmp, backend, max_conns),
+        other => Err(format!("no proxy called {other}")),
     }
 }
 
@@ -187,16 +282,8 @@ pub fn run(quick: bool) -> Result<(), String> {
     }];
     let mut skipped = Vec::new();
     let mut idle = Vec::new();
-    for (name, start) in [
-        (
-            "remora",
-            Box::new(|| peers::remora(&bin, backend)) as Box<dyn Fn() -> Result<Peer, String>>,
-        ),
-        ("Envoy", Box::new(|| peers::envoy(&tmp, &[backend]))),
-        ("nginx", Box::new(|| peers::nginx(&tmp, backend))),
-        ("haproxy", Box::new(|| peers::haproxy(&tmp, backend))),
-    ] {
-        match start() {
+    for name in PROXIES {
+        match start_proxy(name, &bin, &tmp, backend, None) {
             Ok(p) => {
                 std::thread::sleep(Duration::from_millis(300));
                 idle.push((name.to_string(), rss_kib(p.pid())));
@@ -238,34 +325,15 @@ pub fn run(quick: bool) -> Result<(), String> {
         eprintln!("(1) {} done", t.name);
     }
 
-    // (2) one hop, gRPC unary at a fixed 1k rps on one connection: latency and CPU.
+    // (2) and (6)-(7): every target at a fixed 1,000 rps, h2c and gRPC, over 1 and 10
+    // connections: CPU per request and latency. (2) is the gRPC, one-connection load.
     let secs = if quick { 1 } else { 8 };
-    let mut s2 = Vec::new();
-    for t in &targets {
-        let (mut p50, mut p99, mut p999, mut cpu, mut errors, mut ok_total) =
-            (vec![], vec![], vec![], vec![], 0, 0);
-        for _ in 0..reps {
-            let before = cpu_of(t.pid);
-            let (ok, err, a, b, c) = grpc_load(t.h2, 1000, secs)?;
-            cpu.push((cpu_of(t.pid) - before) * 1e6 / (ok + err).max(1) as f64);
-            p50.push(a);
-            p99.push(b);
-            p999.push(c);
-            errors += err;
-            ok_total += ok;
-        }
-        s2.push(Row {
-            name: t.name.clone(),
-            rps: ok_total as f64 / (reps as f64 * secs as f64),
-            errors,
-            cpu_us: t.pid.map(|_| median(cpu)),
-            p50: Some(median(p50)),
-            p99: Some(median(p99)),
-            p999: Some(median(p999)),
-            ..Row::default()
-        });
-        eprintln!("(2) {} done", t.name);
-    }
+    let at_1k = at_1k(&targets, secs, reps)?;
+    let s2 = at_1k
+        .iter()
+        .find(|(l, _)| l.kind == Kind::Grpc && l.conns == 1)
+        .map(|(_, rows)| rows.clone())
+        .unwrap_or_default();
 
     // (4) HTTP/1.1 keep-alive.
     let mut s4 = Vec::new();
@@ -306,18 +374,283 @@ pub fn run(quick: bool) -> Result<(), String> {
         });
     }
 
+    // (8) idle HTTP/2 connections: RSS of a fresh instance of each proxy holding them.
+    let started: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+    let idle_n = if quick { 1_000 } else { 10_000 };
+    let (s8, idle_limit) = idle_connections(&bin, backend, &tmp, &started, idle_n, quick)?;
+    // The proxies of (1)-(7) are not needed any more.
+    drop(targets);
+
     // (3) two hops: remora client proxy → server proxy, plaintext and mTLS, over direct.
     let s3 = two_hops(&bin, backend, &tmp, secs, reps)?;
 
-    let report = render(quick, reps, n, secs, &s1, &s2, &s3, &s4, &s5, &skipped);
+    let results = Results {
+        quick,
+        reps,
+        n,
+        secs,
+        s1,
+        s2,
+        s3,
+        s4,
+        s5,
+        at_1k,
+        idle: s8,
+        idle_limit,
+        skipped,
+    };
+    let report = render(&results);
     let out_dir = workspace().join("benches/results");
     std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
     std::fs::write(out_dir.join("report.md"), &report).map_err(|e| e.to_string())?;
-    write_plots(&out_dir, &s1, &s2, &s5)?;
+    write_plots(
+        &out_dir,
+        &results.s1,
+        &results.s2,
+        &results.s5,
+        &results.at_1k,
+        &results.idle,
+    )?;
     println!("{report}");
     println!("written: {}", out_dir.join("report.md").display());
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
+}
+
+/// Every target at 1,000 rps under each of [`LOADS`], `reps` times, the repetitions
+/// interleaved: in each repetition every load runs once on every target, the targets forward
+/// in even repetitions and backward in odd ones, so drift on a shared machine lands on all of
+/// them alike. CPU per request divides the proxy's CPU over the whole run by every request
+/// sent, the warm-up's included. Medians per load and target.
+fn at_1k(targets: &[Target], secs: u64, reps: usize) -> Result<Vec<AtLoad>, String> {
+    #[derive(Clone, Default)]
+    struct Samples {
+        cpu: Vec<f64>,
+        p50: Vec<f64>,
+        p99: Vec<f64>,
+        p999: Vec<f64>,
+        ok: u64,
+        errors: u64,
+    }
+    let k = targets.len();
+    let mut samples = vec![vec![Samples::default(); k]; LOADS.len()];
+    for rep in 0..reps {
+        for (l, load) in LOADS.iter().enumerate() {
+            for j in 0..k {
+                let i = if rep % 2 == 0 { j } else { k - 1 - j };
+                let t = &targets[i];
+                let before = cpu_of(t.pid);
+                let r = rate_load(t.h2, 1000, secs, load.conns, load.kind)?;
+                let s = &mut samples[l][i];
+                s.cpu
+                    .push((cpu_of(t.pid) - before) * 1e6 / r.sent.max(1) as f64);
+                s.p50.push(r.p50);
+                s.p99.push(r.p99);
+                s.p999.push(r.p999);
+                s.ok += r.ok;
+                s.errors += r.errors;
+            }
+        }
+        eprintln!("(2, 6, 7) at 1k rps: repetition {} of {reps} done", rep + 1);
+    }
+    Ok(LOADS
+        .iter()
+        .zip(samples)
+        .map(|(load, per_target)| {
+            let rows = targets
+                .iter()
+                .zip(per_target)
+                .map(|(t, s)| Row {
+                    name: t.name.clone(),
+                    rps: s.ok as f64 / (reps as f64 * secs as f64),
+                    errors: s.errors,
+                    cpu_us: t.pid.map(|_| median(s.cpu)),
+                    p50: Some(median(s.p50)),
+                    p99: Some(median(s.p99)),
+                    p999: Some(median(s.p999)),
+                    ..Row::default()
+                })
+                .collect();
+            (*load, rows)
+        })
+        .collect())
+}
+
+/// One proxy holding idle HTTP/2 connections.
+#[derive(Clone, Debug, Default)]
+struct IdleRow {
+    name: String,
+    /// The connections asked for, opened, and still open when RSS had been read.
+    wanted: usize,
+    opened: usize,
+    held: usize,
+    /// RSS after one warm-up request, before the idle connections.
+    rss_before_kib: u64,
+    /// RSS with the idle connections open (the largest of a few samples).
+    rss_kib: u64,
+}
+
+impl IdleRow {
+    /// (RSS with them − RSS before) / connections opened.
+    fn bytes_per_conn(&self) -> Option<f64> {
+        (self.opened > 0).then(|| {
+            (self.rss_kib as f64 - self.rss_before_kib as f64) * 1024.0 / self.opened as f64
+        })
+    }
+}
+
+/// The descriptor limit the harness had before [`raise_nofile`]; restored on drop, so the
+/// scenarios after this one start their processes as before.
+struct NofileRestore(Option<libc::rlimit>);
+
+impl Drop for NofileRestore {
+    fn drop(&mut self) {
+        if let Some(old) = self.0 {
+            // SAFETY: a plain syscall on a local struct.
+            unsafe {
+                libc::setrlimit(libc::RLIMIT_NOFILE, &old);
+            }
+        }
+    }
+}
+
+/// Raises this process's descriptor limit to at least `want` (the hard limit too, which needs
+/// root; otherwise the soft limit up to the hard one), for the children started next. Returns
+/// the guard restoring the old limit and the soft limit now in force.
+fn raise_nofile(want: u64) -> (NofileRestore, u64) {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on local structs.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut old) != 0 {
+            return (NofileRestore(None), 0);
+        }
+        let want = want as libc::rlim_t;
+        let up = libc::rlimit {
+            rlim_cur: want.max(old.rlim_cur),
+            rlim_max: want.max(old.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &up) == 0 {
+            return (NofileRestore(Some(old)), up.rlim_cur);
+        }
+        let soft = libc::rlimit {
+            rlim_cur: old.rlim_max,
+            rlim_max: old.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &soft) == 0 {
+            return (NofileRestore(Some(old)), soft.rlim_cur);
+        }
+        (NofileRestore(None), old.rlim_cur)
+    }
+}
+
+/// The descriptor limit the idle-connection instances get: remora takes a quarter of it per
+/// listener (each proxied connection holds two descriptors), so four times the connections
+/// with room to spare.
+fn idle_nofile(n: usize) -> u64 {
+    (4 * n as u64 + 8192).max(65_536)
+}
+
+/// (8) For each proxy in `names`: a fresh instance (nginx's worker_connections and haproxy's
+/// maxconn `n` + 1,024, the descriptor limit raised first), one warm-up request, RSS; then `n`
+/// HTTP/2 connections opened by the `idle-conns` helper on CPU 1 (each through the SETTINGS
+/// exchange and one request) and held idle; RSS again after they settle. Also returns the
+/// descriptor limit the instances got.
+fn idle_connections(
+    bin: &str,
+    backend: u16,
+    tmp: &Path,
+    names: &[&str],
+    n: usize,
+    quick: bool,
+) -> Result<(Vec<IdleRow>, u64), String> {
+    use std::io::{BufRead, BufReader, Write};
+    let (_restore, limit) = raise_nofile(idle_nofile(n));
+    if limit < idle_nofile(n) {
+        eprintln!(
+            "benches: (8) descriptor limit {limit}, not {}: the hard limit cannot be raised here (CAP_SYS_RESOURCE); remora takes (limit - 128) / 4 = {} connections per listener",
+            idle_nofile(n),
+            remora_max_conns(limit)
+        );
+    }
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    for name in PROXIES.iter().filter(|p| names.contains(p)) {
+        let peer = match start_proxy(name, bin, tmp, backend, Some(n as u32 + 1024)) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("benches: (8) skipping {name}: {e}");
+                continue;
+            }
+        };
+        let pid = peer.pid();
+        // One request first, so the upstream connection and whatever else the first request
+        // sets up is in the "before" figure, not in the per-connection one.
+        let url = format!("http://127.0.0.1:{}/small", peer.h2);
+        h2load(&["-n", "10", "-c", "1", &url])?;
+        std::thread::sleep(Duration::from_millis(300));
+        let rss_before_kib = rss_kib(pid);
+        let mut helper = Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(&me)
+            .args([
+                "idle-conns",
+                &format!("127.0.0.1:{}", peer.h2),
+                "echo.test:80",
+                &n.to_string(),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("idle-conns: {e}"))?;
+        let mut out = BufReader::new(helper.stdout.take().ok_or("idle-conns: no stdout")?);
+        let mut line = String::new();
+        let _ = out.read_line(&mut line);
+        let opened = line
+            .strip_prefix("opened ")
+            .and_then(|r| r.split_whitespace().next()?.parse().ok());
+        let Some(opened) = opened else {
+            let _ = helper.kill();
+            let _ = helper.wait();
+            return Err(format!("idle-conns printed {line:?} against {name}"));
+        };
+        // Let the proxy settle (lazy frees, deferred work), then the largest of a few samples.
+        std::thread::sleep(Duration::from_millis(if quick { 300 } else { 1000 }));
+        let mut rss = 0;
+        for _ in 0..5 {
+            rss = rss.max(rss_kib(pid));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if let Some(mut stdin) = helper.stdin.take() {
+            let _ = stdin.write_all(b"\n");
+        }
+        line.clear();
+        let _ = out.read_line(&mut line);
+        let held = line
+            .strip_prefix("held ")
+            .and_then(|r| r.trim().parse().ok())
+            .unwrap_or(0);
+        let _ = helper.wait();
+        rows.push(IdleRow {
+            name: name.to_string(),
+            wanted: n,
+            opened,
+            held,
+            rss_before_kib,
+            rss_kib: rss,
+        });
+        drop(peer);
+        eprintln!("(8) {name} done: {opened} opened, {held} held");
+    }
+    Ok((rows, limit))
+}
+
+/// remora's connection limit per listener at a descriptor limit (proxy/src/config.rs,
+/// `derived_max_connections`).
+fn remora_max_conns(limit: u64) -> u64 {
+    (limit.saturating_sub(128) / 4).clamp(16, 100_000)
 }
 
 fn two_hops(
@@ -369,11 +702,11 @@ fn two_hops(
     ] {
         let (mut p50, mut p99, mut p999, mut errors) = (vec![], vec![], vec![], 0);
         for _ in 0..reps {
-            let (_, e, a, b, c) = grpc_load(port, 1000, secs)?;
-            p50.push(a);
-            p99.push(b);
-            p999.push(c);
-            errors += e;
+            let r = rate_load(port, 1000, secs, 1, Kind::Grpc)?;
+            p50.push(r.p50);
+            p99.push(r.p99);
+            p999.push(r.p999);
+            errors += r.errors;
         }
         rows.push(Row {
             name: name.into(),
@@ -397,19 +730,249 @@ fn mib(v: Option<u64>) -> String {
         .unwrap_or_else(|| "–".into())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn render(
+/// Everything one `compare` run measured, for the report and the plots.
+struct Results {
     quick: bool,
     reps: usize,
     n: u64,
     secs: u64,
-    s1: &[Row],
-    s2: &[Row],
-    s3: &[Row],
-    s4: &[Row],
-    s5: &[Row],
-    skipped: &[String],
-) -> String {
+    s1: Vec<Row>,
+    s2: Vec<Row>,
+    s3: Vec<Row>,
+    s4: Vec<Row>,
+    s5: Vec<Row>,
+    at_1k: Vec<AtLoad>,
+    idle: Vec<IdleRow>,
+    /// The descriptor limit the idle-connection instances ran with.
+    idle_limit: u64,
+    skipped: Vec<String>,
+}
+
+/// The row called `name`.
+fn find<'a>(rows: &'a [Row], name: &str) -> Option<&'a Row> {
+    rows.iter().find(|r| r.name == name)
+}
+
+/// `f` of `name`'s row minus `f` of direct's: what the proxy adds.
+fn over_direct(rows: &[Row], name: &str, f: fn(&Row) -> Option<f64>) -> Option<f64> {
+    Some(find(rows, name).and_then(f)? - find(rows, "direct").and_then(f)?)
+}
+
+fn signed(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:+.0}")).unwrap_or_else(|| "–".into())
+}
+
+/// The issue's goals as table rows: `| goal | remora | haproxy | nginx | verdict |`.
+fn goals(r: &Results) -> Vec<[String; 5]> {
+    let mut rows = Vec::new();
+    let peers = ["haproxy", "nginx"];
+    // CPU per request at 1,000 rps: ≤ 0.8× haproxy's and nginx's, each load.
+    for (load, at) in &r.at_1k {
+        let cpu = |name: &str| find(at, name).and_then(|r| r.cpu_us);
+        let remora = cpu("remora");
+        let cell = |name: &str| match (cpu(name), remora) {
+            (Some(p), Some(m)) => format!("{p:.1} µs (remora {:.2}×)", m / p),
+            (Some(p), None) => format!("{p:.1} µs"),
+            _ => "–".into(),
+        };
+        let limit = peers
+            .iter()
+            .filter_map(|p| cpu(p))
+            .map(|p| 0.8 * p)
+            .fold(f64::INFINITY, f64::min);
+        let verdict = match remora {
+            Some(m) if limit.is_finite() && m <= limit => "✓".to_string(),
+            Some(m) if limit.is_finite() => {
+                format!(
+                    "✗ needs ≤ {limit:.1} µs ({:+.0} %)",
+                    (limit / m - 1.0) * 100.0
+                )
+            }
+            _ => "– (not measured)".into(),
+        };
+        rows.push([
+            format!(
+                "CPU/request at 1,000 rps, {} ≤ 0.8× haproxy's and nginx's",
+                load.label()
+            ),
+            remora
+                .map(|m| format!("{m:.1} µs"))
+                .unwrap_or_else(|| "–".into()),
+            cell("haproxy"),
+            cell("nginx"),
+            verdict,
+        ]);
+    }
+    // Latency added over direct at 1,000 rps: p50 and p99 ≤ haproxy's.
+    for (load, at) in &r.at_1k {
+        let add = |name: &str| {
+            (
+                over_direct(at, name, |r| r.p50),
+                over_direct(at, name, |r| r.p99),
+            )
+        };
+        let show = |(a, b): (Option<f64>, Option<f64>)| match (a, b) {
+            (Some(_), Some(_)) => format!("{} / {} µs", signed(a), signed(b)),
+            _ => "–".into(),
+        };
+        let (m, h) = (add("remora"), add("haproxy"));
+        let verdict = match (m, h) {
+            ((Some(m50), Some(m99)), (Some(h50), Some(h99))) => {
+                let mut gaps = Vec::new();
+                if m50 > h50 {
+                    gaps.push(format!("p50 {:+.0} µs", m50 - h50));
+                }
+                if m99 > h99 {
+                    gaps.push(format!("p99 {:+.0} µs", m99 - h99));
+                }
+                match gaps.is_empty() {
+                    true => "✓".to_string(),
+                    false => format!("✗ over haproxy's: {}", gaps.join(", ")),
+                }
+            }
+            _ => "– (haproxy not measured)".into(),
+        };
+        rows.push([
+            format!(
+                "p50 / p99 added over direct at 1,000 rps, {} ≤ haproxy's",
+                load.label()
+            ),
+            show(m),
+            show(h),
+            show(add("nginx")),
+            verdict,
+        ]);
+    }
+    // Memory.
+    let mem = |rows: &[Row], name: &str, f: fn(&Row) -> Option<u64>| {
+        find(rows, name).and_then(f).map(|k| k as f64 / 1024.0)
+    };
+    let at_most = |v: Option<f64>, limit: f64, unit: &str| match v {
+        Some(v) if v <= limit => "✓".to_string(),
+        Some(v) => format!("✗ {:+.1} {unit} over", v - limit),
+        None => "– (not measured)".into(),
+    };
+    let mib_of = |v: Option<f64>| {
+        v.map(|v| format!("{v:.1} MiB"))
+            .unwrap_or_else(|| "–".into())
+    };
+    let idle = |name: &str| mem(&r.s1, name, |r| r.rss_idle_kib);
+    rows.push([
+        "Idle RSS ≤ 5 MiB".into(),
+        mib_of(idle("remora")),
+        mib_of(idle("haproxy")),
+        mib_of(idle("nginx")),
+        at_most(idle("remora"), 5.0, "MiB"),
+    ]);
+    let streams = |name: &str| mem(&r.s5, name, |r| r.rss_peak_kib);
+    rows.push([
+        "RSS with 1,000 concurrent streams ≤ 12 MiB".into(),
+        mib_of(streams("remora")),
+        mib_of(streams("haproxy")),
+        mib_of(streams("nginx")),
+        at_most(streams("remora"), 12.0, "MiB"),
+    ]);
+    let per_conn = |name: &str| {
+        r.idle.iter().find(|i| i.name == name).map(|i| {
+            format!(
+                "{} ({} of {} held)",
+                kib(i.bytes_per_conn()),
+                thousands(i.held as u64),
+                thousands(i.wanted as u64)
+            )
+        })
+    };
+    let wanted = thousands(r.idle.first().map(|i| i.wanted).unwrap_or(0) as u64);
+    rows.push([
+        format!("Bytes per idle HTTP/2 connection, {wanted} connections: bounded"),
+        per_conn("remora").unwrap_or_else(|| "–".into()),
+        per_conn("haproxy").unwrap_or_else(|| "–".into()),
+        per_conn("nginx").unwrap_or_else(|| "–".into()),
+        "reported (no threshold)".into(),
+    ]);
+    // Saturated: CPU per request ≤ haproxy's, h2c and HTTP/1.1; max rps ≥ 0.85× direct.
+    for (goal, rows_of) in [
+        ("CPU/request saturated, one hop h2c ≤ haproxy's", &r.s1),
+        (
+            "CPU/request saturated, HTTP/1.1 keep-alive ≤ haproxy's",
+            &r.s4,
+        ),
+    ] {
+        let cpu = |name: &str| find(rows_of, name).and_then(|r| r.cpu_us);
+        let (m, h) = (cpu("remora"), cpu("haproxy"));
+        let us = |v: Option<f64>| {
+            v.map(|v| format!("{v:.1} µs"))
+                .unwrap_or_else(|| "–".into())
+        };
+        let verdict = match (m, h) {
+            (Some(m), Some(h)) if m <= h => "✓".to_string(),
+            (Some(m), Some(h)) => format!("✗ {:.2}× haproxy's", m / h),
+            _ => "– (not measured)".into(),
+        };
+        rows.push([goal.into(), us(m), us(h), us(cpu("nginx")), verdict]);
+    }
+    let direct = find(&r.s1, "direct").map(|d| d.rps).unwrap_or(0.0);
+    let share = |name: &str| {
+        find(&r.s1, name)
+            .filter(|_| direct > 0.0)
+            .map(|x| x.rps / direct)
+    };
+    let times = |v: Option<f64>| {
+        v.map(|v| format!("{v:.2}× direct"))
+            .unwrap_or_else(|| "–".into())
+    };
+    rows.push([
+        "Max rps, one thread, h2c ≥ 0.85× direct (where the generator allows)".into(),
+        times(share("remora")),
+        times(share("haproxy")),
+        times(share("nginx")),
+        match share("remora") {
+            Some(x) if x >= 0.85 => "✓".into(),
+            Some(x) => format!("✗ needs {:+.0} % rps", (0.85 / x - 1.0) * 100.0),
+            None => "– (not measured)".into(),
+        },
+    ]);
+    let mtls =
+        r.s3.iter()
+            .find(|x| x.name.contains("mTLS"))
+            .and_then(|x| Some(x.p99? - r.s3.first()?.p99?));
+    rows.push([
+        "Two remora hops with mTLS: p99 over direct ≤ 150 µs".into(),
+        mtls.map(|v| format!("{v:+.0} µs"))
+            .unwrap_or_else(|| "–".into()),
+        "–".into(),
+        "–".into(),
+        match mtls {
+            Some(v) if v <= 150.0 => "✓".into(),
+            Some(v) => format!("✗ {:+.0} µs over", v - 150.0),
+            None => "– (not measured)".into(),
+        },
+    ]);
+    rows
+}
+
+/// `n` with a comma between thousands, as the report writes counts: 10,000.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn kib(bytes: Option<f64>) -> String {
+    bytes
+        .map(|b| format!("{:.1} KiB", b / 1024.0))
+        .unwrap_or_else(|| "–".into())
+}
+
+fn render(r: &Results) -> String {
+    let (quick, reps, n, secs) = (r.quick, r.reps, r.n, r.secs);
+    let (s1, s2, s3, s4, s5) = (&r.s1, &r.s2, &r.s3, &r.s4, &r.s5);
     let mut o = String::new();
     let host = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -443,9 +1006,20 @@ fn render(
         "Every proxy runs pinned to CPU 0 with one worker/thread; h2load, the gRPC generator and the backend (hyper, 128-byte responses) share CPU 1. CPU is the proxy process's own (utime+stime from /proc), per request; RSS from /proc/PID/status.\n\n{}",
         peers::SETTINGS
     );
-    if !skipped.is_empty() {
-        let _ = writeln!(o, "Skipped: {}\n", skipped.join("; "));
+    if !r.skipped.is_empty() {
+        let _ = writeln!(o, "Skipped: {}\n", r.skipped.join("; "));
     }
+    let _ = writeln!(
+        o,
+        "## Goals (issue 16), this run\n\nRatios within this run; absolute figures move between runs on a shared machine. Sections (6)–(8) and the sections they cite hold the figures.\n\n| goal | remora | haproxy | nginx | met? |\n|---|---|---|---|---|"
+    );
+    for g in goals(r) {
+        let _ = writeln!(o, "| {} |", g.join(" | "));
+    }
+    let _ = writeln!(
+        o,
+        "\nNot measured by `compare`: scaling with `REMORA_THREADS=2`, the mTLS handshake cost and mTLS's per-request overhead.\n"
+    );
     let base = |rows: &[Row], f: fn(&Row) -> Option<f64>, name: &str| {
         rows.iter().find(|r| r.name == name).and_then(f)
     };
@@ -485,7 +1059,7 @@ fn render(
     let _ = writeln!(o, "\n![CPU per request](cpu.svg) ![Max rps](rps.svg)\n");
     let _ = writeln!(
         o,
-        "## (2) One hop, gRPC unary at 1,000 rps on one connection ({secs} s per repetition, open loop)\n\n| proxy | ok rps | errors | p50 µs | p99 µs | p99.9 µs | CPU µs/request |\n|---|---|---|---|---|---|---|"
+        "## (2) One hop, gRPC unary at 1,000 rps on one connection ({secs} s per repetition, open loop)\n\nThe gRPC, one-connection runs of (6); CPU per request counts every request sent, the half-second warm-up's included.\n\n| proxy | ok rps | errors | p50 µs | p99 µs | p99.9 µs | CPU µs/request |\n|---|---|---|---|---|---|---|"
     );
     for r in s2 {
         let _ = writeln!(
@@ -546,16 +1120,133 @@ fn render(
             r.errors
         );
     }
+    let _ = writeln!(o, "\n![Memory](memory.svg)\n");
+    render_at_1k(&mut o, r);
+    render_idle(&mut o, &r.idle, r.idle_limit);
     let _ = writeln!(
         o,
-        "\n![Memory](memory.svg)\n\n## (6) Balancing\n\n`cargo run -p benches --release -- balance` (uniform share, slow endpoint against Envoy's round robin, backend killed and added); its latest figures are in [benches/README.md](../README.md)."
+        "## (9) Balancing\n\n`cargo run -p benches --release -- balance` (uniform share, slow endpoint against Envoy's round robin, backend killed and added); its latest figures are in [benches/README.md](../README.md)."
     );
     o
 }
 
-/// The four bar charts next to report.md, drawn by `plot` (one bar per proxy, remora's
-/// highlighted).
-fn write_plots(dir: &Path, s1: &[Row], s2: &[Row], s5: &[Row]) -> Result<(), String> {
+/// Sections (6) and (7): CPU per request and latency at 1,000 rps under each load.
+fn render_at_1k(o: &mut String, r: &Results) {
+    let secs = r.secs;
+    let _ = writeln!(
+        o,
+        "## (6) CPU per request at 1,000 rps, h2c and gRPC, over 1 and 10 connections\n\nThe open-loop generator (`grpc-load` in load.rs) on CPU 1 sends 1,000 requests a second for {secs} s after a half-second warm-up, round robin over the connections: h2c `GET /small` (128-byte answers) or gRPC unary calls (64-byte messages echoed). CPU per request is the proxy's CPU over the whole run divided by every request sent, the warm-up's included. In each repetition every load runs once on every proxy, the proxies in turn, forward and then backward, so drift lands on all of them alike.\n"
+    );
+    let _ = write!(o, "| proxy |");
+    for (load, _) in &r.at_1k {
+        let _ = write!(o, " {} µs |", load.label());
+    }
+    let _ = writeln!(o, "\n|---|{}", "---|".repeat(r.at_1k.len()));
+    let names: Vec<String> = r
+        .at_1k
+        .first()
+        .map(|(_, rows)| {
+            rows.iter()
+                .filter(|x| x.cpu_us.is_some())
+                .map(|x| x.name.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let cpu = |rows: &[Row], name: &str| find(rows, name).and_then(|x| x.cpu_us);
+    for name in &names {
+        let _ = write!(o, "| {name} |");
+        for (_, rows) in &r.at_1k {
+            let _ = write!(o, " {} |", opt(cpu(rows, name), 1));
+        }
+        let _ = writeln!(o);
+    }
+    for peer in ["haproxy", "nginx"] {
+        if !names.iter().any(|n| n == peer) || !names.iter().any(|n| n == "remora") {
+            continue;
+        }
+        let _ = write!(o, "| **remora ÷ {peer}** (goal ≤ 0.80) |");
+        for (_, rows) in &r.at_1k {
+            let ratio = cpu(rows, "remora").zip(cpu(rows, peer)).map(|(m, p)| m / p);
+            let _ = write!(o, " {} |", opt(ratio, 2));
+        }
+        let _ = writeln!(o);
+    }
+    let _ = writeln!(
+        o,
+        "\n![CPU per request at 1,000 rps](cpu-1k.svg)\n\n## (7) Latency at 1,000 rps, and what each proxy adds over direct\n\nThe same runs as (6). Added: the proxy's percentile minus direct's (medians of the repetitions); the goal is remora's p50 and p99 added ≤ haproxy's.\n\n| load | proxy | ok rps | errors | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | added p99.9 µs |\n|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for (load, rows) in &r.at_1k {
+        for x in rows {
+            let (a50, a99, a999) = match x.name.as_str() {
+                "direct" => (None, None, None),
+                n => (
+                    over_direct(rows, n, |r| r.p50),
+                    over_direct(rows, n, |r| r.p99),
+                    over_direct(rows, n, |r| r.p999),
+                ),
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+                load.label(),
+                x.name,
+                x.rps,
+                x.errors,
+                opt(x.p50, 0),
+                opt(x.p99, 0),
+                opt(x.p999, 0),
+                signed(a50),
+                signed(a99),
+                signed(a999)
+            );
+        }
+    }
+    let _ = writeln!(o, "\n![p99 added over direct at 1,000 rps](added-1k.svg)\n");
+}
+
+/// Section (8): RSS with idle HTTP/2 connections.
+fn render_idle(o: &mut String, idle: &[IdleRow], limit: u64) {
+    let wanted = idle.first().map(|i| i.wanted).unwrap_or(0);
+    let (conns, n) = (wanted as u64 + 1024, thousands(wanted as u64));
+    let _ = writeln!(
+        o,
+        "## (8) Memory with {n} idle HTTP/2 connections\n\nA fresh instance of each proxy, its limits raised for the test: the descriptor limit {}{}, remora's connection limit per listener derived from it ((limit − 128) / 4 = {}), nginx `worker_connections` and haproxy `maxconn` {} (with `no strict-limits`). One warm-up request, then RSS (before); then the `idle-conns` helper on CPU 1 opens {n} connections one after the other, each through the preface, the SETTINGS exchange (both acknowledged) and one `GET /small` answered in full, and holds them idle; RSS (with) is the largest of five samples after they settle. Per connection: (with − before) / opened. Held: still open after the samples.\n\n| proxy | opened | held | RSS before MiB | RSS with {n} idle MiB | per connection |\n|---|---|---|---|---|---|",
+        thousands(limit),
+        match limit < idle_nofile(wanted) {
+            true => format!(
+                " (the hard limit here; raising it to {} needs CAP_SYS_RESOURCE)",
+                thousands(idle_nofile(wanted))
+            ),
+            false => String::new(),
+        },
+        thousands(remora_max_conns(limit)),
+        thousands(conns)
+    );
+    for i in idle {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} | {} |",
+            i.name,
+            thousands(i.opened as u64),
+            thousands(i.held as u64),
+            mib(Some(i.rss_before_kib)),
+            mib(Some(i.rss_kib)),
+            kib(i.bytes_per_conn())
+        );
+    }
+    let _ = writeln!(o, "\n![Memory per idle connection](idle-conns.svg)\n");
+}
+
+/// The bar charts next to report.md, drawn by `plot` (one bar per proxy, remora's
+/// highlighted; the 1k-rps charts grouped by load).
+fn write_plots(
+    dir: &Path,
+    s1: &[Row],
+    s2: &[Row],
+    s5: &[Row],
+    at_1k: &[AtLoad],
+    idle: &[IdleRow],
+) -> Result<(), String> {
     let pick = |rows: &[Row], f: fn(&Row) -> Option<f64>| {
         rows.iter()
             .filter_map(|r| f(r).map(|v| (r.name.clone(), v)))
@@ -586,10 +1277,45 @@ fn write_plots(dir: &Path, s1: &[Row], s2: &[Row], s5: &[Row]) -> Result<(), Str
             "MiB",
             pick(s5, |r| r.rss_peak_kib.map(|k| k as f64 / 1024.0)),
         ),
+        (
+            "idle-conns.svg",
+            "RSS per idle HTTP/2 connection (lower is better)",
+            "KiB",
+            idle.iter()
+                .filter_map(|i| Some((i.name.clone(), i.bytes_per_conn()? / 1024.0)))
+                .collect(),
+        ),
     ];
     for (file, title, unit, items) in charts {
         crate::plot::bars(&dir.join(file), title, unit, &items, "remora")?;
     }
+    let grouped = |f: &dyn Fn(&[Row], &Row) -> Option<f64>| -> Vec<crate::plot::BarGroup> {
+        at_1k
+            .iter()
+            .map(|(load, rows)| {
+                let bars = rows
+                    .iter()
+                    .filter(|r| r.name != "direct")
+                    .filter_map(|r| Some((r.name.clone(), f(rows, r)?)))
+                    .collect();
+                (load.label(), bars)
+            })
+            .collect()
+    };
+    crate::plot::grouped_bars(
+        &dir.join("cpu-1k.svg"),
+        "Proxy CPU per request at 1,000 rps (lower is better)",
+        "µs",
+        &grouped(&|_, r| r.cpu_us),
+        "remora",
+    )?;
+    crate::plot::grouped_bars(
+        &dir.join("added-1k.svg"),
+        "p99 added over direct at 1,000 rps (lower is better)",
+        "µs",
+        &grouped(&|rows, r| over_direct(rows, &r.name, |x| x.p99)),
+        "remora",
+    )?;
     Ok(())
 }
 
@@ -609,8 +1335,91 @@ mod tests {
         }
     }
 
+    /// The goals table judges remora against haproxy and nginx from the run's own figures.
     #[test]
-    fn write_plots_draws_the_four_charts() {
+    fn goals_show_met_and_the_gap() {
+        let at = |remora: f64, haproxy: f64, nginx: f64| -> Vec<Row> {
+            let r = |name: &str, cpu: Option<f64>, p50: f64, p99: f64| Row {
+                name: name.into(),
+                rps: 1000.0,
+                cpu_us: cpu,
+                p50: Some(p50),
+                p99: Some(p99),
+                p999: Some(p99 * 2.0),
+                ..Row::default()
+            };
+            vec![
+                r("direct", None, 50.0, 100.0),
+                r("remora", Some(remora), 140.0, 300.0),
+                r("haproxy", Some(haproxy), 150.0, 250.0),
+                r("nginx", Some(nginx), 130.0, 200.0),
+            ]
+        };
+        let results = Results {
+            quick: false,
+            reps: 3,
+            n: 200_000,
+            secs: 8,
+            s1: vec![
+                Row {
+                    rps: 200_000.0,
+                    ..row("direct", 0.0, None, None, None)
+                },
+                Row {
+                    rps: 180_000.0,
+                    rss_idle_kib: Some(4 * 1024),
+                    ..row("remora", 0.0, Some(3.0), None, None)
+                },
+                row("haproxy", 190_000.0, Some(4.0), None, None),
+            ],
+            s2: vec![],
+            s3: vec![
+                row("direct", 0.0, None, Some(100.0), None),
+                row("two remora hops, mTLS", 0.0, None, Some(400.0), None),
+            ],
+            s4: vec![],
+            s5: vec![row("remora", 0.0, None, None, Some(20 * 1024))],
+            at_1k: vec![
+                (LOADS[0], at(40.0, 60.0, 55.0)),
+                (LOADS[3], at(75.0, 52.0, 60.0)),
+            ],
+            idle: vec![IdleRow {
+                name: "remora".into(),
+                wanted: 10_000,
+                opened: 4968,
+                held: 4968,
+                rss_before_kib: 10_000,
+                rss_kib: 10_000 + 4968 * 2,
+            }],
+            idle_limit: 20_000,
+            skipped: vec![],
+        };
+        let report = render(&results);
+        for line in [
+            // 40 ≤ 0.8 × min(60, 55) = 44.
+            "| CPU/request at 1,000 rps, h2c, 1 connection ≤ 0.8× haproxy's and nginx's | 40.0 µs | 60.0 µs (remora 0.67×) | 55.0 µs (remora 0.73×) | ✓ |",
+            // 75 against 0.8 × min(52, 60) = 41.6.
+            "| CPU/request at 1,000 rps, gRPC, 10 connections ≤ 0.8× haproxy's and nginx's | 75.0 µs | 52.0 µs (remora 1.44×) | 60.0 µs (remora 1.25×) | ✗ needs ≤ 41.6 µs (-45 %) |",
+            "| p50 / p99 added over direct at 1,000 rps, h2c, 1 connection ≤ haproxy's | +90 / +200 µs | +100 / +150 µs | +80 / +100 µs | ✗ over haproxy's: p99 +50 µs |",
+            "| Idle RSS ≤ 5 MiB | 4.0 MiB | – | – | ✓ |",
+            "| RSS with 1,000 concurrent streams ≤ 12 MiB | 20.0 MiB | – | – | ✗ +8.0 MiB over |",
+            "| Bytes per idle HTTP/2 connection, 10,000 connections: bounded | 2.0 KiB (4,968 of 10,000 held) | – | – | reported (no threshold) |",
+            "## (8) Memory with 10,000 idle HTTP/2 connections",
+            "nginx `worker_connections` and haproxy `maxconn` 11,024 (with `no strict-limits`)",
+            "| CPU/request saturated, one hop h2c ≤ haproxy's | 3.0 µs | 4.0 µs | – | ✓ |",
+            "| Max rps, one thread, h2c ≥ 0.85× direct (where the generator allows) | 0.90× direct | 0.95× direct | – | ✓ |",
+            "| Two remora hops with mTLS: p99 over direct ≤ 150 µs | +300 µs | – | – | ✗ +150 µs over |",
+            "| **remora ÷ haproxy** (goal ≤ 0.80) | 0.67 | 1.44 |",
+            "| h2c, 1 connection | remora | 1000 | 0 | 140 | 300 | 600 | +90 | +200 | +400 |",
+            "| remora | 4,968 | 4,968 | 9.8 | 19.5 | 2.0 KiB |",
+            "the descriptor limit 20,000 (the hard limit here; raising it to 65,536 needs CAP_SYS_RESOURCE), remora's connection limit per listener derived from it ((limit − 128) / 4 = 4,968)",
+        ] {
+            assert!(report.contains(line), "no line {line}\n{report}");
+        }
+    }
+
+    #[test]
+    fn write_plots_draws_every_chart() {
         let dir = TempDir::new("compare");
         let s1 = [
             row("direct", 142814.0, None, None, None),
@@ -625,8 +1434,96 @@ mod tests {
             row("remora", 0.0, None, None, Some(9216)),
             row("Envoy", 0.0, None, None, Some(69325)),
         ];
-        write_plots(&dir.0, &s1, &s2, &s5).unwrap();
+        let at_1k = vec![
+            (
+                LOADS[0],
+                vec![
+                    Row {
+                        p99: Some(100.0),
+                        ..row("direct", 1000.0, None, None, None)
+                    },
+                    Row {
+                        p99: Some(350.0),
+                        ..row("remora", 1000.0, Some(75.0), None, None)
+                    },
+                    Row {
+                        p99: Some(250.0),
+                        ..row("haproxy", 1000.0, Some(52.0), None, None)
+                    },
+                ],
+            ),
+            (
+                LOADS[3],
+                vec![
+                    Row {
+                        p99: Some(120.0),
+                        ..row("direct", 1000.0, None, None, None)
+                    },
+                    Row {
+                        p99: Some(400.0),
+                        ..row("remora", 1000.0, Some(81.5), None, None)
+                    },
+                    Row {
+                        p99: Some(300.0),
+                        ..row("haproxy", 1000.0, Some(65.0), None, None)
+                    },
+                ],
+            ),
+        ];
+        let idle = [
+            IdleRow {
+                name: "remora".into(),
+                wanted: 10_000,
+                opened: 10_000,
+                held: 10_000,
+                rss_before_kib: 8 * 1024,
+                rss_kib: 8 * 1024 + 200_000,
+            },
+            IdleRow {
+                name: "haproxy".into(),
+                wanted: 10_000,
+                opened: 10_000,
+                held: 10_000,
+                rss_before_kib: 15 * 1024,
+                rss_kib: 15 * 1024 + 300_000,
+            },
+        ];
+        write_plots(&dir.0, &s1, &s2, &s5, &at_1k, &idle).unwrap();
         let read = |f: &str| std::fs::read_to_string(dir.0.join(f)).unwrap();
+        // The grouped 1k-rps charts: a title per load, a bar per proxy (direct left out).
+        for (file, title, labels) in [
+            (
+                "cpu-1k.svg",
+                "Proxy CPU per request at 1,000 rps (lower is better)",
+                &["75.0 µs", "52.0 µs", "81.5 µs", "65.0 µs"][..],
+            ),
+            (
+                "added-1k.svg",
+                "p99 added over direct at 1,000 rps (lower is better)",
+                &["250.0 µs", "150.0 µs", "280.0 µs", "180.0 µs"][..],
+            ),
+        ] {
+            let svg = read(file);
+            let svg = well_formed(&svg);
+            assert!(svg.contains(title), "{file}: no title");
+            for l in labels
+                .iter()
+                .chain(&["h2c, 1 connection", "gRPC, 10 connections"])
+            {
+                assert!(svg.contains(&format!("{l}\n</text>")), "{file}: no {l}");
+            }
+            assert_eq!(svg.matches(r##"fill="#1F77B4""##).count(), 2, "{file}");
+            assert_eq!(svg.matches(r##"fill="#9AA5B1""##).count(), 2, "{file}");
+        }
+        let svg = read("idle-conns.svg");
+        let svg = well_formed(&svg);
+        // (200,000 KiB × 1024 / 10,000) / 1024 = 20.0 KiB per connection.
+        for l in ["20.0 KiB", "30.0 KiB"] {
+            assert!(
+                svg.contains(&format!("{l}\n</text>")),
+                "idle-conns.svg: no {l}"
+            );
+        }
         // (file, title, bar labels): one bar per row that has the value.
         for (file, title, labels) in [
             (

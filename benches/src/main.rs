@@ -579,9 +579,21 @@ fn main() -> std::process::ExitCode {
             let auth = args.get(2).cloned().unwrap_or_default();
             let rps = args.get(3).and_then(|r| r.parse().ok()).unwrap_or(1000);
             let secs = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(5);
-            return report(match addr {
-                Some(a) => load::grpc_load(a, &auth, rps, secs),
-                None => Err("grpc-load ADDR AUTHORITY RPS SECS".into()),
+            let conns = args.get(5).and_then(|c| c.parse().ok()).unwrap_or(1);
+            let kind = args.get(6).map_or(Ok(load::Kind::Grpc), |k| k.parse());
+            return report(match (addr, kind) {
+                (Some(a), Ok(kind)) => load::rate_load(a, &auth, rps, secs, conns, kind),
+                (_, Err(e)) => Err(e),
+                (None, _) => Err("grpc-load ADDR AUTHORITY RPS SECS [CONNS [grpc|h2c]]".into()),
+            });
+        }
+        Some("idle-conns") => {
+            let addr = args.get(1).and_then(|a| a.parse().ok());
+            let auth = args.get(2).cloned().unwrap_or_default();
+            let n = args.get(3).and_then(|n| n.parse().ok());
+            return report(match (addr, n) {
+                (Some(a), Some(n)) => load::idle_conns(a, &auth, n),
+                _ => Err("idle-conns ADDR AUTHORITY N".into()),
             });
         }
         Some("grpc-closed") => {

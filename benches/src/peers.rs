@@ -123,8 +123,14 @@ pub fn envoy(dir: &Path, backends: &[u16]) -> Result<Peer, String> {
     })
 }
 
-pub fn nginx(dir: &Path, backend: u16) -> Result<Peer, String> {
+/// nginx's `worker_connections` and haproxy's `maxconn` unless a scenario needs more (the idle
+/// connections of `compare`).
+pub const DEFAULT_MAX_CONNS: (u32, u32) = (8192, 8000);
+
+/// nginx; `max_conns`: its `worker_connections` (default 8192).
+pub fn nginx(dir: &Path, backend: u16, max_conns: Option<u32>) -> Result<Peer, String> {
     let (h2, h1) = (free_port(), free_port());
+    let conns = max_conns.unwrap_or(DEFAULT_MAX_CONNS.0);
     let d = dir.join(format!("nginx-{h2}"));
     std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
     let p = d.display();
@@ -134,7 +140,7 @@ master_process off;
 daemon off;
 error_log {p}/error.log error;
 pid {p}/nginx.pid;
-events {{ worker_connections 8192; }}
+events {{ worker_connections {conns}; }}
 http {{
   access_log off;
   client_body_temp_path {p}/body;
@@ -176,12 +182,21 @@ http {{
     })
 }
 
-pub fn haproxy(dir: &Path, backend: u16) -> Result<Peer, String> {
+/// haproxy; `max_conns`: its `maxconn` (default 8000). With `max_conns` given, `no
+/// strict-limits` too: haproxy asks for about two descriptors per connection and by default
+/// refuses to start when it cannot have them, though connections that are not proxied (idle
+/// ones) need one each.
+pub fn haproxy(dir: &Path, backend: u16, max_conns: Option<u32>) -> Result<Peer, String> {
     let (h2, h1) = (free_port(), free_port());
+    let conns = max_conns.unwrap_or(DEFAULT_MAX_CONNS.1);
+    let strict = match max_conns {
+        Some(_) => "\n  no strict-limits",
+        None => "",
+    };
     let cfg = format!(
         r#"global
   nbthread 1
-  maxconn 8000
+  maxconn {conns}{strict}
 defaults
   mode http
   timeout connect 5s

@@ -69,14 +69,59 @@ pub(crate) fn bars(
     items: &[(String, f64)],
     highlight: &str,
 ) -> Result<(), String> {
-    let n = items.len();
-    let value = |v: f64| if v.is_finite() { v.max(0.0) } else { 0.0 };
-    let max = items
+    let rows: Vec<BarRow<'_>> = items.iter().map(|(n, v)| BarRow::Bar(n, *v)).collect();
+    bar_rows(path, title, unit, &rows, highlight, 34)
+}
+
+/// One group of [`grouped_bars`]: its title and its bars (name, value).
+pub(crate) type BarGroup = (String, Vec<(String, f64)>);
+
+/// [`bars`] in groups, top to bottom: each group's title on a row of its own (bold, at the
+/// left of the plot), then its bars, named on the axis; the bars named `highlight` (one per
+/// group, say) in the first palette colour, the others muted. One scale for all groups, e.g.
+/// CPU per request of every proxy at each of several loads.
+pub(crate) fn grouped_bars(
+    path: &Path,
+    title: &str,
+    unit: &str,
+    groups: &[BarGroup],
+    highlight: &str,
+) -> Result<(), String> {
+    let rows: Vec<BarRow<'_>> = groups
         .iter()
-        .map(|i| value(i.1))
+        .flat_map(|(g, items)| {
+            std::iter::once(BarRow::Title(g)).chain(items.iter().map(|(n, v)| BarRow::Bar(n, *v)))
+        })
+        .collect();
+    bar_rows(path, title, unit, &rows, highlight, 28)
+}
+
+/// A row of a bar chart: a bar (its name on the axis, its value), or a group's title.
+enum BarRow<'a> {
+    Bar(&'a str, f64),
+    Title(&'a str),
+}
+
+/// The bar charts' drawing: one row per entry, top to bottom, `row_px` high each.
+fn bar_rows(
+    path: &Path,
+    title: &str,
+    unit: &str,
+    rows: &[BarRow<'_>],
+    highlight: &str,
+    row_px: u32,
+) -> Result<(), String> {
+    let n = rows.len();
+    let value = |v: f64| if v.is_finite() { v.max(0.0) } else { 0.0 };
+    let max = rows
+        .iter()
+        .filter_map(|r| match r {
+            BarRow::Bar(_, v) => Some(value(*v)),
+            BarRow::Title(_) => None,
+        })
         .fold(0.0, f64::max)
         .max(1e-9);
-    let size = (640, 90 + 34 * n.max(1) as u32);
+    let size = (640, 90 + row_px * n.max(1) as u32);
     write_svg(path, size, |root| {
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(root)
@@ -87,10 +132,13 @@ pub(crate) fn bars(
             // x: room after the longest bar for its label. y: integer ranges are inclusive
             // here, rows 0..=n-1.
             .build_cartesian_2d(0.0..max * 1.3, (0..n.max(1) - 1).into_segmented())?;
-        // Row k of the chart (counted from the bottom) holds item n-1-k, so the first item is
-        // on top. The axis labels sit in the middle of each row.
+        // Row k of the chart (counted from the bottom) holds entry n-1-k, so the first entry is
+        // on top. The axis labels sit in the middle of each row; titles have none there.
         let name_of = |v: &SegmentValue<usize>| match v {
-            SegmentValue::CenterOf(k) if *k < n => items[n - 1 - k].0.clone(),
+            SegmentValue::CenterOf(k) if *k < n => match rows[n - 1 - k] {
+                BarRow::Bar(name, _) => name.to_string(),
+                BarRow::Title(_) => String::new(),
+            },
             _ => String::new(),
         };
         chart
@@ -105,13 +153,16 @@ pub(crate) fn bars(
             // Not `max_light_lines(0)`: plotters' integer key points loop on a hint of 0.
             .x_max_light_lines(0)
             .draw()?;
-        chart.draw_series(items.iter().enumerate().map(|(i, (name, v))| {
-            let row = n - 1 - i;
+        let bars = rows.iter().enumerate().filter_map(|(i, r)| match r {
+            BarRow::Bar(name, v) => Some((n - 1 - i, *name, *v)),
+            BarRow::Title(_) => None,
+        });
+        chart.draw_series(bars.clone().map(|(row, name, v)| {
             let color = if name == highlight { PALETTE[0] } else { MUTED };
             let mut bar = Rectangle::new(
                 [
                     (0.0, SegmentValue::Exact(row)),
-                    (value(*v), SegmentValue::Exact(row + 1)),
+                    (value(v), SegmentValue::Exact(row + 1)),
                 ],
                 color.filled(),
             );
@@ -119,9 +170,18 @@ pub(crate) fn bars(
             bar
         }))?;
         let label = TextStyle::from((FONT, 16).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
-        chart.draw_series(items.iter().enumerate().map(|(i, (_, v))| {
-            EmptyElement::at((value(*v), SegmentValue::CenterOf(n - 1 - i)))
+        chart.draw_series(bars.map(|(row, _, v)| {
+            EmptyElement::at((value(v), SegmentValue::CenterOf(row)))
                 + Text::new(format!("{v:.1} {unit}"), (6, 0), label.clone())
+        }))?;
+        let heading = TextStyle::from((FONT, 16).into_font().style(FontStyle::Bold))
+            .pos(Pos::new(HPos::Left, VPos::Center));
+        chart.draw_series(rows.iter().enumerate().filter_map(|(i, r)| match r {
+            BarRow::Title(t) => Some(
+                EmptyElement::at((0.0, SegmentValue::CenterOf(n - 1 - i)))
+                    + Text::new(t.to_string(), (4, 0), heading.clone()),
+            ),
+            BarRow::Bar(..) => None,
         }))?;
         Ok(())
     })
@@ -404,6 +464,44 @@ pub(crate) mod tests {
         // One filled rect per bar: one in the highlight colour, the others muted.
         assert_eq!(svg.matches(r##"fill="#1F77B4""##).count(), 1);
         assert_eq!(svg.matches(r##"fill="#9AA5B1""##).count(), 2);
+    }
+
+    #[test]
+    fn grouped_bars_draw_a_title_per_group_and_a_bar_per_item() {
+        let dir = TempDir::new("grouped");
+        let path = dir.0.join("grouped.svg");
+        let group = |t: &str, a: f64, b: f64| -> BarGroup {
+            (
+                t.to_string(),
+                vec![("remora".to_string(), a), ("haproxy".to_string(), b)],
+            )
+        };
+        let groups = vec![
+            group("h2c, 1 connection", 60.0, 50.0),
+            group("gRPC, 10 connections", 70.5, 55.25),
+        ];
+        grouped_bars(&path, "CPU at 1k rps", "µs", &groups, "remora").unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let svg = well_formed(&svg);
+        for label in [
+            "CPU at 1k rps",
+            "h2c, 1 connection",
+            "gRPC, 10 connections",
+            "60.0 µs",
+            "50.0 µs",
+            "70.5 µs",
+            "55.2 µs",
+        ] {
+            assert!(
+                svg.contains(&format!("{label}\n</text>")),
+                "no label {label}"
+            );
+        }
+        // The group titles are bold; one highlighted and one muted bar per group.
+        assert_eq!(svg.matches("font-weight=\"bold\"").count(), 1 + 2);
+        assert_eq!(svg.matches(r##"fill="#1F77B4""##).count(), 2);
+        assert_eq!(svg.matches(r##"fill="#9AA5B1""##).count(), 2);
+        assert_eq!(svg.matches(">\nremora\n</text>").count(), 2);
     }
 
     #[test]
