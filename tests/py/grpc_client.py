@@ -9,10 +9,20 @@
                                                    one channel; same report plus latencies
   grpc_client.py TARGET [--authority A] stream N MS
                                                    one server stream of N messages MS apart
+  grpc_client.py TARGET [--authority A] [--big-mb M] [--max-message-mb L] features
+                                                   every call shape: client streaming,
+                                                   bidirectional ping-pong, a cancelled server
+                                                   stream (and whether the server saw the
+                                                   cancellation), M MiB up, down and echoed
+                                                   (checked whole); prints a JSON report
 """
 import argparse
 import collections
+import hashlib
 import json
+import queue
+import time
+import uuid
 
 import grpc
 
@@ -20,6 +30,88 @@ import grpc
 def call_unary(ch, payload, timeout=10):
     m = ch.unary_unary("/remora.test.Echo/Unary")
     return m.with_call(payload, timeout=timeout)
+
+
+def blob_bytes(n):
+    """The pattern grpc_backend.py's Blob sends (keep the two in step)."""
+    unit = bytes(range(251))
+    return (unit * (n // len(unit) + 1))[:n]
+
+
+def features(ch, big):
+    out = {}
+    # Client streaming: five small messages, one answer.
+    collect = ch.stream_unary("/remora.test.Echo/Collect")
+    body, call = collect.with_call(iter([b"m%d" % i for i in range(5)]), timeout=20)
+    out["client_stream"] = body.decode()
+    out["client_stream_backend"] = dict(call.initial_metadata()).get("backend")
+
+    # Bidirectional ping-pong: the next message goes out only after the previous answer came
+    # back, so a hop that waited for the whole request (or response) would hang here.
+    chat = ch.stream_stream("/remora.test.Echo/Chat")
+    turn = queue.Queue()
+
+    def pings():
+        for i in range(5):
+            yield b"ping%d" % i
+            if turn.get(timeout=15) is None:
+                return
+
+    replies = []
+    try:
+        for m in chat(pings(), timeout=20):
+            replies.append(m.decode())
+            turn.put(True)
+    except grpc.RpcError as e:
+        replies.append("error " + e.code().name + ": " + (e.details() or ""))
+    finally:
+        turn.put(None)
+    out["bidi"] = replies
+
+    # Cancellation: the server stream sends one message, the client cancels, and the
+    # server must see its call cancelled (through every hop in between).
+    call_id = uuid.uuid4().hex
+    stream = ch.unary_stream("/remora.test.Echo/Hang")(call_id.encode(), timeout=30)
+    out["cancel_first"] = next(stream).decode()
+    started = time.monotonic()
+    stream.cancel()
+    seen = ch.unary_unary("/remora.test.Echo/Seen")
+    state = "unknown"
+    while time.monotonic() - started < 15:
+        state = seen(call_id.encode(), timeout=10).decode()
+        if state != "active":
+            break
+        time.sleep(0.02)
+    out["cancel_seen"] = state
+    out["cancel_ms"] = round((time.monotonic() - started) * 1000)
+
+    # Big messages: up (the server hashes what arrived), down (a known pattern), and echoed.
+    chunk = hashlib.shake_256(b"remora").digest(1 << 16)
+    up = (chunk * (big // len(chunk) + 1))[:big]
+    digest = ch.unary_unary("/remora.test.Echo/Digest")
+    try:
+        got = digest(up, timeout=60).decode()
+        out["big_up"] = got == f"{len(up)}:{hashlib.sha256(up).hexdigest()}"
+        out["big_up_answer"] = got
+    except grpc.RpcError as e:
+        out["big_up"] = False
+        out["big_up_answer"] = e.code().name + ": " + (e.details() or "")
+    blob = ch.unary_unary("/remora.test.Echo/Blob")
+    try:
+        got = blob(str(big).encode(), timeout=60)
+        out["big_down"] = got == blob_bytes(big)
+        out["big_down_len"] = len(got)
+    except grpc.RpcError as e:
+        out["big_down"] = False
+        out["big_down_len"] = e.code().name + ": " + (e.details() or "")
+    try:
+        got, _ = call_unary(ch, up, timeout=60)
+        out["big_echo"] = got == up
+        out["big_echo_len"] = len(got)
+    except grpc.RpcError as e:
+        out["big_echo"] = False
+        out["big_echo_len"] = e.code().name + ": " + (e.details() or "")
+    return out
 
 
 def main():
@@ -33,8 +125,15 @@ def main():
     ap.add_argument("--payload", default="")
     ap.add_argument("--tls", help="CA,CERT,KEY: mTLS to the proxy")
     ap.add_argument("--server-name", help="TLS server name to ask for and verify")
+    ap.add_argument("--big-mb", type=int, default=16, help="features: the big message's size")
+    ap.add_argument("--max-message-mb", type=int, default=0,
+                    help="grpc.max_{send,receive}_message_length in MiB (0: grpcio's default)")
     args = ap.parse_args()
     opts = [("grpc.enable_retries", 0)]
+    if args.max_message_mb:
+        limit = args.max_message_mb * 1024 * 1024
+        opts += [("grpc.max_send_message_length", limit),
+                 ("grpc.max_receive_message_length", limit)]
     if args.authority:
         opts.append(("grpc.default_authority", args.authority))
     if args.tls:
@@ -59,6 +158,8 @@ def main():
             out["fail_code"] = e.code().name
             out["fail_details"] = e.details()
             out["fail_trailer"] = dict(e.trailing_metadata() or ()).get("x-fail-detail")
+    elif args.mode == "features":
+        out = features(ch, args.big_mb * 1024 * 1024)
     elif args.mode == "unary":
         backends = collections.Counter()
         codes = collections.Counter()

@@ -255,7 +255,20 @@ async fn send(
         .recv_mut()
         .recv_response()
         .await
-        .map_err(|e| BridgeError::from_h3(&e))?;
+        .map_err(|e| match e {
+            // A graceful close (H3_NO_ERROR) comes after the peer's GOAWAY and after it
+            // answered every request it accepted (RFC 9114 §5.2; remora's server closes only
+            // then): a request still without its answer's head is one the peer never took
+            // (it raced the GOAWAY), so it may go elsewhere. Only before the head: a body cut
+            // by the close was processed.
+            h3::error::StreamError::ConnectionError(c) if c.is_h3_no_error() => {
+                BridgeError::new(
+                    h2::Reason::REFUSED_STREAM,
+                    "the peer closed gracefully before answering (it never took the request)",
+                )
+            }
+            e => BridgeError::from_h3(&e),
+        })?;
     if head.headers().contains_key("grpc-status") {
         rsp_body.settle().await;
     } else {
