@@ -261,12 +261,10 @@ async fn send(
             // then): a request still without its answer's head is one the peer never took
             // (it raced the GOAWAY), so it may go elsewhere. Only before the head: a body cut
             // by the close was processed.
-            h3::error::StreamError::ConnectionError(c) if c.is_h3_no_error() => {
-                BridgeError::new(
-                    h2::Reason::REFUSED_STREAM,
-                    "the peer closed gracefully before answering (it never took the request)",
-                )
-            }
+            h3::error::StreamError::ConnectionError(c) if c.is_h3_no_error() => BridgeError::new(
+                h2::Reason::REFUSED_STREAM,
+                "the peer closed gracefully before answering (it never took the request)",
+            ),
             e => BridgeError::from_h3(&e),
         })?;
     if head.headers().contains_key("grpc-status") {
