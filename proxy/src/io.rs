@@ -71,6 +71,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for ProxyIo<T> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if this.prefix.is_empty() {
+                // An empty slice still holds detection's whole buffer (4 KiB, 16 KiB for a
+                // ClientHello) for the connection's life; let it go.
+                this.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();

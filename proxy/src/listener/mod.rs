@@ -356,7 +356,7 @@ impl Listener {
         if skip {
             self.metrics
                 .detected(self.direction, DetectResult::OpaquePort);
-            return self.opaque_port(tcp, drain, conn).await;
+            return Box::pin(self.opaque_port(tcp, drain, conn)).await;
         }
         let mut initial = Vec::new();
         loop {
@@ -395,13 +395,12 @@ impl Listener {
                             .unwrap_or_default()
                     });
                     let io = ServerIo::Plain(ProxyIo::new(tcp, prefix, Some(self.bytes.clone())));
-                    return self
-                        .serve_conn(protocol, io, None, probe_only, &drain, conn)
+                    return Box::pin(self.serve_conn(protocol, io, None, probe_only, &drain, conn))
                         .await;
                 }
                 Action::Terminate => {
                     let io = ProxyIo::new(tcp, prefix, Some(self.bytes.clone()));
-                    return self.terminate(io, drain, None, conn).await;
+                    return Box::pin(self.terminate(io, drain, None, conn)).await;
                 }
                 Action::Opaque => {
                     if matches!(first, First::TlsOther | First::TlsOurs) {
@@ -409,7 +408,7 @@ impl Listener {
                     }
                     self.count_connection(Protocol::Opaque);
                     let io = ServerIo::Plain(ProxyIo::new(tcp, prefix, Some(self.bytes.clone())));
-                    return self.opaque(io, None, conn).await;
+                    return Box::pin(self.opaque(io, None, conn)).await;
                 }
                 Action::AwaitSpeaker => {
                     let Some(up) = self.connect_app(conn).await else {
@@ -426,7 +425,7 @@ impl Listener {
                                 Bytes::new(),
                                 Some(self.bytes.clone()),
                             ));
-                            return self.opaque(io, Some(up), conn).await;
+                            return Box::pin(self.opaque(io, Some(up), conn)).await;
                         }
                         Err(_) => return,
                     }
@@ -473,7 +472,7 @@ impl Listener {
         match decide::inbound_opaque_port(mtls, first) {
             Action::Terminate => {
                 let io = ProxyIo::new(tcp, prefix, Some(self.bytes.clone()));
-                self.terminate(io, drain, upstream, conn).await
+                Box::pin(self.terminate(io, drain, upstream, conn)).await
             }
             Action::Refuse(r) => self.refuse(r, &mut tcp).await,
             Action::Close => {}
@@ -483,7 +482,7 @@ impl Listener {
                 }
                 self.count_connection(Protocol::Opaque);
                 let io = ServerIo::Plain(ProxyIo::new(tcp, prefix, Some(self.bytes.clone())));
-                self.opaque(io, upstream, conn).await
+                Box::pin(self.opaque(io, upstream, conn)).await
             }
         }
     }
@@ -587,7 +586,7 @@ impl Listener {
                 .await
             }
             Protocol::Http2 => serve_h2(io, self.stack(client_id, probe_only, conn), drain).await,
-            Protocol::Opaque => self.opaque(io, None, conn).await,
+            Protocol::Opaque => Box::pin(self.opaque(io, None, conn)).await,
         }
     }
 
@@ -673,9 +672,15 @@ impl Listener {
                         _ => Protocol::Http1,
                     };
                     let io = ServerIo::Tls(ProxyIo::new(stream, prefix, None));
-                    return self
-                        .serve_conn(protocol, io, Some(client_id), None, &drain, conn)
-                        .await;
+                    return Box::pin(self.serve_conn(
+                        protocol,
+                        io,
+                        Some(client_id),
+                        None,
+                        &drain,
+                        conn,
+                    ))
+                    .await;
                 }
                 Action::AwaitSpeaker => {
                     let up = match upstream.take() {
@@ -693,7 +698,7 @@ impl Listener {
                         Ok(None) => {
                             self.count_connection(Protocol::Opaque);
                             let io = ServerIo::Tls(ProxyIo::new(stream, Bytes::new(), None));
-                            return self.opaque(io, Some(up), conn).await;
+                            return Box::pin(self.opaque(io, Some(up), conn)).await;
                         }
                         Err(_) => return,
                     }
@@ -703,7 +708,7 @@ impl Listener {
                 Action::Opaque | Action::Terminate => {
                     self.count_connection(Protocol::Opaque);
                     let io = ServerIo::Tls(ProxyIo::new(stream, prefix, None));
-                    return self.opaque(io, upstream, conn).await;
+                    return Box::pin(self.opaque(io, upstream, conn)).await;
                 }
             }
         }
