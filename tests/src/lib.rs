@@ -711,3 +711,20 @@ pub async fn curl_mtls(
 pub mod control;
 pub mod kube;
 pub mod netns;
+
+/// Asserts that an h2load run (its `Output`) completed requests and none failed: no failed,
+/// errored or timed-out request and no 4xx/5xx answer.
+pub fn assert_no_failures(out: &Output) {
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(" 0 failed, 0 errored, 0 timeout"),
+        "{line}\n{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains(" 0 4xx, 0 5xx"), "{}", out.stdout);
+    assert!(!line.contains(" 0 succeeded"), "{line}");
+}

@@ -354,21 +354,6 @@ fn h2load(outbound: SocketAddr, authority: &str, secs: u64) -> tokio::task::Join
     })
 }
 
-fn assert_no_failures(out: &Output) {
-    let line = out
-        .stdout
-        .lines()
-        .find(|l| l.starts_with("requests:"))
-        .unwrap_or_default();
-    assert!(
-        line.contains(" 0 failed, 0 errored, 0 timeout"),
-        "{line}\n{}",
-        out.stdout
-    );
-    assert!(out.stdout.contains(" 0 4xx, 0 5xx"), "{}", out.stdout);
-    assert!(!line.contains(" 0 succeeded"), "{line}");
-}
-
 /// A new client proxy (so a new QUIC handshake) with `identity`, one request to web.test.
 async fn fresh_request(
     identity: &Path,

@@ -122,21 +122,6 @@ fn load(client: &TestProxy, secs: u64) -> tokio::task::JoinHandle<Output> {
     })
 }
 
-fn assert_no_failures(out: &Output) {
-    let line = out
-        .stdout
-        .lines()
-        .find(|l| l.starts_with("requests:"))
-        .unwrap_or_default();
-    assert!(
-        line.contains(" 0 failed, 0 errored, 0 timeout"),
-        "{line}\n{}",
-        out.stdout
-    );
-    assert!(out.stdout.contains(" 0 4xx, 0 5xx"), "{}", out.stdout);
-    assert!(!line.contains(" 0 succeeded"), "{line}");
-}
-
 async fn mesh(
     pki: &Pki,
     web: &SecretDir,

@@ -315,21 +315,36 @@ impl Endpoint {
         res
     }
 
+    /// A TLS failure toward this endpoint: its address, the identity expected, the reason.
+    fn tls_error(&self, tls: &EndpointTls, reason: String) -> EndpointError {
+        EndpointError::Tls {
+            addr: self.addr,
+            id: tls.id.to_string(),
+            reason,
+        }
+    }
+
+    /// This proxy's current credentials, for a handshake with a peer (TCP or QUIC).
+    fn credentials(
+        &self,
+        tls: &EndpointTls,
+    ) -> Result<Arc<crate::identity::Loaded>, EndpointError> {
+        tls.store.current().ok_or_else(|| {
+            self.tls_error(
+                tls,
+                "this proxy has no identity yet (REMORA_IDENTITY_DIR)".into(),
+            )
+        })
+    }
+
     async fn handshake(
         &self,
         tls: &EndpointTls,
         tcp: TcpStream,
         alpn: Option<&[u8]>,
     ) -> Result<UpstreamIo, EndpointError> {
-        let fail = |reason: String| EndpointError::Tls {
-            addr: self.addr,
-            id: tls.id.to_string(),
-            reason,
-        };
-        let loaded = tls
-            .store
-            .current()
-            .ok_or_else(|| fail("this proxy has no identity yet (REMORA_IDENTITY_DIR)".into()))?;
+        let fail = |reason: String| self.tls_error(tls, reason);
+        let loaded = self.credentials(tls)?;
         // Built once per credential set, peer and ALPN, so its session cache lets the next
         // connection to this peer resume instead of running a full handshake.
         let cfg = loaded
@@ -813,15 +828,8 @@ impl Endpoint {
         {
             return Ok(Quic::NotTried);
         }
-        let fail = |reason: String| EndpointError::Tls {
-            addr: self.addr,
-            id: tls.id.to_string(),
-            reason,
-        };
-        let loaded = tls
-            .store
-            .current()
-            .ok_or_else(|| fail("this proxy has no identity yet (REMORA_IDENTITY_DIR)".into()))?;
+        let fail = |reason: String| self.tls_error(tls, reason);
+        let loaded = self.credentials(tls)?;
         let cfg = crate::quic::client_config(&loaded, &tls.id).map_err(fail)?;
         let port = (udp.port() != self.addr.port()).then_some(self.addr.port());
         match crate::quic::client::connect(client, udp, cfg, &tls.id.dns_name(), port).await {
