@@ -443,3 +443,79 @@ impl<T: AsyncWrite> AsyncWrite for Gather<T> {
         self.project().io.poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod gather_and_prefix_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+
+    /// Counts the writes that reach the socket.
+    struct Counting(Arc<AtomicUsize>, Vec<u8>);
+
+    impl AsyncWrite for Counting {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            self.1.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    use std::sync::Arc;
+
+    #[test]
+    fn a_burst_waits_one_turn_then_writes_through() {
+        let writes = Arc::new(AtomicUsize::new(0));
+        let mut g = Gather::new(Counting(writes.clone(), Vec::new()));
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        // The first write of a burst yields (and asks to be polled again) without writing.
+        assert!(Pin::new(&mut g).poll_write(&mut cx, b"head").is_pending());
+        assert_eq!(writes.load(Ordering::Relaxed), 0);
+        // Polled again, it goes through; the burst's next write waits its turn again.
+        assert!(matches!(
+            Pin::new(&mut g).poll_write(&mut cx, b"head+data"),
+            Poll::Ready(Ok(9))
+        ));
+        assert_eq!(writes.load(Ordering::Relaxed), 1);
+        assert!(Pin::new(&mut g).poll_write(&mut cx, b"x").is_pending());
+    }
+
+    #[tokio::test]
+    async fn gathered_writes_arrive_whole() {
+        let writes = Arc::new(AtomicUsize::new(0));
+        let mut g = Gather::new(Counting(writes.clone(), Vec::new()));
+        g.write_all(b"HEADERS").await.unwrap();
+        g.write_all(b"DATA").await.unwrap();
+        assert_eq!(g.io.1, b"HEADERSDATA");
+        assert_eq!(writes.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn the_detection_buffer_is_let_go_once_replayed() {
+        use tokio::io::AsyncReadExt;
+        let (a, mut b) = tokio::io::duplex(64);
+        let big = Bytes::from(vec![b'x'; 4096]).slice(..3);
+        let mut io = ProxyIo::new(a, big, None);
+        let mut out = [0u8; 3];
+        io.read_exact(&mut out).await.unwrap();
+        assert_eq!(&out, b"xxx");
+        // Nothing of the 4 KiB allocation is referenced any more.
+        assert!(io.prefix.is_empty());
+        assert_eq!(io.prefix.as_ptr(), Bytes::new().as_ptr());
+        b.write_all(b"y").await.unwrap();
+        let mut one = [0u8; 1];
+        io.read_exact(&mut one).await.unwrap();
+        assert_eq!(&one, b"y");
+    }
+}

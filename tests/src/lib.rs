@@ -728,3 +728,33 @@ pub fn assert_no_failures(out: &Output) {
     assert!(out.stdout.contains(" 0 4xx, 0 5xx"), "{}", out.stdout);
     assert!(!line.contains(" 0 succeeded"), "{line}");
 }
+
+/// Bounded steady load: h2load for `secs` seconds at 100 requests/s (2 connections, 4 streams
+/// each) through `outbound` to `authority`; await the handle for its output.
+pub fn steady_h2load(
+    outbound: SocketAddr,
+    authority: &str,
+    secs: u64,
+) -> tokio::task::JoinHandle<Output> {
+    let url = format!("http://{outbound}/");
+    let authority = format!(":authority: {authority}");
+    tokio::spawn(async move {
+        run(
+            "h2load",
+            &[
+                "-c",
+                "2",
+                "-m",
+                "4",
+                "--rps",
+                "100",
+                "-D",
+                &secs.to_string(),
+                "-H",
+                &authority,
+                &url,
+            ],
+        )
+        .await
+    })
+}

@@ -328,32 +328,6 @@ async fn wait_counter(p: &TestProxy, name: &str, at_least: f64) {
     })
     .await;
 }
-
-/// Bounded steady load (h2load, `secs` seconds at 100 requests/s) through `outbound`.
-fn h2load(outbound: SocketAddr, authority: &str, secs: u64) -> tokio::task::JoinHandle<Output> {
-    let url = format!("http://{outbound}/");
-    let authority = format!(":authority: {authority}");
-    tokio::spawn(async move {
-        run(
-            "h2load",
-            &[
-                "-c",
-                "2",
-                "-m",
-                "4",
-                "--rps",
-                "100",
-                "-D",
-                &secs.to_string(),
-                "-H",
-                &authority,
-                &url,
-            ],
-        )
-        .await
-    })
-}
-
 /// A new client proxy (so a new QUIC handshake) with `identity`, one request to web.test.
 async fn fresh_request(
     identity: &Path,
@@ -397,7 +371,7 @@ async fn certificates_rotate_under_quic_load_without_failures() {
         )],
     )
     .await;
-    let running = h2load(client.outbound, "web.test:80", 20);
+    let running = steady_h2load(client.outbound, "web.test:80", 20);
     let ok = [("direction", "inbound"), ("status", "200")];
     let admin = server.admin;
     wait_until("load to flow over QUIC", async || {

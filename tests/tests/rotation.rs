@@ -97,31 +97,6 @@ async fn served_is(proxy: &TestProxy, client: &Path, expect: &Path) -> bool {
     );
     r["match"] == true
 }
-
-/// Steady load through the client proxy's outbound to the server proxy (mTLS between them).
-fn load(client: &TestProxy, secs: u64) -> tokio::task::JoinHandle<Output> {
-    let url = format!("http://{}/", client.outbound);
-    tokio::spawn(async move {
-        run(
-            "h2load",
-            &[
-                "-c",
-                "2",
-                "-m",
-                "4",
-                "--rps",
-                "100",
-                "-D",
-                &secs.to_string(),
-                "-H",
-                ":authority: web.test:80",
-                &url,
-            ],
-        )
-        .await
-    })
-}
-
 async fn mesh(
     pki: &Pki,
     web: &SecretDir,
@@ -149,7 +124,7 @@ async fn leaf_rotation_under_load() {
     let mut cl = SecretDir::new(files(&pki.leaf("client")));
     let (server, client, _app) = mesh(&pki, &web, &cl).await;
     let probe = pki.identity_dir("probe");
-    let running = load(&client, 20);
+    let running = steady_h2load(client.outbound, "web.test:80", 20);
     let (mut s_reloads, mut c_reloads) = (1.0, 1.0);
     for i in 0..20 {
         let (w, c) = (pki.leaf("web"), pki.leaf("client"));
@@ -193,7 +168,7 @@ async fn bad_certificates_never_replace_a_good_one() {
     let good_crt = pki.identity_dir("kept").join("good.crt");
     std::fs::write(&good_crt, &good.chain_pem).unwrap();
     let probe = pki.identity_dir("probe");
-    let running = load(&client, 12);
+    let running = steady_h2load(client.outbound, "web.test:80", 12);
 
     let key = rcgen::KeyPair::generate().unwrap();
     let now = time::OffsetDateTime::now_utc();
@@ -273,7 +248,7 @@ async fn ca_rotation_without_restart() {
     let mut web = SecretDir::new(files(&w));
     let mut cl = SecretDir::new(files(&c));
     let (server, client, _app) = mesh(&old, &web, &cl).await;
-    let running = load(&client, 10);
+    let running = steady_h2load(client.outbound, "web.test:80", 10);
     let both = format!("{}{}", old.issuer.bundle_pem, new.issuer.bundle_pem);
     // 1. Trust both roots.
     web.swap((&w.chain_pem, &w.key_pem, &both));
