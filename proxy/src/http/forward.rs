@@ -340,6 +340,42 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// The future of [`Forwarder::send_within`]: the send, failed with
+    /// [`ForwardError::Timeout`] if its deadline passes first.
+    struct Within<'a, F> {
+        #[pin]
+        send: F,
+        #[pin]
+        deadline: Option<tokio::time::Sleep>,
+        limit: Option<Duration>,
+        dst: &'a str,
+        why: &'static str,
+    }
+}
+
+impl<F: Future<Output = Result<Response<Body>, ForwardError>>> Future for Within<'_, F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.send.poll(cx) {
+            return Poll::Ready(out);
+        }
+        match (this.deadline.as_pin_mut(), *this.limit) {
+            (Some(deadline), Some(after)) => {
+                std::task::ready!(deadline.poll(cx));
+                Poll::Ready(Err(ForwardError::Timeout {
+                    dst: this.dst.to_string(),
+                    after,
+                    why: this.why,
+                }))
+            }
+            _ => Poll::Pending,
+        }
+    }
+}
+
 /// The authority a request is addressed to, as normalised `host:port`; `None` when it names
 /// none, an error when what it names is malformed (a port beyond 65535, userinfo, no host).
 pub fn request_authority<B>(req: &Request<B>) -> Result<Option<String>, String> {
@@ -518,31 +554,28 @@ impl Forwarder {
 
     /// [`Forwarder::send`] within the request's deadline (`limit`: the policy's `timeout` or the
     /// caller's `grpc-timeout`, whichever is shorter), which ends when the response head comes.
+    /// A future type, not an `async fn`: one async level less in every request's future (an
+    /// async level stores its arguments beside what it awaits, and each level is moved whole).
     #[allow(clippy::too_many_arguments)]
-    async fn send_within(
-        &self,
+    fn send_within<'a>(
+        &'a self,
         req: Request<Scrubbed>,
-        dst: &str,
-        ep: &Arc<Endpoint>,
-        dest: &Arc<Destination>,
-        cx: &RequestContext<'_>,
+        dst: &'a str,
+        ep: &'a Arc<Endpoint>,
+        dest: &'a Arc<Destination>,
+        cx: &'a RequestContext<'a>,
         limit: Option<Duration>,
         timeout: Option<Duration>,
-    ) -> Result<Response<Body>, ForwardError> {
-        let Some(limit) = limit else {
-            return self.send(req, dst, ep, Some(dest), cx).await;
-        };
-        let why = match timeout == Some(limit) {
-            true => "the destination's timeout policy",
-            false => "the caller's grpc-timeout",
-        };
-        match tokio::time::timeout(limit, self.send(req, dst, ep, Some(dest), cx)).await {
-            Ok(res) => res,
-            Err(_) => Err(ForwardError::Timeout {
-                dst: dst.to_string(),
-                after: limit,
-                why,
-            }),
+    ) -> Within<'a, impl Future<Output = Result<Response<Body>, ForwardError>> + 'a> {
+        Within {
+            send: self.send(req, dst, ep, Some(dest), cx),
+            deadline: limit.map(tokio::time::sleep),
+            limit,
+            dst,
+            why: match timeout == limit {
+                true => "the destination's timeout policy",
+                false => "the caller's grpc-timeout",
+            },
         }
     }
 
@@ -1155,6 +1188,52 @@ pub fn local_addresses() -> Vec<std::net::IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn within(
+        send: impl Future<Output = Result<Response<Body>, ForwardError>>,
+        limit: Option<Duration>,
+    ) -> Within<'static, impl Future<Output = Result<Response<Body>, ForwardError>>> {
+        Within {
+            send,
+            deadline: limit.map(tokio::time::sleep),
+            limit,
+            dst: "web.test:80",
+            why: "the caller's grpc-timeout",
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn within_fails_a_silent_send_at_its_deadline_and_only_then() {
+        let start = tokio::time::Instant::now();
+        let silent = std::future::pending();
+        match within(silent, Some(Duration::from_millis(300))).await {
+            Err(ForwardError::Timeout { dst, after, why }) => {
+                assert_eq!(
+                    (dst.as_str(), after),
+                    ("web.test:80", Duration::from_millis(300))
+                );
+                assert_eq!(why, "the caller's grpc-timeout");
+            }
+            other => panic!("expected a timeout, got {:?}", other.map(|r| r.status())),
+        }
+        assert_eq!(start.elapsed(), Duration::from_millis(300));
+        // An answer before the deadline is the answer.
+        let quick = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(Response::new(Either::Right(Full::new(
+                bytes::Bytes::from_static(b"ok"),
+            ))))
+        };
+        let rsp = within(quick, Some(Duration::from_millis(300))).await;
+        assert_eq!(rsp.map(|r| r.status()).ok(), Some(StatusCode::OK));
+        // No limit: nothing times out (an hour of silence is still pending).
+        let never = within(std::future::pending(), None);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3600), never)
+                .await
+                .is_err()
+        );
+    }
 
     #[test]
     fn loops_through_any_local_address() {

@@ -37,7 +37,9 @@ struct Copy {
 pub enum UpstreamBody {
     Plain(Scrubbed),
     Recording(Recording),
-    Replayed(Replayed),
+    /// Boxed: a replay is rare, and every request's future carries this enum several times
+    /// over (`Replayed` is 184 bytes, `Plain` 56).
+    Replayed(Box<Replayed>),
 }
 
 pub struct Recording {
@@ -124,11 +126,11 @@ impl Replay {
         if copy.overflow || !(copy.ended || copy.rest.is_some()) {
             return None;
         }
-        Some(UpstreamBody::Replayed(Replayed {
+        Some(UpstreamBody::Replayed(Box::new(Replayed {
             chunks: copy.chunks.iter().cloned().collect(),
             trailers: copy.trailers.clone(),
             rest: copy.rest.take(),
-        }))
+        })))
     }
 }
 
@@ -169,11 +171,11 @@ impl UpstreamBody {
 
     /// A body with nothing in it (for resending a bodiless request).
     pub fn empty() -> Self {
-        UpstreamBody::Replayed(Replayed {
+        UpstreamBody::Replayed(Box::new(Replayed {
             chunks: VecDeque::new(),
             trailers: None,
             rest: None,
-        })
+        }))
     }
 }
 
