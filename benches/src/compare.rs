@@ -381,8 +381,12 @@ pub fn run(quick: bool) -> Result<(), String> {
     // The proxies of (1)-(7) are not needed any more.
     drop(targets);
 
-    // (3) two hops: remora client proxy → server proxy, plaintext and mTLS, over direct.
-    let s3 = two_hops(&bin, backend, &tmp, secs, reps)?;
+    // (3) two hops: remora client proxy → server proxy, plaintext and mTLS, over direct;
+    // two haproxy hops for reference; the server proxy's handshake cost.
+    let (s3, hs) = two_hops(&bin, backend, &tmp, secs, reps, quick)?;
+
+    // (9) REMORA_THREADS=2 over both CPUs against one thread on CPU 0.
+    let s9 = threads(&bin, backend, n, reps)?;
 
     let results = Results {
         quick,
@@ -394,6 +398,8 @@ pub fn run(quick: bool) -> Result<(), String> {
         s3,
         s4,
         s5,
+        s9,
+        hs,
         at_1k,
         idle: s8,
         idle_limit,
@@ -659,7 +665,8 @@ fn two_hops(
     tmp: &Path,
     secs: u64,
     reps: usize,
-) -> Result<Vec<Row>, String> {
+    quick: bool,
+) -> Result<(Vec<Row>, Option<crate::mtls::Handshakes>), String> {
     let ca = tmp.join("ca");
     remora_certs::ca::init_dir(&ca, "cluster.local").map_err(|e| e.to_string())?;
     let issuer = remora_certs::ca::LoadedIssuer::from_dir(&ca).map_err(|e| e.to_string())?;
@@ -687,22 +694,54 @@ fn two_hops(
             crate::wait_ready(a)?;
             Ok((g, i, o))
         };
-    let (_server, s_in, _) = start(backend, None, Some(&web_dir))?;
-    let (_plain, _, plain_out) = start(9, Some(format!("echo.test:80=127.0.0.1:{s_in}")), None)?;
-    let (_mtls, _, mtls_out) = start(
+    let (server, s_in, _) = start(backend, None, Some(&web_dir))?;
+    let (plain, _, plain_out) = start(9, Some(format!("echo.test:80=127.0.0.1:{s_in}")), None)?;
+    let (mtls, _, mtls_out) = start(
         9,
         Some(format!("echo.test:80=127.0.0.1:{s_in}#{web_id}")),
         Some(&client_dir),
     )?;
+    // The same two hops with haproxy (h2c both ways, both pinned to CPU 0 like the remora
+    // pair): what two proxies cost at all in this layout, where they share one CPU.
+    let ha = peers::haproxy(tmp, backend, None).and_then(|inner| {
+        let outer = peers::haproxy(tmp, inner.h2, None)?;
+        Ok((inner, outer))
+    });
+    let ha = match ha {
+        Ok(pair) => Some(pair),
+        Err(e) => {
+            eprintln!("benches: no haproxy pair for (3): {e}");
+            None
+        }
+    };
+    let mut paths = vec![
+        ("direct", backend, vec![]),
+        (
+            "two remora hops, plaintext",
+            plain_out,
+            vec![plain.0.id(), server.0.id()],
+        ),
+        (
+            "two remora hops, mTLS",
+            mtls_out,
+            vec![mtls.0.id(), server.0.id()],
+        ),
+    ];
+    if let Some((inner, outer)) = &ha {
+        paths.push((
+            "two haproxy hops, plaintext (reference)",
+            outer.h2,
+            vec![outer.pid(), inner.pid()],
+        ));
+    }
     let mut rows = Vec::new();
-    for (name, port) in [
-        ("direct", backend),
-        ("two remora hops, plaintext", plain_out),
-        ("two remora hops, mTLS", mtls_out),
-    ] {
-        let (mut p50, mut p99, mut p999, mut errors) = (vec![], vec![], vec![], 0);
+    for (name, port, pids) in paths {
+        let (mut p50, mut p99, mut p999, mut cpu, mut errors) = (vec![], vec![], vec![], vec![], 0);
         for _ in 0..reps {
+            let before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
             let r = rate_load(port, 1000, secs, 1, Kind::Grpc)?;
+            let used: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - before;
+            cpu.push(used * 1e6 / r.sent.max(1) as f64);
             p50.push(r.p50);
             p99.push(r.p99);
             p999.push(r.p999);
@@ -711,11 +750,58 @@ fn two_hops(
         rows.push(Row {
             name: name.into(),
             errors,
+            cpu_us: (!pids.is_empty()).then(|| median(cpu)),
             p50: Some(median(p50)),
             p99: Some(median(p99)),
             p999: Some(median(p999)),
             ..Row::default()
         });
+    }
+    drop(ha);
+    let window = Duration::from_secs(if quick { 1 } else { 5 });
+    let hs = match crate::mtls::handshakes(server.0.id(), s_in, &client_dir, &web_id, window) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            eprintln!("benches: handshake cost not measured: {e}");
+            None
+        }
+    };
+    Ok((rows, hs))
+}
+
+/// Saturated h2c through remora with one thread pinned to CPU 0, then with
+/// `REMORA_THREADS=2` on CPUs 0 and 1 (h2load stays on CPU 1 in both, so the second proxy
+/// thread shares its CPU with the generator and the backend).
+fn threads(bin: &str, backend: u16, n: u64, reps: usize) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    for (name, threads, cpus) in [
+        ("remora, 1 thread on CPU 0", "1", "0"),
+        ("remora, REMORA_THREADS=2 on CPUs 0-1", "2", "0,1"),
+    ] {
+        let (i, o, a) = (free_port(), free_port(), free_port());
+        let mut env = crate::proxy_env(i, o, a, backend);
+        env.push(("REMORA_THREADS", threads.into()));
+        let guard = spawn(cpus, bin, &[], &env)?;
+        crate::wait_ready(a)?;
+        let pid = guard.0.id();
+        let url = format!("http://127.0.0.1:{i}/small");
+        h2load(&["-n", &(n / 4).to_string(), "-c", "16", "-m", "10", &url])?;
+        let (mut rps, mut cpu, mut errors) = (Vec::new(), Vec::new(), 0);
+        for _ in 0..reps {
+            let before = cpu_seconds(pid);
+            let (r, e, done) = h2load(&["-n", &n.to_string(), "-c", "16", "-m", "10", &url])?;
+            cpu.push((cpu_seconds(pid) - before) * 1e6 / done.max(1) as f64);
+            rps.push(r);
+            errors += e;
+        }
+        rows.push(Row {
+            name: name.into(),
+            rps: median(rps),
+            errors,
+            cpu_us: Some(median(cpu)),
+            ..Row::default()
+        });
+        eprintln!("(9) {name} done");
     }
     Ok(rows)
 }
@@ -741,6 +827,10 @@ struct Results {
     s3: Vec<Row>,
     s4: Vec<Row>,
     s5: Vec<Row>,
+    /// Saturated h2c with one thread on CPU 0 and with `REMORA_THREADS=2` on both CPUs.
+    s9: Vec<Row>,
+    /// The server proxy's handshake cost, when it could be measured.
+    hs: Option<crate::mtls::Handshakes>,
     at_1k: Vec<AtLoad>,
     idle: Vec<IdleRow>,
     /// The descriptor limit the idle-connection instances ran with.
@@ -948,6 +1038,68 @@ fn goals(r: &Results) -> Vec<[String; 5]> {
             None => "– (not measured)".into(),
         },
     ]);
+    let ha2 =
+        r.s3.iter()
+            .find(|x| x.name.starts_with("two haproxy hops"))
+            .and_then(|x| Some(x.p99? - r.s3.first()?.p99?));
+    if let Some(v) = ha2 {
+        rows.push([
+            "(reference) Two haproxy hops, plaintext: p99 over direct".into(),
+            "–".into(),
+            format!("{v:+.0} µs"),
+            "–".into(),
+            "reported (the floor of this layout)".into(),
+        ]);
+    }
+    let resumed = r.hs.as_ref().map(|h| h.resumed_us - h.plain_us);
+    rows.push([
+        "mTLS handshake with session resumption (server CPU over a plaintext connection) ≤ 200 µs"
+            .into(),
+        r.hs.as_ref()
+            .map(|h| {
+                format!(
+                    "{:.0} µs (full: {:.0} µs)",
+                    h.resumed_us - h.plain_us,
+                    h.full_us - h.plain_us
+                )
+            })
+            .unwrap_or_else(|| "–".into()),
+        "–".into(),
+        "–".into(),
+        match resumed {
+            Some(v) if v <= 200.0 => "✓".into(),
+            Some(v) => format!("✗ {:+.0} µs over", v - 200.0),
+            None => "– (not measured)".into(),
+        },
+    ]);
+    let over = mtls_overhead(&r.s3);
+    rows.push([
+        "mTLS CPU per request over plaintext (two hops, 1,000 rps) ≤ 10 %".into(),
+        over.map(|x| format!("{:+.1} %", x * 100.0))
+            .unwrap_or_else(|| "–".into()),
+        "–".into(),
+        "–".into(),
+        match over {
+            Some(x) if x <= 0.10 => "✓".into(),
+            Some(x) => format!("✗ {:+.1} points over", (x - 0.10) * 100.0),
+            None => "– (not measured)".into(),
+        },
+    ]);
+    if let [one, two] = r.s9.as_slice()
+        && let (Some(a), Some(b)) = (one.cpu_us, two.cpu_us)
+    {
+        rows.push([
+            "REMORA_THREADS=2: ≥ 1.8× one thread's rps (needs free CPUs)".into(),
+            format!(
+                "{:.2}× rps; {:.2}× CPU/request",
+                two.rps / one.rps.max(1.0),
+                b / a
+            ),
+            "–".into(),
+            "–".into(),
+            "not measurable on 2 CPUs, see (9)".into(),
+        ]);
+    }
     rows
 }
 
@@ -1018,7 +1170,7 @@ fn render(r: &Results) -> String {
     }
     let _ = writeln!(
         o,
-        "\nNot measured by `compare`: scaling with `REMORA_THREADS=2`, the mTLS handshake cost and mTLS's per-request overhead.\n"
+        "\nTwo threads cannot show ≥ 1.8× rps on this two-CPU machine, where the generator needs a CPU; (9) reports what can be measured.\n"
     );
     let base = |rows: &[Row], f: fn(&Row) -> Option<f64>, name: &str| {
         rows.iter().find(|r| r.name == name).and_then(f)
@@ -1077,19 +1229,42 @@ fn render(r: &Results) -> String {
     let _ = writeln!(o, "\n![p99 at 1k rps](p99.svg)\n");
     let _ = writeln!(
         o,
-        "## (3) Two hops (client proxy outbound → server proxy inbound), gRPC at 1,000 rps\n\n| path | errors | p50 µs | p99 µs | p99.9 µs | p99 over direct |\n|---|---|---|---|---|---|"
+        "## (3) Two hops (client proxy outbound → server proxy inbound), gRPC at 1,000 rps\n\nBoth proxies of a pair are pinned to CPU 0, the generator and the backend to CPU 1. CPU is both proxies' together, per request sent.\n\n| path | errors | p50 µs | p99 µs | p99.9 µs | p99 over direct | CPU µs/request, both proxies |\n|---|---|---|---|---|---|---|"
     );
     let d99 = s3.first().and_then(|r| r.p99).unwrap_or(0.0);
     for r in s3 {
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {} | {} | +{:.0} µs |",
+            "| {} | {} | {} | {} | {} | +{:.0} µs | {} |",
             r.name,
             r.errors,
             opt(r.p50, 0),
             opt(r.p99, 0),
             opt(r.p999, 0),
-            r.p99.unwrap_or(0.0) - d99
+            r.p99.unwrap_or(0.0) - d99,
+            opt(r.cpu_us, 1)
+        );
+    }
+    if let Some(x) = mtls_overhead(s3) {
+        let _ = writeln!(
+            o,
+            "\nmTLS over plaintext between the two proxies: {:+.1} % CPU per request.",
+            x * 100.0
+        );
+    }
+    if let Some(h) = &r.hs {
+        let _ = writeln!(
+            o,
+            "\n**Handshakes into the server proxy's inbound** (`mtls::handshakes`): fresh TCP connections, each with one HTTP/1.1 request, from one loop. The server proxy's CPU per connection: {:.0} µs in plaintext; {:.0} µs with a full TLS 1.3 mTLS handshake ({:.0} connections/s); {:.0} µs resuming the session the previous connection received ({:.0}/s; {} of {} resumed), as a client proxy does with its per-peer configuration. The handshake's own part, over plaintext: {:.0} µs full, {:.0} µs resumed.",
+            h.plain_us,
+            h.full_us,
+            h.full_per_s,
+            h.resumed_us,
+            h.resumed_per_s,
+            thousands(h.resumed),
+            thousands(h.resumed_of),
+            h.full_us - h.plain_us,
+            h.resumed_us - h.plain_us
         );
     }
     let _ = writeln!(
@@ -1123,14 +1298,55 @@ fn render(r: &Results) -> String {
     let _ = writeln!(o, "\n![Memory](memory.svg)\n");
     render_at_1k(&mut o, r);
     render_idle(&mut o, &r.idle, r.idle_limit);
+    render_threads(&mut o, &r.s9);
     let _ = writeln!(
         o,
-        "## (9) Balancing\n\n`cargo run -p benches --release -- balance` (uniform share, slow endpoint against Envoy's round robin, backend killed and added); its latest figures are in [benches/README.md](../README.md)."
+        "## (10) Balancing\n\n`cargo run -p benches --release -- balance` (uniform share, slow endpoint against Envoy's round robin, backend killed and added); its latest figures are in [benches/README.md](../README.md)."
     );
     o
 }
 
 /// Sections (6) and (7): CPU per request and latency at 1,000 rps under each load.
+fn render_threads(o: &mut String, s9: &[Row]) {
+    let _ = writeln!(
+        o,
+        "## (9) Two threads: `REMORA_THREADS=2` on both CPUs against one thread on CPU 0\n\nSaturated h2c as in (1). This machine has two CPUs and h2load and the backend need one, so the second thread shares CPU 1 with them: rps cannot double here. CPU per request is what tells whether a second thread costs extra work per request (locks, cross-thread wake-ups).\n\n| proxy | rps | errors | CPU µs/request |\n|---|---|---|---|"
+    );
+    for r in s9 {
+        let _ = writeln!(
+            o,
+            "| {} | {:.0} | {} | {} |",
+            r.name,
+            r.rps,
+            r.errors,
+            opt(r.cpu_us, 1)
+        );
+    }
+    if let [one, two] = s9
+        && let (Some(a), Some(b)) = (one.cpu_us, two.cpu_us)
+    {
+        let _ = writeln!(
+            o,
+            "\nrps {:.2}× one thread's; CPU per request {:.2}× one thread's.\n",
+            two.rps / one.rps.max(1.0),
+            b / a
+        );
+    }
+}
+
+/// mTLS's extra CPU per request over plaintext between the two proxies, as a fraction.
+fn mtls_overhead(s3: &[Row]) -> Option<f64> {
+    let plain = s3
+        .iter()
+        .find(|r| r.name == "two remora hops, plaintext")?
+        .cpu_us?;
+    let mtls = s3
+        .iter()
+        .find(|r| r.name == "two remora hops, mTLS")?
+        .cpu_us?;
+    Some(mtls / plain - 1.0)
+}
+
 fn render_at_1k(o: &mut String, r: &Results) {
     let secs = r.secs;
     let _ = writeln!(
@@ -1375,10 +1591,49 @@ mod tests {
             s2: vec![],
             s3: vec![
                 row("direct", 0.0, None, Some(100.0), None),
-                row("two remora hops, mTLS", 0.0, None, Some(400.0), None),
+                row(
+                    "two remora hops, plaintext",
+                    0.0,
+                    Some(100.0),
+                    Some(300.0),
+                    None,
+                ),
+                row("two remora hops, mTLS", 0.0, Some(105.0), Some(400.0), None),
+                row(
+                    "two haproxy hops, plaintext (reference)",
+                    0.0,
+                    Some(90.0),
+                    Some(350.0),
+                    None,
+                ),
             ],
             s4: vec![],
             s5: vec![row("remora", 0.0, None, None, Some(20 * 1024))],
+            s9: vec![
+                row(
+                    "remora, 1 thread on CPU 0",
+                    100_000.0,
+                    Some(8.0),
+                    None,
+                    None,
+                ),
+                row(
+                    "remora, REMORA_THREADS=2 on CPUs 0-1",
+                    150_000.0,
+                    Some(8.8),
+                    None,
+                    None,
+                ),
+            ],
+            hs: Some(crate::mtls::Handshakes {
+                plain_us: 60.0,
+                full_us: 340.0,
+                full_per_s: 1500.0,
+                resumed_us: 210.0,
+                resumed_per_s: 2700.0,
+                resumed: 5000,
+                resumed_of: 5001,
+            }),
             at_1k: vec![
                 (LOADS[0], at(40.0, 60.0, 55.0)),
                 (LOADS[3], at(75.0, 52.0, 60.0)),
@@ -1409,6 +1664,11 @@ mod tests {
             "| CPU/request saturated, one hop h2c ≤ haproxy's | 3.0 µs | 4.0 µs | – | ✓ |",
             "| Max rps, one thread, h2c ≥ 0.85× direct (where the generator allows) | 0.90× direct | 0.95× direct | – | ✓ |",
             "| Two remora hops with mTLS: p99 over direct ≤ 150 µs | +300 µs | – | – | ✗ +150 µs over |",
+            "| (reference) Two haproxy hops, plaintext: p99 over direct | – | +250 µs | – | reported (the floor of this layout) |",
+            "| mTLS handshake with session resumption (server CPU over a plaintext connection) ≤ 200 µs | 150 µs (full: 280 µs) | – | – | ✓ |",
+            "| mTLS CPU per request over plaintext (two hops, 1,000 rps) ≤ 10 % | +5.0 % | – | – | ✓ |",
+            "| REMORA_THREADS=2: ≥ 1.8× one thread's rps (needs free CPUs) | 1.50× rps; 1.10× CPU/request | – | – | not measurable on 2 CPUs, see (9) |",
+            "| remora, REMORA_THREADS=2 on CPUs 0-1 | 150000 | 0 | 8.8 |",
             "| **remora ÷ haproxy** (goal ≤ 0.80) | 0.67 | 1.44 |",
             "| h2c, 1 connection | remora | 1000 | 0 | 140 | 300 | 600 | +90 | +200 | +400 |",
             "| remora | 4,968 | 4,968 | 9.8 | 19.5 | 2.0 KiB |",
