@@ -363,8 +363,13 @@ impl<F: Future<Output = Result<Response<Body>, ForwardError>>> Future for Within
             return Poll::Ready(out);
         }
         match (this.deadline.as_pin_mut(), *this.limit) {
-            (Some(deadline), Some(after)) => {
-                std::task::ready!(deadline.poll(cx));
+            (Some(mut deadline), Some(after)) => {
+                // Outside the task's cooperative budget, as tokio's `Timeout` does when its
+                // future used the budget up: a send that exhausts it on every poll must not
+                // keep its deadline from being seen.
+                let check = std::future::poll_fn(|cx| deadline.as_mut().poll(cx));
+                let check = std::pin::pin!(tokio::task::coop::unconstrained(check));
+                std::task::ready!(check.poll(cx));
                 Poll::Ready(Err(ForwardError::Timeout {
                     dst: this.dst.to_string(),
                     after,
@@ -1200,6 +1205,23 @@ mod tests {
             dst: "web.test:80",
             why: "the caller's grpc-timeout",
         }
+    }
+
+    /// A send that uses up the task's cooperative budget on every poll (it is never idle,
+    /// so this runs on the real clock) still meets its deadline.
+    #[tokio::test]
+    async fn within_times_out_a_send_that_exhausts_the_budget() {
+        let busy = async {
+            loop {
+                tokio::task::coop::consume_budget().await;
+            }
+        };
+        let guarded = within(busy, Some(Duration::from_millis(50)));
+        let out = tokio::time::timeout(Duration::from_secs(10), guarded).await;
+        assert!(
+            matches!(out, Ok(Err(ForwardError::Timeout { .. }))),
+            "the deadline did not fire by itself"
+        );
     }
 
     #[tokio::test(start_paused = true)]
