@@ -1032,11 +1032,7 @@ fn goals(r: &Results) -> Vec<[String; 5]> {
             .unwrap_or_else(|| "–".into()),
         "–".into(),
         "–".into(),
-        match mtls {
-            Some(v) if v <= 150.0 => "✓".into(),
-            Some(v) => format!("✗ {:+.0} µs over", v - 150.0),
-            None => "– (not measured)".into(),
-        },
+        within_us(mtls, 150.0),
     ]);
     let ha2 =
         r.s3.iter()
@@ -1066,11 +1062,7 @@ fn goals(r: &Results) -> Vec<[String; 5]> {
             .unwrap_or_else(|| "–".into()),
         "–".into(),
         "–".into(),
-        match resumed {
-            Some(v) if v <= 200.0 => "✓".into(),
-            Some(v) => format!("✗ {:+.0} µs over", v - 200.0),
-            None => "– (not measured)".into(),
-        },
+        within_us(resumed, 200.0),
     ]);
     let over = mtls_overhead(&r.s3);
     rows.push([
@@ -1101,6 +1093,15 @@ fn goals(r: &Results) -> Vec<[String; 5]> {
         ]);
     }
     rows
+}
+
+/// The verdict on a figure in µs that must stay at or under `limit`.
+fn within_us(v: Option<f64>, limit: f64) -> String {
+    match v {
+        Some(v) if v <= limit => "✓".into(),
+        Some(v) => format!("✗ {:+.0} µs over", v - limit),
+        None => "– (not measured)".into(),
+    }
 }
 
 /// `n` with a comma between thousands, as the report writes counts: 10,000.
@@ -1271,16 +1272,7 @@ fn render(r: &Results) -> String {
         o,
         "\n## (4) HTTP/1.1 keep-alive, h2load --h1 -c 16\n\n| proxy | rps | errors | CPU µs/request |\n|---|---|---|---|"
     );
-    for r in s4 {
-        let _ = writeln!(
-            o,
-            "| {} | {:.0} | {} | {} |",
-            r.name,
-            r.rps,
-            r.errors,
-            opt(r.cpu_us, 1)
-        );
-    }
+    rps_rows(&mut o, s4);
     let _ = writeln!(
         o,
         "\n## (5) Memory: idle, and with 1,000 concurrent streams (h2load -c 10 -m 100 to a 1 s backend)\n\n| proxy | RSS idle MiB | RSS peak at 1,000 streams MiB | errors |\n|---|---|---|---|"
@@ -1306,13 +1298,9 @@ fn render(r: &Results) -> String {
     o
 }
 
-/// Sections (6) and (7): CPU per request and latency at 1,000 rps under each load.
-fn render_threads(o: &mut String, s9: &[Row]) {
-    let _ = writeln!(
-        o,
-        "## (9) Two threads: `REMORA_THREADS=2` on both CPUs against one thread on CPU 0\n\nSaturated h2c as in (1). This machine has two CPUs and h2load and the backend need one, so the second thread shares CPU 1 with them: rps cannot double here. CPU per request is what tells whether a second thread costs extra work per request (locks, cross-thread wake-ups).\n\n| proxy | rps | errors | CPU µs/request |\n|---|---|---|---|"
-    );
-    for r in s9 {
+/// Rows of a `| proxy | rps | errors | CPU µs/request |` table.
+fn rps_rows(o: &mut String, rows: &[Row]) {
+    for r in rows {
         let _ = writeln!(
             o,
             "| {} | {:.0} | {} | {} |",
@@ -1322,6 +1310,15 @@ fn render_threads(o: &mut String, s9: &[Row]) {
             opt(r.cpu_us, 1)
         );
     }
+}
+
+/// Section (9): one thread against two.
+fn render_threads(o: &mut String, s9: &[Row]) {
+    let _ = writeln!(
+        o,
+        "## (9) Two threads: `REMORA_THREADS=2` on both CPUs against one thread on CPU 0\n\nSaturated h2c as in (1). This machine has two CPUs and h2load and the backend need one, so the second thread shares CPU 1 with them: rps cannot double here. CPU per request is what tells whether a second thread costs extra work per request (locks, cross-thread wake-ups).\n\n| proxy | rps | errors | CPU µs/request |\n|---|---|---|---|"
+    );
+    rps_rows(o, s9);
     if let [one, two] = s9
         && let (Some(a), Some(b)) = (one.cpu_us, two.cpu_us)
     {
@@ -1347,6 +1344,7 @@ fn mtls_overhead(s3: &[Row]) -> Option<f64> {
     Some(mtls / plain - 1.0)
 }
 
+/// Sections (6) and (7): CPU per request and latency at 1,000 rps under each load.
 fn render_at_1k(o: &mut String, r: &Results) {
     let secs = r.secs;
     let _ = writeln!(

@@ -160,7 +160,6 @@ pub(crate) fn handshakes(
     server: &remora_certs::SpiffeId,
     window: Duration,
 ) -> Result<Handshakes, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let creds = remora_certs::validate::load_dir(client_dir).map_err(|e| e.to_string())?;
     let anchors = Arc::new(remora_certs::validate::anchors(&creds.roots)?);
     let shared = remora_certs::tls::client_config(&creds, anchors, server.clone(), b"http/1.1")
@@ -172,64 +171,11 @@ pub(crate) fn handshakes(
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let request = b"GET /small HTTP/1.1\r\nhost: web.test\r\nconnection: close\r\n\r\n";
-    let ok = |answer: &[u8]| -> Result<(), String> {
-        match answer.starts_with(b"HTTP/1.1 200") {
-            true => Ok(()),
-            false => Err(format!(
-                "the inbound answered {:?}",
-                String::from_utf8_lossy(&answer[..answer.len().min(80)])
-            )),
-        }
-    };
     // Plaintext first (permissive inbound): what a connection and its request cost without TLS.
-    let (plain_n, plain_cpu) = rt.block_on(async {
-        let before = cpu_seconds(pid);
-        let start = Instant::now();
-        let mut n = 0u64;
-        while start.elapsed() < window {
-            let mut tcp = tokio::net::TcpStream::connect(loopback(port))
-                .await
-                .map_err(|e| format!("connect to the inbound: {e}"))?;
-            tcp.write_all(request)
-                .await
-                .map_err(|e| format!("plaintext request: {e}"))?;
-            let mut answer = Vec::new();
-            let _ = tcp.read_to_end(&mut answer).await;
-            ok(&answer)?;
-            n += 1;
-        }
-        Ok::<_, String>((n, cpu_seconds(pid) - before))
-    })?;
-    let run = |cfg: Arc<tokio_rustls::rustls::ClientConfig>| -> Result<(u64, u64, f64), String> {
-        rt.block_on(async {
-            let connector = tokio_rustls::TlsConnector::from(cfg);
-            let before = cpu_seconds(pid);
-            let start = Instant::now();
-            let (mut n, mut resumed) = (0u64, 0u64);
-            while start.elapsed() < window {
-                let tcp = tokio::net::TcpStream::connect(loopback(port))
-                    .await
-                    .map_err(|e| format!("connect to the inbound: {e}"))?;
-                let mut tls = connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(|e| format!("mTLS handshake with the inbound: {e}"))?;
-                if tls.get_ref().1.handshake_kind()
-                    == Some(tokio_rustls::rustls::HandshakeKind::Resumed)
-                {
-                    resumed += 1;
-                }
-                tls.write_all(request)
-                    .await
-                    .map_err(|e| format!("request over mTLS: {e}"))?;
-                let mut answer = Vec::new();
-                let _ = tls.read_to_end(&mut answer).await;
-                ok(&answer)?;
-                n += 1;
-            }
-            Ok((n, resumed, cpu_seconds(pid) - before))
-        })
+    let (plain_n, _, plain_cpu) = rt.block_on(handshake_loop(pid, port, window, None))?;
+    let run = |cfg: Arc<tokio_rustls::rustls::ClientConfig>| {
+        let tls = (tokio_rustls::TlsConnector::from(cfg), name.clone());
+        rt.block_on(handshake_loop(pid, port, window, Some(tls)))
     };
     let (full_n, _, full_cpu) = run(Arc::new(fresh))?;
     let (res_n, resumed, res_cpu) = run(shared)?;
@@ -243,4 +189,58 @@ pub(crate) fn handshakes(
         resumed,
         resumed_of: res_n,
     })
+}
+
+/// Fresh connections into `port` for `window`, each with one HTTP/1.1 request read to its end:
+/// plaintext, or TLS with `tls`. Returns the connections made, how many resumed a session, and
+/// the CPU seconds `pid` spent meanwhile.
+async fn handshake_loop(
+    pid: u32,
+    port: u16,
+    window: Duration,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        tokio_rustls::rustls::pki_types::ServerName<'static>,
+    )>,
+) -> Result<(u64, u64, f64), String> {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    async fn one_request(mut s: impl AsyncRead + AsyncWrite + Unpin) -> Result<(), String> {
+        s.write_all(b"GET /small HTTP/1.1\r\nhost: web.test\r\nconnection: close\r\n\r\n")
+            .await
+            .map_err(|e| format!("request to the inbound: {e}"))?;
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer).await;
+        match answer.starts_with(b"HTTP/1.1 200") {
+            true => Ok(()),
+            false => Err(format!(
+                "the inbound answered {:?}",
+                String::from_utf8_lossy(&answer[..answer.len().min(80)])
+            )),
+        }
+    }
+    let before = cpu_seconds(pid);
+    let start = Instant::now();
+    let (mut n, mut resumed) = (0u64, 0u64);
+    while start.elapsed() < window {
+        let tcp = tokio::net::TcpStream::connect(loopback(port))
+            .await
+            .map_err(|e| format!("connect to the inbound: {e}"))?;
+        match &tls {
+            None => one_request(tcp).await?,
+            Some((connector, name)) => {
+                let stream = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| format!("mTLS handshake with the inbound: {e}"))?;
+                if stream.get_ref().1.handshake_kind()
+                    == Some(tokio_rustls::rustls::HandshakeKind::Resumed)
+                {
+                    resumed += 1;
+                }
+                one_request(stream).await?;
+            }
+        }
+        n += 1;
+    }
+    Ok((n, resumed, cpu_seconds(pid) - before))
 }
