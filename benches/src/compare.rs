@@ -404,6 +404,7 @@ pub fn run(quick: bool) -> Result<(), String> {
         idle: s8,
         idle_limit,
         skipped,
+        layout: crate::layout::check(&workspace(), Path::new(&bin)),
     };
     let report = render(&results);
     let out_dir = workspace().join("benches/results");
@@ -836,6 +837,8 @@ struct Results {
     /// The descriptor limit the idle-connection instances ran with.
     idle_limit: u64,
     skipped: Vec<String>,
+    /// How much of remora-proxy's text layout the measured binary still follows.
+    layout: Result<crate::layout::Coverage, String>,
 }
 
 /// The row called `name`.
@@ -1162,6 +1165,10 @@ fn render(r: &Results) -> String {
     if !r.skipped.is_empty() {
         let _ = writeln!(o, "Skipped: {}\n", r.skipped.join("; "));
     }
+    let _ = match &r.layout {
+        Ok(c) => writeln!(o, "{}\n", c.describe()),
+        Err(e) => writeln!(o, "Text layout: not checked ({e}).\n"),
+    };
     let _ = writeln!(
         o,
         "## Goals (issue 16), this run\n\nRatios within this run; absolute figures move between runs on a shared machine. Sections (6)–(8) and the sections they cite hold the figures.\n\n| goal | remora | haproxy | nginx | met? |\n|---|---|---|---|---|"
@@ -1646,9 +1653,14 @@ mod tests {
             }],
             idle_limit: 20_000,
             skipped: vec![],
+            layout: Ok(crate::layout::Coverage {
+                found: 1900,
+                listed: 2000,
+            }),
         };
         let report = render(&results);
         for line in [
+            "Text layout: 1900 of 2000 functions in `proxy/layout/remora-proxy.order` are in the measured binary (95 %), laid out together.",
             // 40 ≤ 0.8 × min(60, 55) = 44.
             "| CPU/request at 1,000 rps, h2c, 1 connection ≤ 0.8× haproxy's and nginx's | 40.0 µs | 60.0 µs (remora 0.67×) | 55.0 µs (remora 0.73×) | ✓ |",
             // 75 against 0.8 × min(52, 60) = 41.6.

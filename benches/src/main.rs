@@ -22,6 +22,7 @@ mod balance;
 mod compare;
 mod control;
 mod kube_scale;
+mod layout;
 mod load;
 mod mtls;
 mod peers;
