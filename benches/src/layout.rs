@@ -3,15 +3,17 @@
 //! update renames some, the link skips those silently, and idle RSS creeps back up. The report
 //! states the share so a stale order file shows where the memory figures are read.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-/// Listed functions the binary has, of those listed.
+/// Listed functions the binary has, of those listed, and how many of those sit at the front of
+/// its text (where the link puts them when it followed the order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Coverage {
     pub(crate) found: usize,
     pub(crate) listed: usize,
+    pub(crate) in_front: usize,
 }
 
 impl Coverage {
@@ -20,44 +22,67 @@ impl Coverage {
 
     /// One sentence for the report.
     pub(crate) fn describe(&self) -> String {
-        let share = self.found as f64 / self.listed.max(1) as f64;
-        let verdict = if share >= Self::FRESH {
-            "laid out together".to_string()
+        let share = |n: usize| n as f64 / self.listed.max(1) as f64;
+        let verdict = if share(self.in_front) >= Self::FRESH {
+            "laid out together at the front of the text".to_string()
+        } else if share(self.found) >= Self::FRESH {
+            "but not laid out together: this binary was not linked with the order (see proxy/build.rs)"
+                .to_string()
         } else {
             "stale: the others are scattered through the text and cost resident memory; \
              refresh with `bash proxy/layout/refresh.sh`"
                 .to_string()
         };
         format!(
-            "Text layout: {} of {} functions in `proxy/layout/remora-proxy.order` are in the measured binary ({:.0} %), {verdict}.",
+            "Text layout: {} of {} functions in `proxy/layout/remora-proxy.order` are in the measured binary ({:.0} %), {} of them at the front of its text; {verdict}.",
             self.found,
             self.listed,
-            share * 100.0
+            share(self.found) * 100.0,
+            self.in_front,
         )
     }
 }
 
-/// Counts the order file's symbols (one per line) that `nm`'s listing defines.
+/// Counts the order file's symbols (one per line) that `nm -S`'s listing defines, and those
+/// within the front of the text: from its first function, twice the listed functions' size.
 pub(crate) fn coverage(order: &str, nm: &str) -> Coverage {
-    let defined: HashSet<&str> = nm
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace().rev();
-            let name = parts.next()?;
-            // "ADDR t NAME": defined; "U NAME" (undefined) has no address.
-            let kind = parts.next()?;
-            parts.next()?;
-            (kind != "U").then_some(name)
-        })
-        .collect();
+    // "ADDR SIZE t NAME", or "ADDR t NAME" without a size; "U NAME" is not defined here.
+    let mut defined: HashMap<&str, (u64, u64)> = HashMap::new();
+    let mut text_start = u64::MAX;
+    for line in nm.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let (addr, size, kind, name) = match parts[..] {
+            [a, z, k, n] => (a, Some(z), k, n),
+            [a, k, n] => (a, None, k, n),
+            _ => continue,
+        };
+        let (Ok(addr), size) = (
+            u64::from_str_radix(addr, 16),
+            size.and_then(|z| u64::from_str_radix(z, 16).ok())
+                .unwrap_or(0),
+        ) else {
+            continue;
+        };
+        if matches!(kind, "t" | "T" | "w" | "W") {
+            text_start = text_start.min(addr);
+        }
+        defined.insert(name, (addr, size));
+    }
     let listed: Vec<&str> = order
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
+    let found: Vec<(u64, u64)> = listed
+        .iter()
+        .filter_map(|s| defined.get(s).copied())
+        .collect();
+    let bytes: u64 = found.iter().map(|f| f.1).sum();
+    let front_end = text_start.saturating_add(bytes.saturating_mul(2));
     Coverage {
-        found: listed.iter().filter(|s| defined.contains(*s)).count(),
+        found: found.len(),
         listed: listed.len(),
+        in_front: found.iter().filter(|f| f.0 < front_end).count(),
     }
 }
 
@@ -66,6 +91,7 @@ pub(crate) fn check(workspace: &Path, bin: &Path) -> Result<Coverage, String> {
     let path = workspace.join("proxy/layout/remora-proxy.order");
     let order = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let out = Command::new("nm")
+        .arg("-S")
         .arg(bin)
         .output()
         .map_err(|e| format!("nm (binutils) to read {}: {e}", bin.display()))?;
@@ -83,21 +109,25 @@ pub(crate) fn check(workspace: &Path, bin: &Path) -> Result<Coverage, String> {
 mod tests {
     use super::*;
 
+    // Two listed functions at the front of the text, one far behind, one undefined.
     const NM: &str = "\
-0000000000001000 t _ZN12remora_proxy4main17h74ffc46b0d16103aE
-0000000000002000 T main
+0000000000001000 0000000000000100 t _ZN12remora_proxy4main17h74ffc46b0d16103aE
+0000000000001100 0000000000000100 T _RNvCs1_5tokio3run
+0000000000009000 0000000000000100 t _RNvCs1_4cold3far
+0000000000000800 r SOME_RODATA
                  U malloc@GLIBC_2.2.5
-0000000000003000 t _RNvCs1_5tokio3run
 ";
 
     #[test]
-    fn counts_listed_symbols_the_binary_defines() {
-        let order = "_ZN12remora_proxy4main17h74ffc46b0d16103aE\n_RNvCs1_5tokio3run\n_ZN5gone17h0000000000000000E\n\n";
+    fn counts_listed_symbols_and_those_at_the_front() {
+        let order = "_ZN12remora_proxy4main17h74ffc46b0d16103aE\n_RNvCs1_5tokio3run\n_RNvCs1_4cold3far\n_ZN5gone17h0000000000000000E\n\n";
+        // Front: 0x1000 + 2 × 0x300 = 0x1600, which leaves out the far one.
         assert_eq!(
             coverage(order, NM),
             Coverage {
-                found: 2,
-                listed: 3
+                found: 3,
+                listed: 4,
+                in_front: 2
             }
         );
     }
@@ -108,39 +138,37 @@ mod tests {
             coverage("malloc@GLIBC_2.2.5\n", NM),
             Coverage {
                 found: 0,
-                listed: 1
+                listed: 1,
+                in_front: 0
             }
         );
     }
 
     #[test]
-    fn the_report_says_when_to_refresh() {
-        let fresh = Coverage {
-            found: 95,
+    fn the_report_says_when_to_refresh_or_relink() {
+        let c = |found, in_front| Coverage {
+            found,
             listed: 100,
-        }
-        .describe();
+            in_front,
+        };
+        let fresh = c(95, 95).describe();
         assert!(
             fresh.contains("95 of 100") && fresh.contains("laid out together"),
             "{fresh}"
         );
-        let stale = Coverage {
-            found: 50,
-            listed: 100,
-        }
-        .describe();
+        let unordered = c(95, 3).describe();
+        assert!(unordered.contains("not laid out together"), "{unordered}");
+        let stale = c(50, 50).describe();
         assert!(
             stale.contains("stale") && stale.contains("refresh.sh"),
             "{stale}"
         );
         // An empty order file is not a division by zero.
-        assert!(
-            Coverage {
-                found: 0,
-                listed: 0
-            }
-            .describe()
-            .contains("0 of 0")
-        );
+        let empty = Coverage {
+            found: 0,
+            listed: 0,
+            in_front: 0,
+        };
+        assert!(empty.describe().contains("0 of 0"));
     }
 }

@@ -8,7 +8,8 @@
 //!   (`quic`: the meshed hop over QUIC against TCP + mTLS on a lossy link between two network
 //!   namespaces; needs root and iproute2, `all` does not run it; see quic.rs)
 //!
-//! The remora-proxy measured is the workspace's release build, unless `--proxy-bin PATH` (or
+//! The remora-proxy measured is the release build of its package (`cargo build --release -p
+//! remora-proxy`, as it ships), unless `--proxy-bin PATH` (or
 //! `REMORA_BENCH_PROXY=PATH`) names another binary. `one-hop` takes `--proxy-bin` more than once
 //! and measures every binary in the same run, repetitions interleaved, one row each
 //! (`--proxy-bin workspace` is the workspace's build), to compare two commits on one machine.
@@ -378,11 +379,19 @@ pub(crate) fn resolve_proxy(bin: &ProxyBin) -> Result<PathBuf, String> {
     }
 }
 
-/// Builds one of the workspace's release binaries and returns its path.
+/// Builds one of the workspace's release binaries and returns its path. remora-proxy is built
+/// as it ships (`-p remora-proxy`): at the workspace root, cargo would also enable the
+/// dependency features the tests and benches use (TLS 1.2 in rustls, all of regex's engines),
+/// a larger binary with other symbol names than `proxy/layout/` lays out.
 pub(crate) fn build_bin(name: &str) -> Result<PathBuf, String> {
     let root = workspace();
+    let mut args = vec!["build", "--release"];
+    if name == "remora-proxy" {
+        args.extend(["-p", "remora-proxy"]);
+    }
     let status = Command::new("cargo")
-        .args(["build", "--release", "--bin", name])
+        .args(args)
+        .args(["--bin", name])
         .current_dir(&root)
         .status()
         .map_err(|e| format!("cargo: {e}"))?;

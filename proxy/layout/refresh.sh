@@ -20,32 +20,49 @@
 # Usage: bash proxy/layout/refresh.sh        (needs valgrind, h2load: benches/setup.sh)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-command -v valgrind >/dev/null || { echo "refresh.sh needs valgrind: apt-get install valgrind" >&2; exit 1; }
-command -v h2load >/dev/null || { echo "refresh.sh needs h2load: bash benches/setup.sh" >&2; exit 1; }
-# The layout only applies to the shipped profile: a profile override would record other names.
-env | grep -q '^CARGO_PROFILE_RELEASE_' && { echo "unset CARGO_PROFILE_RELEASE_* first: the order must come from the shipped profile" >&2; exit 1; }
+for tool in valgrind h2load python3 nm curl; do
+  command -v $tool >/dev/null || { echo "refresh.sh needs $tool (valgrind: apt-get install valgrind; h2load: bash benches/setup.sh)" >&2; exit 1; }
+done
+# The order must come from the shipped profile: an override would record other symbol names.
+if compgen -v CARGO_PROFILE_RELEASE_ >/dev/null || [ -n "${RUSTFLAGS:-}" ]; then
+  echo "unset CARGO_PROFILE_RELEASE_* and RUSTFLAGS first: the order must come from the shipped profile" >&2
+  exit 1
+fi
 
-cargo build --release --bin remora-proxy --bin benches --bin remora
-bin=target/release
 work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+pids=(0)
+# By the time this runs, every profile needed has been written (stop waited for its proxy).
+cleanup() { for p in "${pids[@]}"; do [ "$p" = 0 ] || kill -KILL "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
+
+# Two builds, two sets of names: cargo enables a dependency's features per build command, and
+# features change its symbols' hashes. `cargo build --release -p remora-proxy` (as it ships, and
+# what `benches compare` measures) and a build at the workspace root (which adds the features
+# the tests use) each get their symbols listed; the link skips the other build's.
+bin=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
+mkdir -p "$work/package" "$work/workspace"
+cargo build --release -p remora-proxy --bin remora-proxy
+cp "$bin/remora-proxy" "$work/package/"
+cargo build --release --bin remora-proxy --bin benches --bin remora
+cp "$bin/remora-proxy" "$work/workspace/"
 
 "$bin/remora" ca init --out "$work/ca" >/dev/null
 "$bin/remora" cert issue --identity spiffe://cluster.local/ns/default/sa/web --ca "$work/ca" --out "$work/web" >/dev/null
 "$bin/remora" cert issue --identity spiffe://cluster.local/ns/default/sa/client --ca "$work/ca" --out "$work/client" >/dev/null
 
-# Ports on loopback no test uses (tests bind port 0; benches use 19xxx).
+# Fixed ports on loopback; tests and benches bind port 0 instead.
 app=127.0.0.1:29101
 "$bin/benches" backend 29101 >/dev/null 2>&1 &
 pids+=($!)
+disown $! # no "Killed" notice when cleanup ends it
+for _ in $(seq 50); do curl -sf -o /dev/null "http://$app/small" && break; sleep 0.1; done
+curl -sf -o /dev/null "http://$app/small" || { echo "the backend on $app did not start (port taken?)" >&2; exit 1; }
 
 # A proxy under callgrind; $1 names the profile, the rest is its environment.
 proxy() {
   local name=$1; shift
   env REMORA_APP_ADDR=$app "$@" valgrind --tool=callgrind --demangle=no \
-    --callgrind-out-file="$work/$name.cg" "$bin/remora-proxy" >"$work/$name.log" 2>&1 &
+    --callgrind-out-file="$work/$variant/$name.cg" "$work/$variant/remora-proxy" >"$work/$variant/$name.log" 2>&1 &
   pids+=($!)
 }
 ready() {
@@ -53,40 +70,53 @@ ready() {
   echo "proxy at $1 did not become ready" >&2; exit 1
 }
 stop() { kill -TERM "$1"; wait "$1" || true; }
+# A profile of failures would lay out error paths: every load must succeed.
+load() {
+  local out; out=$("$@" 2>&1) || { echo "$out" >&2; exit 1; }
+  echo "$out" | grep -q ' 0 failed, 0 errored, 0 timeout' || { echo "requests failed: $*" >&2; echo "$out" >&2; exit 1; }
+  echo "$out" | grep '^requests'
+}
 
-# 1. Start-up and shutdown.
-proxy start REMORA_INBOUND_ADDR=127.0.0.1:29102 REMORA_OUTBOUND_ADDR=127.0.0.1:29103 \
-  REMORA_ADMIN_ADDR=127.0.0.1:29104 REMORA_IDENTITY_DIR="$work/web"
-start=${pids[-1]}
-ready 127.0.0.1:29104
-stop "$start"
+# Records $variant's profiles.
+profile() {
+  # 1. Start-up and shutdown.
+  proxy start REMORA_INBOUND_ADDR=127.0.0.1:29102 REMORA_OUTBOUND_ADDR=127.0.0.1:29103 \
+    REMORA_ADMIN_ADDR=127.0.0.1:29104 REMORA_IDENTITY_DIR="$work/web"
+  start=${pids[-1]}
+  ready 127.0.0.1:29104
+  stop "$start"
 
-# 2. Traffic: client proxy --mTLS--> server proxy --> backend.
-proxy server REMORA_INBOUND_ADDR=127.0.0.1:29102 REMORA_OUTBOUND_ADDR=127.0.0.1:29103 \
-  REMORA_ADMIN_ADDR=127.0.0.1:29104 REMORA_IDENTITY_DIR="$work/web"
-server=${pids[-1]}
-proxy client REMORA_INBOUND_ADDR=127.0.0.1:29112 REMORA_OUTBOUND_ADDR=127.0.0.1:29113 \
-  REMORA_ADMIN_ADDR=127.0.0.1:29114 REMORA_IDENTITY_DIR="$work/client" \
-  REMORA_DESTINATIONS="echo.test:80=127.0.0.1:29102#spiffe://cluster.local/ns/default/sa/web"
-client=${pids[-1]}
-ready 127.0.0.1:29104
-ready 127.0.0.1:29114
-h2load -c 4 -m 4 -n 2000 -H ':authority: echo.test:80' http://127.0.0.1:29113/small | grep '^requests'
-h2load --h1 -c 4 -n 1000 -H ':authority: echo.test:80' http://127.0.0.1:29113/small | grep '^requests'
-"$bin/benches" grpc-load 127.0.0.1:29113 echo.test:80 200 3 2 | tail -1
-h2load -c 2 -m 4 -n 1000 http://127.0.0.1:29102/small | grep '^requests'
-curl -sf -o /dev/null http://127.0.0.1:29104/metrics
-curl -sf -o /dev/null http://127.0.0.1:29114/metrics
-stop "$client"
-stop "$server"
+  # 2. Traffic: client proxy --mTLS--> server proxy --> backend.
+  proxy server REMORA_INBOUND_ADDR=127.0.0.1:29102 REMORA_OUTBOUND_ADDR=127.0.0.1:29103 \
+    REMORA_ADMIN_ADDR=127.0.0.1:29104 REMORA_IDENTITY_DIR="$work/web"
+  server=${pids[-1]}
+  proxy client REMORA_INBOUND_ADDR=127.0.0.1:29112 REMORA_OUTBOUND_ADDR=127.0.0.1:29113 \
+    REMORA_ADMIN_ADDR=127.0.0.1:29114 REMORA_IDENTITY_DIR="$work/client" \
+    REMORA_DESTINATIONS="echo.test:80=127.0.0.1:29102#spiffe://cluster.local/ns/default/sa/web"
+  client=${pids[-1]}
+  ready 127.0.0.1:29104
+  ready 127.0.0.1:29114
+  load h2load -c 4 -m 4 -n 2000 -H ':authority: echo.test:80' http://127.0.0.1:29113/small
+  load h2load --h1 -c 4 -n 1000 -H ':authority: echo.test:80' http://127.0.0.1:29113/small
+  # "OK ERRORS p50 p99 p99.9 SENT"
+  grpc=$("$bin/benches" grpc-load 127.0.0.1:29113 echo.test:80 200 3 2 | tail -1)
+  [ "$(echo "$grpc" | awk '{print $2}')" = 0 ] || { echo "gRPC calls failed: $grpc" >&2; exit 1; }
+  echo "gRPC: $grpc"
+  load h2load -c 2 -m 4 -n 1000 http://127.0.0.1:29102/small
+  curl -sf -o /dev/null http://127.0.0.1:29104/metrics
+  curl -sf -o /dev/null http://127.0.0.1:29114/metrics
+  stop "$client"
+  stop "$server"
+}
+for variant in workspace package; do profile; done
 
 # The functions each profile ran in remora-proxy, by symbol name.
-python3 - "$work" "$bin/remora-proxy" proxy/layout/remora-proxy.order <<'EOF'
+python3 - "$work" proxy/layout/remora-proxy.order workspace package <<'EOF'
 import re, subprocess, sys
-work, binary, out = sys.argv[1:4]
-def ran(profile):
+work, out, variants = sys.argv[1], sys.argv[2], sys.argv[3:]
+def ran(variant, profile):
     objs, fns, ob, ids = {}, {}, None, set()
-    for line in open(f"{work}/{profile}.cg"):
+    for line in open(f"{work}/{variant}/{profile}.cg"):
         m = re.match(r"^(c?ob|c?fn)=\((\d+)\)(?: (.*))?", line)
         if not m:
             continue
@@ -103,14 +133,17 @@ def ran(profile):
             if kind == "fn" and ob and ob.endswith("/remora-proxy"):
                 ids.add(i)
     return {fns[i] for i in ids if i in fns}
-symbols = set()
-for line in subprocess.run(["nm", binary], capture_output=True, text=True, check=True).stdout.splitlines():
-    parts = line.split()
-    if len(parts) == 3 and parts[1] in "tTwW":
-        symbols.add(parts[2])
-start = ran("start") & symbols
-rest = (ran("server") | ran("client")) & symbols - start
+starts, rests = [], []
+for v in variants:
+    nm = subprocess.run(["nm", f"{work}/{v}/remora-proxy"], capture_output=True, text=True, check=True)
+    symbols = {p[2] for p in (l.split() for l in nm.stdout.splitlines()) if len(p) == 3 and p[1] in "tTwW"}
+    start = ran(v, "start") & symbols
+    starts.append(sorted(start))
+    rests.append(sorted((ran(v, "server") | ran(v, "client")) & symbols - start))
+    print(f"{v} build: {len(start)} start-up functions, then {len(rests[-1])} on the request paths")
+# Each name once, in the order first met: both builds' start-up, then both request paths.
+listed = list(dict.fromkeys(s for group in starts + rests for s in group))
 with open(out, "w") as f:
-    f.write("".join(s + "\n" for s in sorted(start) + sorted(rest)))
-print(f"{out}: {len(start)} start-up functions, then {len(rest)} on the request paths")
+    f.write("".join(s + "\n" for s in listed))
+print(f"{out}: {len(listed)} functions")
 EOF
