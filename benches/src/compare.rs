@@ -1655,13 +1655,13 @@ mod tests {
             skipped: vec![],
             layout: Ok(crate::layout::Coverage {
                 found: 1900,
-                listed: 2000,
+                expected: 2000,
                 in_front: 1900,
             }),
         };
         let report = render(&results);
         for line in [
-            "Text layout: 1900 of 2000 functions in `proxy/layout/remora-proxy.order` are in the measured binary (95 %), 1900 of them at the front of its text; laid out together at the front of the text.",
+            "Text layout: 1900 of the 2000 functions `proxy/layout/remora-proxy.order` lists for one build are in the measured binary (95 %), 1900 of them at the front of its text; laid out together at the front of the text.",
             // 40 ≤ 0.8 × min(60, 55) = 44.
             "| CPU/request at 1,000 rps, h2c, 1 connection ≤ 0.8× haproxy's and nginx's | 40.0 µs | 60.0 µs (remora 0.67×) | 55.0 µs (remora 0.73×) | ✓ |",
             // 75 against 0.8 × min(52, 60) = 41.6.
