@@ -105,6 +105,13 @@ profile() {
   load h2load -c 2 -m 4 -n 1000 http://127.0.0.1:29102/small
   curl -sf -o /dev/null http://127.0.0.1:29104/metrics
   curl -sf -o /dev/null http://127.0.0.1:29114/metrics
+  # Connections that close before a request (TCP probes, load balancers' checks, the
+  # benchmarks' own port waits) and a request cut short: the detection's refusal paths.
+  for port in 29102 29103 29113; do
+    for _ in 1 2 3; do (exec 3<>/dev/tcp/127.0.0.1/$port; exec 3>&-) 2>/dev/null || true; done
+    (exec 3<>/dev/tcp/127.0.0.1/$port; printf 'GET / HTTP/1.1\r\nHo' >&3; exec 3>&-) 2>/dev/null || true
+  done
+  curl -s -o /dev/null http://127.0.0.1:29104/no-such-page || true
   stop "$client"
   stop "$server"
 }
