@@ -83,7 +83,17 @@ pub(crate) fn coverage(order: &str, nm: &str) -> Coverage {
             _ => None,
         }
     });
-    let expected = per_build.max().unwrap_or(listed.len());
+    let counts: Vec<usize> = per_build.collect();
+    let found_n = listed.iter().filter(|s| defined.contains_key(*s)).count();
+    // Which build this binary is: the one with the fewest names that still has at least as many
+    // as were found (the other build's names are not in it), else the larger.
+    let expected = counts
+        .iter()
+        .copied()
+        .filter(|&c| c >= found_n)
+        .min()
+        .or_else(|| counts.iter().copied().max())
+        .unwrap_or(listed.len());
     let found: Vec<(u64, u64)> = listed
         .iter()
         .filter_map(|s| defined.get(s).copied())
@@ -146,14 +156,18 @@ mod tests {
     #[test]
     fn the_builds_counts_set_what_one_build_should_find() {
         let order = "# remora-proxy's text layout\n# build package 3\n# build workspace 2\n_RNvCs1_5tokio3run\n_ZN5other17h0000000000000000E\n_ZN5third17h0000000000000000E\n_ZN5forth17h0000000000000000E\n";
+        // One found: judged against the 2-name build, not the 3-name one.
         assert_eq!(
             coverage(order, NM),
             Coverage {
                 found: 1,
-                expected: 3,
+                expected: 2,
                 in_front: 1
             }
         );
+        // More found than either build lists: against the larger.
+        let order = "# build package 1\n# build workspace 2\n_RNvCs1_5tokio3run\n_RNvCs1_4cold3far\n_ZN12remora_proxy4main17h74ffc46b0d16103aE\n";
+        assert_eq!(coverage(order, NM).expected, 2);
     }
 
     #[test]

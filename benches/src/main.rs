@@ -347,7 +347,7 @@ pub(crate) fn proxy_env(
 }
 
 /// The remora-proxy the scenarios run: the one `--proxy-bin` / REMORA_BENCH_PROXY names, or the
-/// workspace's release build. Only `one-hop` measures several binaries.
+/// release build of its package ([`build_bin`]). Only `one-hop` measures several binaries.
 pub(crate) fn build_proxy() -> Result<PathBuf, String> {
     match PROXY_BINS.get().map(Vec::as_slice).unwrap_or_default() {
         [] => resolve_proxy(&ProxyBin::Workspace),

@@ -6,7 +6,7 @@
 # so the pages a process holds depend on how spread out the code it ran is, not on how much it
 # ran. Left to the linker, the ~2,000 functions a sidecar runs lie scattered
 # across 7.3 MB of text: 3.8 MiB of resident text when idle. Laid out together they hold
-# 1.3 MiB, and the request path shares fewer iTLB entries and cache lines with cold code.
+# 1.1 MiB, and the request path shares fewer iTLB entries and cache lines with cold code.
 #
 # How: callgrind (valgrind) records every function the release binary executes in two runs:
 #   1. start-up to ready and shutdown, with an identity (what every idle sidecar ran);
@@ -69,7 +69,7 @@ ready() {
   for _ in $(seq 300); do curl -sf -o /dev/null "http://$1/ready" && return 0; sleep 0.2; done
   echo "proxy at $1 did not become ready" >&2; exit 1
 }
-stop() { kill -TERM "$1"; wait "$1" || true; }
+stop() { kill -TERM "$1" || { echo "proxy $1 died before its profile was complete: see $work/$variant/*.log" >&2; exit 1; }; wait "$1" || true; }
 # A profile of failures would lay out error paths: every load must succeed.
 load() {
   local out; out=$("$@" 2>&1) || { echo "$out" >&2; exit 1; }
