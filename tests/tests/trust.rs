@@ -921,6 +921,26 @@ async fn h2_reaches_an_http1_only_app_and_bad_chunks_are_400() {
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
 }
 
+/// Found by CI (the interception test): on first contact, many HTTP/2 streams at once to an
+/// HTTP/1-only app. The app answers the preface and closes; the streams queued behind it broke
+/// the pipe before the proxy read that answer, and all of them got 502. A fresh proxy each
+/// time (the verdict is per endpoint), h2load with 16 streams in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_h2_streams_reach_an_http1_only_app() {
+    for round in 0..5 {
+        let app = python_server("lenient_app.py", &[]).await;
+        let proxy = TestProxy::start(config(app.addr)).await;
+        let url = format!("http://{}/", proxy.inbound);
+        let out = run("h2load", &["-n", "200", "-c", "2", "-m", "8", &url]).await;
+        assert_eq!(out.status, 0, "h2load: {}", out.stderr);
+        assert!(
+            out.stdout.contains("200 succeeded, 0 failed"),
+            "round {round}: {}",
+            out.stdout
+        );
+    }
+}
+
 /// Found in review: CGI/WSGI servers map `x_remora_client_id` to the same variable as
 /// `x-remora-client-id`, so the underscore spelling is stripped as well (HTTP/1 and HTTP/2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
