@@ -68,27 +68,34 @@ pub struct Replayed {
 }
 
 /// A handle on a recording, kept by whoever may need to resend.
-pub struct Replay {
-    copy: Arc<Mutex<Copy>>,
-    dropped: Arc<tokio::sync::Notify>,
+pub struct Replay(Kept);
+
+enum Kept {
+    /// The body had ended before it was sent (most requests: a GET, a bodiless POST): there
+    /// is nothing to record, and no allocation per request for it.
+    Empty,
+    /// A body already replayed once: it is not replayed twice.
+    Nothing,
+    Recorded {
+        copy: Arc<Mutex<Copy>>,
+        dropped: Arc<tokio::sync::Notify>,
+    },
 }
 
 impl Replay {
     fn none() -> Self {
-        Replay {
-            copy: Arc::new(Mutex::new(Copy {
-                overflow: true,
-                ..Copy::default()
-            })),
-            dropped: Arc::new(tokio::sync::Notify::new()),
-        }
+        Replay(Kept::Nothing)
     }
 
     /// [`Replay::body`] can give the body again: it ended within [`MAX_REPLAY`] (then any
     /// number of times, once the attempt lets go of it), or the attempt gave back the unread
     /// rest (once).
     pub fn complete(&self) -> bool {
-        let copy = self.copy.lock().unwrap_or_else(|p| p.into_inner());
+        let copy = match &self.0 {
+            Kept::Empty => return true,
+            Kept::Nothing => return false,
+            Kept::Recorded { copy, .. } => copy.lock().unwrap_or_else(|p| p.into_inner()),
+        };
         !copy.overflow && (copy.ended || (!copy.alive && copy.rest.is_some()))
     }
 
@@ -102,10 +109,13 @@ impl Replay {
 
     /// Waits (at most `max`) until the attempt has dropped the body; false on timeout.
     async fn released(&self, max: std::time::Duration) -> bool {
+        let Kept::Recorded { copy, dropped } = &self.0 else {
+            return true;
+        };
         let wait = async {
             loop {
-                let notified = self.dropped.notified();
-                if !self.copy.lock().unwrap_or_else(|p| p.into_inner()).alive {
+                let notified = dropped.notified();
+                if !copy.lock().unwrap_or_else(|p| p.into_inner()).alive {
                     return;
                 }
                 notified.await;
@@ -117,12 +127,17 @@ impl Replay {
     /// The body again: the recorded part, then the unread rest. `None` when more than
     /// [`MAX_REPLAY`] was read, or the failed attempt never let go of the body.
     pub async fn body(&self) -> Option<UpstreamBody> {
+        let copy = match &self.0 {
+            Kept::Empty => return Some(UpstreamBody::empty()),
+            Kept::Nothing => return None,
+            Kept::Recorded { copy, .. } => copy,
+        };
         // hyper drops the failed attempt's body on its connection task, which may run a moment
         // after we hear of the failure.
         if !self.released(std::time::Duration::from_secs(1)).await {
             return None;
         }
-        let mut copy = self.copy.lock().unwrap_or_else(|p| p.into_inner());
+        let mut copy = copy.lock().unwrap_or_else(|p| p.into_inner());
         if copy.overflow || !(copy.ended || copy.rest.is_some()) {
             return None;
         }
@@ -143,24 +158,26 @@ impl UpstreamBody {
             // Already recorded (a policy retry records before the endpoint does): one
             // recording, two handles on it.
             UpstreamBody::Recording(r) => {
-                let replay = Replay {
+                let replay = Replay(Kept::Recorded {
                     copy: r.copy.clone(),
                     dropped: r.dropped.clone(),
-                };
+                });
                 return (UpstreamBody::Recording(r), replay);
             }
             replayed @ UpstreamBody::Replayed(_) => return (replayed, Replay::none()),
         };
+        if inner.is_end_stream() {
+            return (UpstreamBody::Plain(inner), Replay(Kept::Empty));
+        }
         let copy = Arc::new(Mutex::new(Copy {
-            ended: inner.is_end_stream(),
             alive: true,
             ..Copy::default()
         }));
         let dropped = Arc::new(tokio::sync::Notify::new());
-        let replay = Replay {
+        let replay = Replay(Kept::Recorded {
             copy: copy.clone(),
             dropped: dropped.clone(),
-        };
+        });
         let body = Recording {
             inner: Some(inner),
             copy,
@@ -342,6 +359,28 @@ mod tests {
         let again = replay.body().await.expect("replayable");
         assert!(matches!(again, UpstreamBody::Replayed(_)));
         assert_eq!(read_all(again).await, sent);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_had_ended_is_passed_on_as_is_and_replayed_empty() {
+        // A GET (or any request without a body): nothing to record, nothing allocated for it.
+        let (body, replay) = UpstreamBody::Plain(incoming(Empty::<Bytes>::new()).await).recording();
+        assert!(matches!(body, UpstreamBody::Plain(_)), "not recorded");
+        assert!(body.is_end_stream());
+        assert!(replay.complete());
+        assert!(replay.settled(std::time::Duration::ZERO).await);
+        drop(body);
+        for _ in 0..2 {
+            let again = replay
+                .body()
+                .await
+                .expect("an empty body replays any number of times");
+            assert!(again.is_end_stream());
+            assert_eq!(read_all(again).await, Bytes::new());
+        }
+        // A recording of it (a policy retry records before the endpoint does) is no different.
+        let (again, _) = replay.body().await.expect("replayable").recording();
+        assert!(again.is_end_stream());
     }
 
     #[tokio::test]
