@@ -82,3 +82,97 @@ async fn a_forged_identity_never_reaches_a_hook_and_a_panicking_hook_fails_only_
     running.shutdown();
     running.wait().await.expect("clean stop");
 }
+
+/// Changes the head at phases 1 and 3; the app below reports what reached it.
+struct Rewrite;
+
+impl Hooks for Rewrite {
+    fn on_request(
+        &self,
+        req: &mut http::request::Parts,
+        _: &RequestContext<'_>,
+    ) -> Option<http::Response<Bytes>> {
+        req.headers
+            .insert("x-phase-1", http::HeaderValue::from_static("seen"));
+        req.headers.remove("x-drop-me");
+        req.uri = "/rewritten?by=phase1".parse().expect("a URI");
+        None
+    }
+
+    fn on_upstream_request(&self, req: &mut http::request::Parts, cx: &RequestContext<'_>) {
+        let to = cx.endpoint.map(|a| a.to_string()).unwrap_or_default();
+        req.headers.insert(
+            "x-phase-3",
+            http::HeaderValue::from_str(&to).expect("an address"),
+        );
+        req.method = http::Method::PUT;
+    }
+}
+
+#[tokio::test]
+async fn head_changes_made_by_hooks_reach_the_app_and_the_body_follows_them() {
+    // The app: one connection, reads the request head and its 5-byte body, answers with both.
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let app_addr = app.local_addr().expect("addr");
+    let seen = tokio::spawn(async move {
+        let (mut s, _) = app.accept().await.expect("accepts");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"hello") {
+            let n = s.read(&mut buf).await.expect("reads");
+            assert!(
+                n > 0,
+                "the request ended early: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+            .await
+            .expect("answers");
+        String::from_utf8_lossy(&got).to_lowercase()
+    });
+    let proxy = Proxy::builder()
+        .app(app_addr)
+        .inbound(Listen::Addr("127.0.0.1:0".parse().unwrap()))
+        .outbound(Listen::Off)
+        .admin(Listen::Off)
+        .hooks(Rewrite)
+        .bind()
+        .await
+        .expect("binds");
+    let inbound = proxy.inbound_addr().expect("inbound");
+    let running = proxy.spawn();
+    running.ready().await;
+
+    let mut s = tokio::net::TcpStream::connect(inbound)
+        .await
+        .expect("connects");
+    s.write_all(
+        b"POST /original HTTP/1.1\r\nHost: app\r\nx-drop-me: 1\r\nx-kept: 2\r\ncontent-length: 5\r\nConnection: close\r\n\r\nhello",
+    )
+    .await
+    .expect("writes");
+    let mut rsp = String::new();
+    s.read_to_string(&mut rsp).await.expect("reads");
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+
+    let got = seen.await.expect("the app ran");
+    assert!(
+        got.starts_with("put /rewritten?by=phase1 http/1.1\r\n"),
+        "{got}"
+    );
+    assert!(got.contains("\r\nx-phase-1: seen\r\n"), "{got}");
+    assert!(
+        got.contains(&format!("\r\nx-phase-3: {app_addr}\r\n")),
+        "{got}"
+    );
+    assert!(got.contains("\r\nx-kept: 2\r\n"), "{got}");
+    assert!(!got.contains("x-drop-me"), "{got}");
+    assert!(got.ends_with("\r\n\r\nhello"), "{got}");
+
+    running.shutdown();
+    running.wait().await.expect("clean stop");
+}

@@ -181,7 +181,8 @@ impl EndpointError {
 // Lives on the stack for one call; boxing the request would cost an allocation per retry.
 #[allow(clippy::large_enum_variant)]
 enum Attempt {
-    Unsent(Request<UpstreamBody>),
+    /// Boxed: rare, and the attempt's future holds its output's size.
+    Unsent(Box<Request<UpstreamBody>>),
     Failed(hyper::Error),
 }
 
@@ -567,101 +568,134 @@ impl Endpoint {
     /// Sends a request over HTTP/2 (for HTTP/2 requests) or HTTP/1.1 (otherwise). The request
     /// must already have the URI form its protocol needs (absolute for h2, origin for h1).
     /// When no connection could be made the request is handed back, unsent, for another endpoint.
-    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, SendError> {
-        // The latency sample starts when the request is handed to a connection, so connecting
-        // (a cold endpoint's first request) does not count as the endpoint being slow.
-        let dispatched = Stamp::new();
-        self.load.start();
-        if let Some(m) = &self.metrics {
-            m.requests.inc();
-            m.in_flight.inc();
-        }
-        // Taken off the load however the send ends: a caller that gives up (a gRPC deadline,
-        // a client gone) drops this future mid-way, and the endpoint must not stay "busy"
-        // for ever (found by the fault tests).
-        let mut pending = Pending {
-            ep: self,
-            done: false,
-        };
-        let res = if req.version() == http::Version::HTTP_2 {
-            if self.h1_only.load(std::sync::atomic::Ordering::Relaxed) {
-                self.send_h1(to_http1(req), &dispatched).await
+    ///
+    /// A function returning an `async move` block rather than an `async fn`, here and on the
+    /// rest of the request path: an `async fn` moves each argument into a local of its own,
+    /// and a local that was borrowed (`req.version()`) keeps its place in the future across
+    /// every await — a second copy of the request (300 bytes) per level, in every request's
+    /// future, for as long as the request is in flight. A captured argument is stored once.
+    #[allow(clippy::manual_async_fn)] // on purpose: see `Endpoint::send`
+    pub fn send(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + '_ {
+        async move {
+            // The latency sample starts when the request is handed to a connection, so connecting
+            // (a cold endpoint's first request) does not count as the endpoint being slow.
+            let dispatched = Stamp::new();
+            self.load.start();
+            if let Some(m) = &self.metrics {
+                m.requests.inc();
+                m.in_flight.inc();
+            }
+            // Taken off the load however the send ends: a caller that gives up (a gRPC deadline,
+            // a client gone) drops this future mid-way, and the endpoint must not stay "busy"
+            // for ever (found by the fault tests).
+            let mut pending = Pending {
+                ep: self,
+                done: false,
+            };
+            let res = if req.version() == http::Version::HTTP_2 {
+                if self.h1_only.load(std::sync::atomic::Ordering::Relaxed) {
+                    self.send_h1(to_http1(req), &dispatched).await
+                } else {
+                    self.send_h2(req, &dispatched).await
+                }
             } else {
-                self.send_h2(req, &dispatched).await
+                self.send_h1(req, &dispatched).await
+            };
+            pending.done = true;
+            match &res {
+                Ok(_) => self.load.finish(dispatched.elapsed()),
+                Err(_) => self.load.abandon(),
             }
-        } else {
-            self.send_h1(req, &dispatched).await
-        };
-        pending.done = true;
-        match &res {
-            Ok(_) => self.load.finish(dispatched.elapsed()),
-            Err(_) => self.load.abandon(),
-        }
-        if let Some(m) = &self.metrics {
-            m.in_flight.dec();
-            m.latency.set(self.load.rtt().as_secs_f64());
-            if matches!(&res, Err(e) if !e.error.is_connect() && !e.error.is_client_body()) {
-                m.failures.inc();
+            if let Some(m) = &self.metrics {
+                m.in_flight.dec();
+                m.latency.set(self.load.rtt().as_secs_f64());
+                if matches!(&res, Err(e) if !e.error.is_connect() && !e.error.is_client_body()) {
+                    m.failures.inc();
+                }
             }
+            res
         }
-        res
     }
 
-    async fn send_h2(
+    #[allow(clippy::manual_async_fn)] // on purpose: see `Endpoint::send`
+    fn send_h2(
         &self,
         req: Request<UpstreamBody>,
         dispatched: &Stamp,
-    ) -> Result<Response<Incoming>, SendError> {
-        use std::sync::atomic::Ordering::Acquire;
-        let mut _first = None;
-        if !self.h1_only.speaks_h2.load(Acquire) {
-            if let Ok(guard) = tokio::time::timeout(FIRST_CONTACT, self.h1_only.first.lock()).await
-                && !self.h1_only.speaks_h2.load(Acquire)
-            {
-                _first = Some(guard);
+    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send {
+        async move {
+            use std::sync::atomic::Ordering::Acquire;
+            let mut _first = None;
+            if !self.h1_only.speaks_h2.load(Acquire) {
+                if let Ok(guard) =
+                    tokio::time::timeout(FIRST_CONTACT, self.h1_only.first.lock()).await
+                    && !self.h1_only.speaks_h2.load(Acquire)
+                {
+                    _first = Some(guard);
+                }
+                if self.h1_only.load(Acquire) {
+                    return Box::pin(self.send_h1(to_http1(req), dispatched)).await;
+                }
             }
-            if self.h1_only.load(Acquire) {
-                return Box::pin(self.send_h1(to_http1(req), dispatched)).await;
-            }
+            // The cached connection synchronously; connecting (a large future) only when needed.
+            let sender = match self.cached_h2() {
+                Some(s) => s,
+                None => match Box::pin(self.h2_sender()).await {
+                    Ok(s) => s,
+                    Err(error) => {
+                        return Err(SendError {
+                            error,
+                            unsent: Some(req),
+                        });
+                    }
+                },
+            };
+            // Keep what a resend needs: the head, and a recording of the body. In a block of its
+            // own, so that the head's parts are not kept in the future while the request is out.
+            let (req, head, replay) = {
+                let (parts, body) = req.into_parts();
+                let (body, replay) = body.recording();
+                let head = (
+                    parts.method.clone(),
+                    parts.uri.clone(),
+                    parts.version,
+                    parts.headers.clone(),
+                );
+                (Request::from_parts(parts, body), head, replay)
+            };
+            let failed = match self.h2_attempt(sender, req, dispatched).await {
+                Ok(rsp) => {
+                    self.h1_only
+                        .speaks_h2
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    return Ok(rsp);
+                }
+                Err(failed) => failed,
+            };
+            // Boxed: what a failure needs is not carried by every request's future.
+            Box::pin(self.h2_failed(failed, replay, head, dispatched)).await
         }
-        // The cached connection synchronously; connecting (a large future) only when needed.
-        let sender = match self.cached_h2() {
-            Some(s) => Ok(s),
-            None => Box::pin(self.h2_sender()).await,
-        };
-        let sender = match sender {
-            Ok(s) => s,
-            Err(error) => {
-                return Err(SendError {
-                    error,
-                    unsent: Some(req),
-                });
-            }
-        };
-        // Keep what a resend needs: the head, and a recording of the body.
-        let (parts, body) = req.into_parts();
-        let (body, replay) = body.recording();
-        let head = (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.version,
-            parts.headers.clone(),
-        );
-        let first = self
-            .h2_attempt(sender, Request::from_parts(parts, body), dispatched)
-            .await;
-        let error = match first {
-            Ok(rsp) => {
-                self.h1_only
-                    .speaks_h2
-                    .store(true, std::sync::atomic::Ordering::Release);
-                return Ok(rsp);
-            }
-            Err(Attempt::Unsent(req)) => {
+    }
+
+    /// What follows an HTTP/2 attempt that failed: the same request again when it provably
+    /// never reached the application, or over HTTP/1.1 when the endpoint does not speak
+    /// HTTP/2; otherwise the error.
+    async fn h2_failed(
+        &self,
+        failed: Attempt,
+        replay: crate::retry::replay::Replay,
+        head: RequestHead,
+        dispatched: &Stamp,
+    ) -> Result<Response<Incoming>, SendError> {
+        let error = match failed {
+            Attempt::Unsent(req) => {
                 // Handed back before it was written: resend as is.
-                return Box::pin(self.h2_retry(req, dispatched)).await;
+                return Box::pin(self.h2_retry(*req, dispatched)).await;
             }
-            Err(Attempt::Failed(e)) => e,
+            Attempt::Failed(e) => e,
         };
         // Refused, or cut by a graceful GOAWAY: the server never processed it (RFC 9113 §8.7).
         if never_processed(&error)
@@ -716,20 +750,24 @@ impl Endpoint {
         Some(Box::pin(self.send_h1(to_http1(rebuild(head, body)), dispatched)).await)
     }
 
-    async fn h2_attempt(
+    /// The request goes to the connection now, when this is called (hyper queues it at once);
+    /// the future only waits for the answer, and does not keep a copy of the request.
+    fn h2_attempt(
         &self,
         mut sender: http2::SendRequest<UpstreamBody>,
         req: Request<UpstreamBody>,
         dispatched: &Stamp,
-    ) -> Result<Response<Incoming>, Attempt> {
+    ) -> impl Future<Output = Result<Response<Incoming>, Attempt>> + Send + use<> {
         dispatched.set();
-        match sender.try_send_request(req).await {
+        // A mapped future, not an `async move` block: a block would keep `sent` twice (the
+        // captured value, and the copy it awaits).
+        futures_util::FutureExt::map(sender.try_send_request(req), |sent| match sent {
             Ok(rsp) => Ok(rsp),
             Err(mut e) => match e.take_message() {
-                Some(req) => Err(Attempt::Unsent(req)),
+                Some(req) => Err(Attempt::Unsent(Box::new(req))),
                 None => Err(Attempt::Failed(e.into_error())),
             },
-        }
+        })
     }
 
     /// One more try on a fresh connection (the cached one is closed or going away).
@@ -772,7 +810,7 @@ impl Endpoint {
             }
             Err(Attempt::Unsent(req)) => Err(SendError {
                 error: EndpointError::Closed { addr: self.addr },
-                unsent: Some(req),
+                unsent: Some(*req),
             }),
         }
     }

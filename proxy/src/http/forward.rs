@@ -223,7 +223,7 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Scrubbed>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Scrubbed>) -> Self::Future {
         let shared = self.shared.clone();
         let conn = self.conn.clone();
         if let Some(paths) = &self.probe_only
@@ -277,17 +277,20 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
                 destination: asked.as_deref(),
                 endpoint: None,
             };
-            let (req, answered) = if shared.hooks_active {
-                let (mut head, body) = req.into_parts();
-                let answered =
-                    match crate::panics::catch_sync(|| shared.hooks.on_request(&mut head, &cx)) {
-                        Some(Some(local)) => Some(Ok(local.map(|b| Either::Right(Full::new(b))))),
+            // The request stays where the block captured it (hooks see its head in place):
+            // a moved copy would stay in this future for as long as the request is out.
+            // Boxed: a hook's answer is rare, and this is kept while the request is out.
+            let answered = match shared.hooks_active {
+                false => None,
+                true => with_head(&mut req, |head| {
+                    match crate::panics::catch_sync(|| shared.hooks.on_request(head, &cx)) {
+                        Some(Some(local)) => {
+                            Some(Box::new(Ok(local.map(|b| Either::Right(Full::new(b))))))
+                        }
                         Some(None) => None,
-                        None => Some(Err(ForwardError::HookPanicked)),
-                    };
-                (Request::from_parts(head, body), answered)
-            } else {
-                (req, None)
+                        None => Some(Box::new(Err(ForwardError::HookPanicked))),
+                    }
+                }),
             };
             // What a failure's log line names: the route and the verified client. Reference
             // counts, not copies (the path and header bytes are shared with the request).
@@ -296,9 +299,10 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
                 path: req.uri().path_and_query().cloned(),
                 client: req.headers().get(&CLIENT_ID_HEADER).cloned(),
             };
-            let outcome = match answered {
-                Some(answer) => Some(answer),
-                None => crate::panics::catch("request", shared.forward(req, &cx, &conn)).await,
+            let outcome = if let Some(answer) = answered {
+                Some(*answer)
+            } else {
+                crate::panics::catch("request", shared.forward(req, &cx, &conn)).await
             };
             let rsp = match outcome {
                 Some(Ok(rsp)) => rsp,
@@ -474,85 +478,86 @@ impl Forwarder {
         rsp
     }
 
-    async fn forward(
+    /// Not an `async fn`, for the reason [`Endpoint::send`] gives: the request is kept once.
+    #[allow(clippy::manual_async_fn)] // on purpose: see `Endpoint::send`
+    fn forward(
         &self,
-        req: Request<Scrubbed>,
+        mut req: Request<Scrubbed>,
         cx: &RequestContext<'_>,
         conn: &Conn,
-    ) -> Result<Response<Body>, ForwardError> {
-        let (dst, dest, req) = match (&self.route, conn.original) {
-            (Route::App(app), _) => {
-                if req.method() == Method::CONNECT {
-                    return Err(ForwardError::ConnectInbound);
+    ) -> impl Future<Output = Result<Response<Body>, ForwardError>> + Send {
+        async move {
+            let (dst, dest) = match (&self.route, conn.original) {
+                (Route::App(app), _) => {
+                    if req.method() == Method::CONNECT {
+                        return Err(ForwardError::ConnectInbound);
+                    }
+                    let app = conn.app.as_ref().unwrap_or(app);
+                    return self.send(req, "app", app, None, cx).await;
                 }
-                let app = conn.app.as_ref().unwrap_or(app);
-                return self.send(req, "app", app, None, cx).await;
+                // Intercepted: the authority when discovery knows it, else where the app was
+                // connecting (a ClusterIP, a meshed pod, or anything else, passed through).
+                (Route::Destinations(d), Some(original)) if req.method() != Method::CONNECT => {
+                    let name = match self.chosen(&mut req, cx)? {
+                        Some(name) => Some(name),
+                        None => request_authority(&req).ok().flatten(),
+                    };
+                    Box::pin(d.resolve_original(name.as_deref(), original)).await?
+                }
+                (Route::Destinations(d), _) => {
+                    let name = match self.chosen(&mut req, cx)? {
+                        Some(name) => name,
+                        None => request_authority(&req)
+                            .map_err(ForwardError::BadAuthority)?
+                            .ok_or(ForwardError::NoAuthority)?,
+                    };
+                    // Cold paths are boxed so the per-request future stays small (it is moved into a
+                    // Box for every request; its size showed up as memmove in profiles).
+                    let dest = Box::pin(d.resolve(&name)).await?;
+                    (name, dest)
+                }
+            };
+            let (dst, dest) = match &self.route {
+                Route::Destinations(d) if req.method() != Method::CONNECT => {
+                    Box::pin(self.policy_route(d, dst, dest, &req)).await?
+                }
+                _ => (dst, dest),
+            };
+            let ep = Box::pin(dest.pick(None)).await?;
+            self.check_loop(&dst, &ep)?;
+            let cx = RequestContext {
+                destination: Some(&dst),
+                ..*cx
+            };
+            if req.method() == Method::CONNECT {
+                self.upstream_phase(&mut req, &cx, &ep)?;
+                return Box::pin(self.connect(req, &dst, &dest, &ep)).await;
             }
-            // Intercepted: the authority when discovery knows it, else where the app was
-            // connecting (a ClusterIP, a meshed pod, or anything else, passed through).
-            (Route::Destinations(d), Some(original)) if req.method() != Method::CONNECT => {
-                let (req, chosen) = self.chosen(req, cx)?;
-                let name = match chosen {
-                    Some(name) => Some(name),
-                    None => request_authority(&req).ok().flatten(),
-                };
-                let (name, dest) = Box::pin(d.resolve_original(name.as_deref(), original)).await?;
-                (name, dest, req)
-            }
-            (Route::Destinations(d), _) => {
-                let (req, chosen) = self.chosen(req, cx)?;
-                let name = match chosen {
-                    Some(name) => name,
-                    None => request_authority(&req)
-                        .map_err(ForwardError::BadAuthority)?
-                        .ok_or(ForwardError::NoAuthority)?,
-                };
-                // Cold paths are boxed so the per-request future stays small (it is moved into a
-                // Box for every request; its size showed up as memmove in profiles).
-                let dest = Box::pin(d.resolve(&name)).await?;
-                (name, dest, req)
-            }
-        };
-        let (dst, dest) = match &self.route {
-            Route::Destinations(d) if req.method() != Method::CONNECT => {
-                Box::pin(self.policy_route(d, dst, dest, &req)).await?
-            }
-            _ => (dst, dest),
-        };
-        let ep = Box::pin(dest.pick(None)).await?;
-        self.check_loop(&dst, &ep)?;
-        let cx = RequestContext {
-            destination: Some(&dst),
-            ..*cx
-        };
-        if req.method() == Method::CONNECT {
-            let req = self.upstream_phase(req, &cx, &ep)?;
-            return Box::pin(self.connect(req, &dst, &dest, &ep)).await;
-        }
-        let (timeout, idle) = {
-            let policy = dest.policy_now();
-            let path = req.uri().path();
-            (policy.timeout_for(path), policy.idle_timeout_for(path))
-        };
-        let grpc = is_grpc(&req);
-        let (limit, idle) = match req.headers().contains_key(header::UPGRADE) {
-            // An upgraded stream lives as long as its peers want; only its 101 could be timed
-            // (its bytes have the tunnel's own idle timeout).
-            true => (None, None),
-            false => (
-                crate::deadline::deadline(timeout, req.headers(), grpc),
-                idle,
-            ),
-        };
-        match idle {
-            None => {
-                self.send_within(req, &dst, &ep, &dest, &cx, limit, timeout)
-                    .await
-            }
-            // Boxed: the common path's future does not carry the watchdog's state.
-            Some(after) => {
-                let within = (limit, timeout);
-                Box::pin(self.send_watched(req, &dst, &ep, &dest, &cx, within, after)).await
+            let (timeout, idle) = {
+                let policy = dest.policy_now();
+                let path = req.uri().path();
+                (policy.timeout_for(path), policy.idle_timeout_for(path))
+            };
+            let grpc = is_grpc(&req);
+            let (limit, idle) = match req.headers().contains_key(header::UPGRADE) {
+                // An upgraded stream lives as long as its peers want; only its 101 could be timed
+                // (its bytes have the tunnel's own idle timeout).
+                true => (None, None),
+                false => (
+                    crate::deadline::deadline(timeout, req.headers(), grpc),
+                    idle,
+                ),
+            };
+            match idle {
+                None => {
+                    self.send_within(req, &dst, &ep, &dest, &cx, limit, timeout)
+                        .await
+                }
+                // Boxed: the common path's future does not carry the watchdog's state.
+                Some(after) => {
+                    let within = (limit, timeout);
+                    Box::pin(self.send_watched(req, &dst, &ep, &dest, &cx, within, after)).await
+                }
             }
         }
     }
@@ -670,24 +675,24 @@ impl Forwarder {
     /// Phase 2: the embedding application's choice of destination, normalised.
     fn chosen(
         &self,
-        req: Request<Scrubbed>,
+        req: &mut Request<Scrubbed>,
         cx: &RequestContext<'_>,
-    ) -> Result<(Request<Scrubbed>, Option<String>), ForwardError> {
+    ) -> Result<Option<String>, ForwardError> {
         if !self.hooks_active {
-            return Ok((req, None));
+            return Ok(None);
         }
-        let (head, body) = req.into_parts();
-        let chosen = crate::panics::catch_sync(|| self.hooks.choose_destination(&head, cx))
-            .ok_or(ForwardError::HookPanicked)?;
-        let chosen = match chosen {
-            Some(name) => Some(normalize_authority(&name).ok_or_else(|| {
+        let chosen = with_head(req, |head| {
+            crate::panics::catch_sync(|| self.hooks.choose_destination(head, cx))
+        })
+        .ok_or(ForwardError::HookPanicked)?;
+        match chosen {
+            Some(name) => Ok(Some(normalize_authority(&name).ok_or_else(|| {
                 ForwardError::BadAuthority(format!(
                     "the choose_destination hook returned {name:?}, not host:port"
                 ))
-            })?),
-            None => None,
-        };
-        Ok((Request::from_parts(head, body), chosen))
+            })?)),
+            None => Ok(None),
+        }
     }
 
     /// The own listener an intercepted connection to `original` would reach, if any.
@@ -747,21 +752,21 @@ impl Forwarder {
     /// Phase 3: the application's last look at the head before it leaves for `ep`.
     fn upstream_phase<B>(
         &self,
-        req: Request<B>,
+        req: &mut Request<B>,
         cx: &RequestContext<'_>,
         ep: &Endpoint,
-    ) -> Result<Request<B>, ForwardError> {
+    ) -> Result<(), ForwardError> {
         if !self.hooks_active {
-            return Ok(req);
+            return Ok(());
         }
         let cx = RequestContext {
             endpoint: Some(ep.addr),
             ..*cx
         };
-        let (mut head, body) = req.into_parts();
-        crate::panics::catch_sync(|| self.hooks.on_upstream_request(&mut head, &cx))
-            .ok_or(ForwardError::HookPanicked)?;
-        Ok(Request::from_parts(head, body))
+        with_head(req, |head| {
+            crate::panics::catch_sync(|| self.hooks.on_upstream_request(head, &cx))
+                .ok_or(ForwardError::HookPanicked)
+        })
     }
 
     fn check_loop(&self, dst: &str, ep: &Endpoint) -> Result<(), ForwardError> {
@@ -778,58 +783,76 @@ impl Forwarder {
         }
     }
 
-    async fn send(
+    /// Not an `async fn`, for the reason [`Endpoint::send`] gives: the request is kept once.
+    #[allow(clippy::manual_async_fn)] // on purpose: see `Endpoint::send`
+    fn send(
         &self,
-        req: Request<Scrubbed>,
+        mut req: Request<Scrubbed>,
         dst: &str,
         ep: &Arc<Endpoint>,
         dest: Option<&Destination>,
         cx: &RequestContext<'_>,
-    ) -> Result<Response<Body>, ForwardError> {
-        let mut req = req;
-        upstream_uri(&mut req, ep.addr);
-        let req = self.upstream_phase(req, cx, ep)?;
-        if req.headers().contains_key(header::UPGRADE) {
-            return Box::pin(self.upgrade(req, dst, ep)).await;
-        }
-        let Some(dest) = dest else {
-            // Inbound: the app is the only endpoint.
-            return match ep.send(req.map(UpstreamBody::Plain)).await {
-                Ok(rsp) => Ok(self.answered(rsp, ep)),
-                Err(e) => Err(ForwardError::Endpoint {
-                    dst: dst.to_string(),
-                    source: e.error,
-                }),
-            };
-        };
-        if req.version() == Version::HTTP_2 {
-            dest.saw_h2();
-        }
-        dest.budget.deposit();
-        let policy = dest.policy_now();
-        let retries = policy.retries_for(req.uri().path());
-        if retries > 0
-            && (policy.retry_on.non_idempotent
-                || crate::retry::policy_may_retry(&req, is_grpc(&req)))
-        {
-            // Held for the request's tries: a policy change applies from the next request.
-            let policy = arc_swap::Guard::into_inner(policy);
-            return Box::pin(self.send_with_retries(req, dst, ep, dest, cx, &policy)).await;
-        }
-        drop(policy);
-        let second = SecondTry::new(&req);
-        let err = match ep.send(req.map(UpstreamBody::Plain)).await {
-            Ok(rsp) => {
-                dest.accrue(ep, rsp.status(), rsp.headers());
-                return Ok(self.answered(rsp, ep));
+    ) -> impl Future<Output = Result<Response<Body>, ForwardError>> + Send {
+        async move {
+            upstream_uri(&mut req, ep.addr);
+            self.upstream_phase(&mut req, cx, ep)?;
+            if req.headers().contains_key(header::UPGRADE) {
+                return Box::pin(self.upgrade(req, dst, ep)).await;
             }
-            Err(e) => e,
-        };
+            let Some(dest) = dest else {
+                // Inbound: the app is the only endpoint.
+                return match ep.send(req.map(UpstreamBody::Plain)).await {
+                    Ok(rsp) => Ok(self.answered(rsp, ep)),
+                    Err(e) => Err(ForwardError::Endpoint {
+                        dst: dst.to_string(),
+                        source: e.error,
+                    }),
+                };
+            };
+            if req.version() == Version::HTTP_2 {
+                dest.saw_h2();
+            }
+            dest.budget.deposit();
+            let policy = dest.policy_now();
+            let retries = policy.retries_for(req.uri().path());
+            if retries > 0
+                && (policy.retry_on.non_idempotent
+                    || crate::retry::policy_may_retry(&req, is_grpc(&req)))
+            {
+                // Held for the request's tries: a policy change applies from the next request.
+                let policy = arc_swap::Guard::into_inner(policy);
+                return Box::pin(self.send_with_retries(req, dst, ep, dest, cx, &policy)).await;
+            }
+            drop(policy);
+            let second = SecondTry::new(&req);
+            let err = match ep.send(req.map(UpstreamBody::Plain)).await {
+                Ok(rsp) => {
+                    dest.accrue(ep, rsp.status(), rsp.headers());
+                    return Ok(self.answered(rsp, ep));
+                }
+                Err(e) => e,
+            };
+            // Boxed: what a failure needs is not carried by every request's future.
+            Box::pin(self.send_again(err, second, dst, ep, dest, cx)).await
+        }
+    }
+
+    /// After a send to `ep` failed: the request once more on another endpoint, when it never
+    /// left (`unsent`) or is idempotent and the retry budget allows; otherwise the error.
+    async fn send_again(
+        &self,
+        err: crate::endpoint::SendError,
+        second: SecondTry,
+        dst: &str,
+        ep: &Arc<Endpoint>,
+        dest: &Destination,
+        cx: &RequestContext<'_>,
+    ) -> Result<Response<Body>, ForwardError> {
         let endpoint_error = |source| ForwardError::Endpoint {
             dst: dst.to_string(),
             source,
         };
-        let Some(retry) = second.after(err.unsent, &dest.budget) else {
+        let Some(mut retry) = second.after(err.unsent, &dest.budget) else {
             return Err(endpoint_error(err.error));
         };
         let other = match Box::pin(dest.pick(Some(ep))).await {
@@ -838,7 +861,7 @@ impl Forwarder {
         };
         self.check_loop(dst, &other)?;
         tracing::debug!(dst, error = %err.error, retry = %other.addr, "retrying on another endpoint");
-        let retry = self.upstream_phase(retry, cx, &other)?;
+        self.upstream_phase(&mut retry, cx, &other)?;
         match Box::pin(other.send(retry)).await {
             Ok(rsp) => {
                 dest.accrue(&other, rsp.status(), rsp.headers());
@@ -910,7 +933,8 @@ impl Forwarder {
                         self.check_loop(dst, &ep)?;
                         let mut next = again(b);
                         upstream_uri(&mut next, ep.addr);
-                        req = self.upstream_phase(next, cx, &ep)?;
+                        self.upstream_phase(&mut next, cx, &ep)?;
+                        req = next;
                         continue;
                     }
                 },
@@ -985,7 +1009,8 @@ impl Forwarder {
             self.check_loop(dst, &ep)?;
             let mut next = next;
             upstream_uri(&mut next, ep.addr);
-            req = self.upstream_phase(next, cx, &ep)?;
+            self.upstream_phase(&mut next, cx, &ep)?;
+            req = next;
         }
     }
 
@@ -1101,6 +1126,25 @@ impl Forwarder {
         });
         Ok(Response::new(Either::Right(Full::default())))
     }
+}
+
+/// Runs `f` on the head of `req` as the `Parts` hooks are given, in place: the fields are
+/// swapped out and back (pointer moves), so the request itself is not moved — a moved request
+/// would be a second copy of it in the request's future.
+fn with_head<B, R>(req: &mut Request<B>, f: impl FnOnce(&mut http::request::Parts) -> R) -> R {
+    let (mut head, ()) = Request::new(()).into_parts();
+    std::mem::swap(&mut head.method, req.method_mut());
+    std::mem::swap(&mut head.uri, req.uri_mut());
+    std::mem::swap(&mut head.version, req.version_mut());
+    std::mem::swap(&mut head.headers, req.headers_mut());
+    std::mem::swap(&mut head.extensions, req.extensions_mut());
+    let out = f(&mut head);
+    std::mem::swap(&mut head.method, req.method_mut());
+    std::mem::swap(&mut head.uri, req.uri_mut());
+    std::mem::swap(&mut head.version, req.version_mut());
+    std::mem::swap(&mut head.headers, req.headers_mut());
+    std::mem::swap(&mut head.extensions, req.extensions_mut());
+    out
 }
 
 /// Gives the request the URI form its upstream protocol needs. HTTP/1: origin-form, with `Host`
