@@ -986,39 +986,42 @@ impl Endpoint {
         }
     }
 
-    async fn send_h1(
+    /// Not an `async fn`, for the reason [`Endpoint::send`] gives: the request is kept once.
+    #[allow(clippy::manual_async_fn)] // on purpose: see `Endpoint::send`
+    fn send_h1(
         &self,
-        req: Request<UpstreamBody>,
+        mut req: Request<UpstreamBody>,
         dispatched: &Stamp,
-    ) -> Result<Response<Incoming>, SendError> {
-        let mut req = req;
-        // A pooled connection can close between our check and the write; a request that was
-        // never written is retried on the next one.
-        while let Some(mut sender) = self.idle_h1() {
+    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send {
+        async move {
+            // A pooled connection can close between our check and the write; a request that
+            // was never written is retried on the next one.
+            while let Some(mut sender) = self.idle_h1() {
+                dispatched.set();
+                let sent = sender.try_send_request(req);
+                self.return_h1(sender);
+                match sent.await {
+                    Ok(rsp) => return Ok(rsp),
+                    Err(mut e) => match e.take_message() {
+                        Some(back) => req = back,
+                        None => return Err(self.request_error(e.into_error())),
+                    },
+                }
+            }
+            let mut sender = match Box::pin(self.new_h1(false)).await {
+                Ok(s) => s,
+                Err(error) => {
+                    return Err(SendError {
+                        error,
+                        unsent: Some(req),
+                    });
+                }
+            };
             dispatched.set();
-            let sent = sender.try_send_request(req);
+            let sent = sender.send_request(req);
             self.return_h1(sender);
-            match sent.await {
-                Ok(rsp) => return Ok(rsp),
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => return Err(self.request_error(e.into_error())),
-                },
-            }
+            sent.await.map_err(|source| self.request_error(source))
         }
-        let mut sender = match Box::pin(self.new_h1(false)).await {
-            Ok(s) => s,
-            Err(error) => {
-                return Err(SendError {
-                    error,
-                    unsent: Some(req),
-                });
-            }
-        };
-        dispatched.set();
-        let sent = sender.send_request(req);
-        self.return_h1(sender);
-        sent.await.map_err(|source| self.request_error(source))
     }
 
     /// Sends an HTTP/1.1 request on a connection of its own that may be upgraded (WebSocket).
