@@ -173,6 +173,12 @@ impl ForwardService {
 /// A client's request on its way through the forwarding levels, boxed (see `call`).
 type Req = Box<Request<Scrubbed>>;
 
+/// The request out of its box, and the box freed now: moved out with `*req` inside an async
+/// block, the allocation would stay until the block's scope ends — after the response came.
+fn unbox(req: Req) -> Request<Scrubbed> {
+    *req
+}
+
 /// The request a failure log line names (its body and the rest of its head are gone by then).
 struct FailedAt {
     method: Method,
@@ -538,7 +544,7 @@ impl Forwarder {
             };
             if req.method() == Method::CONNECT {
                 self.upstream_phase(&mut req, &cx, &ep)?;
-                return Box::pin(self.connect(*req, &dst, &dest, &ep)).await;
+                return Box::pin(self.connect(unbox(req), &dst, &dest, &ep)).await;
             }
             let (timeout, idle) = {
                 let policy = dest.policy_now();
@@ -804,11 +810,11 @@ impl Forwarder {
             upstream_uri(&mut req, ep.addr);
             self.upstream_phase(&mut req, cx, ep)?;
             if req.headers().contains_key(header::UPGRADE) {
-                return Box::pin(self.upgrade(*req, dst, ep)).await;
+                return Box::pin(self.upgrade(unbox(req), dst, ep)).await;
             }
             let Some(dest) = dest else {
                 // Inbound: the app is the only endpoint.
-                return match ep.send(req.map(UpstreamBody::Plain)).await {
+                return match ep.send(unbox(req).map(UpstreamBody::Plain)).await {
                     Ok(rsp) => Ok(self.answered(rsp, ep)),
                     Err(e) => Err(ForwardError::Endpoint {
                         dst: dst.to_string(),
@@ -828,11 +834,12 @@ impl Forwarder {
             {
                 // Held for the request's tries: a policy change applies from the next request.
                 let policy = arc_swap::Guard::into_inner(policy);
-                return Box::pin(self.send_with_retries(*req, dst, ep, dest, cx, &policy)).await;
+                return Box::pin(self.send_with_retries(unbox(req), dst, ep, dest, cx, &policy))
+                    .await;
             }
             drop(policy);
             let second = SecondTry::new(&req);
-            let err = match ep.send(req.map(UpstreamBody::Plain)).await {
+            let err = match ep.send(unbox(req).map(UpstreamBody::Plain)).await {
                 Ok(rsp) => {
                     dest.accrue(ep, rsp.status(), rsp.headers());
                     return Ok(self.answered(rsp, ep));
