@@ -178,8 +178,7 @@ impl EndpointError {
     }
 }
 
-// Lives on the stack for one call; boxing the request would cost an allocation per retry.
-#[allow(clippy::large_enum_variant)]
+/// How an HTTP/2 attempt failed: handed back unsent, or failed after it was written.
 enum Attempt {
     /// Boxed: rare, and the attempt's future holds its output's size.
     Unsent(Box<Request<UpstreamBody>>),

@@ -33,7 +33,8 @@ struct Copy {
     alive: bool,
 }
 
-/// The upstream request body: the client's, as is (HTTP/1), recorded (HTTP/2), or replayed.
+/// The upstream request body: the client's, as is (HTTP/1, and any body that had already ended),
+/// recorded (HTTP/2), or replayed.
 pub enum UpstreamBody {
     Plain(Scrubbed),
     Recording(Recording),
@@ -72,7 +73,9 @@ pub struct Replay(Kept);
 
 enum Kept {
     /// The body had ended before it was sent (most requests: a GET, a bodiless POST): there
-    /// is nothing to record, and no allocation per request for it.
+    /// is nothing to record, and no allocation per request for it. Nothing to wait for
+    /// either: [`Replay::settled`] and [`Replay::body`] answer at once, where a recording
+    /// waits for hyper to let go of the attempt's body.
     Empty,
     /// A body already replayed once: it is not replayed twice.
     Nothing,
