@@ -228,6 +228,8 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
+    /// Always ready, and `crate::http::AlwaysReady` (the stack is called without a poll here)
+    /// relies on it: a limit is applied per request in `call`, never through readiness.
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
