@@ -58,15 +58,30 @@ impl<F: Future> Future for Catch<F> {
         Poll::Ready(match std::task::ready!(this.inner.poll(cx)) {
             Ok(out) => Some(out),
             Err(payload) => {
-                CAUGHT.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    what = *this.what,
-                    panic = message(&*payload),
-                    "BUG: panic caught on the request path; please report it"
-                );
+                record(this.what, &*payload);
                 None
             }
         })
+    }
+}
+
+fn record(what: &str, payload: &(dyn Any + Send)) {
+    CAUGHT.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(
+        what,
+        panic = message(payload),
+        "BUG: panic caught on the request path; please report it"
+    );
+}
+
+/// Runs remora's own synchronous request code; a panic in it is recorded and becomes `None`.
+pub(crate) fn catch_own<T>(what: &'static str, code: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(AssertUnwindSafe(code)) {
+        Ok(out) => Some(out),
+        Err(payload) => {
+            record(what, &*payload);
+            None
+        }
     }
 }
 

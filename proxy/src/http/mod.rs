@@ -24,39 +24,87 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// applies back-pressure through readiness), so it may be called without being polled first.
 ///
 /// [`Stack`]: crate::listener::Stack
-pub(crate) trait AlwaysReady {}
+pub(crate) trait AlwaysReady<R>: tower::Service<R> {
+    /// The answer to a request whose `call` panicked (a bug): a plain 500, since the request,
+    /// moved into the call, is gone. gRPC clients read HTTP 500 as INTERNAL.
+    fn panicked() -> Self::Response;
+}
 
-impl AlwaysReady for crate::listener::Stack {}
+impl AlwaysReady<Request<hyper::body::Incoming>> for crate::listener::Stack {
+    fn panicked() -> Response<observe::ObservedBody> {
+        observe::ObservedBody::local(local_response(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            false,
+            "remora: internal error (a bug, logged as a caught panic)",
+        ))
+    }
+}
 
 /// hyper's `Service` over an [`AlwaysReady`] tower service, called as soon as hyper has a
 /// request: hyper keeps the call's future per stream, nothing else. hyper-util's
 /// `TowerToHyperService` keeps a clone of the service and the request until its first poll,
 /// and hyper sizes every stream's task for that (464 bytes against 144 for our future).
+///
+/// The call's synchronous part runs here, on hyper's connection task (hyper-util ran it on the
+/// stream's own task): a panic in it is caught, so that it costs the one request a 500, as a
+/// panic in the request's future does, and not every stream of the connection.
 #[derive(Clone)]
 struct Called<S>(S);
 
 impl<S, R> hyper::service::Service<R> for Called<S>
 where
-    S: tower::Service<R> + AlwaysReady + Clone,
+    S: AlwaysReady<R> + Clone,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = CalledFuture<S::Future, S::Response>;
 
-    fn call(&self, req: R) -> S::Future {
+    fn call(&self, req: R) -> Self::Future {
         // A clone per request, as `TowerToHyperService` makes: tower's `call` takes `&mut`.
-        self.0.clone().call(req)
+        match crate::panics::catch_own("request", || self.0.clone().call(req)) {
+            Some(fut) => CalledFuture::Called { fut },
+            None => CalledFuture::Panicked {
+                // Boxed: the stream's task is sized for the largest variant.
+                rsp: Some(Box::new(S::panicked())),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Called`]: the service's, or the answer to a call that panicked.
+    #[project = CalledProj]
+    enum CalledFuture<F, T> {
+        Called { #[pin] fut: F },
+        Panicked { rsp: Option<Box<T>> },
+    }
+}
+
+impl<F, T, E> std::future::Future for CalledFuture<F, T>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    type Output = Result<T, E>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            CalledProj::Called { fut } => fut.poll(cx),
+            // Polled once: hyper drops a stream's future when it is ready.
+            CalledProj::Panicked { rsp } => match rsp.take() {
+                Some(rsp) => std::task::Poll::Ready(Ok(*rsp)),
+                None => std::task::Poll::Pending,
+            },
+        }
     }
 }
 
 /// Serves one HTTP/1.1 connection until it ends, or until the drain asks it to finish.
 pub async fn serve_h1<S, B>(io: ServerIo, svc: S, drain: &Drain, header_timeout: Duration)
 where
-    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>>
-        + AlwaysReady
-        + Clone
-        + Send
-        + 'static,
+    S: AlwaysReady<Request<hyper::body::Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -85,11 +133,7 @@ where
 pub async fn serve_h2<S, B, I>(io: I, svc: S, drain: &Drain)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>>
-        + AlwaysReady
-        + Clone
-        + Send
-        + 'static,
+    S: AlwaysReady<Request<hyper::body::Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -116,5 +160,93 @@ where
     };
     if let Err(e) = res {
         tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty, Full};
+    use std::convert::Infallible;
+    use std::task::{Context, Poll};
+
+    /// A fake stack: answers 200, and panics in the synchronous part of `call` (where the real
+    /// stack checks probes and rate limits) for the path `/panic`.
+    #[derive(Clone)]
+    struct PanicsOnCall;
+
+    impl tower::Service<Request<hyper::body::Incoming>> for PanicsOnCall {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: Request<hyper::body::Incoming>) -> Self::Future {
+            if req.uri().path() == "/panic" {
+                panic!("injected: a bug in the stack's synchronous part");
+            }
+            std::future::ready(Ok(Response::new(Full::new(Bytes::from_static(b"ok")))))
+        }
+    }
+
+    impl AlwaysReady<Request<hyper::body::Incoming>> for PanicsOnCall {
+        fn panicked() -> Response<Full<Bytes>> {
+            local_response(http::StatusCode::INTERNAL_SERVER_ERROR, false, "panicked")
+        }
+    }
+
+    /// The wrapper costs the stream's task nothing beyond the stack's future.
+    #[test]
+    fn the_called_future_is_no_larger_than_the_stack_future() {
+        type Fut =
+            <crate::listener::Stack as tower::Service<Request<hyper::body::Incoming>>>::Future;
+        type Rsp =
+            <crate::listener::Stack as tower::Service<Request<hyper::body::Incoming>>>::Response;
+        assert_eq!(
+            std::mem::size_of::<CalledFuture<Fut, Rsp>>(),
+            std::mem::size_of::<Fut>()
+        );
+    }
+
+    /// A panic while the stack is called (on hyper's connection task) costs that request a
+    /// 500; the connection and its other streams go on, and the panic is counted.
+    #[tokio::test]
+    async fn a_panic_in_the_call_answers_500_and_the_connection_goes_on() {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let drain = Drain::new();
+        let server = tokio::spawn(async move { serve_h2(ours, PanicsOnCall, &drain).await });
+        let (mut client, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(theirs))
+                .await
+                .expect("an HTTP/2 handshake over an in-memory pipe");
+        tokio::spawn(conn);
+        let get = |path: &str| {
+            Request::get(format!("http://test{path}"))
+                .body(Empty::<Bytes>::new())
+                .expect("a valid request")
+        };
+
+        let before = crate::panics::caught();
+        // One stream in flight across the panic, on the same connection.
+        client.ready().await.expect("ready");
+        let across = client.send_request(get("/before"));
+        client.ready().await.expect("ready");
+        let rsp = client.send_request(get("/panic")).await.expect("an answer");
+        assert_eq!(rsp.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(
+            crate::panics::caught() > before,
+            "the panic was not counted"
+        );
+        let rsp = across.await.expect("the other stream survived");
+        assert_eq!(rsp.status(), http::StatusCode::OK);
+        client.ready().await.expect("the connection is still open");
+        let rsp = client.send_request(get("/after")).await.expect("an answer");
+        assert_eq!(rsp.status(), http::StatusCode::OK);
+        let body = rsp.into_body().collect().await.expect("a body").to_bytes();
+        assert_eq!(&body[..], b"ok");
+        assert!(!server.is_finished());
     }
 }

@@ -126,6 +126,8 @@ where
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let h = &self.handles;
         h.in_flight.inc();
+        // The guard first: a panic below (caught by `http::Called`) still decrements.
+        let in_flight = InFlight(h.clone());
         // Boxed, as `Seen` is: only a sampled request has one.
         let span = h
             .tracer
@@ -150,7 +152,7 @@ where
         ObserveFuture {
             inner: self.inner.call(req),
             start: Instant::now(),
-            in_flight: Some(InFlight(self.handles.clone())),
+            in_flight: Some(in_flight),
             client_id: request.as_ref().and(self.client_id.clone()),
             peer: self.peer.clone(),
             grpc_path,
@@ -369,6 +371,16 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Body,
         recorder: Option<Recorder>,
+    }
+}
+
+impl ObservedBody {
+    /// A response the proxy made itself, outside the observed path (nothing records it).
+    pub(crate) fn local(rsp: Response<http_body_util::Full<Bytes>>) -> Response<ObservedBody> {
+        rsp.map(|b| ObservedBody {
+            inner: http_body_util::Either::Right(b),
+            recorder: None,
+        })
     }
 }
 
