@@ -2,6 +2,7 @@
 
 Service remora.test.Echo, raw bytes (no protobuf needed):
   Unary   echoes the request; initial metadata `backend: NAME`, trailing `backend-trailer: NAME`
+          (and `x-big-sha256`: the SHA-256 of the request's `x-big` metadata, when it has one)
   Stream  request is `N[:MS]`; streams N messages `NAME:i`, MS milliseconds apart
   Fail    request is `CODE:DETAILS`; aborts with that status and trailing metadata `x-fail-detail`
   Slow    request is an ASCII number of milliseconds to sleep before echoing
@@ -50,7 +51,11 @@ def main():
         if args.delay_ms:
             time.sleep(args.delay_ms / 1000.0)
         ctx.send_initial_metadata((("backend", name),))
-        ctx.set_trailing_metadata((("backend-trailer", name),))
+        trailing = [("backend-trailer", name)]
+        big = dict(ctx.invocation_metadata()).get("x-big")
+        if big is not None:
+            trailing.append(("x-big-sha256", hashlib.sha256(big.encode()).hexdigest()))
+        ctx.set_trailing_metadata(tuple(trailing))
         return req
 
     def stream(req, ctx):

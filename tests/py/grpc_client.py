@@ -7,6 +7,10 @@
   grpc_client.py TARGET [--authority A] concurrent N C
                                                    N unary calls, C in flight at a time on the
                                                    one channel; same report plus latencies
+  grpc_client.py TARGET [--authority A] idle N MS   N unary calls on the one channel, MS apart
+                                                   (the connection idles between them), each
+                                                   with 6,000 bytes of metadata and 1 MiB both
+                                                   ways, checked whole; prints counts as JSON
   grpc_client.py TARGET [--authority A] stream N MS
                                                    one server stream of N messages MS apart
   grpc_client.py TARGET [--authority A] [--big-mb M] [--max-message-mb L] features
@@ -173,6 +177,28 @@ def main():
                 codes[e.code().name] += 1
                 details.append(e.details())
         out = {"backends": backends, "codes": codes, "details": details[:3]}
+    elif args.mode == "idle":
+        import os
+
+        ok, errors = 0, []
+        for i in range(args.n):
+            time.sleep(args.c / 1000.0)
+            payload = os.urandom(1024 * 1024)
+            big = os.urandom(3000).hex()
+            try:
+                body, call = ch.unary_unary("/remora.test.Echo/Unary").with_call(
+                    payload, metadata=(("x-big", big),), timeout=20
+                )
+                digest = dict(call.trailing_metadata() or ()).get("x-big-sha256")
+                if body != payload:
+                    errors.append(f"call {i}: the 1 MiB message changed")
+                elif digest != hashlib.sha256(big.encode()).hexdigest():
+                    errors.append(f"call {i}: the metadata changed (digest {digest})")
+                else:
+                    ok += 1
+            except grpc.RpcError as e:
+                errors.append(f"call {i}: {e.code().name} {e.details()}")
+        out = {"ok": ok, "errors": errors}
     elif args.mode == "stream":
         # A long server stream: N messages, C milliseconds apart.
         stream = ch.unary_stream("/remora.test.Echo/Stream")
@@ -180,7 +206,6 @@ def main():
         out = {"messages": got}
     elif args.mode == "concurrent":
         import threading
-        import time
 
         backends = collections.Counter()
         codes = collections.Counter()

@@ -86,3 +86,32 @@ async fn unavailable_upstreams_are_grpc_errors() {
         );
     }
 }
+
+/// An HTTP/2 connection gives its buffers back whenever it has no streams (vendor/h2) and takes
+/// them again for the next request. grpcio calls on one channel, 300 ms apart so that every
+/// connection on the way goes idle in between, each with 6,000 bytes of metadata and 1 MiB
+/// each way: every one arrives whole, on the same connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_after_idle_pauses_arrive_whole_on_the_same_connections() {
+    let backend = python_server("grpc_backend.py", &["--name", "b1"]).await;
+    let paths = Paths::start(backend.addr, |_| {}).await;
+    for route in paths.routes() {
+        let r = grpc_client(route.addr, Some(route.authority), &["idle", "4", "300"]).await;
+        assert_eq!(r["ok"], 4, "{}: {r}", route.name);
+    }
+    // One connection per channel (inbound: the direct route's and the outbound proxy's pooled
+    // one), not one per call: the calls did follow idle pauses on open connections.
+    let http2 = |dir| [("direction", dir), ("protocol", "http2")];
+    let server = paths.server.metrics().await;
+    assert_eq!(
+        metric(&server, "remora_connections_total", &http2("inbound")),
+        2.0,
+        "{server}"
+    );
+    let client = paths.client.metrics().await;
+    assert_eq!(
+        metric(&client, "remora_connections_total", &http2("outbound")),
+        2.0,
+        "{client}"
+    );
+}
