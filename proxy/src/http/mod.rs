@@ -26,7 +26,8 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// [`Stack`]: crate::listener::Stack
 pub(crate) trait AlwaysReady<R>: tower::Service<R> {
     /// The answer to a request whose `call` panicked (a bug): a plain 500, since the request,
-    /// moved into the call, is gone. gRPC clients read HTTP 500 as INTERNAL.
+    /// moved into the call, is gone (whether it was gRPC is not known: gRPC clients read an
+    /// HTTP 500 without grpc-status as UNKNOWN).
     fn panicked() -> Self::Response;
 }
 
@@ -63,10 +64,7 @@ where
         // A clone per request, as `TowerToHyperService` makes: tower's `call` takes `&mut`.
         match crate::panics::catch_own("request", || self.0.clone().call(req)) {
             Some(fut) => CalledFuture::Called { fut },
-            None => CalledFuture::Panicked {
-                // Boxed: the stream's task is sized for the largest variant.
-                rsp: Some(Box::new(S::panicked())),
-            },
+            None => CalledFuture::Panicked { make: S::panicked },
         }
     }
 }
@@ -76,7 +74,7 @@ pin_project_lite::pin_project! {
     #[project = CalledProj]
     enum CalledFuture<F, T> {
         Called { #[pin] fut: F },
-        Panicked { rsp: Option<Box<T>> },
+        Panicked { make: fn() -> T },
     }
 }
 
@@ -92,11 +90,8 @@ where
     ) -> std::task::Poll<Self::Output> {
         match self.project() {
             CalledProj::Called { fut } => fut.poll(cx),
-            // Polled once: hyper drops a stream's future when it is ready.
-            CalledProj::Panicked { rsp } => match rsp.take() {
-                Some(rsp) => std::task::Poll::Ready(Ok(*rsp)),
-                None => std::task::Poll::Pending,
-            },
+            // Made when polled (a function pointer keeps the variant small).
+            CalledProj::Panicked { make } => std::task::Poll::Ready(Ok(make())),
         }
     }
 }

@@ -129,7 +129,6 @@ where
         self.encoder.has_capacity()
     }
 
-
     /// Buffer a frame.
     ///
     /// `poll_ready` must be called first to ensure that a frame may be
