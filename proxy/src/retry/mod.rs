@@ -12,10 +12,8 @@
 pub(crate) mod replay;
 
 use http::{Method, Request};
-use http_body::Body as _;
 use tokio::time::Instant;
 
-use crate::scrub::Scrubbed;
 use replay::UpstreamBody;
 
 /// Retries of requests that may have reached a backend are limited to a share of the traffic
@@ -77,7 +75,7 @@ pub(crate) struct SecondTry {
 }
 
 impl SecondTry {
-    pub(crate) fn new(req: &Request<Scrubbed>) -> Self {
+    pub(crate) fn new<B: http_body::Body>(req: &Request<B>) -> Self {
         let idempotent = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
             && req.body().is_end_stream();
         SecondTry {

@@ -190,6 +190,20 @@ impl UpstreamBody {
     }
 
     /// A body with nothing in it (for resending a bodiless request).
+    /// Makes every frame the client still sends count as activity of its exchange (a
+    /// replayed body is the proxy's own copy: nothing to count).
+    pub(crate) fn count_activity(&mut self, activity: Arc<crate::idle::Activity>) {
+        match self {
+            UpstreamBody::Plain(b) => b.count_activity(activity),
+            UpstreamBody::Recording(r) => {
+                if let Some(b) = r.inner.as_mut() {
+                    b.count_activity(activity);
+                }
+            }
+            UpstreamBody::Replayed(_) => {}
+        }
+    }
+
     pub fn empty() -> Self {
         UpstreamBody::Replayed(Box::new(Replayed {
             chunks: VecDeque::new(),
