@@ -60,10 +60,12 @@ pub(super) struct Recv {
 
 #[derive(Debug)]
 pub(super) enum Event {
-    Headers(peer::PollMessage),
+    // Boxed (a remora patch): a request head is about 230 bytes, the other events 100 or less,
+    // and each stream's queued events sit in a slab that keeps its largest size.
+    Headers(Box<peer::PollMessage>),
     Data(DataEvent),
     Trailers(HeaderMap),
-    InformationalHeaders(peer::PollMessage),
+    InformationalHeaders(Box<peer::PollMessage>),
 }
 
 #[derive(Debug)]
@@ -262,7 +264,7 @@ impl Recv {
             // Push the frame onto the stream's recv buffer
             stream
                 .pending_recv
-                .push_back(&mut self.buffer, Event::Headers(message));
+                .push_back(&mut self.buffer, Event::Headers(Box::new(message)));
             stream.notify_recv();
 
             // Only servers can receive a headers frame that initiates the stream.
@@ -285,7 +287,7 @@ impl Recv {
             // with a special event type so it can be polled separately
             stream
                 .pending_recv
-                .push_back(&mut self.buffer, Event::InformationalHeaders(message));
+                .push_back(&mut self.buffer, Event::InformationalHeaders(Box::new(message)));
             stream.notify_recv();
         }
 
@@ -302,7 +304,10 @@ impl Recv {
         use super::peer::PollMessage::*;
 
         match stream.pending_recv.pop_front(&mut self.buffer) {
-            Some(Event::Headers(Server(request))) => request,
+            Some(Event::Headers(message)) => match *message {
+                Server(request) => request,
+                Client(_) => unreachable!("server stream queue must start with Headers"),
+            },
             _ => unreachable!("server stream queue must start with Headers"),
         }
     }
@@ -318,7 +323,10 @@ impl Recv {
         let mut ppp = stream.pending_push_promises.take();
         let pushed = ppp.pop(stream.store_mut()).map(|mut pushed| {
             match pushed.pending_recv.pop_front(&mut self.buffer) {
-                Some(Event::Headers(Server(headers))) => (headers, pushed.key()),
+                Some(Event::Headers(message)) => match *message {
+                    Server(headers) => (headers, pushed.key()),
+                    Client(_) => panic!("Headers not set on pushed stream"),
+                },
                 // When frames are pushed into the queue, it is verified that
                 // the first frame is a HEADERS frame.
                 _ => panic!("Headers not set on pushed stream"),
@@ -350,7 +358,10 @@ impl Recv {
         // Skip over any interim informational headers to find the main response
         loop {
             match stream.pending_recv.pop_front(&mut self.buffer) {
-                Some(Event::Headers(Client(response))) => return Poll::Ready(Ok(response)),
+                Some(Event::Headers(message)) => match *message {
+                    Client(response) => return Poll::Ready(Ok(response)),
+                    Server(_) => panic!("poll_response called after response returned"),
+                },
                 Some(Event::InformationalHeaders(_)) => {
                     tracing::trace!("Skipping informational response in poll_response - should be consumed via poll_informational; stream_id={:?}", stream.id);
                     continue;
@@ -384,17 +395,26 @@ impl Recv {
         // If it's not, we put it back
         if let Some(event) = stream.pending_recv.pop_front(&mut self.buffer) {
             match event {
-                Event::Headers(Client(response)) => {
-                    // Final response
+                Event::Headers(message) => {
+                    // Final response (or, as before, any other head: put back)
+                    let is_final = matches!(*message, Client(_));
                     stream
                         .pending_recv
-                        .push_front(&mut self.buffer, Event::Headers(Client(response)));
-                    return Poll::Ready(None);
+                        .push_front(&mut self.buffer, Event::Headers(message));
+                    if is_final {
+                        return Poll::Ready(None);
+                    }
                 }
-                Event::InformationalHeaders(Client(response)) => {
+                Event::InformationalHeaders(message) => match *message {
                     // Found an informational response, return it
-                    return Poll::Ready(Some(Ok(response)));
-                }
+                    Client(response) => return Poll::Ready(Some(Ok(response))),
+                    other => {
+                        stream.pending_recv.push_front(
+                            &mut self.buffer,
+                            Event::InformationalHeaders(Box::new(other)),
+                        );
+                    }
+                },
                 other => {
                     // Not an informational response, put it back at the front
                     stream.pending_recv.push_front(&mut self.buffer, other);
@@ -869,7 +889,7 @@ impl Recv {
         use super::peer::PollMessage::*;
         stream
             .pending_recv
-            .push_back(&mut self.buffer, Event::Headers(Server(req)));
+            .push_back(&mut self.buffer, Event::Headers(Box::new(Server(req))));
         stream.notify_recv();
         stream.notify_push();
         Ok(())
