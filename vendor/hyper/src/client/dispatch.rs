@@ -25,7 +25,11 @@ pub(crate) type Promise<T> = oneshot::Receiver<Result<T, crate::Error>>;
 #[derive(Debug)]
 pub struct TrySendError<T> {
     pub(crate) error: crate::Error,
-    pub(crate) message: Option<T>,
+    // Boxed: this error travels in every request's callback channel and in every
+    // `try_send_request` future, which would otherwise hold a whole request's worth of
+    // bytes (about 300 for an `http::Request`) for as long as each request is in flight,
+    // to carry a message that is recovered only when sending fails.
+    pub(crate) message: Option<Box<T>>,
 }
 
 pub(crate) fn channel<T, U>() -> (Sender<T, U>, Receiver<T, U>) {
@@ -227,7 +231,7 @@ impl<T, U> Drop for Envelope<T, U> {
         if let Some((val, cb)) = self.0.take() {
             cb.send(Err(TrySendError {
                 error: crate::Error::new_canceled().with("connection closed"),
-                message: Some(val),
+                message: Some(Box::new(val)),
             }));
         }
     }
@@ -312,7 +316,7 @@ impl<T> TrySendError<T> {
     /// after the message has been serialized onto the connection, it will not
     /// be available here.
     pub fn take_message(&mut self) -> Option<T> {
-        self.message.take()
+        self.message.take().map(|m| *m)
     }
 
     /// Returns a reference to the recovered message.
@@ -321,7 +325,7 @@ impl<T> TrySendError<T> {
     /// after the message has been serialized onto the connection, it will not
     /// be available here.
     pub fn message(&self) -> Option<&T> {
-        self.message.as_ref()
+        self.message.as_deref()
     }
 
     /// Consumes this to return the inner error.
@@ -384,7 +388,10 @@ where
                 Poll::Ready(())
             }
             Poll::Ready(Err((error, message))) => {
-                call_back.send(Err(TrySendError { error, message }));
+                call_back.send(Err(TrySendError {
+                    error,
+                    message: message.map(Box::new),
+                }));
                 Poll::Ready(())
             }
         }

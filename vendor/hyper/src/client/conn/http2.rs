@@ -162,7 +162,9 @@ where
         &mut self,
         req: Request<B>,
     ) -> impl Future<Output = crate::Result<Response<IncomingBody>>> {
-        let sent = self.dispatch.send(req);
+        // The request dropped now when it cannot be sent: the future holds `sent` for as
+        // long as the request is in flight.
+        let sent = self.dispatch.send(req).map_err(drop);
 
         async move {
             match sent {
@@ -172,7 +174,7 @@ where
                     // this is definite bug if it happens, but it shouldn't happen!
                     Err(_canceled) => unreachable!("dispatch dropped without returning error"),
                 },
-                Err(_req) => {
+                Err(()) => {
                     debug!("connection was not ready");
 
                     Err(crate::Error::new_canceled().with("connection was not ready"))
@@ -194,7 +196,9 @@ where
         &mut self,
         req: Request<B>,
     ) -> impl Future<Output = Result<Response<IncomingBody>, TrySendError<Request<B>>>> {
-        let sent = self.dispatch.try_send(req);
+        // The request boxed when it comes back unsent: the future holds `sent` for as long as
+        // the request is in flight.
+        let sent = self.dispatch.try_send(req).map_err(Box::new);
         async move {
             match sent {
                 Ok(rx) => match rx.await {

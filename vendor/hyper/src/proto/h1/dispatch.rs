@@ -735,7 +735,7 @@ cfg_client! {
                             // the user that the request was completely canceled
                             cb.send(Err(TrySendError {
                                 error: crate::Error::new_canceled().with(err),
-                                message: Some(req),
+                                message: Some(Box::new(req)),
                             }));
                             Ok(())
                         } else {
