@@ -363,8 +363,8 @@ pin_project_lite::pin_project! {
     struct Within<'a, F> {
         #[pin]
         send: F,
-        #[pin]
-        deadline: Option<tokio::time::Sleep>,
+        // Boxed: a timer entry is 112 bytes, and most requests have no deadline.
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
         limit: Option<Duration>,
         dst: &'a str,
         why: &'static str,
@@ -379,8 +379,8 @@ impl<F: Future<Output = Result<Response<Body>, ForwardError>>> Future for Within
         if let Poll::Ready(out) = this.send.poll(cx) {
             return Poll::Ready(out);
         }
-        match (this.deadline.as_pin_mut(), *this.limit) {
-            (Some(mut deadline), Some(after)) => {
+        match (this.deadline.as_mut(), *this.limit) {
+            (Some(deadline), Some(after)) => {
                 // Outside the task's cooperative budget, as tokio's `Timeout` does when its
                 // future used the budget up: a send that exhausts it on every poll must not
                 // keep its deadline from being seen.
@@ -592,7 +592,7 @@ impl Forwarder {
     ) -> Within<'a, impl Future<Output = Result<Response<Body>, ForwardError>> + 'a> {
         Within {
             send: self.send(req, dst, ep, Some(dest), cx),
-            deadline: limit.map(tokio::time::sleep),
+            deadline: limit.map(|l| Box::pin(tokio::time::sleep(l))),
             limit,
             dst,
             why: match timeout == limit {
@@ -1260,7 +1260,7 @@ mod tests {
     ) -> Within<'static, impl Future<Output = Result<Response<Body>, ForwardError>>> {
         Within {
             send,
-            deadline: limit.map(tokio::time::sleep),
+            deadline: limit.map(|l| Box::pin(tokio::time::sleep(l))),
             limit,
             dst: "web.test:80",
             why: "the caller's grpc-timeout",

@@ -69,9 +69,10 @@ pub(crate) fn policy_may_retry<B>(req: &Request<B>, grpc: bool) -> bool {
 }
 
 /// What a request keeps for a second try: a copy of its head when it may be repeated even after
-/// a backend saw it. The only copy of a request head the proxy makes.
+/// a backend saw it. Boxed: it is kept in the request's future while the request is out, and
+/// an unboxed head (224 bytes) would be there for every request, repeatable or not.
 pub(crate) struct SecondTry {
-    head: Option<Request<()>>,
+    head: Option<Box<Request<()>>>,
 }
 
 impl SecondTry {
@@ -85,7 +86,7 @@ impl SecondTry {
                 *r.uri_mut() = req.uri().clone();
                 *r.version_mut() = req.version();
                 *r.headers_mut() = req.headers().clone();
-                r
+                Box::new(r)
             }),
         }
     }
