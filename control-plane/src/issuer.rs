@@ -42,6 +42,10 @@ pub struct Issuer {
     pub identity: SpiffeId,
     current: ArcSwap<Signing>,
     metrics: Arc<Metrics>,
+    /// The files as they were read for the first load: what `watch` compares with first. Read
+    /// again when the watch starts, a change made in between (a key replaced right after
+    /// start-up) would look like the starting point and never be noticed.
+    loaded: std::sync::Mutex<Option<[Vec<u8>; 3]>>,
 }
 
 fn read_dir(dir: &Path) -> [Vec<u8>; 3] {
@@ -95,6 +99,8 @@ impl Issuer {
         identity: SpiffeId,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Issuer>, String> {
+        // Read before loading: a change between the two is then seen by the first poll.
+        let files = read_dir(dir);
         let signing = load(dir, &identity)?;
         Ok(Arc::new(Issuer {
             dir: dir.to_path_buf(),
@@ -102,6 +108,7 @@ impl Issuer {
             identity,
             current: ArcSwap::from_pointee(signing),
             metrics,
+            loaded: std::sync::Mutex::new(Some(files)),
         }))
     }
 
@@ -112,7 +119,8 @@ impl Issuer {
     /// Re-reads the directory on change and renews the serving certificate at 70 % of its
     /// life; calls `on_serving` with each new serving credential set.
     pub async fn watch(self: Arc<Self>, on_serving: impl Fn(&Credentials)) {
-        let mut last = read_dir(&self.dir);
+        let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut last = loaded.unwrap_or_else(|| read_dir(&self.dir));
         let mut retry_at = SystemTime::now();
         loop {
             tokio::time::sleep(POLL).await;
@@ -186,6 +194,10 @@ pub struct Authenticator {
 pub struct BootstrapTokens {
     pub path: PathBuf,
     tokens: ArcSwapOption<HashMap<String, SpiffeId>>,
+    /// The bytes the first load parsed: what `watch` compares with first, so that an edit made
+    /// before the watch starts (a token revoked right after start-up) is not taken for the
+    /// starting point and missed.
+    loaded: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl BootstrapTokens {
@@ -197,12 +209,14 @@ impl BootstrapTokens {
         Ok(BootstrapTokens {
             path: path.to_path_buf(),
             tokens: ArcSwapOption::from_pointee(tokens),
+            loaded: std::sync::Mutex::new(Some(text.into_bytes())),
         })
     }
 
     /// Follows the file; an invalid version is refused and the previous tokens stay.
     pub async fn watch(self: Arc<Self>) {
-        let mut last = std::fs::read(&self.path).ok();
+        let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut last = loaded.or_else(|| std::fs::read(&self.path).ok());
         loop {
             tokio::time::sleep(POLL).await;
             let bytes = std::fs::read(&self.path);
@@ -458,6 +472,41 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// A key replaced after the first load but before the watch's first look (a control plane
+    /// starting under load) is still noticed, and refused: before, the watch took the changed
+    /// files as its starting point and never looked at them again.
+    #[tokio::test]
+    async fn a_change_before_the_watch_starts_is_noticed() {
+        let base = std::env::temp_dir().join(format!("remora-issuer-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (dir, other) = (base.join("issuer"), base.join("other"));
+        ca::init_dir(&dir, "cluster.local").unwrap();
+        ca::init_dir(&other, "cluster.local").unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let control: SpiffeId = "spiffe://cluster.local/ns/remora/sa/control"
+            .parse()
+            .unwrap();
+        let issuer = Issuer::load(&dir, "cluster.local", control, metrics.clone()).unwrap();
+        let before = issuer.current();
+        // Another CA's key: it does not match issuer.crt.
+        std::fs::copy(other.join("issuer.key"), dir.join("issuer.key")).unwrap();
+        let watch = tokio::spawn(issuer.clone().watch(|_| {}));
+        let deadline = tokio::time::Instant::now() + POLL * 20;
+        while metrics.issuer_reload_failures.get() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the replaced key was never looked at"
+            );
+            tokio::time::sleep(POLL / 5).await;
+        }
+        assert!(
+            Arc::ptr_eq(&before, &issuer.current()),
+            "kept the working issuer"
+        );
+        watch.abort();
+        std::fs::remove_dir_all(&base).ok();
+    }
+
     #[tokio::test]
     async fn bootstrap_tokens_prove_only_their_identity() {
         let dir = std::env::temp_dir().join(format!("remora-tokens-{}", std::process::id()));
@@ -477,6 +526,29 @@ mod tests {
         let e = auth.check("nope", &b).await.unwrap_err();
         assert!(e.contains("not in the bootstrap tokens"), "{e}");
         assert!(auth.check("", &b).await.unwrap_err().contains("no token"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A token revoked after the first load but before the watch's first look is revoked.
+    #[tokio::test]
+    async fn a_token_revoked_before_the_watch_starts_is_revoked() {
+        let dir = std::env::temp_dir().join(format!("remora-revoke-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        std::fs::write(&path, "0123456789abcdef spiffe://cluster.local/ns/a/sa/b\n").unwrap();
+        let tokens = Arc::new(BootstrapTokens::load(&path).unwrap());
+        assert!(tokens.get("0123456789abcdef").is_some());
+        std::fs::write(&path, "# revoked\n").unwrap();
+        let watch = tokio::spawn(tokens.clone().watch());
+        let deadline = tokio::time::Instant::now() + POLL * 20;
+        while tokens.get("0123456789abcdef").is_some() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the revoked token still proves its identity"
+            );
+            tokio::time::sleep(POLL / 5).await;
+        }
+        watch.abort();
         std::fs::remove_dir_all(&dir).ok();
     }
 }
