@@ -1008,6 +1008,9 @@ impl Endpoint {
                 match sent.await {
                     Ok(rsp) => return Ok(rsp),
                     Err(mut e) => match e.take_message() {
+                        // `req` was moved out of (and its box freed) by the send above: clippy's
+                        // `*req = back` would write through a moved-from box.
+                        #[allow(clippy::replace_box)]
                         Some(back) => req = Box::new(back),
                         None => return Err(self.request_error(e.into_error())),
                     },
