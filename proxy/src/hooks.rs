@@ -134,9 +134,8 @@ pub struct NoHooks;
 
 impl Hooks for NoHooks {}
 
-/// The endpoint that answered and the identity it proved, carried in the response's
-/// extensions for the later phases and the per-route metrics.
-#[derive(Clone)]
+/// The endpoint that answered and the identity it proved, carried with the response's body
+/// ([`crate::idle::Streamed`]) for the later phases and the per-route metrics.
 pub(crate) struct Answered {
     pub(crate) addr: SocketAddr,
     pub(crate) identity: Option<std::sync::Arc<str>>,

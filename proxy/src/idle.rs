@@ -26,6 +26,7 @@ use http::{HeaderMap, HeaderValue, Response};
 use http_body::{Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use crate::hooks::Answered;
 use crate::metrics::{Direction, ErrorKind, Metrics};
 use crate::scrub::Scrubbed;
 
@@ -149,6 +150,10 @@ pub struct Streamed {
     /// `None` once the watchdog has ended the stream (dropping it cancels the upstream).
     body: Option<Scrubbed>,
     watchdog: Option<Pin<Box<Watchdog>>>,
+    /// The endpoint that answered, for the layers above (hooks, metrics, the log line), until
+    /// `Observe` takes it. Carried with the body rather than in the response's extensions,
+    /// whose map cost three allocations (and their frees) per response.
+    answered: Option<Answered>,
 }
 
 impl From<Scrubbed> for Streamed {
@@ -156,7 +161,26 @@ impl From<Scrubbed> for Streamed {
         Streamed {
             body: Some(body),
             watchdog: None,
+            answered: None,
         }
+    }
+}
+
+impl Streamed {
+    /// An endpoint's answer: its body, and who answered.
+    pub(crate) fn answered_by(body: Scrubbed, answered: Answered) -> Streamed {
+        Streamed {
+            answered: Some(answered),
+            ..Streamed::from(body)
+        }
+    }
+
+    pub(crate) fn answered(&self) -> Option<&Answered> {
+        self.answered.as_ref()
+    }
+
+    pub(crate) fn take_answered(&mut self) -> Option<Answered> {
+        self.answered.take()
     }
 }
 

@@ -83,7 +83,8 @@ async fn a_forged_identity_never_reaches_a_hook_and_a_panicking_hook_fails_only_
     running.wait().await.expect("clean stop");
 }
 
-/// Changes the head at phases 1 and 3; the app below reports what reached it.
+/// Changes the head at phases 1 and 3, and says at phase 4 who answered; the app below reports
+/// what reached it.
 struct Rewrite;
 
 impl Hooks for Rewrite {
@@ -106,6 +107,14 @@ impl Hooks for Rewrite {
             http::HeaderValue::from_str(&to).expect("an address"),
         );
         req.method = http::Method::PUT;
+    }
+
+    fn on_response(&self, rsp: &mut http::response::Parts, cx: &RequestContext<'_>) {
+        let by = cx.endpoint.map(|a| a.to_string()).unwrap_or_default();
+        rsp.headers.insert(
+            "x-answered-by",
+            http::HeaderValue::from_str(&by).expect("an address"),
+        );
     }
 }
 
@@ -158,6 +167,12 @@ async fn head_changes_made_by_hooks_reach_the_app_and_the_body_follows_them() {
     let mut rsp = String::new();
     s.read_to_string(&mut rsp).await.expect("reads");
     assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    // Phase 4 is told which endpoint answered.
+    assert!(
+        rsp.to_lowercase()
+            .contains(&format!("\r\nx-answered-by: {app_addr}\r\n")),
+        "{rsp}"
+    );
 
     let got = seen.await.expect("the app ran");
     assert!(

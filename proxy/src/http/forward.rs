@@ -344,11 +344,12 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
             if !shared.hooks_active {
                 return Ok(rsp);
             }
-            let (mut head, body) = rsp.into_parts();
-            let cx = RequestContext {
-                endpoint: head.extensions.get::<Answered>().map(|a| a.addr),
-                ..cx
+            let endpoint = match rsp.body() {
+                Either::Left(streamed) => streamed.answered().map(|a| a.addr),
+                Either::Right(_) => None,
             };
+            let (mut head, body) = rsp.into_parts();
+            let cx = RequestContext { endpoint, ..cx };
             if crate::panics::catch_sync(|| shared.hooks.on_response(&mut head, &cx)).is_none() {
                 shared.metrics.error(shared.direction, ErrorKind::Hook);
             }
@@ -1041,12 +1042,16 @@ impl Forwarder {
 
     /// An upstream response, scrubbed, marked with the endpoint that sent it.
     fn answered(&self, rsp: Response<hyper::body::Incoming>, ep: &Endpoint) -> Response<Body> {
-        let mut rsp = rsp.map(|b| Either::Left(Scrubbed::new(b, self.rules.clone()).into()));
-        rsp.extensions_mut().insert(Answered {
+        let answered = Answered {
             addr: ep.addr,
             identity: ep.tls.as_ref().map(|t| t.label.clone()),
-        });
-        rsp
+        };
+        rsp.map(|b| {
+            Either::Left(crate::idle::Streamed::answered_by(
+                Scrubbed::new(b, self.rules.clone()),
+                answered,
+            ))
+        })
     }
 
     /// `Upgrade` (WebSocket and friends): a dedicated upstream connection; after `101` both

@@ -197,8 +197,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let rsp = std::task::ready!(this.inner.poll(cx))?;
-        let answered = rsp.extensions().get::<Answered>();
+        let mut rsp = std::task::ready!(this.inner.poll(cx))?;
+        let (endpoint, identity) = match rsp.body_mut() {
+            http_body_util::Either::Left(streamed) => match streamed.take_answered() {
+                Some(Answered { addr, identity }) => (Some(addr), identity),
+                None => (None, None),
+            },
+            http_body_util::Either::Right(_) => (None, None),
+        };
         let recorder = this.in_flight.take().map(|in_flight| Recorder {
             start: *this.start,
             status: rsp.status().as_u16(),
@@ -208,11 +214,11 @@ where
             // Inbound the peer is the connection's client; outbound, the server that answered.
             peer: match in_flight.0.direction {
                 Direction::Inbound => this.peer.take(),
-                Direction::Outbound => answered.and_then(|a| a.identity.clone()),
+                Direction::Outbound => identity,
             },
             grpc_path: this.grpc_path.take(),
             span: this.span.take(),
-            endpoint: answered.map(|a| a.addr),
+            endpoint,
             in_flight,
             bytes: 0,
             finished: http_body::Body::is_end_stream(rsp.body()),
