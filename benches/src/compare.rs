@@ -681,19 +681,31 @@ fn two_hops(
     };
     let (web_id, web_dir) = ident("web")?;
     let (_, client_dir) = ident("client")?;
+    // Twice at most: a port found free can be taken by another socket (an outgoing
+    // connection's ephemeral port) before the proxy binds it.
     let start =
         |app: u16, dests: Option<String>, id: Option<&Path>| -> Result<(Guard, u16, u16), String> {
-            let (i, o, a) = (free_port(), free_port(), free_port());
-            let mut env = crate::proxy_env(i, o, a, app);
-            if let Some(d) = dests {
-                env.push(("REMORA_DESTINATIONS", d));
+            let mut failed = String::new();
+            for attempt in 1..=2 {
+                let (i, o, a) = (free_port(), free_port(), free_port());
+                let mut env = crate::proxy_env(i, o, a, app);
+                if let Some(d) = &dests {
+                    env.push(("REMORA_DESTINATIONS", d.clone()));
+                }
+                if let Some(id) = id {
+                    env.push(("REMORA_IDENTITY_DIR", id.display().to_string()));
+                }
+                let log = tmp.join(format!("two-hops-proxy-{a}.log"));
+                let mut g = crate::spawn_logged("0", bin, &env, &log)?;
+                match crate::wait_ready_logged(&mut g, a, &log) {
+                    Ok(()) => return Ok((g, i, o)),
+                    Err(e) => {
+                        eprintln!("benches: (3) attempt {attempt} of 2: {e}");
+                        failed = e;
+                    }
+                }
             }
-            if let Some(id) = id {
-                env.push(("REMORA_IDENTITY_DIR", id.display().to_string()));
-            }
-            let g = spawn("0", bin, &[], &env)?;
-            crate::wait_ready(a)?;
-            Ok((g, i, o))
+            Err(failed)
         };
     let (server, s_in, _) = start(backend, None, Some(&web_dir))?;
     let (plain, _, plain_out) = start(9, Some(format!("echo.test:80=127.0.0.1:{s_in}")), None)?;

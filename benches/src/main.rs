@@ -84,19 +84,69 @@ pub(crate) fn spawn(
     args: &[&str],
     envs: &[(&str, String)],
 ) -> Result<Guard, String> {
+    start_pinned(cpu, program, args, envs, Stdio::null())
+}
+
+fn start_pinned(
+    cpu: &str,
+    program: &str,
+    args: &[&str],
+    envs: &[(&str, String)],
+    stderr: Stdio,
+) -> Result<Guard, String> {
     let mut c = Command::new("taskset");
     c.arg("-c")
         .arg(cpu)
         .arg(program)
         .args(args)
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(stderr);
     for (k, v) in envs {
         c.env(k, v);
     }
     c.spawn()
         .map(Guard)
         .map_err(|e| format!("{program}: {e} (is it installed? run .ci/setup)"))
+}
+
+/// [`spawn`], with the program's stderr kept in `log`, so that a proxy that never becomes ready
+/// can say why ([`wait_ready_logged`]).
+pub(crate) fn spawn_logged(
+    cpu: &str,
+    program: &str,
+    envs: &[(&str, String)],
+    log: &Path,
+) -> Result<Guard, String> {
+    let file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    start_pinned(cpu, program, &[], envs, file.into())
+}
+
+/// [`wait_ready`] for a proxy started by [`spawn_logged`]: when it exits first, or is not ready
+/// within 30 s, the error has its exit status and the end of its log.
+pub(crate) fn wait_ready_logged(g: &mut Guard, admin: u16, log: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = admin_get(admin, "/ready");
+        if ready.starts_with("HTTP/1.0 200") || ready.starts_with("HTTP/1.1 200") {
+            return Ok(());
+        }
+        let exited = g.0.try_wait().ok().flatten();
+        if exited.is_some() || Instant::now() > deadline {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(format!(
+                "proxy with admin port {admin} {}; the end of its stderr ({}): {}",
+                match exited {
+                    Some(status) => format!("exited ({status}) before it was ready"),
+                    None => "never became ready".to_string(),
+                },
+                log.display(),
+                tail.join(" | ")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// utime + stime of a process, in seconds.
