@@ -79,16 +79,23 @@ impl Send {
 
     fn check_headers(fields: &http::HeaderMap) -> Result<(), UserError> {
         // 8.1.2.2. Connection-Specific Header Fields
-        if fields.contains_key(http::header::CONNECTION)
-            || fields.contains_key(http::header::TRANSFER_ENCODING)
-            || fields.contains_key(http::header::UPGRADE)
-            || fields.contains_key("keep-alive")
-            || fields.contains_key("proxy-connection")
-        {
-            tracing::debug!("illegal connection-specific headers found");
-            return Err(UserError::MalformedHeaders);
-        } else if let Some(te) = fields.get(http::header::TE) {
-            if te != "trailers" {
+        //
+        // One pass over the names instead of a lookup per forbidden name: a lookup by `&str`
+        // ("keep-alive") parses and hashes the name first, and a message has few fields, so
+        // this is several times cheaper on every HEADERS frame sent.
+        for name in fields.keys() {
+            let forbidden = if name == http::header::TE {
+                fields
+                    .get(http::header::TE)
+                    .map_or(false, |te| te != "trailers")
+            } else {
+                name == http::header::CONNECTION
+                    || name == http::header::TRANSFER_ENCODING
+                    || name == http::header::UPGRADE
+                    || name == "keep-alive"
+                    || name == "proxy-connection"
+            };
+            if forbidden {
                 tracing::debug!("illegal connection-specific headers found");
                 return Err(UserError::MalformedHeaders);
             }
