@@ -39,6 +39,7 @@
 
 mod access_log;
 mod admin;
+pub mod alloc;
 mod backoff;
 mod balance;
 mod config;

@@ -350,13 +350,21 @@ pub fn main() -> ExitCode {
         eprintln!("remora-proxy: REMORA_THREADS is 0; use 1 (the default) or more");
         return ExitCode::from(2);
     }
+    // The runtime's threads keep freed blocks for reuse (remora_proxy::alloc); the
+    // current-thread runtime runs on this one. Blocking-pool threads come and go: each gives
+    // its blocks back before it ends.
     let runtime = if args.threads == 1 {
+        remora_proxy::alloc::pool_this_thread();
         tokio::runtime::Builder::new_current_thread()
+            .on_thread_start(remora_proxy::alloc::pool_this_thread)
+            .on_thread_stop(remora_proxy::alloc::flush_this_thread)
             .enable_all()
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(args.threads)
+            .on_thread_start(remora_proxy::alloc::pool_this_thread)
+            .on_thread_stop(remora_proxy::alloc::flush_this_thread)
             .enable_all()
             .build()
     };
