@@ -753,9 +753,8 @@ impl Endpoint {
         Some(Box::pin(self.send_h1(to_http1(Box::new(rebuild(head, body))), dispatched)).await)
     }
 
-    /// The request goes to h2 when the returned future is first polled (`handshake_direct`:
-    /// from this task, no dispatch hop), and the future then waits for the answer itself; it
-    /// does not keep a copy of the request once sent.
+    /// The request goes to the connection now, when this is called (hyper queues it at once);
+    /// the future only waits for the answer, and does not keep a copy of the request.
     fn h2_attempt(
         &self,
         mut sender: http2::SendRequest<UpstreamBody>,
@@ -956,10 +955,7 @@ impl Endpoint {
             .initial_connection_window_size(128 * crate::http::STREAM_WINDOW)
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
-            // Requests go to h2 from the request's own task, which then waits for the
-            // response itself (our hyper patch, vendor/README.md): no hop through the
-            // connection's dispatch task, no task spawned per request to wait for its answer.
-            .handshake_direct(TokioIo::new(crate::io::Gather::new(tcp)))
+            .handshake(TokioIo::new(crate::io::Gather::new(tcp)))
             .await
             .map_err(|source| EndpointError::Handshake {
                 addr: self.addr,

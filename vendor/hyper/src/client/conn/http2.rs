@@ -23,38 +23,13 @@ use crate::rt::Timer;
 /// The sender side of an established connection.
 pub struct SendRequest<B> {
     dispatch: dispatch::UnboundedSender<Request<B>, Response<IncomingBody>>,
-    /// Set by [`Builder::handshake_direct`]: requests go to h2 from the caller's task.
-    direct: Option<Arc<dyn SendDirect<B>>>,
 }
 
 impl<B> Clone for SendRequest<B> {
     fn clone(&self) -> SendRequest<B> {
         SendRequest {
             dispatch: self.dispatch.clone(),
-            direct: self.direct.clone(),
         }
-    }
-}
-
-type DirectFuture<B> =
-    Pin<Box<dyn Future<Output = Result<Response<IncomingBody>, TrySendError<Request<B>>>> + Send>>;
-
-/// The connection's direct sender without its IO and executor types, which `SendRequest`
-/// does not carry.
-trait SendDirect<B>: Send + Sync {
-    fn send(&self, req: Request<B>) -> DirectFuture<B>;
-}
-
-impl<B, T, E> SendDirect<B> for proto::h2::client::Direct<B, T, E>
-where
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send + Sync,
-    B::Error: Into<Box<dyn Error + Send + Sync>>,
-    E: Http2ClientConnExec<B, T> + Clone + Unpin + Send + Sync + 'static,
-    T: Read + Write + Unpin + 'static,
-{
-    fn send(&self, req: Request<B>) -> DirectFuture<B> {
-        Box::pin(proto::h2::client::Direct::send(self, req))
     }
 }
 
@@ -187,21 +162,6 @@ where
         &mut self,
         req: Request<B>,
     ) -> impl Future<Output = crate::Result<Response<IncomingBody>>> {
-        match &self.direct {
-            Some(direct) => {
-                let sent = direct.send(req);
-                crate::common::either::Either::left(async move {
-                    sent.await.map_err(TrySendError::into_error)
-                })
-            }
-            None => crate::common::either::Either::right(self.dispatch_request(req)),
-        }
-    }
-
-    fn dispatch_request(
-        &mut self,
-        req: Request<B>,
-    ) -> impl Future<Output = crate::Result<Response<IncomingBody>>> {
         // The request dropped now when it cannot be sent: the future holds `sent` for as
         // long as the request is in flight.
         let sent = self.dispatch.send(req).map_err(drop);
@@ -233,16 +193,6 @@ where
     /// connection, the message will be returned as part of this error.
     #[allow(clippy::result_large_err)]
     pub fn try_send_request(
-        &mut self,
-        req: Request<B>,
-    ) -> impl Future<Output = Result<Response<IncomingBody>, TrySendError<Request<B>>>> {
-        match &self.direct {
-            Some(direct) => crate::common::either::Either::left(direct.send(req)),
-            None => crate::common::either::Either::right(self.try_dispatch(req)),
-        }
-    }
-
-    fn try_dispatch(
         &mut self,
         req: Request<B>,
     ) -> impl Future<Output = Result<Response<IncomingBody>, TrySendError<Request<B>>>> {
@@ -608,51 +558,6 @@ where
         self
     }
 
-    /// Like [`Builder::handshake`], but the returned [`SendRequest`] hands each request to
-    /// the HTTP/2 connection from the task that polls the request's future, and that future
-    /// waits for the response itself, instead of both going through the task that runs the
-    /// [`Connection`]: per request, one channel hop, one spawned task and one callback
-    /// channel fewer. The [`Connection`] must still be polled (spawned) as usual.
-    ///
-    /// The request reaches h2 when its future is first polled. One that the connection can
-    /// no longer take (closed, going away) fails with the request handed back
-    /// ([`TrySendError::take_message`]); dropping the future resets the stream.
-    ///
-    /// # Errors
-    ///
-    /// Returns an error if the HTTP/2 connection handshake fails.
-    pub fn handshake_direct<T, B>(
-        &self,
-        io: T,
-    ) -> impl Future<Output = crate::Result<(SendRequest<B>, Connection<T, B, Ex>)>>
-    where
-        T: Read + Write + Unpin + 'static,
-        B: Body + Send + Unpin + 'static,
-        B::Data: Send + Sync,
-        B::Error: Into<Box<dyn Error + Send + Sync>>,
-        Ex: Http2ClientConnExec<B, T> + Clone + Unpin + Send + Sync + 'static,
-    {
-        let opts = self.clone();
-
-        async move {
-            trace!("client handshake HTTP/2 (sending from the caller)");
-
-            let (tx, rx) = dispatch::channel();
-            let h2 = proto::h2::client::handshake(io, rx, &opts.h2_builder, opts.exec, opts.timer)
-                .await?;
-            let direct: Arc<dyn SendDirect<B>> = Arc::new(h2.direct());
-            Ok((
-                SendRequest {
-                    dispatch: tx.unbound(),
-                    direct: Some(direct),
-                },
-                Connection {
-                    inner: (PhantomData, h2),
-                },
-            ))
-        }
-    }
-
     /// Constructs a connection with the configured options and IO.
     /// See [`client::conn`](crate::client::conn) for more.
     ///
@@ -684,7 +589,6 @@ where
             Ok((
                 SendRequest {
                     dispatch: tx.unbound(),
-                    direct: None,
                 },
                 Connection {
                     inner: (PhantomData, h2),

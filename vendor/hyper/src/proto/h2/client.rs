@@ -526,20 +526,50 @@ where
     T: Read + Write + Unpin,
 {
     fn poll_pipe(&mut self, f: FutCtx<B>, cx: &mut Context<'_>) {
-        let (send_stream, cancel_tx) = start_pipe(
-            &mut self.executor,
-            &self.conn_drop_ref,
-            &self.ping,
-            (f.is_connect, f.eos),
-            f.body,
-            f.body_tx,
-            cx,
-        );
+        let ping = self.ping.clone();
+
+        // A one-shot channel so that send_task can tell pipe_task to
+        // reset the stream when the client cancels the request.
+        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+
+        let send_stream = if !f.is_connect {
+            if !f.eos {
+                let mut pipe = PipeToSendStream::new(f.body, f.body_tx);
+
+                // eagerly see if the body pipe is ready and
+                // can thus skip allocating in the executor
+                match Pin::new(&mut pipe).poll(cx) {
+                    Poll::Ready(_) => (),
+                    Poll::Pending => {
+                        let conn_drop_ref = self.conn_drop_ref.clone();
+                        // keep the ping recorder's knowledge of an
+                        // "open stream" alive while this body is
+                        // still sending...
+                        let ping = ping.clone();
+
+                        let pipe = PipeMap {
+                            pipe,
+                            conn_drop_ref: Some(conn_drop_ref),
+                            ping: Some(ping),
+                            cancel_rx: Some(cancel_rx),
+                        };
+                        // Clear send task
+                        self.executor
+                            .execute_h2_future(H2ClientFuture::Pipe { pipe });
+                    }
+                }
+            }
+
+            None
+        } else {
+            Some(f.body_tx)
+        };
+
         self.executor.execute_h2_future(H2ClientFuture::Send {
             send_when: SendWhen {
                 when: ResponseFutMap {
                     fut: f.fut,
-                    ping: Some(self.ping.clone()),
+                    ping: Some(ping),
                     send_stream: Some(send_stream),
                     exec: self.executor.clone(),
                     cancel_tx: Some(cancel_tx),
@@ -548,243 +578,6 @@ where
             },
         });
     }
-}
-
-/// Starts sending a request's body: polled once here, and spawned only if it is not done at
-/// once (a CONNECT keeps its stream for the upgrade instead). Returns the CONNECT's stream and
-/// the sender that tells the body's task to reset the stream when the caller gives up.
-#[allow(clippy::type_complexity)]
-fn start_pipe<B, T, E>(
-    exec: &mut E,
-    conn_drop_ref: &ConnDropRef,
-    ping: &Recorder,
-    (is_connect, eos): (bool, bool),
-    body: B,
-    body_tx: SendStream<SendBuf<B::Data>>,
-    cx: &mut Context<'_>,
-) -> (Option<SendStream<SendBuf<B::Data>>>, oneshot::Sender<()>)
-where
-    B: Body + 'static + Unpin,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: Http2ClientConnExec<B, T> + Clone + Unpin,
-    T: Read + Write + Unpin,
-{
-    // A one-shot channel so that send_task can tell pipe_task to
-    // reset the stream when the client cancels the request.
-    let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
-
-    let send_stream = if !is_connect {
-        if !eos {
-            let mut pipe = PipeToSendStream::new(body, body_tx);
-
-            // eagerly see if the body pipe is ready and
-            // can thus skip allocating in the executor
-            match Pin::new(&mut pipe).poll(cx) {
-                Poll::Ready(_) => (),
-                Poll::Pending => {
-                    let conn_drop_ref = conn_drop_ref.clone();
-                    // keep the ping recorder's knowledge of an
-                    // "open stream" alive while this body is
-                    // still sending...
-                    let ping = ping.clone();
-
-                    let pipe = PipeMap {
-                        pipe,
-                        conn_drop_ref: Some(conn_drop_ref),
-                        ping: Some(ping),
-                        cancel_rx: Some(cancel_rx),
-                    };
-                    // Clear send task
-                    exec.execute_h2_future(H2ClientFuture::Pipe { pipe });
-                }
-            }
-        }
-
-        None
-    } else {
-        Some(body_tx)
-    };
-    (send_stream, cancel_tx)
-}
-
-/// Sends requests from the caller's task rather than through the connection's dispatch task
-/// (`http2::Builder::handshake_direct`): the request goes to h2 when the caller's future is
-/// first polled, and that future waits for the response itself. Per request, that saves the
-/// hop through the dispatch channel and task, the task spawned to wait for the response, and
-/// the callback channel that hands the response over. The same h2 calls in the same order as
-/// the dispatch task makes; a request the connection can no longer take comes back unsent.
-pub(crate) struct Direct<B: Body, T, E> {
-    h2_tx: SendRequest<SendBuf<B::Data>>,
-    ping: Recorder,
-    conn_drop_ref: ConnDropRef,
-    exec: E,
-    _io: PhantomData<fn() -> T>,
-}
-
-impl<B, E, T> ClientTask<B, E, T>
-where
-    B: Body + 'static,
-    E: Http2ClientConnExec<B, T> + Clone + Unpin,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    T: Read + Write + Unpin,
-{
-    pub(crate) fn direct(&self) -> Direct<B, T, E> {
-        Direct {
-            h2_tx: self.h2_tx.clone(),
-            ping: self.ping.clone(),
-            conn_drop_ref: self.conn_drop_ref.clone(),
-            exec: self.executor.clone(),
-            _io: PhantomData,
-        }
-    }
-}
-
-impl<B, E, T> Direct<B, T, E>
-where
-    B: Body + 'static + Unpin,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: Http2ClientConnExec<B, T> + Clone + Unpin,
-    T: Read + Write + Unpin,
-{
-    pub(crate) fn send(
-        &self,
-        req: Request<B>,
-    ) -> impl Future<Output = Result<Response<IncomingBody>, TrySendError<Request<B>>>> {
-        let mut h2_tx = self.h2_tx.clone();
-        let ping = self.ping.clone();
-        let mut exec = self.exec.clone();
-        let conn_drop_ref = self.conn_drop_ref.clone();
-        async move {
-            // A handle of its own has no stream pending open: ready at once, unless the
-            // connection has failed or is going away — then the request was never sent.
-            if let Err(err) = std::future::poll_fn(|cx| h2_tx.poll_ready(cx)).await {
-                let error = match ping.ensure_not_timed_out() {
-                    Err(timed_out) => timed_out,
-                    Ok(()) => crate::Error::new_h2(err),
-                };
-                return Err(TrySendError {
-                    error,
-                    message: Some(Box::new(req)),
-                });
-            }
-            let (req, body, is_connect, eos) = prepare(req).map_err(|error| TrySendError {
-                error,
-                message: None,
-            })?;
-            let (fut, body_tx) = h2_tx.send_request(req, !is_connect && eos).map_err(|err| {
-                debug!("client send request error: {}", err);
-                TrySendError {
-                    error: crate::Error::new_h2(err),
-                    message: None,
-                }
-            })?;
-            // Not kept while the response is awaited: a handle counts as a user of the
-            // connection.
-            drop(h2_tx);
-            let mut body = Some((body, body_tx));
-            let (send_stream, cancel_tx) = std::future::poll_fn(|cx| {
-                let (body, body_tx) = body.take().expect("polled once: it is ready at once");
-                Poll::Ready(start_pipe(
-                    &mut exec,
-                    &conn_drop_ref,
-                    &ping,
-                    (is_connect, eos),
-                    body,
-                    body_tx,
-                    cx,
-                ))
-            })
-            .await;
-            drop(conn_drop_ref);
-            let when = ResponseFutMap {
-                fut,
-                ping: Some(ping),
-                send_stream: Some(send_stream),
-                exec,
-                cancel_tx: Some(cancel_tx),
-            };
-            CancelOnDrop { when, done: false }
-                .await
-                .map_err(|(error, message)| TrySendError {
-                    error,
-                    message: message.map(Box::new),
-                })
-        }
-    }
-}
-
-pin_project! {
-    /// A response awaited by the caller: a caller that gives up (drops this) resets the
-    /// stream, as the dispatch task does when the caller's callback is dropped.
-    struct CancelOnDrop<B, E>
-    where
-        B: Body,
-        B: 'static,
-    {
-        #[pin]
-        when: ResponseFutMap<B, E>,
-        done: bool,
-    }
-
-    impl<B, E> PinnedDrop for CancelOnDrop<B, E>
-    where
-        B: Body,
-        B: 'static,
-    {
-        fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            if !*this.done {
-                this.when.cancel();
-            }
-        }
-    }
-}
-
-impl<B, E> Future for CancelOnDrop<B, E>
-where
-    B: Body + 'static,
-    E: Http2UpgradedExec<B::Data>,
-{
-    type Output = <ResponseFutMap<B, E> as Future>::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let out = ready!(this.when.poll(cx));
-        *this.done = true;
-        Poll::Ready(out)
-    }
-}
-
-/// A request as h2 takes it: the head with its connection-specific fields stripped and a
-/// content-length where the body's size is known, and the body; whether it is a CONNECT, and
-/// whether the head ends the stream. Shared by the connection's dispatch task and
-/// [`Direct::send`].
-#[allow(clippy::type_complexity)]
-fn prepare<B: Body>(req: Request<B>) -> crate::Result<(::http::Request<()>, B, bool, bool)> {
-    let (head, body) = req.into_parts();
-    let mut req = ::http::Request::from_parts(head, ());
-    super::strip_connection_headers(req.headers_mut(), super::MessageKind::Request);
-    if let Some(len) = body.size_hint().exact() {
-        if len != 0 || headers::method_has_defined_payload_semantics(req.method()) {
-            headers::set_content_length_if_missing(req.headers_mut(), len);
-        }
-    }
-
-    let is_connect = req.method() == Method::CONNECT;
-    let eos = body.is_end_stream();
-
-    if is_connect && headers::content_length_parse_all(req.headers()).map_or(false, |len| len != 0)
-    {
-        debug!("h2 connect request with non-zero body not supported");
-        return Err(crate::Error::new_user_invalid_connect());
-    }
-
-    if let Some(protocol) = req.extensions_mut().remove::<Protocol>() {
-        req.extensions_mut().insert(protocol.into_inner());
-    }
-    Ok((req, body, is_connect, eos))
 }
 
 pin_project! {
@@ -913,16 +706,33 @@ where
                         trace!("request callback is canceled");
                         continue;
                     }
-                    let (req, body, is_connect, eos) = match prepare(req) {
-                        Ok(prepared) => prepared,
-                        Err(error) => {
-                            cb.send(Err(TrySendError {
-                                error,
-                                message: None,
-                            }));
-                            continue;
+                    let (head, body) = req.into_parts();
+                    let mut req = ::http::Request::from_parts(head, ());
+                    super::strip_connection_headers(req.headers_mut(), super::MessageKind::Request);
+                    if let Some(len) = body.size_hint().exact() {
+                        if len != 0 || headers::method_has_defined_payload_semantics(req.method()) {
+                            headers::set_content_length_if_missing(req.headers_mut(), len);
                         }
-                    };
+                    }
+
+                    let is_connect = req.method() == Method::CONNECT;
+                    let eos = body.is_end_stream();
+
+                    if is_connect
+                        && headers::content_length_parse_all(req.headers())
+                            .map_or(false, |len| len != 0)
+                    {
+                        debug!("h2 connect request with non-zero body not supported");
+                        cb.send(Err(TrySendError {
+                            error: crate::Error::new_user_invalid_connect(),
+                            message: None,
+                        }));
+                        continue;
+                    }
+
+                    if let Some(protocol) = req.extensions_mut().remove::<Protocol>() {
+                        req.extensions_mut().insert(protocol.into_inner());
+                    }
 
                     let (fut, body_tx) = match self.h2_tx.send_request(req, !is_connect && eos) {
                         Ok(ok) => ok,
