@@ -350,20 +350,19 @@ pub fn main() -> ExitCode {
         eprintln!("remora-proxy: REMORA_THREADS is 0; use 1 (the default) or more");
         return ExitCode::from(2);
     }
-    // The runtime's threads keep freed blocks for reuse (remora_proxy::alloc); the
-    // current-thread runtime runs on this one. Blocking-pool threads come and go: each gives
-    // its blocks back before it ends.
+    // The threads that carry requests keep freed blocks for reuse (remora_proxy::alloc): this
+    // one, where the current-thread runtime runs, or the workers. Not the blocking pool's (up
+    // to 512 threads, 256 KiB each): `on_thread_start` would reach them too, so workers opt
+    // in when they first park, a hook only workers call.
     let runtime = if args.threads == 1 {
         remora_proxy::alloc::pool_this_thread();
         tokio::runtime::Builder::new_current_thread()
-            .on_thread_start(remora_proxy::alloc::pool_this_thread)
-            .on_thread_stop(remora_proxy::alloc::flush_this_thread)
             .enable_all()
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(args.threads)
-            .on_thread_start(remora_proxy::alloc::pool_this_thread)
+            .on_thread_park(remora_proxy::alloc::pool_this_thread)
             .on_thread_stop(remora_proxy::alloc::flush_this_thread)
             .enable_all()
             .build()
