@@ -529,8 +529,10 @@ where
         let ping = self.ping.clone();
 
         // A one-shot channel so that send_task can tell pipe_task to
-        // reset the stream when the client cancels the request.
-        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+        // reset the stream when the client cancels the request. Made only
+        // when a pipe task is spawned: without one there is no one to tell,
+        // and most requests (no body, or a body sent at once) have none.
+        let mut cancel_tx = None;
 
         let send_stream = if !f.is_connect {
             if !f.eos {
@@ -546,6 +548,8 @@ where
                         // "open stream" alive while this body is
                         // still sending...
                         let ping = ping.clone();
+                        let (tx, cancel_rx) = oneshot::channel::<()>();
+                        cancel_tx = Some(tx);
 
                         let pipe = PipeMap {
                             pipe,
@@ -572,7 +576,7 @@ where
                     ping: Some(ping),
                     send_stream: Some(send_stream),
                     exec: self.executor.clone(),
-                    cancel_tx: Some(cancel_tx),
+                    cancel_tx,
                 },
                 call_back: Some(f.cb),
             },

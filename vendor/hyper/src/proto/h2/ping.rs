@@ -265,7 +265,6 @@ impl Recorder {
 impl Ponger {
     pub(super) fn poll(&mut self, cx: &mut task::Context<'_>) -> Poll<Ponged> {
         let mut locked = self.shared.lock().panic_if_poisoned();
-        let now = locked.timer.now(); // hoping this is fine to move within the lock
         let is_idle = self.is_idle();
 
         if let Some(ka) = &mut self.keep_alive {
@@ -280,6 +279,9 @@ impl Ponger {
 
         match locked.ping_pong.poll_pong(cx) {
             Poll::Ready(Ok(_pong)) => {
+                // Read the clock only here, on a pong: this runs on every poll of the
+                // connection, and most polls see no pong.
+                let now = locked.timer.now();
                 let start = locked
                     .ping_sent_at
                     .expect("pong received implies ping_sent_at");
