@@ -80,11 +80,18 @@ impl PeakEwma {
         self.pending.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Ends a request that took `rtt`. A slower-than-average sample replaces the average at
-    /// once (the peak); faster ones pull it down with weight decaying over [`DECAY`].
-    pub fn finish(&self, rtt: Duration) {
+    /// [`finish_at`](Self::finish_at) now.
+    #[cfg(test)]
+    pub fn finish(&self, rtt: Duration) -> Duration {
+        self.finish_at(rtt, Instant::now())
+    }
+
+    /// Ends a request that took `rtt`, the clock read at `now` (the caller read it to time
+    /// `rtt`). A slower-than-average sample replaces the average at once (the peak); faster ones
+    /// pull it down with weight decaying over [`DECAY`]. Returns the new estimate.
+    pub fn finish_at(&self, rtt: Duration, now: Instant) -> Duration {
         self.pending.fetch_sub(1, Ordering::Relaxed);
-        let now = self.epoch.elapsed().as_nanos() as u64;
+        let now = now.saturating_duration_since(self.epoch).as_nanos() as u64;
         let then = self.stamp.swap(now, Ordering::Relaxed);
         let sample = rtt.as_nanos() as f64;
         let old = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
@@ -95,6 +102,7 @@ impl PeakEwma {
             old * w + sample * (1.0 - w)
         };
         self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
+        Duration::from_nanos(next as u64)
     }
 
     /// Ends a request that produced no latency sample (it failed before a response).
