@@ -72,7 +72,10 @@ impl Outcome {
 
 /// The route table and its families.
 pub(crate) struct Routes {
-    table: RwLock<HashMap<RouteKey, Arc<RouteHandles>>>,
+    /// Looked up once per request: foldhash (randomly seeded per process, as hashbrown's
+    /// default) instead of SipHash, ~250 instructions fewer per request. The table is capped, so
+    /// keys a client picks (gRPC paths) cannot grow a collision chain without bound.
+    table: RwLock<HashMap<RouteKey, Arc<RouteHandles>, foldhash::fast::RandomState>>,
     requests: Family<RouteLabels, Counter>,
     failures: Family<RouteLabels, Counter>,
     duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
@@ -102,7 +105,7 @@ pub(crate) fn grpc_method(path: &str) -> Option<(&str, &str)> {
 impl Routes {
     pub(crate) fn with_cap(cap: usize) -> Self {
         Routes {
-            table: RwLock::new(HashMap::new()),
+            table: RwLock::new(HashMap::default()),
             requests: Family::default(),
             failures: Family::default(),
             duration: Family::new_with_constructor(crate::metrics::latency_histogram),
