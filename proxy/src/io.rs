@@ -361,7 +361,9 @@ pin_project_lite::pin_project! {
     /// connection task has flushed the HEADERS. A gRPC unary call thus took two `writev`s
     /// (HEADERS, then DATA), each waking the upstream app: at a sidecar's load the wake-ups
     /// and system calls, not parsing, are the cost. One turn of the scheduler costs a task
-    /// poll; the second system call and wake-up cost far more.
+    /// poll; the second system call and wake-up cost far more. A burst that leaves no stream
+    /// open (a GET's HEADERS with END_STREAM) goes at once: nothing follows it to gather, and
+    /// the turn was one more poll of the connection per request.
     pub struct Gather<T> {
         #[pin]
         io: T,
@@ -386,10 +388,11 @@ impl<T: AsyncRead> AsyncRead for Gather<T> {
 }
 
 impl<T: AsyncWrite> Gather<T> {
-    /// `true` once this burst has waited its turn (then the write goes through).
-    fn turn(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
+    /// `true` once this burst has waited its turn, or has no need to (then the write goes
+    /// through).
+    fn turn(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> bool {
         let me = self.project();
-        if *me.waited {
+        if *me.waited || !leaves_a_stream_open(bufs) {
             return true;
         }
         *me.waited = true;
@@ -398,13 +401,66 @@ impl<T: AsyncWrite> Gather<T> {
     }
 }
 
+/// Whether the first write of a burst should wait its turn: when it leaves a stream open (a
+/// HEADERS or DATA frame without END_STREAM and no later one with it), whose next frames are
+/// likely queued by a task that is already runnable (a gRPC call's body after its HEADERS), or
+/// when it is not whole frames (the connection preface, a write cut short before). A request
+/// that ends in this write (a GET's HEADERS with END_STREAM) has nothing to wait for: the turn
+/// would cost a poll of the connection and gather nothing.
+fn leaves_a_stream_open(bufs: &[IoSlice<'_>]) -> bool {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    let byte = |mut at: usize| -> u8 {
+        for b in bufs {
+            if at < b.len() {
+                return b[at];
+            }
+            at -= b.len();
+        }
+        0
+    };
+    // Streams left open so far; more than fit counts as open.
+    let mut open = [0u32; 4];
+    let mut n = 0;
+    let mut at = 0;
+    while at < total {
+        if total - at < 9 {
+            return true;
+        }
+        let len = usize::from(byte(at)) << 16
+            | usize::from(byte(at + 1)) << 8
+            | usize::from(byte(at + 2));
+        let (kind, flags) = (byte(at + 3), byte(at + 4));
+        let id = u32::from_be_bytes([byte(at + 5), byte(at + 6), byte(at + 7), byte(at + 8)])
+            & 0x7fff_ffff;
+        // DATA (0) and HEADERS (1) carry END_STREAM in bit 0.
+        if kind <= 1 {
+            let ends = flags & 1 != 0;
+            match open[..n].iter().position(|&s| s == id) {
+                Some(i) if ends => {
+                    open[i] = open[n - 1];
+                    n -= 1;
+                }
+                Some(_) => {}
+                None if ends => {}
+                None if n == open.len() => return true,
+                None => {
+                    open[n] = id;
+                    n += 1;
+                }
+            }
+        }
+        at += 9 + len;
+    }
+    n > 0 || at != total
+}
+
 impl<T: AsyncWrite> AsyncWrite for Gather<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if !self.as_mut().turn(cx) {
+        if !self.as_mut().turn(cx, &[IoSlice::new(buf)]) {
             return Poll::Pending;
         }
         let me = self.project();
@@ -420,7 +476,7 @@ impl<T: AsyncWrite> AsyncWrite for Gather<T> {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        if !self.as_mut().turn(cx) {
+        if !self.as_mut().turn(cx, bufs) {
             return Poll::Pending;
         }
         let me = self.project();
@@ -489,6 +545,87 @@ mod gather_and_prefix_tests {
         ));
         assert_eq!(writes.load(Ordering::Relaxed), 1);
         assert!(Pin::new(&mut g).poll_write(&mut cx, b"x").is_pending());
+    }
+
+    /// An HTTP/2 frame: type, flags, stream, payload length.
+    fn frame(kind: u8, flags: u8, stream: u32, len: usize) -> Vec<u8> {
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.resize(9 + len, 0);
+        f
+    }
+
+    #[test]
+    fn which_bursts_wait_their_turn() {
+        const DATA: u8 = 0;
+        const HEADERS: u8 = 1;
+        const ES: u8 = 0x1;
+        const EH: u8 = 0x4;
+        let cat = |frames: &[Vec<u8>]| frames.concat();
+        let waits = |bytes: &[u8]| leaves_a_stream_open(&[IoSlice::new(bytes)]);
+        // A GET: HEADERS with END_STREAM ends its stream here, nothing to wait for.
+        assert!(!waits(&frame(HEADERS, ES | EH, 1, 30)));
+        // A gRPC call's HEADERS: its DATA is coming from the body task.
+        assert!(waits(&frame(HEADERS, EH, 1, 30)));
+        // ... unless it is already here, ending the stream.
+        assert!(!waits(&cat(&[
+            frame(HEADERS, EH, 1, 30),
+            frame(DATA, ES, 1, 10)
+        ])));
+        // A body still streaming.
+        assert!(waits(&frame(DATA, 0, 3, 100)));
+        // Several requests: one left open is enough.
+        assert!(waits(&cat(&[
+            frame(HEADERS, ES | EH, 1, 20),
+            frame(HEADERS, EH, 3, 20),
+            frame(HEADERS, ES | EH, 5, 20),
+        ])));
+        assert!(!waits(&cat(&[
+            frame(HEADERS, EH, 1, 20),
+            frame(HEADERS, EH, 3, 20),
+            frame(DATA, ES, 3, 5),
+            frame(DATA, ES, 1, 5),
+        ])));
+        // More open streams than it tracks: counted as open.
+        let many: Vec<Vec<u8>> = (0..6).map(|i| frame(HEADERS, EH, 1 + 2 * i, 8)).collect();
+        assert!(waits(&cat(&many)));
+        // Control frames alone: SETTINGS ack, WINDOW_UPDATE, PING.
+        assert!(!waits(&cat(&[
+            frame(4, 1, 0, 0),
+            frame(8, 0, 0, 4),
+            frame(6, 0, 0, 8)
+        ])));
+        // Not whole frames: the preface, a frame cut short, a stray byte.
+        assert!(waits(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        assert!(waits(&frame(HEADERS, ES | EH, 1, 30)[..20]));
+        assert!(waits(&[0u8; 5]));
+        // A DATA frame's payload in a second slice (h2's vectored write) is read across.
+        let head = frame(DATA, ES, 1, 0);
+        let mut head = head[..9].to_vec();
+        head[2] = 64;
+        let payload = [7u8; 64];
+        assert!(!leaves_a_stream_open(&[
+            IoSlice::new(&head),
+            IoSlice::new(&payload)
+        ]));
+        assert!(leaves_a_stream_open(&[
+            IoSlice::new(&head),
+            IoSlice::new(&payload[..63])
+        ]));
+    }
+
+    #[test]
+    fn a_request_that_ends_in_the_write_goes_through_at_once() {
+        let writes = Arc::new(AtomicUsize::new(0));
+        let mut g = Gather::new(Counting(writes.clone(), Vec::new()));
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let get = frame(1, 0x5, 1, 12);
+        assert!(matches!(
+            Pin::new(&mut g).poll_write(&mut cx, &get),
+            Poll::Ready(Ok(21))
+        ));
+        assert_eq!(writes.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
