@@ -774,8 +774,9 @@ impl Endpoint {
         Some(Box::pin(self.send_h1(to_http1(Box::new(rebuild(head, body))), dispatched)).await)
     }
 
-    /// The request goes to the connection now, when this is called (hyper queues it at once);
-    /// the future only waits for the answer, and does not keep a copy of the request.
+    /// The request goes to the connection when the future is first polled (hyper's direct
+    /// sender, `handshake_direct`); the future then waits for the answer, and does not keep a
+    /// copy of the request.
     fn h2_attempt(
         &self,
         mut sender: http2::SendRequest<UpstreamBody>,
@@ -976,7 +977,7 @@ impl Endpoint {
             .initial_connection_window_size(128 * crate::http::STREAM_WINDOW)
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(crate::io::Gather::new(tcp)))
+            .handshake_direct(TokioIo::new(crate::io::Gather::new(tcp)))
             .await
             .map_err(|source| EndpointError::Handshake {
                 addr: self.addr,

@@ -520,8 +520,9 @@ where
         end_of_stream: bool,
     ) -> Result<(ResponseFuture, SendStream<B>), crate::Error> {
         self.inner
-            .send_request(request, end_of_stream, self.pending.as_ref())
+            .send_request(request, end_of_stream, self.pending.as_ref(), false)
             .map_err(Into::into)
+            .and_then(|sent| sent.map_err(|_| crate::Error::from(UserError::Rejected)))
             .map(|(stream, is_full)| {
                 if stream.is_pending_open() && is_full {
                     // Only prevent sending another request when the request queue
@@ -538,6 +539,39 @@ where
 
                 (response, stream)
             })
+    }
+
+    /// Sends a request like [`send_request`](Self::send_request), but only if its stream
+    /// opens at once: below the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`, with no stream
+    /// waiting to open ahead of it. Otherwise nothing is sent, no stream ID is taken, and the
+    /// request comes back (`Ok(Err(request))`, its extensions dropped but for the extended
+    /// CONNECT `:protocol`), for the caller to queue where giving up costs nothing.
+    ///
+    /// A stream `send_request` queues to open takes its stream ID at once and is sent when
+    /// capacity frees, even if its caller has given up meanwhile (then followed by a reset);
+    /// this never queues one. The check and the send are one step under the connection's
+    /// lock, so concurrent callers cannot both take the last slot.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_request`](Self::send_request).
+    #[allow(clippy::type_complexity)]
+    pub fn send_request_now(
+        &mut self,
+        request: Request<()>,
+        end_of_stream: bool,
+    ) -> Result<Result<(ResponseFuture, SendStream<B>), Request<()>>, crate::Error> {
+        let sent = self
+            .inner
+            .send_request(request, end_of_stream, self.pending.as_ref(), true)
+            .map_err(crate::Error::from)?;
+        Ok(sent.map(|(stream, _is_full)| {
+            let response = ResponseFuture {
+                inner: stream.clone_to_opaque(),
+                push_promise_consumed: false,
+            };
+            (response, SendStream::new(stream))
+        }))
     }
 
     /// Returns whether the [extended CONNECT protocol][1] is enabled or not.

@@ -146,14 +146,6 @@ impl Counts {
         }
     }
 
-    /// Returns true when the next opened stream will reach capacity of outbound streams
-    ///
-    /// The number of client send streams is incremented in prioritize; send_request has to guess if
-    /// it should wait before allowing another request to be sent.
-    pub fn next_send_stream_will_reach_capacity(&self) -> bool {
-        self.max_send_streams <= (self.num_send_streams + 1)
-    }
-
     /// Returns the current peer
     pub fn peer(&self) -> peer::Dyn {
         self.peer
@@ -200,6 +192,11 @@ impl Counts {
         // Increment the number of remote initiated streams
         self.num_recv_streams += 1;
         stream.is_counted = true;
+    }
+
+    /// The number of locally initiated streams open (counted against the peer's limit).
+    pub(crate) fn num_send_streams(&self) -> usize {
+        self.num_send_streams
     }
 
     /// Returns true if the send stream concurrency can be incremented

@@ -45,6 +45,9 @@ pub(super) struct Prioritize {
     /// futures library.
     pending_open: store::Queue<stream::NextOpen>,
 
+    /// How many streams `pending_open` holds.
+    num_pending_open: usize,
+
     /// Connection level flow control governing sent data
     flow: FlowControl,
 
@@ -97,6 +100,7 @@ impl Prioritize {
             pending_send: store::Queue::new(),
             pending_capacity: store::Queue::new(),
             pending_open: store::Queue::new(),
+            num_pending_open: 0,
             flow,
             last_opened_id: StreamId::ZERO,
             in_flight_data_frame: InFlightData::Nothing,
@@ -138,7 +142,9 @@ impl Prioritize {
     }
 
     pub fn queue_open(&mut self, stream: &mut store::Ptr) {
-        self.pending_open.push(stream);
+        if self.pending_open.push(stream) {
+            self.num_pending_open += 1;
+        }
     }
 
     /// Send a data frame
@@ -693,8 +699,14 @@ impl Prioritize {
         }
     }
 
+    pub fn num_pending_open(&self) -> usize {
+        self.num_pending_open
+    }
+
     pub fn clear_pending_open(&mut self, store: &mut Store, counts: &mut Counts) {
         while let Some(stream) = self.pending_open.pop(store) {
+            debug_assert!(self.num_pending_open > 0);
+            self.num_pending_open = self.num_pending_open.saturating_sub(1);
             let is_pending_reset = stream.is_pending_reset_expiration();
             counts.transition_after(stream, is_pending_reset);
         }
@@ -909,6 +921,8 @@ impl Prioritize {
         // check for any pending open streams
         if counts.can_inc_num_send_streams() {
             if let Some(mut stream) = self.pending_open.pop(store) {
+                debug_assert!(self.num_pending_open > 0);
+                self.num_pending_open = self.num_pending_open.saturating_sub(1);
                 tracing::trace!("schedule_pending_open; stream={:?}", stream.id);
 
                 counts.inc_num_send_streams(&mut stream);

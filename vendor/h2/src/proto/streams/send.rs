@@ -60,6 +60,11 @@ impl Send {
         }
     }
 
+    /// How many locally initiated streams wait to be opened.
+    pub fn num_pending_open(&self) -> usize {
+        self.prioritize.num_pending_open()
+    }
+
     /// Returns the initial send window size
     pub fn init_window_sz(&self) -> WindowSize {
         self.init_window_sz

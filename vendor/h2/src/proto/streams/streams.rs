@@ -262,12 +262,17 @@ where
         me.actions.recv.apply_local_settings(frame, &mut me.store)
     }
 
+    /// `now_only`: send only if the stream opens at once (below the peer's stream limit, and
+    /// no stream queued to open ahead of it); otherwise hand the request back, `Ok(Err(..))`,
+    /// without its extensions but for the `:protocol`.
+    #[allow(clippy::type_complexity)]
     pub fn send_request(
         &mut self,
         mut request: Request<()>,
         end_of_stream: bool,
         pending: Option<&OpaqueStreamRef>,
-    ) -> Result<(StreamRef<B>, bool), SendError> {
+        now_only: bool,
+    ) -> Result<Result<(StreamRef<B>, bool), Request<()>>, SendError> {
         use super::stream::ContentLength;
         use http::Method;
 
@@ -305,6 +310,19 @@ where
         if me.counts.peer().is_server() {
             // Servers cannot open streams. PushPromise must first be reserved.
             return Err(UserError::UnexpectedFrameType.into());
+        }
+
+        // Every new stream waits in `pending_open` until the connection's next poll opens it,
+        // if below the peer's limit then; this one would open then if the streams open and
+        // those waiting ahead of it leave room.
+        if now_only
+            && me.counts.num_send_streams() + me.actions.send.num_pending_open()
+                >= me.counts.max_send_streams()
+        {
+            if let Some(protocol) = protocol {
+                request.extensions_mut().insert(protocol);
+            }
+            return Ok(Err(request));
         }
 
         let stream_id = me.actions.send.open()?;
@@ -349,14 +367,19 @@ where
         // the lock, so it can't.
         me.refs += 1;
 
-        let is_full = me.counts.next_send_stream_will_reach_capacity();
-        Ok((
+        // Full when the streams open and those waiting to open (this one among them) reach
+        // the peer's limit: the caller should then wait for this one to open. Counting only the
+        // open ones let a burst queue any number past the limit, each with its ID taken, to be
+        // sent when capacity frees even if its caller had given up meanwhile.
+        let is_full = me.counts.num_send_streams() + me.actions.send.num_pending_open()
+            >= me.counts.max_send_streams();
+        Ok(Ok((
             StreamRef {
                 opaque: OpaqueStreamRef::new(self.inner.clone(), &mut stream),
                 send_buffer: self.send_buffer.clone(),
             },
             is_full,
-        ))
+        )))
     }
 
     pub(crate) fn is_extended_connect_protocol_enabled(&self) -> bool {

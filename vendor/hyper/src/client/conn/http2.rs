@@ -23,13 +23,81 @@ use crate::rt::Timer;
 /// The sender side of an established connection.
 pub struct SendRequest<B> {
     dispatch: dispatch::UnboundedSender<Request<B>, Response<IncomingBody>>,
+    /// Set by [`Builder::handshake_direct`]: requests go to h2 from the caller's task.
+    direct: Option<Arc<dyn SendDirect<B>>>,
 }
 
 impl<B> Clone for SendRequest<B> {
     fn clone(&self) -> SendRequest<B> {
         SendRequest {
             dispatch: self.dispatch.clone(),
+            direct: self.direct.clone(),
         }
+    }
+}
+
+type DirectFuture<B> =
+    Pin<Box<dyn Future<Output = Result<Response<IncomingBody>, TrySendError<Request<B>>>> + Send>>;
+
+/// The connection's direct sender without its IO and executor types, which `SendRequest`
+/// does not carry.
+trait SendDirect<B>: Send + Sync {
+    fn send(
+        self: Arc<Self>,
+        req: Request<B>,
+        dispatch: dispatch::UnboundedSender<Request<B>, Response<IncomingBody>>,
+    ) -> DirectFuture<B>;
+    fn is_closed(&self) -> bool;
+}
+
+impl<B, T, E> SendDirect<B> for proto::h2::client::Direct<B, T, E>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send + Sync,
+    B::Error: Into<Box<dyn Error + Send + Sync>>,
+    E: Http2ClientConnExec<B, T> + Clone + Unpin + Send + Sync + 'static,
+    T: Read + Write + Unpin + 'static,
+{
+    fn send(
+        self: Arc<Self>,
+        req: Request<B>,
+        mut dispatch: dispatch::UnboundedSender<Request<B>, Response<IncomingBody>>,
+    ) -> DirectFuture<B> {
+        use proto::h2::client::Started;
+        let direct = self;
+        Box::pin(async move {
+            // Started when first polled, from the task that awaits the response.
+            let mut req = Some(req);
+            let started = crate::common::future::poll_fn(|cx| match req.take() {
+                Some(req) => Poll::Ready(direct.start(req, cx)),
+                None => Poll::Pending,
+            })
+            .await;
+            match started {
+                Started::Sent(response) => response.await,
+                Started::Unsent(err) => Err(err),
+                Started::Queue(req) => {
+                    match dispatch.try_send(req) {
+                        Ok(rx) => match rx.await {
+                            Ok(res) => res,
+                            Err(_) => Err(TrySendError {
+                                error: crate::Error::new_canceled()
+                                    .with("connection closed before the request was sent"),
+                                message: None,
+                            }),
+                        },
+                        Err(req) => Err(TrySendError {
+                            error: crate::Error::new_canceled().with("connection was not ready"),
+                            message: Some(Box::new(req)),
+                        }),
+                    }
+                }
+            }
+        })
+    }
+
+    fn is_closed(&self) -> bool {
+        proto::h2::client::Direct::is_closed(self)
     }
 }
 
@@ -123,12 +191,12 @@ impl<B> SendRequest<B> {
     /// possible that even after checking this is ready, sending a request
     /// may still fail because the connection was closed in the meantime.
     pub fn is_ready(&self) -> bool {
-        self.dispatch.is_ready()
+        self.dispatch.is_ready() && !self.direct.as_ref().is_some_and(|d| d.is_closed())
     }
 
     /// Checks if the connection side has been closed.
     pub fn is_closed(&self) -> bool {
-        self.dispatch.is_closed()
+        self.dispatch.is_closed() || self.direct.as_ref().is_some_and(|d| d.is_closed())
     }
 }
 
@@ -159,6 +227,21 @@ where
     /// Returns an error if the connection is not ready or if an error occurs while
     /// processing the request.
     pub fn send_request(
+        &mut self,
+        req: Request<B>,
+    ) -> impl Future<Output = crate::Result<Response<IncomingBody>>> {
+        match &self.direct {
+            Some(direct) => {
+                let sent = Arc::clone(direct).send(req, self.dispatch.clone());
+                crate::common::either::Either::left(async move {
+                    sent.await.map_err(TrySendError::into_error)
+                })
+            }
+            None => crate::common::either::Either::right(self.dispatch_request(req)),
+        }
+    }
+
+    fn dispatch_request(
         &mut self,
         req: Request<B>,
     ) -> impl Future<Output = crate::Result<Response<IncomingBody>>> {
@@ -193,6 +276,18 @@ where
     /// connection, the message will be returned as part of this error.
     #[allow(clippy::result_large_err)]
     pub fn try_send_request(
+        &mut self,
+        req: Request<B>,
+    ) -> impl Future<Output = Result<Response<IncomingBody>, TrySendError<Request<B>>>> {
+        match &self.direct {
+            Some(direct) => {
+                crate::common::either::Either::left(Arc::clone(direct).send(req, self.dispatch.clone()))
+            }
+            None => crate::common::either::Either::right(self.try_dispatch(req)),
+        }
+    }
+
+    fn try_dispatch(
         &mut self,
         req: Request<B>,
     ) -> impl Future<Output = Result<Response<IncomingBody>, TrySendError<Request<B>>>> {
@@ -589,6 +684,56 @@ where
             Ok((
                 SendRequest {
                     dispatch: tx.unbound(),
+                    direct: None,
+                },
+                Connection {
+                    inner: (PhantomData, h2),
+                },
+            ))
+        }
+    }
+
+    /// Like [`Builder::handshake`], but the returned [`SendRequest`] hands each request to
+    /// the HTTP/2 connection from the task that polls the request's future, and that future
+    /// waits for the response itself, instead of both going through the task that runs the
+    /// [`Connection`]: per request, one channel hop, one spawned task and one callback
+    /// channel fewer. The [`Connection`] must still be polled (spawned) as usual.
+    ///
+    /// The request reaches h2 when its future is first polled, if its stream can open at
+    /// once; at the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`, or with requests waiting ahead of
+    /// it, it waits its turn in the connection's task as with [`Builder::handshake`] (a caller
+    /// that gives up while it waits sends nothing). A request the connection can no longer
+    /// take (closed, going away) fails with the request handed back
+    /// ([`TrySendError::take_message`]) and the sender reports closed from then on; dropping
+    /// the future resets the stream.
+    ///
+    /// # Errors
+    ///
+    /// Returns an error if the HTTP/2 connection handshake fails.
+    pub fn handshake_direct<T, B>(
+        &self,
+        io: T,
+    ) -> impl Future<Output = crate::Result<(SendRequest<B>, Connection<T, B, Ex>)>>
+    where
+        T: Read + Write + Unpin + 'static,
+        B: Body + Send + Unpin + 'static,
+        B::Data: Send + Sync,
+        B::Error: Into<Box<dyn Error + Send + Sync>>,
+        Ex: Http2ClientConnExec<B, T> + Clone + Unpin + Send + Sync + 'static,
+    {
+        let opts = self.clone();
+
+        async move {
+            trace!("client handshake HTTP/2 (sending from the caller)");
+
+            let (tx, rx) = dispatch::channel();
+            let h2 = proto::h2::client::handshake(io, rx, &opts.h2_builder, opts.exec, opts.timer)
+                .await?;
+            let direct: Arc<dyn SendDirect<B>> = Arc::new(h2.direct());
+            Ok((
+                SendRequest {
+                    dispatch: tx.unbound(),
+                    direct: Some(direct),
                 },
                 Connection {
                     inner: (PhantomData, h2),

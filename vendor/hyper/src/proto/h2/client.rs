@@ -3,6 +3,8 @@ use std::{
     future::Future,
     marker::PhantomData,
     pin::Pin,
+    sync::atomic::{AtomicBool, Ordering},
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -17,7 +19,7 @@ use h2::SendStream;
 use http::{Method, StatusCode};
 use pin_project_lite::pin_project;
 
-use super::ping::{Ponger, Recorder};
+use super::ping::{Ponger, Recorder, WeakRecorder};
 use super::{ping, PipeToSendStream, SendBuf};
 use crate::body::{Body, Incoming as IncomingBody};
 use crate::client::dispatch::{Callback, SendWhen, TrySendError};
@@ -526,48 +528,16 @@ where
     T: Read + Write + Unpin,
 {
     fn poll_pipe(&mut self, f: FutCtx<B>, cx: &mut Context<'_>) {
+        let (send_stream, cancel_tx) = start_pipe(
+            &mut self.executor,
+            &self.conn_drop_ref,
+            &self.ping,
+            (f.is_connect, f.eos),
+            f.body,
+            f.body_tx,
+            cx,
+        );
         let ping = self.ping.clone();
-
-        // A one-shot channel so that send_task can tell pipe_task to
-        // reset the stream when the client cancels the request. Made only
-        // when a pipe task is spawned: without one there is no one to tell,
-        // and most requests (no body, or a body sent at once) have none.
-        let mut cancel_tx = None;
-
-        let send_stream = if !f.is_connect {
-            if !f.eos {
-                let mut pipe = PipeToSendStream::new(f.body, f.body_tx);
-
-                // eagerly see if the body pipe is ready and
-                // can thus skip allocating in the executor
-                match Pin::new(&mut pipe).poll(cx) {
-                    Poll::Ready(_) => (),
-                    Poll::Pending => {
-                        let conn_drop_ref = self.conn_drop_ref.clone();
-                        // keep the ping recorder's knowledge of an
-                        // "open stream" alive while this body is
-                        // still sending...
-                        let ping = ping.clone();
-                        let (tx, cancel_rx) = oneshot::channel::<()>();
-                        cancel_tx = Some(tx);
-
-                        let pipe = PipeMap {
-                            pipe,
-                            conn_drop_ref: Some(conn_drop_ref),
-                            ping: Some(ping),
-                            cancel_rx: Some(cancel_rx),
-                        };
-                        // Clear send task
-                        self.executor
-                            .execute_h2_future(H2ClientFuture::Pipe { pipe });
-                    }
-                }
-            }
-
-            None
-        } else {
-            Some(f.body_tx)
-        };
 
         self.executor.execute_h2_future(H2ClientFuture::Send {
             send_when: SendWhen {
@@ -581,6 +551,272 @@ where
                 call_back: Some(f.cb),
             },
         });
+    }
+}
+
+/// Starts sending a request's body: polled once here, and spawned only if it is not done at
+/// once (a CONNECT keeps its stream for the upgrade instead). Returns the CONNECT's stream and,
+/// when a body task was spawned, the sender that tells it to reset the stream when the caller
+/// gives up (made only then: without the task there is no one to tell).
+#[allow(clippy::type_complexity)]
+fn start_pipe<B, T, E>(
+    exec: &mut E,
+    conn_drop_ref: &ConnDropRef,
+    ping: &Recorder,
+    (is_connect, eos): (bool, bool),
+    body: B,
+    body_tx: SendStream<SendBuf<B::Data>>,
+    cx: &mut Context<'_>,
+) -> (Option<SendStream<SendBuf<B::Data>>>, Option<oneshot::Sender<()>>)
+where
+    B: Body + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: Http2ClientConnExec<B, T> + Clone + Unpin,
+    T: Read + Write + Unpin,
+{
+    if is_connect {
+        return (Some(body_tx), None);
+    }
+    let mut cancel_tx = None;
+    if !eos {
+        let mut pipe = PipeToSendStream::new(body, body_tx);
+
+        // eagerly see if the body pipe is ready and
+        // can thus skip allocating in the executor
+        if Pin::new(&mut pipe).poll(cx).is_pending() {
+            let conn_drop_ref = conn_drop_ref.clone();
+            // keep the ping recorder's knowledge of an
+            // "open stream" alive while this body is
+            // still sending...
+            let ping = ping.clone();
+            // A one-shot channel so that send_task can tell pipe_task to
+            // reset the stream when the client cancels the request.
+            let (tx, cancel_rx) = oneshot::channel::<()>();
+            cancel_tx = Some(tx);
+
+            let pipe = PipeMap {
+                pipe,
+                conn_drop_ref: Some(conn_drop_ref),
+                ping: Some(ping),
+                cancel_rx: Some(cancel_rx),
+            };
+            // Clear send task
+            exec.execute_h2_future(H2ClientFuture::Pipe { pipe });
+        }
+    }
+    (None, cancel_tx)
+}
+
+/// A request as h2 takes it: the head with its connection-specific fields stripped and a
+/// content-length where the body's size is known, and the body; whether it is a CONNECT, and
+/// whether the head ends the stream. Shared by the connection's dispatch task and [`Direct`].
+#[allow(clippy::type_complexity)]
+fn prepare<B: Body>(req: Request<B>) -> crate::Result<(::http::Request<()>, B, bool, bool)> {
+    let (head, body) = req.into_parts();
+    let mut req = ::http::Request::from_parts(head, ());
+    super::strip_connection_headers(req.headers_mut(), super::MessageKind::Request);
+    if let Some(len) = body.size_hint().exact() {
+        if len != 0 || headers::method_has_defined_payload_semantics(req.method()) {
+            headers::set_content_length_if_missing(req.headers_mut(), len);
+        }
+    }
+
+    let is_connect = req.method() == Method::CONNECT;
+    let eos = body.is_end_stream();
+
+    if is_connect && headers::content_length_parse_all(req.headers()).map_or(false, |len| len != 0)
+    {
+        debug!("h2 connect request with non-zero body not supported");
+        return Err(crate::Error::new_user_invalid_connect());
+    }
+
+    if let Some(protocol) = req.extensions_mut().remove::<Protocol>() {
+        req.extensions_mut().insert(protocol.into_inner());
+    }
+    Ok((req, body, is_connect, eos))
+}
+
+/// How a [`Direct`] send began.
+pub(crate) enum Started<B: Body + 'static, E> {
+    /// On its stream: the response to await.
+    Sent(CancelOnDrop<B, E>),
+    /// Not sent: the connection cannot take it (closed, going away), or it failed
+    /// (`message` is then `None`).
+    Unsent(TrySendError<Request<B>>),
+    /// Not sent: its stream could not open at once (the peer's stream limit, or a stream
+    /// waiting to open ahead of it); for the dispatch task to send in turn.
+    Queue(Request<B>),
+}
+
+/// Sends requests from the caller's task rather than through the connection's dispatch task
+/// (`http2::Builder::handshake_direct`): the request goes to h2 when the caller's future is
+/// first polled, and that future waits for the response itself. Per request, that saves the
+/// hop through the dispatch channel and task, the task spawned to wait for the response, and
+/// the callback channel that hands the response over.
+///
+/// Only a request whose stream opens at once goes this way (`h2::client::SendRequest::
+/// send_request_now`): at the peer's stream limit, or while a stream waits to open, it goes to
+/// the dispatch task, which sends one at a time as streams free up, so that a caller giving up
+/// while it waits costs nothing on the wire. No counter keeps those in order with direct ones:
+/// a stream the dispatch task has waiting to open stops direct sends until it opens, so queued
+/// requests get at least every other free slot; a counter that held direct sends back while
+/// any request was queued kept them all queued under load once one was (measured: 99 % of
+/// requests through the dispatch task when saturated). A request the connection can no longer take
+/// (closed, going away) comes back unsent, and marks the connection closed for the senders
+/// (the dispatch task would notice only when next polled).
+pub(crate) struct Direct<B: Body, T, E> {
+    h2_tx: SendRequest<SendBuf<B::Data>>,
+    /// Weak: a strong recorder here would count as a request in flight for as long as the
+    /// connection lives, and keep-alive pings would go out on idle connections too.
+    ping: WeakRecorder,
+    conn_drop_ref: ConnDropRef,
+    exec: E,
+    closed: Arc<AtomicBool>,
+    _io: PhantomData<fn() -> T>,
+}
+
+impl<B, E, T> ClientTask<B, E, T>
+where
+    B: Body + 'static,
+    E: Http2ClientConnExec<B, T> + Clone + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T: Read + Write + Unpin,
+{
+    /// A direct sender for this connection (see [`Direct`]).
+    pub(crate) fn direct(&self) -> Direct<B, T, E> {
+        Direct {
+            h2_tx: self.h2_tx.clone(),
+            ping: self.ping.downgrade(),
+            conn_drop_ref: self.conn_drop_ref.clone(),
+            exec: self.executor.clone(),
+            closed: Arc::new(AtomicBool::new(false)),
+            _io: PhantomData,
+        }
+    }
+}
+
+impl<B, E, T> Direct<B, T, E>
+where
+    B: Body + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: Http2ClientConnExec<B, T> + Clone + Unpin,
+    T: Read + Write + Unpin,
+{
+    /// Whether a direct send found the connection unable to take requests.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Starts `req`, from the task that will await its response.
+    pub(crate) fn start(&self, req: Request<B>, cx: &mut Context<'_>) -> Started<B, E> {
+        let mut h2_tx = self.h2_tx.clone();
+        let ping = self.ping.upgrade();
+        // This handle never has a stream pending open (`send_request_now` opens at once or not
+        // at all): ready at once, unless the connection failed or is going away.
+        if let Poll::Ready(Err(err)) = h2_tx.poll_ready(cx) {
+            self.closed.store(true, Ordering::Release);
+            let error = match ping.ensure_not_timed_out() {
+                Err(timed_out) => timed_out,
+                Ok(()) => crate::Error::new_h2(err),
+            };
+            return Started::Unsent(TrySendError {
+                error,
+                message: Some(Box::new(req)),
+            });
+        }
+        let (head, body, is_connect, eos) = match prepare(req) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                return Started::Unsent(TrySendError {
+                    error,
+                    message: None,
+                })
+            }
+        };
+        let (fut, body_tx) = match h2_tx.send_request_now(head, !is_connect && eos) {
+            Ok(Ok(sent)) => sent,
+            Ok(Err(head)) => {
+                let (parts, ()) = head.into_parts();
+                return Started::Queue(Request::from_parts(parts, body));
+            }
+            Err(err) => {
+                debug!("client send request error: {}", err);
+                if err.is_go_away() || err.is_io() {
+                    self.closed.store(true, Ordering::Release);
+                }
+                return Started::Unsent(TrySendError {
+                    error: crate::Error::new_h2(err),
+                    message: None,
+                });
+            }
+        };
+        let mut exec = self.exec.clone();
+        let (send_stream, cancel_tx) = start_pipe(
+            &mut exec,
+            &self.conn_drop_ref,
+            &ping,
+            (is_connect, eos),
+            body,
+            body_tx,
+            cx,
+        );
+        Started::Sent(CancelOnDrop {
+            when: ResponseFutMap {
+                fut,
+                ping: Some(ping),
+                send_stream: Some(send_stream),
+                exec,
+                cancel_tx,
+            },
+            done: false,
+        })
+    }
+}
+
+pin_project! {
+    /// A response awaited by the caller: a caller that gives up (drops this) resets the
+    /// stream, as the dispatch task does when the caller's callback is dropped.
+    pub(crate) struct CancelOnDrop<B, E>
+    where
+        B: Body,
+        B: 'static,
+    {
+        #[pin]
+        when: ResponseFutMap<B, E>,
+        done: bool,
+    }
+
+    impl<B, E> PinnedDrop for CancelOnDrop<B, E>
+    where
+        B: Body,
+        B: 'static,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !*this.done {
+                this.when.cancel();
+            }
+        }
+    }
+}
+
+impl<B, E> Future for CancelOnDrop<B, E>
+where
+    B: Body + 'static,
+    E: Http2UpgradedExec<B::Data>,
+{
+    type Output = Result<Response<IncomingBody>, TrySendError<Request<B>>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = ready!(this.when.poll(cx));
+        *this.done = true;
+        Poll::Ready(out.map_err(|(error, message)| TrySendError {
+            error,
+            message: message.map(Box::new),
+        }))
     }
 }
 
@@ -710,33 +946,16 @@ where
                         trace!("request callback is canceled");
                         continue;
                     }
-                    let (head, body) = req.into_parts();
-                    let mut req = ::http::Request::from_parts(head, ());
-                    super::strip_connection_headers(req.headers_mut(), super::MessageKind::Request);
-                    if let Some(len) = body.size_hint().exact() {
-                        if len != 0 || headers::method_has_defined_payload_semantics(req.method()) {
-                            headers::set_content_length_if_missing(req.headers_mut(), len);
+                    let (req, body, is_connect, eos) = match prepare(req) {
+                        Ok(prepared) => prepared,
+                        Err(error) => {
+                            cb.send(Err(TrySendError {
+                                error,
+                                message: None,
+                            }));
+                            continue;
                         }
-                    }
-
-                    let is_connect = req.method() == Method::CONNECT;
-                    let eos = body.is_end_stream();
-
-                    if is_connect
-                        && headers::content_length_parse_all(req.headers())
-                            .map_or(false, |len| len != 0)
-                    {
-                        debug!("h2 connect request with non-zero body not supported");
-                        cb.send(Err(TrySendError {
-                            error: crate::Error::new_user_invalid_connect(),
-                            message: None,
-                        }));
-                        continue;
-                    }
-
-                    if let Some(protocol) = req.extensions_mut().remove::<Protocol>() {
-                        req.extensions_mut().insert(protocol.into_inner());
-                    }
+                    };
 
                     let (fut, body_tx) = match self.h2_tx.send_request(req, !is_connect && eos) {
                         Ok(ok) => ok,

@@ -189,7 +189,28 @@ impl Config {
 
 // ===== impl Recorder =====
 
+/// A [`Recorder`] that does not count as a user of the connection (see `Ponger::is_idle`).
+#[derive(Clone)]
+pub(crate) struct WeakRecorder {
+    shared: Option<std::sync::Weak<Mutex<Shared>>>,
+}
+
+impl WeakRecorder {
+    /// A recorder for one request: disabled if the connection is gone.
+    pub(crate) fn upgrade(&self) -> Recorder {
+        Recorder {
+            shared: self.shared.as_ref().and_then(|weak| weak.upgrade()),
+        }
+    }
+}
+
 impl Recorder {
+    pub(crate) fn downgrade(&self) -> WeakRecorder {
+        WeakRecorder {
+            shared: self.shared.as_ref().map(Arc::downgrade),
+        }
+    }
+
     pub(crate) fn record_data(&self, len: usize) {
         let shared = if let Some(shared) = &self.shared {
             shared
