@@ -658,11 +658,9 @@ pub(crate) enum Started<B: Body + 'static, E> {
 /// Only a request whose stream opens at once goes this way (`h2::client::SendRequest::
 /// send_request_now`): at the peer's stream limit, or while a stream waits to open, it goes to
 /// the dispatch task, which sends one at a time as streams free up, so that a caller giving up
-/// while it waits costs nothing on the wire. No counter keeps those in order with direct ones:
-/// a stream the dispatch task has waiting to open stops direct sends until it opens, so queued
-/// requests get at least every other free slot; a counter that held direct sends back while
-/// any request was queued kept them all queued under load once one was (measured: 99 % of
-/// requests through the dispatch task when saturated). A request the connection can no longer take
+/// while it waits costs nothing on the wire. Queued and direct requests are not kept in order:
+/// a stream the dispatch task has waiting to open counts against the limit like any other, so
+/// queued requests get their turn as streams free up. A request the connection can no longer take
 /// (closed, going away) comes back unsent, and marks the connection closed for the senders
 /// (the dispatch task would notice only when next polled).
 pub(crate) struct Direct<B: Body, T, E> {
