@@ -113,6 +113,8 @@ where
         .with_upgrades();
     tokio::pin!(conn);
     let res = tokio::select! {
+        // The connection first: the drain is rare, and the order spares a random draw per poll.
+        biased;
         res = conn.as_mut() => res,
         _ = drain.signaled() => {
             conn.as_mut().graceful_shutdown();
@@ -147,6 +149,8 @@ where
         .serve_connection(TokioIo::new(io), Called(svc));
     tokio::pin!(conn);
     let res = tokio::select! {
+        // The connection first: the drain is rare, and the order spares a random draw per poll.
+        biased;
         res = conn.as_mut() => res,
         _ = drain.signaled() => {
             conn.as_mut().graceful_shutdown();
