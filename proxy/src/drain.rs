@@ -239,7 +239,7 @@ mod tests {
     struct Counted {
         polls: Arc<AtomicUsize>,
         rx: tokio::sync::oneshot::Receiver<()>,
-        spurious: Arc<std::sync::Mutex<Option<Waker>>>,
+        spurious: LastWaker,
     }
 
     impl Future for Counted {
@@ -251,12 +251,18 @@ mod tests {
         }
     }
 
-    fn counted() -> (
-        Pin<Box<Gated<Counted>>>,
-        Arc<AtomicUsize>,
-        tokio::sync::oneshot::Sender<()>,
-        Arc<std::sync::Mutex<Option<Waker>>>,
-    ) {
+    /// The waker `Counted` was last polled with.
+    type LastWaker = Arc<std::sync::Mutex<Option<Waker>>>;
+
+    /// A gated `Counted`, and its handles.
+    struct Rig {
+        gated: Pin<Box<Gated<Counted>>>,
+        polls: Arc<AtomicUsize>,
+        tx: tokio::sync::oneshot::Sender<()>,
+        spurious: LastWaker,
+    }
+
+    fn counted() -> Rig {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let polls = Arc::new(AtomicUsize::new(0));
         let spurious = Arc::new(std::sync::Mutex::new(None));
@@ -265,12 +271,22 @@ mod tests {
             rx,
             spurious: spurious.clone(),
         };
-        (Box::pin(Gated::new(inner)), polls, tx, spurious)
+        Rig {
+            gated: Box::pin(Gated::new(inner)),
+            polls,
+            tx,
+            spurious,
+        }
     }
 
     #[test]
     fn gated_polls_its_future_only_after_that_future_woke_the_task() {
-        let (mut gated, polls, tx, spurious) = counted();
+        let Rig {
+            mut gated,
+            polls,
+            tx,
+            spurious,
+        } = counted();
         let task = Arc::new(Task::default());
         let waker = Waker::from(task.clone());
         let mut cx = Context::from_waker(&waker);
@@ -299,7 +315,7 @@ mod tests {
 
     #[test]
     fn gated_wakes_the_task_that_polled_last() {
-        let (mut gated, _, tx, _) = counted();
+        let Rig { mut gated, tx, .. } = counted();
         let (first, second) = (Arc::new(Task::default()), Arc::new(Task::default()));
         let w1 = Waker::from(first.clone());
         assert!(
