@@ -543,35 +543,35 @@ where
 
     /// Sends a request like [`send_request`](Self::send_request), but only if its stream
     /// opens at once: below the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`, with no stream
-    /// waiting to open ahead of it. Otherwise nothing is sent, no stream ID is taken, and the
-    /// request comes back (`Ok(Err(request))`, its extensions dropped but for the extended
-    /// CONNECT `:protocol`), for the caller to queue where giving up costs nothing.
+    /// waiting to open ahead of it, on a connection that takes new streams. Otherwise nothing
+    /// is sent, no stream ID is taken, and the request comes back whole ([`NotSent`]), for the
+    /// caller to queue where giving up costs nothing, or to send elsewhere.
     ///
     /// A stream `send_request` queues to open takes its stream ID at once and is sent when
     /// capacity frees, even if its caller has given up meanwhile (then followed by a reset);
-    /// this never queues one. The check and the send are one step under the connection's
-    /// lock, so concurrent callers cannot both take the last slot.
-    ///
-    /// # Errors
-    ///
-    /// As [`send_request`](Self::send_request).
-    #[allow(clippy::type_complexity)]
+    /// this never queues one. It needs no [`poll_ready`](Self::poll_ready) first: the checks
+    /// and the send are one step under the connection's lock, so concurrent callers cannot
+    /// both take the last slot, and a GOAWAY cannot land between the check and the send.
     pub fn send_request_now(
-        &mut self,
+        &self,
         request: Request<()>,
         end_of_stream: bool,
-    ) -> Result<Result<(ResponseFuture, SendStream<B>), Request<()>>, crate::Error> {
-        let sent = self
+    ) -> Result<(ResponseFuture, SendStream<B>), NotSent> {
+        match self
             .inner
             .send_request(request, end_of_stream, self.pending.as_ref(), true)
-            .map_err(crate::Error::from)?;
-        Ok(sent.map(|(stream, _is_full)| {
-            let response = ResponseFuture {
-                inner: stream.clone_to_opaque(),
-                push_promise_consumed: false,
-            };
-            (response, SendStream::new(stream))
-        }))
+        {
+            Ok(Ok((stream, _is_full))) => {
+                let response = ResponseFuture {
+                    inner: stream.clone_to_opaque(),
+                    push_promise_consumed: false,
+                };
+                Ok((response, SendStream::new(stream)))
+            }
+            Ok(Err(proto::Unsent::Full(request))) => Err(NotSent::Full(request)),
+            Ok(Err(proto::Unsent::Closed(request, e))) => Err(NotSent::Closed(request, e.into())),
+            Err(e) => Err(NotSent::Failed(e.into())),
+        }
     }
 
     /// Returns whether the [extended CONNECT protocol][1] is enabled or not.
@@ -605,6 +605,20 @@ where
     fn fmt(&self, fmt: &mut fmt::Formatter) -> fmt::Result {
         fmt.debug_struct("SendRequest").finish()
     }
+}
+
+/// Why [`SendRequest::send_request_now`] did not send a request.
+#[derive(Debug)]
+pub enum NotSent {
+    /// Its stream could not open at once (the peer's stream limit, or streams waiting to open
+    /// ahead of it): the request, whole, to queue.
+    Full(Request<()>),
+    /// The connection takes no new streams (it failed, the peer sent GOAWAY, or stream IDs
+    /// ran out): the request, whole and never sent, and why.
+    Closed(Request<()>, crate::Error),
+    /// The request could not be sent (for example a connection-specific header field); it is
+    /// consumed.
+    Failed(crate::Error),
 }
 
 impl<B> Clone for SendRequest<B>

@@ -15,6 +15,15 @@ use tokio::io::AsyncWrite;
 use std::sync::{Arc, Mutex};
 use std::{fmt, io};
 
+/// A request `Streams::send_request` did not send (with `now_only`), handed back whole.
+#[derive(Debug)]
+pub(crate) enum Unsent {
+    /// Its stream could not open at once.
+    Full(Request<()>),
+    /// The connection takes no new streams.
+    Closed(Request<()>, SendError),
+}
+
 #[derive(Debug)]
 pub(crate) struct Streams<B, P>
 where
@@ -263,37 +272,65 @@ where
     }
 
     /// `now_only`: send only if the stream opens at once (below the peer's stream limit, and
-    /// no stream queued to open ahead of it); otherwise hand the request back, `Ok(Err(..))`,
-    /// without its extensions but for the `:protocol`.
+    /// no stream queued to open ahead of it), and hand the request back whole, extensions and
+    /// all, when it is not sent: `Ok(Err(Unsent::Full))` at the limit, `Ok(Err(Unsent::Closed))`
+    /// when the connection takes no new streams (an error, a GOAWAY, stream IDs used up). The
+    /// check and the send are one step under the lock, so no GOAWAY can land between them.
     #[allow(clippy::type_complexity)]
     pub fn send_request(
-        &mut self,
+        &self,
         mut request: Request<()>,
         end_of_stream: bool,
         pending: Option<&OpaqueStreamRef>,
         now_only: bool,
-    ) -> Result<Result<(StreamRef<B>, bool), Request<()>>, SendError> {
+    ) -> Result<Result<(StreamRef<B>, bool), Unsent>, SendError> {
         use super::stream::ContentLength;
         use http::Method;
 
         let protocol = request.extensions_mut().remove::<Protocol>();
 
-        // Clear before taking lock, incase extensions contain a StreamRef.
-        request.extensions_mut().clear();
+        // Taken out before taking the lock, in case the extensions contain a StreamRef (its
+        // drop takes the lock); dropped after the lock is released (declared before the
+        // guards), or given back with a request that is not sent.
+        let extensions = std::mem::take(request.extensions_mut());
+        fn give_back(
+            mut request: Request<()>,
+            extensions: http::Extensions,
+            protocol: Option<Protocol>,
+        ) -> Request<()> {
+            *request.extensions_mut() = extensions;
+            if let Some(protocol) = protocol {
+                request.extensions_mut().insert(protocol);
+            }
+            request
+        }
 
         // TODO: There is a hazard with assigning a stream ID before the
         // prioritize layer. If prioritization reorders new streams, this
         // implicitly closes the earlier stream IDs.
         //
         // See: hyperium/h2#11
-        let mut me = self.inner.lock().unwrap();
-        let me = &mut *me;
+        let mut me_guard = self.inner.lock().unwrap();
+        let me = &mut *me_guard;
 
-        let mut send_buffer = self.send_buffer.inner.lock().unwrap();
-        let send_buffer = &mut *send_buffer;
+        let mut send_buffer_guard = self.send_buffer.inner.lock().unwrap();
+        let send_buffer = &mut *send_buffer_guard;
 
-        me.actions.ensure_no_conn_error()?;
-        me.actions.send.ensure_next_stream_id()?;
+        let open = match me.actions.ensure_no_conn_error() {
+            Ok(()) => me.actions.send.ensure_next_stream_id().map_err(SendError::from),
+            Err(e) => Err(SendError::from(e)),
+        };
+        if let Err(e) = open {
+            if !now_only {
+                return Err(e);
+            }
+            drop(send_buffer_guard);
+            drop(me_guard);
+            return Ok(Err(Unsent::Closed(
+                give_back(request, extensions, protocol),
+                e,
+            )));
+        }
 
         // The `pending` argument is provided by the `Client`, and holds
         // a store `Key` of a `Stream` that may have been not been opened
@@ -319,10 +356,9 @@ where
             && me.counts.num_send_streams() + me.actions.send.num_pending_open()
                 >= me.counts.max_send_streams()
         {
-            if let Some(protocol) = protocol {
-                request.extensions_mut().insert(protocol);
-            }
-            return Ok(Err(request));
+            drop(send_buffer_guard);
+            drop(me_guard);
+            return Ok(Err(Unsent::Full(give_back(request, extensions, protocol))));
         }
 
         let stream_id = me.actions.send.open()?;

@@ -707,23 +707,10 @@ where
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Starts `req`, from the task that will await its response.
+    /// Starts `req`, from the task that will await its response. One take of h2's lock: h2
+    /// checks that the connection takes new streams and opens this one in the same step, so
+    /// a GOAWAY arriving meanwhile hands the request back rather than failing it.
     pub(crate) fn start(&self, req: Request<B>, cx: &mut Context<'_>) -> Started<B, E> {
-        let mut h2_tx = self.h2_tx.clone();
-        let ping = self.ping.upgrade();
-        // This handle never has a stream pending open (`send_request_now` opens at once or not
-        // at all): ready at once, unless the connection failed or is going away.
-        if let Poll::Ready(Err(err)) = h2_tx.poll_ready(cx) {
-            self.closed.store(true, Ordering::Release);
-            let error = match ping.ensure_not_timed_out() {
-                Err(timed_out) => timed_out,
-                Ok(()) => crate::Error::new_h2(err),
-            };
-            return Started::Unsent(TrySendError {
-                error,
-                message: Some(Box::new(req)),
-            });
-        }
         let (head, body, is_connect, eos) = match prepare(req) {
             Ok(prepared) => prepared,
             Err(error) => {
@@ -733,13 +720,26 @@ where
                 })
             }
         };
-        let (fut, body_tx) = match h2_tx.send_request_now(head, !is_connect && eos) {
-            Ok(Ok(sent)) => sent,
-            Ok(Err(head)) => {
+        let ping = self.ping.upgrade();
+        let (fut, body_tx) = match self.h2_tx.send_request_now(head, !is_connect && eos) {
+            Ok(sent) => sent,
+            Err(h2::client::NotSent::Full(head)) => {
                 let (parts, ()) = head.into_parts();
                 return Started::Queue(Request::from_parts(parts, body));
             }
-            Err(err) => {
+            Err(h2::client::NotSent::Closed(head, err)) => {
+                self.closed.store(true, Ordering::Release);
+                let error = match ping.ensure_not_timed_out() {
+                    Err(timed_out) => timed_out,
+                    Ok(()) => crate::Error::new_h2(err),
+                };
+                let (parts, ()) = head.into_parts();
+                return Started::Unsent(TrySendError {
+                    error,
+                    message: Some(Box::new(Request::from_parts(parts, body))),
+                });
+            }
+            Err(h2::client::NotSent::Failed(err)) => {
                 debug!("client send request error: {}", err);
                 if err.is_go_away() || err.is_io() {
                     self.closed.store(true, Ordering::Release);
