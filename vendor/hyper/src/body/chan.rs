@@ -171,21 +171,26 @@ impl Receiver {
         } else {
             false
         };
+        // A sender already dropped has nobody to wake: its waker is stale, and waking it would
+        // poll its task (an HTTP/1 connection that sent a body's last chunk and moved on) for
+        // nothing, once per body.
+        let sender_open = state.sender_open;
         if let Some(item) = state.item.take() {
             drop(state);
-            self.shared.sender_waker.wake();
+            if sender_open {
+                self.shared.sender_waker.wake();
+            }
             return Poll::Ready(Some(item));
         }
         if let Some(err) = state.pending_error.take() {
             drop(state);
-            if wake_sender {
+            if wake_sender && sender_open {
                 self.shared.sender_waker.wake();
             }
             return Poll::Ready(Some(Err(err)));
         }
-        let sender_open = state.sender_open;
         drop(state);
-        if wake_sender {
+        if wake_sender && sender_open {
             self.shared.sender_waker.wake();
         }
         if sender_open {
@@ -302,6 +307,25 @@ mod tests {
         drop(rx);
         drop(tx);
         assert_eq!(wakes(), 0);
+
+        // Nor does a receiver taking the last chunk (or error) a dropped sender left.
+        let (mut tx, mut rx) = channel(false);
+        assert!(tx.poll_ready(&mut cx).is_ready());
+        tx.try_send_data(Bytes::from_static(b"last")).unwrap();
+        tx.send_error(crate::Error::new_incomplete());
+        drop(tx);
+        assert!(rx.poll_next(&mut cx).is_ready(), "the chunk");
+        assert!(rx.poll_next(&mut cx).is_ready(), "the error");
+        assert_eq!(wakes(), 0);
+        // While a sender is open, taking a chunk wakes it for the next one.
+        let (mut tx, mut rx) = channel(false);
+        assert!(tx.poll_ready(&mut cx).is_ready());
+        tx.try_send_data(Bytes::from_static(b"one")).unwrap();
+        assert!(rx.poll_next(&mut cx).is_ready());
+        assert_eq!(wakes(), 1);
+        drop(rx);
+        drop(tx);
+        count.0.store(0, Ordering::Relaxed);
 
         // An open peer is still woken to observe the close.
         let (mut tx, rx) = channel(true);
