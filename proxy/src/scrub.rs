@@ -67,11 +67,16 @@ impl Rules {
         // app would then speak HTTP/2 on a connection the proxy no longer parses, and every
         // later stream on it would skip scrubbing and identity. Any other Upgrade is dropped
         // and the request goes on as a plain request.
-        let upgrade = req.version() < http::Version::HTTP_2
+        // One pass over the names first: most requests have no hop-by-hop field at all, and
+        // then neither the upgrade check nor a removal needs a hashed lookup.
+        let hop = req.headers().keys().any(is_hop_by_hop);
+        let upgrade = hop
+            && req.version() < http::Version::HTTP_2
             && connection_has(req.headers(), "upgrade")
             && is_websocket(req.headers());
-        req.headers_mut().remove(&HTTP2_SETTINGS);
-        hop_by_hop(req.headers_mut(), upgrade);
+        if hop {
+            strip_hop_by_hop(req.headers_mut(), upgrade);
+        }
         self.internal(req.headers_mut());
         // Always, whatever the configured list says: nobody may forge the peer identity.
         if req.headers().contains_key(&CLIENT_ID_HEADER) {
@@ -83,7 +88,6 @@ impl Rules {
     /// Scrubs a response on its way back to the client.
     pub fn response<B>(&self, rsp: &mut Response<B>) {
         let upgrade = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        rsp.headers_mut().remove(&HTTP2_SETTINGS);
         hop_by_hop(rsp.headers_mut(), upgrade);
         self.internal(rsp.headers_mut());
     }
@@ -123,9 +127,11 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// True when `name` is one of the fixed hop-by-hop headers (those named by `Connection` are
-/// found through `Connection` itself).
+/// found through `Connection` itself), or `HTTP2-Settings` (only ever part of an h2c upgrade,
+/// which never crosses the proxy).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
+        || name == HTTP2_SETTINGS
         || name == KEEP_ALIVE
         || name == PROXY_CONNECTION
         || name == header::PROXY_AUTHORIZATION
@@ -141,6 +147,12 @@ fn hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if !upgrade && !headers.keys().any(is_hop_by_hop) {
         return;
     }
+    strip_hop_by_hop(headers, upgrade);
+}
+
+/// Removes the hop-by-hop fields, keeping `Connection: upgrade` and `Upgrade` for `upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    headers.remove(&HTTP2_SETTINGS);
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -372,6 +384,47 @@ mod tests {
         }
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["x-kept"], "1");
+    }
+
+    #[test]
+    fn strips_each_hop_by_hop_field_even_alone_both_ways() {
+        // Each on its own, without a `Connection` naming it: the one-pass check must still
+        // catch it (`HTTP2-Settings` was once removed unconditionally, outside that check).
+        let rules = Rules::new(&[]);
+        for (name, value) in [
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("proxy-authenticate", "Basic"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("upgrade", "h2c"),
+        ] {
+            let mut req = Request::builder()
+                .header(name, value)
+                .header("x-kept", "1")
+                .body(())
+                .unwrap();
+            assert!(!rules.request(&mut req), "{name}: no upgrade");
+            assert!(
+                !req.headers().contains_key(name),
+                "{name} survived a request"
+            );
+            assert_eq!(req.headers()["x-kept"], "1");
+            let mut rsp = Response::builder()
+                .header(name, value)
+                .header("x-kept", "1")
+                .body(())
+                .unwrap();
+            rules.response(&mut rsp);
+            assert!(
+                !rsp.headers().contains_key(name),
+                "{name} survived a response"
+            );
+            assert_eq!(rsp.headers()["x-kept"], "1");
+        }
     }
 
     #[test]

@@ -232,8 +232,11 @@ fn text(v: &Option<http::HeaderValue>) -> Option<&str> {
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
+    // A `HeaderName`, not a `&str`: a string key is parsed and lowercased on every lookup
+    // (~250 instructions per response).
+    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
     headers
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         .and_then(|s| s.parse().ok())
 }
