@@ -331,7 +331,11 @@ where
             ));
         }
 
-        self.state.allow_trailer_fields = headers::te_is_trailers(&msg.head.headers);
+        // Read only by a server, to decide whether its response may carry trailers: a
+        // client's answer has no say in that, and the lookup cost every response it read.
+        if T::is_server() {
+            self.state.allow_trailer_fields = headers::te_is_trailers(&msg.head.headers);
+        }
 
         Poll::Ready(Some(Ok((msg.head, msg.decode, wants))))
     }
