@@ -39,6 +39,10 @@ fn is_websocket(headers: &HeaderMap) -> bool {
 pub struct Rules {
     exact: Vec<HeaderName>,
     prefixes: Vec<String>,
+    /// First bytes that no rule, nor the identity header, starts with (a bit per byte): a
+    /// name starting with one is kept without comparing it to each rule, which most names
+    /// are. None set (`Default`) compares every name.
+    cannot_start: [u64; 4],
 }
 
 impl Rules {
@@ -57,7 +61,28 @@ impl Rules {
                 }
             }
         }
+        let mut starts = [false; 256];
+        let id = CLIENT_ID_HEADER;
+        let firsts = std::iter::once(id.as_str())
+            .chain(rules.exact.iter().map(|e| e.as_str()))
+            .chain(rules.prefixes.iter().map(String::as_str));
+        for rule in firsts {
+            match rule.as_bytes().first() {
+                Some(&b) => starts[usize::from(b)] = true,
+                // An empty prefix (`*`) matches every name.
+                None => starts = [true; 256],
+            }
+        }
+        for (b, starts) in starts.iter().enumerate() {
+            if !starts {
+                rules.cannot_start[b / 64] |= 1 << (b % 64);
+            }
+        }
         rules
+    }
+
+    fn cannot_start_with(&self, b: u8) -> bool {
+        self.cannot_start[usize::from(b / 64)] & (1 << (b % 64)) != 0
     }
 
     /// Scrubs a request arriving at the proxy. Returns true when it asks for a protocol upgrade
@@ -102,6 +127,14 @@ impl Rules {
                 || self.prefixes.iter().any(|p| n.starts_with(p.as_str()))
         };
         let n = name.as_str();
+        // Both comparisons below need the name's first byte (`_` read as `-` in the second)
+        // to start some rule.
+        if let Some(&b) = n.as_bytes().first()
+            && self.cannot_start_with(b)
+            && (b != b'_' || self.cannot_start_with(b'-'))
+        {
+            return false;
+        }
         matches(n) || (n.contains('_') && matches(&n.replace('_', "-")))
     }
 
@@ -424,6 +457,85 @@ mod tests {
                 "{name} survived a response"
             );
             assert_eq!(rsp.headers()["x-kept"], "1");
+        }
+    }
+
+    #[test]
+    fn the_first_byte_shortcut_strips_exactly_what_the_full_comparison_does() {
+        // The full comparison, as `doomed` makes it without the shortcut.
+        fn reference(rules: &Rules, n: &str) -> bool {
+            let matches = |n: &str| {
+                n == CLIENT_ID_HEADER.as_str()
+                    || rules.exact.iter().any(|e| e.as_str() == n)
+                    || rules.prefixes.iter().any(|p| n.starts_with(p.as_str()))
+            };
+            matches(n) || (n.contains('_') && matches(&n.replace('_', "-")))
+        }
+        let lists: [&[&str]; 7] = [
+            &[],
+            &["-dash*"],
+            &["x-envoy-*", "x-remora-*", "x-debug"],
+            &["l5d-*", "server", "_odd", "-dash*"],
+            &["*"],
+            &["a*", "b_c", "Z-Upper"],
+            &["x_under*", "y-"],
+        ];
+        let names = [
+            "x-remora-client-id",
+            "x_remora_client_id",
+            "x_remora-client_id",
+            "x-remora-anything",
+            "x-envoy-upstream",
+            "x_envoy_original_path",
+            "x-debug",
+            "x_debug",
+            "l5d-dst",
+            "l5d_dst",
+            "server",
+            "_odd",
+            "-odd",
+            "-dash-x",
+            "_dash_x",
+            "abc",
+            "b_c",
+            "b-c",
+            "z-upper",
+            "x_under_score",
+            "x-under-score",
+            "y-",
+            "y_",
+            "host",
+            "user-agent",
+            "content-type",
+            "accept",
+            "1a",
+            "~tilde",
+        ];
+        for list in lists {
+            let owned: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+            for rules in [Rules::new(&owned), Rules::default()] {
+                for n in names {
+                    let name = HeaderName::from_bytes(n.as_bytes()).unwrap();
+                    assert_eq!(
+                        rules.doomed(&name),
+                        reference(&rules, name.as_str()),
+                        "{n} with {list:?}"
+                    );
+                }
+            }
+        }
+        // The identity header goes whatever the list, in every spelling.
+        for rules in [Rules::new(&[]), Rules::default()] {
+            for n in [
+                "x-remora-client-id",
+                "x_remora_client_id",
+                "x-remora_client-id",
+            ] {
+                assert!(
+                    rules.doomed(&HeaderName::from_bytes(n.as_bytes()).unwrap()),
+                    "{n}"
+                );
+            }
         }
     }
 
