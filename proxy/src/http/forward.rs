@@ -158,12 +158,22 @@ pub struct ForwardService {
     probe_only: Option<Arc<Vec<String>>>,
     /// The connection's interception facts (original destination, app port).
     conn: Conn,
+    /// The verified peer identity, as `Scrub` sets it in `x-remora-client-id`: what a failed
+    /// request's log line names, without a lookup in every request's fields (nor a hook's
+    /// rewrite of that field).
+    client_id: Option<HeaderValue>,
 }
 
 impl ForwardService {
-    pub fn new(shared: Arc<Forwarder>, probe_only: Option<Arc<Vec<String>>>, conn: Conn) -> Self {
+    pub fn new(
+        shared: Arc<Forwarder>,
+        probe_only: Option<Arc<Vec<String>>>,
+        conn: Conn,
+        client_id: Option<HeaderValue>,
+    ) -> Self {
         ForwardService {
             shared,
+            client_id,
             probe_only,
             conn,
         }
@@ -235,6 +245,7 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
     fn call(&mut self, req: Request<Scrubbed>) -> Self::Future {
         let shared = self.shared.clone();
         let conn = self.conn.clone();
+        let client_id_verified = self.client_id.clone();
         if let Some(paths) = &self.probe_only
             && !is_probe(&req, paths)
         {
@@ -310,7 +321,7 @@ impl tower::Service<Request<Scrubbed>> for ForwardService {
             let failed_at = FailedAt {
                 method: req.method().clone(),
                 path: req.uri().path_and_query().cloned(),
-                client: req.headers().get(&CLIENT_ID_HEADER).cloned(),
+                client: client_id_verified,
             };
             let outcome = if let Some(answer) = answered {
                 Some(*answer)

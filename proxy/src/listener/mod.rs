@@ -185,7 +185,12 @@ impl Listener {
     ) -> Stack {
         Observe::new(
             Scrub::new(
-                ForwardService::new(self.forward.clone(), probe_only, conn.clone()),
+                ForwardService::new(
+                    self.forward.clone(),
+                    probe_only,
+                    conn.clone(),
+                    client_id.clone(),
+                ),
                 self.rules.clone(),
                 client_id.clone(),
             ),
