@@ -135,12 +135,58 @@ pub enum ServerIo {
 /// A connection the proxy opened to an upstream: plaintext, or mTLS to a peer proxy.
 pub enum UpstreamIo {
     Plain(Stream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::client::TlsStream<Stream>>),
 }
 
-/// AsyncRead/AsyncWrite for a two-variant I/O enum by delegation.
+/// Vectored writes of at most this many bytes reach a socket as one `send` of a copy. On Linux
+/// a `writev` costs 80–100 ns more than a `send` of the same bytes (loopback TCP, 150 + 128
+/// bytes in two slices: 705–738 against 605–653 ns a call, both on one CPU), and copying 1 KiB
+/// costs less than that. Such writes are the common case: hyper queues an HTTP/1 response's
+/// head and its small body as two slices, h2 and rustls hand over one.
+const FLATTEN_UP_TO: usize = 1024;
+
+/// A socket's vectored write: one non-empty slice goes to `poll_write` (`send`), several with
+/// at most [`FLATTEN_UP_TO`] bytes in all are copied together first; larger ones go to
+/// `writev` as they are. The result counts bytes from the start of `bufs`, as a vectored
+/// write's does.
+fn poll_write_flat<W: AsyncWrite + ?Sized>(
+    io: Pin<&mut W>,
+    cx: &mut Context<'_>,
+    bufs: &[IoSlice<'_>],
+) -> Poll<std::io::Result<usize>> {
+    let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
+    match (nonempty.next(), nonempty.next()) {
+        (Some(one), None) => io.poll_write(cx, one),
+        (Some(_), Some(_)) => {
+            let total: usize = bufs.iter().map(|b| b.len()).sum();
+            if total > FLATTEN_UP_TO {
+                return io.poll_write_vectored(cx, bufs);
+            }
+            let mut flat = [0u8; FLATTEN_UP_TO];
+            let mut at = 0;
+            for b in bufs {
+                flat[at..at + b.len()].copy_from_slice(b);
+                at += b.len();
+            }
+            io.poll_write(cx, &flat[..at])
+        }
+        (None, _) => io.poll_write_vectored(cx, bufs),
+    }
+}
+
+/// A vectored write passed on as it is.
+fn poll_write_as_is<W: AsyncWrite + ?Sized>(
+    io: Pin<&mut W>,
+    cx: &mut Context<'_>,
+    bufs: &[IoSlice<'_>],
+) -> Poll<std::io::Result<usize>> {
+    io.poll_write_vectored(cx, bufs)
+}
+
+/// AsyncRead/AsyncWrite for a two-variant I/O enum by delegation; `$vectored` is how a
+/// vectored write reaches the variants.
 macro_rules! delegate_io {
-    ($ty:ident, $a:ident, $b:ident) => {
+    ($ty:ident, $a:ident, $b:ident, $vectored:ident) => {
         impl AsyncRead for $ty {
             fn poll_read(
                 self: Pin<&mut Self>,
@@ -172,8 +218,8 @@ macro_rules! delegate_io {
                 bufs: &[IoSlice<'_>],
             ) -> Poll<std::io::Result<usize>> {
                 match self.get_mut() {
-                    $ty::$a(io) => Pin::new(io).poll_write_vectored(cx, bufs),
-                    $ty::$b(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+                    $ty::$a(io) => $vectored(Pin::new(io), cx, bufs),
+                    $ty::$b(io) => $vectored(Pin::new(io), cx, bufs),
                 }
             }
 
@@ -204,9 +250,10 @@ macro_rules! delegate_io {
     };
 }
 
-delegate_io!(Stream, Tcp, Unix);
-delegate_io!(ServerIo, Plain, Tls);
-delegate_io!(UpstreamIo, Plain, Tls);
+// Sockets are where the copy pays; the enums above them pass writes down as they are.
+delegate_io!(Stream, Tcp, Unix, poll_write_flat);
+delegate_io!(ServerIo, Plain, Tls, poll_write_as_is);
+delegate_io!(UpstreamIo, Plain, Tls, poll_write_as_is);
 
 /// Opaque tunnels (inbound opaque, `CONNECT`, upgraded streams) that move no byte either way
 /// for this long are closed, so silent connections cannot pile up into permanent tunnels.
@@ -497,6 +544,108 @@ impl<T: AsyncWrite> AsyncWrite for Gather<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.project().io.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod flat_write_tests {
+    use super::*;
+
+    /// Records how each write arrived, and takes at most `accept` bytes of it.
+    #[derive(Default)]
+    struct Recording {
+        calls: Vec<(&'static str, Vec<u8>)>,
+        accept: Option<usize>,
+    }
+
+    impl AsyncWrite for Recording {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = self.accept.map_or(buf.len(), |a| a.min(buf.len()));
+            self.calls.push(("send", buf[..n].to_vec()));
+            Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.calls.push(("writev", all.clone()));
+            Poll::Ready(Ok(all.len()))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn write(io: &mut Recording, bufs: &[&[u8]]) -> usize {
+        let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match poll_write_flat(Pin::new(io), &mut cx, &slices) {
+            Poll::Ready(Ok(n)) => n,
+            other => panic!("the recording writer is always ready: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn small_writes_become_one_send_large_ones_stay_vectored() {
+        let big = vec![7u8; FLATTEN_UP_TO];
+        // (case, the slices, how they reach the socket, the bytes written)
+        type Case<'a> = (&'a str, &'a [&'a [u8]], &'a str, Vec<u8>);
+        let cases: &[Case<'_>] = &[
+            ("one slice", &[b"head"], "send", b"head".to_vec()),
+            (
+                "one among empties",
+                &[b"", b"body", b""],
+                "send",
+                b"body".to_vec(),
+            ),
+            (
+                "head and body",
+                &[b"head", b"", b"body"],
+                "send",
+                b"headbody".to_vec(),
+            ),
+            (
+                "exactly the limit",
+                &[&big[..1000], &big[1000..]],
+                "send",
+                big.clone(),
+            ),
+            (
+                "over the limit",
+                &[&big, b"x"],
+                "writev",
+                [&big[..], b"x"].concat(),
+            ),
+            ("nothing", &[b"", b""], "writev", Vec::new()),
+        ];
+        for (name, bufs, how, bytes) in cases {
+            let mut io = Recording::default();
+            let n = write(&mut io, bufs);
+            assert_eq!(n, bytes.len(), "{name}: bytes reported");
+            assert_eq!(io.calls, vec![(*how, bytes.clone())], "{name}");
+        }
+    }
+
+    #[test]
+    fn a_short_send_reports_the_bytes_from_the_start() {
+        let mut io = Recording {
+            accept: Some(6),
+            ..Recording::default()
+        };
+        assert_eq!(write(&mut io, &[b"head", b"body"]), 6);
+        assert_eq!(io.calls, vec![("send", b"headbo".to_vec())]);
     }
 }
 

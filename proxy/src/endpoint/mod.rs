@@ -379,7 +379,12 @@ impl Endpoint {
             .map_err(|e| fail(e.to_string()))?;
         let name = crate::tls::server_name(&tls.id).map_err(fail)?;
         let connector = tokio_rustls::TlsConnector::from(cfg);
-        match tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp)).await {
+        match tokio::time::timeout(
+            self.connect_timeout,
+            connector.connect(name, crate::io::Stream::Tcp(tcp)),
+        )
+        .await
+        {
             Ok(Ok(s)) => Ok(UpstreamIo::Tls(Box::new(s))),
             Ok(Err(e)) => Err(fail(e.to_string())),
             Err(_) => Err(fail(format!(
