@@ -20,10 +20,10 @@
 //!    3d. If bdp is over 2/3 max, set new max to bdp and update windows.
 
 use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{self, Poll};
+use std::task::{self, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use h2::{Ping, PingPong};
@@ -64,7 +64,7 @@ pub(super) fn channel(ping_pong: PingPong, config: Config, timer: Time) -> (Reco
         interval,
         timeout: config.keep_alive_timeout,
         while_idle: config.keep_alive_while_idle,
-        sleep: timer.sleep(interval),
+        sleep: GatedSleep::new(timer.sleep(interval)),
         state: KeepAliveState::Init,
         timer: timer.clone(),
     });
@@ -161,8 +161,88 @@ struct KeepAlive {
     /// If true, sends pings even when there are no active streams.
     while_idle: bool,
     state: KeepAliveState,
-    sleep: Pin<Box<dyn Sleep>>,
+    sleep: GatedSleep,
     timer: Time,
+}
+
+/// The keep-alive timer, polled through a waker of its own.
+///
+/// The connection polls its `Ponger` at every wake-up (each frame read or written), and
+/// polling the timer each time cost more than the rest of the keep-alive bookkeeping (a tokio
+/// `Sleep` checks the runtime's coop budget, the waker and its timer entry). Between the
+/// timer's own wake-ups, a poll from the task that polled last is one flag read.
+struct GatedSleep {
+    sleep: Pin<Box<dyn Sleep>>,
+    gate: Arc<SleepGate>,
+    /// The waker the timer is polled with: `gate`'s.
+    gate_waker: Waker,
+    /// The task waker `gate` passes wake-ups on to, as last registered there.
+    task: Option<Waker>,
+    /// The timer has been polled (and answered `Pending`) since it was last set.
+    armed: bool,
+}
+
+struct SleepGate {
+    fired: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+impl std::task::Wake for SleepGate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        // Woken outside the lock: a waker may run code of its own.
+        let task = self.task.lock().panic_if_poisoned().clone();
+        if let Some(task) = task {
+            task.wake();
+        }
+    }
+}
+
+impl GatedSleep {
+    fn new(sleep: Pin<Box<dyn Sleep>>) -> Self {
+        let gate = Arc::new(SleepGate {
+            fired: AtomicBool::new(false),
+            task: Mutex::new(None),
+        });
+        GatedSleep {
+            sleep,
+            gate_waker: Waker::from(gate.clone()),
+            gate,
+            task: None,
+            armed: false,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut task::Context<'_>) -> Poll<()> {
+        let same_task = self
+            .task
+            .as_ref()
+            .is_some_and(|task| task.will_wake(cx.waker()));
+        if self.armed && same_task && !self.gate.fired.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        if !same_task {
+            *self.gate.task.lock().panic_if_poisoned() = Some(cx.waker().clone());
+            self.task = Some(cx.waker().clone());
+        }
+        // Cleared before the timer is looked at: a wake-up from now on sets it again. The
+        // swap (a read-modify-write, acquiring) also makes a fire that set it before visible
+        // to the poll below, which then answers `Ready`.
+        self.gate.fired.swap(false, Ordering::AcqRel);
+        let mut gated = task::Context::from_waker(&self.gate_waker);
+        let res = self.sleep.as_mut().poll(&mut gated);
+        self.armed = res.is_pending();
+        res
+    }
+
+    fn reset(&mut self, timer: &Time, deadline: Instant) {
+        timer.reset(&mut self.sleep, deadline);
+        self.armed = false;
+    }
 }
 
 enum KeepAliveState {
@@ -477,13 +557,13 @@ impl KeepAlive {
     fn schedule(&mut self, shared: &Shared) {
         let interval = shared.last_read_at() + self.interval;
         self.state = KeepAliveState::Scheduled(interval);
-        self.timer.reset(&mut self.sleep, interval);
+        self.sleep.reset(&self.timer, interval);
     }
 
     fn maybe_ping(&mut self, cx: &mut task::Context<'_>, is_idle: bool, shared: &mut Shared) {
         match self.state {
             KeepAliveState::Scheduled(at) => {
-                if Pin::new(&mut self.sleep).poll(cx).is_pending() {
+                if self.sleep.poll(cx).is_pending() {
                     return;
                 }
                 // check if we've received a frame while we were scheduled
@@ -500,7 +580,7 @@ impl KeepAlive {
                 shared.send_ping();
                 self.state = KeepAliveState::PingSent;
                 let timeout = self.timer.now() + self.timeout;
-                self.timer.reset(&mut self.sleep, timeout);
+                self.sleep.reset(&self.timer, timeout);
             }
             KeepAliveState::Init | KeepAliveState::PingSent => (),
         }
@@ -509,7 +589,7 @@ impl KeepAlive {
     fn maybe_timeout(&mut self, cx: &mut task::Context<'_>) -> Result<(), KeepAliveTimedOut> {
         match self.state {
             KeepAliveState::PingSent => {
-                if Pin::new(&mut self.sleep).poll(cx).is_pending() {
+                if self.sleep.poll(cx).is_pending() {
                     return Ok(());
                 }
                 trace!("keep-alive timeout ({:?}) reached", self.timeout);
@@ -537,5 +617,115 @@ impl fmt::Display for KeepAliveTimedOut {
 impl std::error::Error for KeepAliveTimedOut {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&crate::error::TimedOut)
+    }
+}
+
+#[cfg(test)]
+mod gated_sleep_tests {
+    use super::*;
+    use std::future::Future;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A timer that fires when told to, counting its polls.
+    #[derive(Clone, Default)]
+    struct Fake {
+        polls: Arc<AtomicUsize>,
+        ready: Arc<AtomicBool>,
+        waker: Arc<Mutex<Option<Waker>>>,
+    }
+
+    impl Future for Fake {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<()> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            if self.ready.load(Ordering::SeqCst) {
+                return Poll::Ready(());
+            }
+            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    impl Sleep for Fake {}
+
+    impl Fake {
+        fn polls(&self) -> usize {
+            self.polls.load(Ordering::SeqCst)
+        }
+        fn fire(&self) {
+            self.ready.store(true, Ordering::SeqCst);
+            if let Some(w) = self.waker.lock().unwrap().take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// `reset` sets the same fake again, unfired.
+    struct FakeTimer(Fake);
+
+    impl crate::rt::Timer for FakeTimer {
+        fn sleep(&self, _: Duration) -> Pin<Box<dyn Sleep>> {
+            Box::pin(self.0.clone())
+        }
+        fn sleep_until(&self, _: Instant) -> Pin<Box<dyn Sleep>> {
+            self.0.ready.store(false, Ordering::SeqCst);
+            Box::pin(self.0.clone())
+        }
+    }
+
+    /// A task's waker, counting its wake-ups.
+    struct Task(AtomicUsize);
+
+    impl std::task::Wake for Task {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn task() -> (Arc<Task>, Waker) {
+        let t = Arc::new(Task(AtomicUsize::new(0)));
+        (t.clone(), Waker::from(t))
+    }
+
+    #[test]
+    fn the_timer_is_polled_again_only_after_its_own_wake_up() {
+        let fake = Fake::default();
+        let mut gated = GatedSleep::new(Box::pin(fake.clone()));
+        let (t, waker) = task();
+        let mut cx = task::Context::from_waker(&waker);
+        assert!(gated.poll(&mut cx).is_pending());
+        assert_eq!(fake.polls(), 1);
+        // The connection's other wake-ups: no poll of the timer.
+        for _ in 0..3 {
+            assert!(gated.poll(&mut cx).is_pending());
+        }
+        assert_eq!(fake.polls(), 1);
+        // The timer fires: the task is woken, and the next poll reaches the timer.
+        fake.fire();
+        assert_eq!(t.0.load(Ordering::SeqCst), 1);
+        assert!(gated.poll(&mut cx).is_ready());
+        assert_eq!(fake.polls(), 2);
+    }
+
+    #[test]
+    fn a_new_task_or_a_reset_reaches_the_timer() {
+        let fake = Fake::default();
+        let mut gated = GatedSleep::new(Box::pin(fake.clone()));
+        let (first, w1) = task();
+        let (second, w2) = task();
+        assert!(gated.poll(&mut task::Context::from_waker(&w1)).is_pending());
+        // Another task polls: the timer learns of it, and wakes it, not the first.
+        assert!(gated.poll(&mut task::Context::from_waker(&w2)).is_pending());
+        assert_eq!(fake.polls(), 2);
+        fake.fire();
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert!(gated.poll(&mut task::Context::from_waker(&w2)).is_ready());
+        // Set again: the next poll reaches the timer, the one after it does not.
+        let timer = Time::Timer(Arc::new(FakeTimer(fake.clone())));
+        gated.reset(&timer, Instant::now() + Duration::from_secs(30));
+        assert!(gated.poll(&mut task::Context::from_waker(&w2)).is_pending());
+        assert!(gated.poll(&mut task::Context::from_waker(&w2)).is_pending());
+        assert_eq!(fake.polls(), 4);
     }
 }
