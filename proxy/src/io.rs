@@ -162,13 +162,16 @@ fn poll_write_flat<W: AsyncWrite + ?Sized>(
             if total > FLATTEN_UP_TO {
                 return io.poll_write_vectored(cx, bufs);
             }
-            let mut flat = [0u8; FLATTEN_UP_TO];
+            // Not zeroed first: that alone cost a third of what the copy saves.
+            let mut flat = [std::mem::MaybeUninit::<u8>::uninit(); FLATTEN_UP_TO];
             let mut at = 0;
             for b in bufs {
-                flat[at..at + b.len()].copy_from_slice(b);
+                flat[at..at + b.len()].write_copy_of_slice(b);
                 at += b.len();
             }
-            io.poll_write(cx, &flat[..at])
+            // SAFETY: the loop above wrote `flat[..at]`, every byte of it.
+            let flat = unsafe { flat[..at].assume_init_ref() };
+            io.poll_write(cx, flat)
         }
         (None, _) => io.poll_write_vectored(cx, bufs),
     }
