@@ -238,7 +238,13 @@ where
                 .max()
                 .saturating_sub(self.read_buf.len()),
         );
-        if self.read_buf_remaining_mut() < next {
+        // A parsed message keeps the bytes it was read into (its head's fields point into
+        // them), so the buffer is shared and `reserve` allocates a new one. Asking for the
+        // whole `next` when most of it is left did that on every read of small messages: a
+        // fresh 8 KiB buffer per request and connection side. At the initial size, read into
+        // the room left while it is at least half; grown (bulk) reads still get `next`.
+        let wanted = if next <= INIT_BUFFER_SIZE { next / 2 } else { next };
+        if self.read_buf_remaining_mut() < wanted {
             self.read_buf.reserve(next);
         }
 
@@ -723,6 +729,25 @@ mod tests {
             buffered.read_buf,
             b"HTTP/1.1 200 OK\r\nServer: hyper\r\n"[..]
         );
+    }
+
+    #[tokio::test]
+    async fn a_read_after_a_message_uses_the_room_left_in_its_buffer() {
+        let mock = Mock::new().read(b"GET / HTTP/1.1\r\n\r\n").read(b"GET /2").build();
+        let mut buffered = Buffered::<_, Cursor<Vec<u8>>>::new(Compat::new(mock));
+        futures_util::future::poll_fn(|cx| buffered.poll_read_from_io(cx))
+            .await
+            .expect("first read");
+        // What parsing does: the message's head keeps the bytes it was read into.
+        let head = buffered.read_buf.split_to(18).freeze();
+        let room = buffered.read_buf.as_ptr();
+        futures_util::future::poll_fn(|cx| buffered.poll_read_from_io(cx))
+            .await
+            .expect("second read");
+        // Read into the same allocation, right after the head: not a new 8 KiB buffer per read.
+        assert_eq!(buffered.read_buf.as_ptr(), room);
+        assert_eq!(buffered.read_buf, b"GET /2"[..]);
+        assert_eq!(head, b"GET / HTTP/1.1\r\n\r\n"[..]);
     }
 
     #[test]
