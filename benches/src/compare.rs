@@ -747,19 +747,32 @@ fn two_hops(
             vec![outer.pid(), inner.pid()],
         ));
     }
-    let mut rows = Vec::new();
-    for (name, port, pids) in paths {
-        let (mut p50, mut p99, mut p999, mut cpu, mut errors) = (vec![], vec![], vec![], vec![], 0);
-        for _ in 0..reps {
+    // Per path: p50, p99, p99.9, CPU per request, errors. The paths take turns within each
+    // repetition, forward in even ones and backward in odd ones (as in (6)): mTLS's cost over
+    // plaintext is a small difference of two large figures, and drift on a shared machine
+    // between one path's runs and the next's would land in it.
+    type Runs = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, u64);
+    let mut runs: Vec<Runs> = paths.iter().map(|_| Runs::default()).collect();
+    for rep in 0..reps {
+        let mut order: Vec<usize> = (0..paths.len()).collect();
+        if rep % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let (_, port, pids) = &paths[i];
             let before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
-            let r = rate_load(port, 1000, secs, 1, Kind::Grpc)?;
+            let r = rate_load(*port, 1000, secs, 1, Kind::Grpc)?;
             let used: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - before;
+            let (p50, p99, p999, cpu, errors) = &mut runs[i];
             cpu.push(used * 1e6 / r.sent.max(1) as f64);
             p50.push(r.p50);
             p99.push(r.p99);
             p999.push(r.p999);
-            errors += r.errors;
+            *errors += r.errors;
         }
+    }
+    let mut rows = Vec::new();
+    for ((name, _, pids), (p50, p99, p999, cpu, errors)) in paths.into_iter().zip(runs) {
         rows.push(Row {
             name: name.into(),
             errors,
@@ -1249,7 +1262,7 @@ fn render(r: &Results) -> String {
     let _ = writeln!(o, "\n![p99 at 1k rps](p99.svg)\n");
     let _ = writeln!(
         o,
-        "## (3) Two hops (client proxy outbound → server proxy inbound), gRPC at 1,000 rps\n\nBoth proxies of a pair are pinned to CPU 0, the generator and the backend to CPU 1. CPU is both proxies' together, per request sent.\n\n| path | errors | p50 µs | p99 µs | p99.9 µs | p99 over direct | CPU µs/request, both proxies |\n|---|---|---|---|---|---|---|"
+        "## (3) Two hops (client proxy outbound → server proxy inbound), gRPC at 1,000 rps\n\nBoth proxies of a pair are pinned to CPU 0, the generator and the backend to CPU 1. CPU is both proxies' together, per request sent. In each repetition every path runs once, in turn, forward and then backward.\n\n| path | errors | p50 µs | p99 µs | p99.9 µs | p99 over direct | CPU µs/request, both proxies |\n|---|---|---|---|---|---|---|"
     );
     let d99 = s3.first().and_then(|r| r.p99).unwrap_or(0.0);
     for r in s3 {
