@@ -217,14 +217,24 @@ impl GatedSleep {
         }
     }
 
+    /// Whether a poll from this task now would answer `Pending` without reaching the timer.
+    fn is_quiet(&self, cx: &task::Context<'_>) -> bool {
+        self.armed
+            && self
+                .task
+                .as_ref()
+                .is_some_and(|task| task.will_wake(cx.waker()))
+            && !self.gate.fired.load(Ordering::Acquire)
+    }
+
     fn poll(&mut self, cx: &mut task::Context<'_>) -> Poll<()> {
+        if self.is_quiet(cx) {
+            return Poll::Pending;
+        }
         let same_task = self
             .task
             .as_ref()
             .is_some_and(|task| task.will_wake(cx.waker()));
-        if self.armed && same_task && !self.gate.fired.load(Ordering::Acquire) {
-            return Poll::Pending;
-        }
         if !same_task {
             *self.gate.task.lock().panic_if_poisoned() = Some(cx.waker().clone());
             self.task = Some(cx.waker().clone());
@@ -365,6 +375,16 @@ impl Recorder {
 
 impl Ponger {
     pub(super) fn poll(&mut self, cx: &mut task::Context<'_>) -> Poll<Ponged> {
+        // Without BDP, a ping is out only in `PingSent`; while the keep-alive timer is set and
+        // has not fired, there is nothing to do, and this runs at every wake-up of the
+        // connection: no lock then.
+        if self.bdp.is_none() {
+            if let Some(ka) = &self.keep_alive {
+                if matches!(ka.state, KeepAliveState::Scheduled(_)) && ka.sleep.is_quiet(cx) {
+                    return Poll::Pending;
+                }
+            }
+        }
         let mut locked = self.shared.lock().panic_if_poisoned();
         let is_idle = self.is_idle();
 
