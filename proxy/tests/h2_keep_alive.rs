@@ -85,7 +85,8 @@ async fn client(addr: std::net::SocketAddr) -> (Sender, Conn) {
         .expect("HTTP/2 handshake")
 }
 
-#[tokio::test]
+// Two worker threads: the timer can fire on another thread than the one polling the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_answers_is_pinged_again_and_again() {
     let (addr, pings) = peer(true).await;
     let (_sender, conn) = client(addr).await;
@@ -100,7 +101,7 @@ async fn a_peer_that_answers_is_pinged_again_and_again() {
     assert!(n >= 3, "{n} pings in 12 intervals");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_loses_the_connection_after_the_timeout() {
     let (addr, pings) = peer(false).await;
     let (_sender, conn) = client(addr).await;

@@ -242,8 +242,14 @@ where
         // them), so the buffer is shared and `reserve` allocates a new one. Asking for the
         // whole `next` when most of it is left did that on every read of small messages: a
         // fresh 8 KiB buffer per request and connection side. At the initial size, read into
-        // the room left while it is at least half; grown (bulk) reads still get `next`.
-        let wanted = if next <= INIT_BUFFER_SIZE { next / 2 } else { next };
+        // the room left while it is at least half; grown (bulk) reads still get `next`, and
+        // an exact read size (`read_buf_exact_size`) is kept as asked.
+        let adaptive = matches!(self.read_buf_strategy, ReadStrategy::Adaptive { .. });
+        let wanted = if adaptive && next <= INIT_BUFFER_SIZE {
+            next / 2
+        } else {
+            next
+        };
         if self.read_buf_remaining_mut() < wanted {
             self.read_buf.reserve(next);
         }

@@ -228,15 +228,20 @@ impl GatedSleep {
     }
 
     fn poll(&mut self, cx: &mut task::Context<'_>) -> Poll<()> {
-        if self.is_quiet(cx) {
-            return Poll::Pending;
-        }
         let same_task = self
             .task
             .as_ref()
             .is_some_and(|task| task.will_wake(cx.waker()));
+        if same_task && self.armed && !self.gate.fired.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
         if !same_task {
-            *self.gate.task.lock().panic_if_poisoned() = Some(cx.waker().clone());
+            let old = {
+                let mut task = self.gate.task.lock().panic_if_poisoned();
+                std::mem::replace(&mut *task, Some(cx.waker().clone()))
+            };
+            // Dropped outside the lock, like a wake-up.
+            drop(old);
             self.task = Some(cx.waker().clone());
         }
         // Cleared before the timer is looked at: a wake-up from now on sets it again. The
