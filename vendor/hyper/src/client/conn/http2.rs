@@ -61,43 +61,100 @@ where
     fn send(
         self: Arc<Self>,
         req: Request<B>,
-        mut dispatch: dispatch::UnboundedSender<Request<B>, Response<IncomingBody>>,
+        dispatch: dispatch::UnboundedSender<Request<B>, Response<IncomingBody>>,
     ) -> DirectFuture<B> {
-        use proto::h2::client::Started;
-        let direct = self;
-        Box::pin(async move {
-            // Started when first polled, from the task that awaits the response.
-            let mut req = Some(req);
-            let started = crate::common::future::poll_fn(|cx| match req.take() {
-                Some(req) => Poll::Ready(direct.start(req, cx)),
-                None => Poll::Pending,
-            })
-            .await;
-            match started {
-                Started::Sent(response) => response.await,
-                Started::Unsent(err) => Err(err),
-                Started::Queue(req) => {
-                    match dispatch.try_send(req) {
-                        Ok(rx) => match rx.await {
-                            Ok(res) => res,
-                            Err(_) => Err(TrySendError {
-                                error: crate::Error::new_canceled()
-                                    .with("connection closed before the request was sent"),
-                                message: None,
-                            }),
-                        },
-                        Err(req) => Err(TrySendError {
-                            error: crate::Error::new_canceled().with("connection was not ready"),
-                            message: Some(Box::new(req)),
-                        }),
-                    }
-                }
-            }
+        Box::pin(DirectSend::Start {
+            direct: self,
+            req,
+            dispatch,
         })
     }
 
     fn is_closed(&self) -> bool {
         proto::h2::client::Direct::is_closed(self)
+    }
+}
+
+/// The future of [`SendDirect::send`]. Written out rather than an `async` block, which kept
+/// room for the request three times over (the captured request, its `Option` and the
+/// `Started` it became: 1,224 bytes for a proxy's request, held for as long as the request is
+/// in flight); each state here holds only what it still needs.
+enum DirectSend<B: Body + 'static, T, E> {
+    /// Not polled yet: the request goes to h2 when first polled, from the task that awaits the
+    /// response.
+    Start {
+        direct: Arc<proto::h2::client::Direct<B, T, E>>,
+        req: Request<B>,
+        dispatch: dispatch::UnboundedSender<Request<B>, Response<IncomingBody>>,
+    },
+    /// On its stream: the response to await.
+    Sent(proto::h2::client::CancelOnDrop<B, E>),
+    /// Handed to the dispatch task, which sends it when a stream frees up.
+    Queued(dispatch::RetryPromise<Request<B>, Response<IncomingBody>>),
+    /// Resolved.
+    Done,
+}
+
+impl<B, T, E> Future for DirectSend<B, T, E>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send + Sync,
+    B::Error: Into<Box<dyn Error + Send + Sync>>,
+    E: Http2ClientConnExec<B, T> + Clone + Unpin + Send + Sync + 'static,
+    T: Read + Write + Unpin + 'static,
+{
+    type Output = Result<Response<IncomingBody>, TrySendError<Request<B>>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        use proto::h2::client::Started;
+        // Every state is `Unpin` (the h2 response future, a oneshot receiver, `B: Unpin`).
+        let this = self.get_mut();
+        loop {
+            match this {
+                DirectSend::Start { .. } => {
+                    let DirectSend::Start {
+                        direct,
+                        req,
+                        mut dispatch,
+                    } = std::mem::replace(this, DirectSend::Done)
+                    else {
+                        continue;
+                    };
+                    match direct.start(req, cx) {
+                        Started::Sent(response) => *this = DirectSend::Sent(response),
+                        Started::Unsent(err) => return Poll::Ready(Err(err)),
+                        Started::Queue(req) => match dispatch.try_send(req) {
+                            Ok(rx) => *this = DirectSend::Queued(rx),
+                            Err(req) => {
+                                return Poll::Ready(Err(TrySendError {
+                                    error: crate::Error::new_canceled()
+                                        .with("connection was not ready"),
+                                    message: Some(Box::new(req)),
+                                }))
+                            }
+                        },
+                    }
+                }
+                DirectSend::Sent(response) => {
+                    let out = ready!(Pin::new(response).poll(cx));
+                    *this = DirectSend::Done;
+                    return Poll::Ready(out);
+                }
+                DirectSend::Queued(rx) => {
+                    let out = match ready!(Pin::new(rx).poll(cx)) {
+                        Ok(res) => res,
+                        Err(_) => Err(TrySendError {
+                            error: crate::Error::new_canceled()
+                                .with("connection closed before the request was sent"),
+                            message: None,
+                        }),
+                    };
+                    *this = DirectSend::Done;
+                    return Poll::Ready(out);
+                }
+                DirectSend::Done => panic!("DirectSend polled after it resolved"),
+            }
+        }
     }
 }
 
