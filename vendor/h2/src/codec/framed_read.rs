@@ -78,13 +78,15 @@ impl<T> FramedRead<T> {
     /// Frees the read buffer if it holds no bytes; it is allocated again
     /// before the next read. An idle connection then holds no read buffer
     /// (8 KiB each otherwise, for as long as it is open). The buffer goes to
-    /// this thread's pool (`codec::pool`) or is freed.
+    /// this thread's pool (`codec::pool`) or is freed. The HPACK decoder lets
+    /// go of its Huffman buffer too (up to 4 KiB more).
     pub(crate) fn release_idle_buffer(&mut self) {
         let buf = self.inner.read_buffer_mut();
         if buf.is_empty() && buf.capacity() != 0 {
             let buf = std::mem::take(buf);
             super::pool::give(&super::pool::READ, buf, READ_BUFFER_CAPACITY);
         }
+        self.decoder.hpack.release_idle_buffer();
     }
 
     /// Returns the current max frame size setting

@@ -149,6 +149,9 @@ struct StringMarker {
     string: Option<Bytes>,
 }
 
+/// What the buffer Huffman-coded strings are decoded into starts with.
+const HUFFMAN_BUFFER_CAPACITY: usize = 4096;
+
 // ===== impl Decoder =====
 
 impl Decoder {
@@ -158,8 +161,18 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // Allocated at the first Huffman-coded string (see `try_decode_string`).
+            buffer: BytesMut::new(),
         }
+    }
+
+    /// Lets go of the buffer Huffman-coded strings are decoded into; the next
+    /// such string takes a new one. Called when the connection is idle: the
+    /// buffer is shared with the strings decoded from it (they are slices of
+    /// it), so it cannot be reused, but holding on to it kept up to 4 KiB per
+    /// idle connection alive once those strings were gone.
+    pub(crate) fn release_idle_buffer(&mut self) {
+        self.buffer = BytesMut::new();
     }
 
     /// Queues a potential size update
@@ -333,6 +346,11 @@ impl Decoder {
 
         let offset = (buf.position() - old_pos) as usize;
         if huff {
+            if self.buffer.capacity() == 0 {
+                // One allocation shared by the strings of many header blocks
+                // (each is split off it), not one per string.
+                self.buffer = BytesMut::with_capacity(HUFFMAN_BUFFER_CAPACITY);
+            }
             let ret = {
                 let raw = &buf.chunk()[..len];
                 huffman::decode(raw, &mut self.buffer).map(|buf| StringMarker {
@@ -893,6 +911,47 @@ mod test {
                 assert_eq!(value, "bar");
             }
             _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn huffman_buffer_is_taken_at_first_use_and_let_go_when_idle() {
+        let mut de = Decoder::new(4096);
+        assert_eq!(de.buffer.capacity(), 0, "nothing before a Huffman-coded string");
+
+        let block = || {
+            let (name, value) = (huff_encode(b"foo"), huff_encode(b"bar"));
+            let mut buf = BytesMut::new();
+            // Literal without indexing, new name; both strings Huffman-coded.
+            buf.extend([0, 0x80 | name.len() as u8]);
+            buf.extend(&name);
+            buf.extend([0x80 | value.len() as u8]);
+            buf.extend(&value);
+            buf
+        };
+        let decode = |de: &mut Decoder| {
+            let mut res = vec![];
+            de.decode(&mut Cursor::new(&mut block()), |h| {
+                res.push(h);
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+            res
+        };
+        let first = decode(&mut de);
+        assert!(de.buffer.capacity() > 0);
+
+        de.release_idle_buffer();
+        assert_eq!(de.buffer.capacity(), 0);
+        // What was decoded keeps its bytes, and the next block decodes as before.
+        for res in [first, decode(&mut de)] {
+            match &res[..] {
+                [Header::Field { name, value }] => {
+                    assert_eq!(name, "foo");
+                    assert_eq!(value, "bar");
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 
