@@ -102,7 +102,7 @@ impl Store {
     }
 
     pub fn insert(&mut self, id: StreamId, val: Stream) -> Ptr<'_> {
-        let index = SlabIndex(self.slab.insert(val) as u32);
+        let index = SlabIndex(insert_stream(&mut self.slab, val));
         assert!(self.ids.insert(id, index).is_none());
 
         Ptr {
@@ -458,17 +458,47 @@ impl<'a> OccupiedEntry<'a> {
     }
 }
 
+/// Inserts `stream`, making room for exactly one the first time (a remora
+/// patch, see `vendor/README.md`). The slab keeps its largest size for as long
+/// as the connection is open, and a first insert would otherwise make room for
+/// four (about 1.4 KiB): most connections of a sidecar carry one stream at a
+/// time, and thousands of them sit idle. A second stream at once grows it as
+/// before.
+fn insert_stream(slab: &mut slab::Slab<Stream>, stream: Stream) -> u32 {
+    if slab.capacity() == 0 {
+        slab.reserve_exact(1);
+    }
+    slab.insert(stream) as u32
+}
+
 // ===== impl VacantEntry =====
 
 impl<'a> VacantEntry<'a> {
     pub fn insert(self, value: Stream) -> Key {
         // Insert the value in the slab
         let stream_id = value.id;
-        let index = SlabIndex(self.slab.insert(value) as u32);
+        let index = SlabIndex(insert_stream(self.slab, value));
 
         // Insert the handle in the ID map
         self.ids.insert(index);
 
         Key { index, stream_id }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_first_stream_takes_room_for_one_and_more_grow_as_before() {
+        let mut store = Store::new();
+        let stream = |id: u32| Stream::new(StreamId::from(id), 65_535, 65_535);
+        store.insert(StreamId::from(1), stream(1));
+        assert_eq!(store.slab.capacity(), 1);
+        store.insert(StreamId::from(3), stream(3));
+        store.insert(StreamId::from(5), stream(5));
+        assert!(store.slab.capacity() >= 3);
+        assert!(store.find_mut(&StreamId::from(3)).is_some());
     }
 }
