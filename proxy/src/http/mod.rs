@@ -4,6 +4,8 @@
 pub(crate) mod forward;
 pub(crate) mod observe;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -97,7 +99,17 @@ where
 }
 
 /// Serves one HTTP/1.1 connection until it ends, or until the drain asks it to finish.
-pub async fn serve_h1<S, B>(io: ServerIo, svc: S, drain: &Drain, header_timeout: Duration)
+///
+/// Not an `async fn`: an `async fn` keeps its arguments in its state for as long as it runs,
+/// here next to the connection they were moved into (the socket and the service, 344 bytes
+/// per connection). The connection is built first, and the future ([`Serving`]) holds only it
+/// and the drain's signal.
+pub fn serve_h1<S, B>(
+    io: ServerIo,
+    svc: S,
+    drain: &Drain,
+    header_timeout: Duration,
+) -> impl Future<Output = ()> + Send + use<S, B>
 where
     S: AlwaysReady<Request<hyper::body::Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -111,23 +123,23 @@ where
         .max_buf_size(MAX_HEADER_BYTES)
         .serve_connection(TokioIo::new(io), Called(svc))
         .with_upgrades();
-    tokio::pin!(conn);
-    let res = tokio::select! {
-        // The connection first: the drain is rare, and the order spares a random draw per poll.
-        biased;
-        res = conn.as_mut() => res,
-        _ = drain.signaled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = res {
-        tracing::debug!(error = %e, "HTTP/1.1 connection ended with an error");
+    Serving {
+        conn,
+        drained: drain.signaled(),
+        finish: |conn| conn.graceful_shutdown(),
+        finishing: false,
+        protocol: "HTTP/1.1",
     }
 }
 
 /// Serves one HTTP/2 connection; on drain it sends a graceful GOAWAY and lets streams finish.
-pub async fn serve_h2<S, B, I>(io: I, svc: S, drain: &Drain)
+///
+/// Not an `async fn`, for the reason [`serve_h1`] gives.
+pub fn serve_h2<S, B, I>(
+    io: I,
+    svc: S,
+    drain: &Drain,
+) -> impl Future<Output = ()> + Send + use<S, B, I>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     S: AlwaysReady<Request<hyper::body::Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -147,18 +159,53 @@ where
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
         .serve_connection(TokioIo::new(io), Called(svc));
-    tokio::pin!(conn);
-    let res = tokio::select! {
-        // The connection first: the drain is rare, and the order spares a random draw per poll.
-        biased;
-        res = conn.as_mut() => res,
-        _ = drain.signaled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    Serving {
+        conn,
+        drained: drain.signaled(),
+        finish: |conn| conn.graceful_shutdown(),
+        finishing: false,
+        protocol: "HTTP/2",
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Serves a connection until it ends; once the drain signals, asks it to finish (hyper's
+    /// graceful shutdown: HTTP/2's GOAWAY, HTTP/1.1's last response) and serves it until it
+    /// does. A future type rather than an `async` block around `select!`: the block would hold
+    /// the connection twice (captured, and pinned again inside it), and this future lives for
+    /// the connection's whole life.
+    struct Serving<C> {
+        #[pin]
+        conn: C,
+        #[pin]
+        drained: crate::drain::Gated<tokio_util::sync::WaitForCancellationFutureOwned>,
+        finish: fn(Pin<&mut C>),
+        finishing: bool,
+        protocol: &'static str,
+    }
+}
+
+impl<C: Future<Output = hyper::Result<()>>> Future for Serving<C> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        loop {
+            // The connection first: the drain is rare.
+            if let Poll::Ready(res) = this.conn.as_mut().poll(cx) {
+                if let Err(e) = res {
+                    let protocol = *this.protocol;
+                    tracing::debug!(error = %e, "{protocol} connection ended with an error");
+                }
+                return Poll::Ready(());
+            }
+            // Once resolved, the drain is not polled again.
+            if *this.finishing || this.drained.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            *this.finishing = true;
+            (this.finish)(this.conn.as_mut());
         }
-    };
-    if let Err(e) = res {
-        tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
     }
 }
 
