@@ -821,8 +821,9 @@ impl Forwarder {
         async move {
             upstream_uri(&mut req, ep.addr);
             self.upstream_phase(&mut req, cx, ep)?;
-            // `Upgrade` is HTTP/1.1's (RFC 9113 §8.2.2 makes it malformed in HTTP/2, and h2
-            // refuses it): an HTTP/2 request spares the lookup.
+            // `Upgrade` is HTTP/1.1's (RFC 9113 §8.2.2 makes it malformed in HTTP/2: h2
+            // refuses it from clients, `scrub` strips it, and hyper drops one a hook adds):
+            // an HTTP/2 request spares the lookup.
             if req.version() < Version::HTTP_2 && req.headers().contains_key(header::UPGRADE) {
                 return Box::pin(self.upgrade(unbox(req), dst, ep)).await;
             }

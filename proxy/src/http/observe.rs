@@ -208,12 +208,7 @@ where
         let recorder = this.in_flight.take().map(|in_flight| Recorder {
             start: *this.start,
             status: rsp.status().as_u16(),
-            // Read for gRPC calls only (a status on anything else means nothing): a header
-            // lookup, about 180 instructions, spared for every other response.
-            grpc_status: match this.grpc_path {
-                Some(_) => grpc_status(rsp.headers()),
-                None => None,
-            },
+            grpc_status: grpc_status(rsp.headers()),
             request: this.request.take(),
             client_id: this.client_id.take(),
             // Inbound the peer is the connection's client; outbound, the server that answered.

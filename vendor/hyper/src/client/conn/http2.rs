@@ -75,6 +75,12 @@ where
     }
 }
 
+/// What a [`DirectSend`] keeps of its sender while the request is out.
+type Keep<B, T, E> = (
+    Arc<proto::h2::client::Direct<B, T, E>>,
+    dispatch::UnboundedSender<Request<B>, Response<IncomingBody>>,
+);
+
 /// The future of [`SendDirect::send`]. Written out rather than an `async` block, which kept
 /// room for the request three times over (the captured request, its `Option` and the
 /// `Started` it became: 1,224 bytes for a proxy's request, held for as long as the request is
@@ -87,10 +93,21 @@ enum DirectSend<B: Body + 'static, T, E> {
         req: Request<B>,
         dispatch: dispatch::UnboundedSender<Request<B>, Response<IncomingBody>>,
     },
-    /// On its stream: the response to await.
-    Sent(proto::h2::client::CancelOnDrop<B, E>),
+    /// On its stream: the response to await. The sender and the dispatch
+    /// channel are kept until the response comes, as the `async` block kept
+    /// them: while a request is out, its connection's dispatch task does not
+    /// see its last sender gone.
+    Sent(
+        proto::h2::client::CancelOnDrop<B, E>,
+        #[allow(dead_code)] // held for its lifetime, never read
+        Keep<B, T, E>,
+    ),
     /// Handed to the dispatch task, which sends it when a stream frees up.
-    Queued(dispatch::RetryPromise<Request<B>, Response<IncomingBody>>),
+    Queued(
+        dispatch::RetryPromise<Request<B>, Response<IncomingBody>>,
+        #[allow(dead_code)] // held for its lifetime, never read
+        Keep<B, T, E>,
+    ),
     /// Resolved.
     Done,
 }
@@ -121,10 +138,12 @@ where
                         continue;
                     };
                     match direct.start(req, cx) {
-                        Started::Sent(response) => *this = DirectSend::Sent(response),
+                        Started::Sent(response) => {
+                            *this = DirectSend::Sent(response, (direct, dispatch))
+                        }
                         Started::Unsent(err) => return Poll::Ready(Err(err)),
                         Started::Queue(req) => match dispatch.try_send(req) {
-                            Ok(rx) => *this = DirectSend::Queued(rx),
+                            Ok(rx) => *this = DirectSend::Queued(rx, (direct, dispatch)),
                             Err(req) => {
                                 return Poll::Ready(Err(TrySendError {
                                     error: crate::Error::new_canceled()
@@ -135,12 +154,12 @@ where
                         },
                     }
                 }
-                DirectSend::Sent(response) => {
+                DirectSend::Sent(response, _) => {
                     let out = ready!(Pin::new(response).poll(cx));
                     *this = DirectSend::Done;
                     return Poll::Ready(out);
                 }
-                DirectSend::Queued(rx) => {
+                DirectSend::Queued(rx, _) => {
                     let out = match ready!(Pin::new(rx).poll(cx)) {
                         Ok(res) => res,
                         Err(_) => Err(TrySendError {
