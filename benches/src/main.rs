@@ -439,7 +439,25 @@ pub(crate) fn build_bin(name: &str) -> Result<PathBuf, String> {
     if name == "remora-proxy" {
         args.extend(["-p", "remora-proxy"]);
     }
-    let status = Command::new("cargo")
+    let mut cargo = Command::new("cargo");
+    // What `cargo run` set for this program, not for the build it starts: build scripts declare
+    // some of these (`rerun-if-env-changed=CARGO_MANIFEST_DIR`, ring's among them), so a build
+    // that inherits them recompiles those crates and their dependents, and the binary measured
+    // differs from the one a shell builds (and `proxy/layout/refresh.sh` profiled): in one run,
+    // 15 % of the text layout's functions were missing from it.
+    for (key, _) in std::env::vars_os() {
+        let key_str = key.to_string_lossy();
+        if key_str.starts_with("CARGO_PKG_")
+            || key_str.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                &*key_str,
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cargo.env_remove(&key);
+        }
+    }
+    let status = cargo
         .args(args)
         .args(["--bin", name])
         .current_dir(&root)
